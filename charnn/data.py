@@ -1,0 +1,121 @@
+"""Reading corpora and cutting them into batches for truncated backpropagation through time.
+
+Text is read as UTF-8 (or a given encoding) with clear errors for files that are missing,
+binary or mis-encoded; a byte-order mark is dropped and Windows/old-Mac line endings become
+"\\n". A token stream is cut into N contiguous streams, one per batch row, read T tokens at a
+time, so the hidden state carried from one chunk to the next is the state of the same stream
+(as in char-rnn and Chainer's PTB example):
+
+    ids:      a0 a1 ... a(S-1) | b0 b1 ... b(S-1) | ...         (N streams of S tokens)
+    chunk k:  x = streams[:, kT : kT+T].T      y = streams[:, kT+1 : kT+T+1].T     (T, N)
+"""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+
+import numpy
+
+
+class CorpusError(ValueError):
+    """A corpus cannot be read or is unusable; the message names the path and the problem."""
+
+
+def read_text(path, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """Read a text file, normalising line endings to "\\n" and dropping a byte-order mark.
+
+    Raises:
+        CorpusError: missing path, a directory, a binary file (NUL bytes), undecodable bytes
+            (with the byte offset and line), or an unknown encoding.
+    """
+    p = Path(path)
+    if str(path) == "-":
+        import sys
+
+        data = sys.stdin.buffer.read()
+        name = "<stdin>"
+    else:
+        name = str(p)
+        if not p.exists():
+            raise CorpusError(f"{name}: no such file")
+        if p.is_dir():
+            raise CorpusError(f"{name}: is a directory, not a text file")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise CorpusError(f"{name}: cannot read: {e.strerror or e}") from None
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CorpusError(f"unknown encoding {encoding!r}") from None
+    is_utf16 = encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32"))
+    nul = data.find(b"\x00")
+    if nul >= 0 and not is_utf16:
+        raise CorpusError(f"{name}: looks like a binary file (NUL byte at offset {nul}), not text")
+    if data.startswith(codecs.BOM_UTF8) and encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode(encoding, errors)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CorpusError(f"{name}: not valid {encoding} at byte {e.start} (line {line}); "
+                          f"pass --encoding (e.g. latin-1) or --errors replace") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def split_tail(ids: numpy.ndarray, fraction: float):
+    """(train, val): the last ``fraction`` of the tokens is validation (nanoGPT's split)."""
+    n_val = int(round(len(ids) * fraction))
+    if fraction > 0 and n_val < 2:
+        raise CorpusError(f"the corpus ({len(ids)} tokens) is too short to hold out {fraction:g} for validation")
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+
+
+class Batches:
+    """Contiguous streams over a token array, for truncated BPTT.
+
+    Args:
+        ids: (L,) integer token ids (any unsigned dtype; kept as given, e.g. a memory map).
+        batch_size: N streams.
+        seq_len: T steps per chunk.
+        drop_last: skip the final partial chunk (training); evaluation keeps it.
+    """
+
+    def __init__(self, ids, batch_size: int, seq_len: int, drop_last: bool = True):
+        L = len(ids)
+        self.N, self.T = batch_size, seq_len
+        self.S = L // batch_size  # tokens per stream
+        if self.S < 2 or (drop_last and self.S - 1 < seq_len):
+            raise CorpusError(f"{L} tokens are too few for --batch-size {batch_size} x --seq-len {seq_len} "
+                              f"(need at least {batch_size * (seq_len + 1)}); use smaller values or more text")
+        self.streams = numpy.asarray(ids[: batch_size * self.S]).reshape(batch_size, self.S)
+        steps = self.S - 1
+        self.n_chunks = steps // seq_len if drop_last else -(-steps // seq_len)
+
+    def __len__(self) -> int:
+        return self.n_chunks
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return self.n_chunks * self.N * self.T
+
+    def chunk(self, k: int):
+        """(x, y) for chunk k, each (T', N) int64 (T' = T except a final partial chunk)."""
+        a = k * self.T
+        b = min(a + self.T, self.S - 1)
+        x = self.streams[:, a:b].T.astype(numpy.int64)
+        y = self.streams[:, a + 1: b + 1].T.astype(numpy.int64)
+        return x, y
+
+
+def eval_batches(ids, batch_size: int, seq_len: int) -> Batches:
+    """Batches for evaluation: as many streams as fit (at most ``batch_size``), keeping the tail."""
+    n = max(1, min(batch_size, (len(ids) - 1) // max(2, seq_len)))
+    while n > 1 and len(ids) // n < 2:
+        n -= 1
+    return Batches(ids, n, seq_len, drop_last=False)

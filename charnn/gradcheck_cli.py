@@ -1,0 +1,87 @@
+"""`charnn gradcheck`: runs the checks of gradcheck.py and reports them as a table."""
+
+from __future__ import annotations
+
+import click
+import numpy
+from rich.console import Console
+from rich.table import Table
+
+from .backend import BackendError, get_backend
+from .checkpoint import CheckpointError, load_model
+from .data import CorpusError, read_text
+from .gradcheck import check_config, check_model, random_chunk
+from .model import LanguageModel, ModelConfig
+
+VOCAB_SIZES = {"char": 7, "word": 40}
+
+
+def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
+                  text_path, seed, tolerance, max_elements, device):
+    console = Console(stderr=False)
+    try:
+        get_backend(device, "float64")
+    except BackendError as e:
+        raise click.ClickException(str(e)) from None
+    runs = []  # (label, results)
+    if model is not None:
+        runs.append(_check_trained(model, text_path, seq_len, batch_size, seed, tolerance,
+                                   max_elements or 40, device))
+    else:
+        for cell in cells:
+            for n_layers in layers:
+                for embed in embeds:
+                    for level in levels:
+                        if n_layers < 1 or embed < 0:
+                            raise click.BadParameter("layers must be >= 1 and embed >= 0")
+                        cfg = ModelConfig(vocab_size=VOCAB_SIZES[level], cell=cell, layers=n_layers,
+                                          hidden=hidden, embed=embed, dropout=dropout)
+                        label = f"{cell} {n_layers}x{hidden} {'one-hot' if embed == 0 else f'embed {embed}'} {level}"
+                        runs.append((label, check_config(cfg, T=seq_len, N=batch_size, seed=seed,
+                                                         tolerance=tolerance, device=device,
+                                                         max_elements=max_elements or 300)))
+    table = Table(title=f"Gradient check (float64, tolerance {tolerance:g})")
+    for col in ("model", "parameter", "shape", "checked", "max rel error", ""):
+        table.add_column(col, justify="right" if col in ("checked", "max rel error") else "left")
+    failures = []
+    for label, results in runs:
+        for r in results:
+            ok = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
+            table.add_row(label, r.name, "x".join(map(str, r.shape)), str(r.checked), f"{r.max_rel_error:.2e}", ok)
+            if not r.passed:
+                failures.append(f"{label}: {r.name} ({r.max_rel_error:.2e})")
+        table.add_section()
+    console.print(table)
+    n = sum(len(r) for _, r in runs)
+    if failures:
+        raise click.ClickException(f"{len(failures)} of {n} gradient checks failed: " + "; ".join(failures[:5])
+                                   + (" ..." if len(failures) > 5 else ""))
+    worst = max((r.max_rel_error for _, rs in runs for r in rs), default=0.0)
+    console.print(f"all {n} gradient checks passed (worst max relative error {worst:.2e})")
+
+
+def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device):
+    try:
+        trained, vocab, ckpt = load_model(path)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    model = LanguageModel(ckpt.config, ckpt.params, get_backend(device, "float64"))
+    T, N = seq_len, batch_size
+    if text_path:
+        try:
+            text = read_text(text_path)
+        except CorpusError as e:
+            raise click.ClickException(str(e)) from None
+        ids = vocab.encode(text)
+        ids = ids[ids >= 0]
+        if len(ids) < T * N + 1:
+            raise click.ClickException(f"{text_path}: too short for --seq-len {T} x --batch-size {N} known tokens")
+        ids = ids[: T * N + 1]
+        x = ids[:-1].reshape(N, T).T
+        y = ids[1:].reshape(N, T).T
+    else:
+        x, y = random_chunk(ckpt.config.vocab_size, T, N, seed)
+    cfg = ckpt.config
+    label = f"{cfg.cell} {cfg.layers}x{cfg.hidden} ({path})"
+    return label, check_model(model, numpy.ascontiguousarray(x), numpy.ascontiguousarray(y),
+                              tolerance=tolerance, max_elements=max_elements, seed=seed)

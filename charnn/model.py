@@ -1,0 +1,306 @@
+"""The language model: embedding or one-hot input, a stack of recurrent layers, a softmax head.
+
+Parameters live in one flat dict under dotted names, and gradients use the same names:
+
+    embed.W      (V, E)      input embedding (absent when E = 0: one-hot input, as in char-rnn)
+    rnn.L.Wx     (G*H, In)   layer L's input weights   (In = V for one-hot, E, or H above layer 0)
+    rnn.L.Wh     (G*H, H)    layer L's recurrent weights
+    rnn.L.b      (G*H,)      layer L's bias
+    rnn.L.bhn    (H,)        GRU only: the hidden bias of the n gate
+    head.W       (V, H)      output weights (absent when tied to embed.W, which needs E = H)
+    head.b       (V,)        output bias
+
+Shapes and equations of the layers are in cells.py. Dropout (inverted) is applied to every
+recurrent layer's output, between layers and before the head, during training only.
+A state is a list with one (h, c) pair per layer, each (H, N); c is None except for LSTM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy
+
+from . import cells
+from .backend import Backend, get_backend, to_device, to_host
+from .functional import (dropout_mask, scatter_add_rows, softmax_xent_backward,
+                         softmax_xent_forward)
+
+CELLS = ("rnn", "lstm", "gru")
+
+
+class ModelError(ValueError):
+    """A model configuration or parameter set is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 256
+    embed: int = 0
+    dropout: float = 0.0
+    activation: str = "tanh"  # RNN only: tanh or relu
+    tie: bool = False
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ModelError(f"unknown cell {self.cell!r}: choose rnn, lstm or gru")
+        for name in ("vocab_size", "layers", "hidden"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ModelError(f"{name} must be a positive integer")
+        if not isinstance(self.embed, int) or self.embed < 0:
+            raise ModelError("embed must be 0 (one-hot) or a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError("dropout must be in [0, 1)")
+        if self.activation not in ("tanh", "relu"):
+            raise ModelError("activation must be tanh or relu")
+        if self.tie and self.embed != self.hidden:
+            raise ModelError("tied weights need --embed equal to --hidden")
+
+    @property
+    def gates(self) -> int:
+        return cells.GATES[self.cell]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ModelError("model config is malformed")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ModelError(f"model config has unknown fields: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ModelError(f"model config is malformed: {e}") from None
+
+    def param_shapes(self) -> dict:
+        V, E, H, G = self.vocab_size, self.embed, self.hidden, self.gates
+        shapes = {}
+        if E:
+            shapes["embed.W"] = (V, E)
+        for layer in range(self.layers):
+            In = (E or V) if layer == 0 else H
+            shapes[f"rnn.{layer}.Wx"] = (G * H, In)
+            shapes[f"rnn.{layer}.Wh"] = (G * H, H)
+            shapes[f"rnn.{layer}.b"] = (G * H,)
+            if self.cell == "gru":
+                shapes[f"rnn.{layer}.bhn"] = (H,)
+        if not self.tie:
+            shapes["head.W"] = (V, H)
+        shapes["head.b"] = (V,)
+        return shapes
+
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Host (float64 NumPy) parameters: recurrent and head weights U(-1/sqrt(H), 1/sqrt(H)) as
+    PyTorch does, embeddings U(-0.1, 0.1), LSTM forget-gate bias 1, other biases 0."""
+    rng = numpy.random.default_rng(seed)
+    k = 1.0 / math.sqrt(config.hidden)
+    params = {}
+    for name, shape in config.param_shapes().items():
+        if name == "embed.W":
+            params[name] = rng.uniform(-0.1, 0.1, shape)
+        elif name.endswith((".b", ".bhn")):
+            params[name] = numpy.zeros(shape)
+        else:
+            params[name] = rng.uniform(-k, k, shape)
+    if config.cell == "lstm":
+        H = config.hidden
+        for layer in range(config.layers):
+            params[f"rnn.{layer}.b"][H: 2 * H] = 1.0
+    return params
+
+
+class LanguageModel:
+    """A recurrent language model on one backend.
+
+    Args:
+        config: the architecture.
+        params: name -> array (host arrays are moved to the backend and cast to its dtype).
+        backend: where to compute (default: CPU, float32).
+    """
+
+    def __init__(self, config: ModelConfig, params: dict, backend: Backend | None = None):
+        self.config = config
+        self.backend = backend or get_backend("cpu", "float32")
+        self.xp = self.backend.xp
+        expected = config.param_shapes()
+        if set(params) != set(expected):
+            missing = sorted(set(expected) - set(params))
+            extra = sorted(set(params) - set(expected))
+            raise ModelError(f"parameters do not match the architecture (missing: {missing or 'none'}, unexpected: {extra or 'none'})")
+        for name, shape in expected.items():
+            if tuple(params[name].shape) != shape:
+                raise ModelError(f"parameter {name} has shape {tuple(params[name].shape)}, expected {shape}")
+        self.params = {k: to_device(to_host(v), self.xp, self.backend.dtype) for k, v in params.items()}
+
+    @classmethod
+    def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None) -> "LanguageModel":
+        return cls(config, init_params(config, seed), backend)
+
+    @property
+    def dtype(self):
+        return self.backend.dtype
+
+    def host_params(self) -> dict:
+        return {k: to_host(v) for k, v in self.params.items()}
+
+    def head_weight(self):
+        return self.params["embed.W"] if self.config.tie else self.params["head.W"]
+
+    # ----- state -----
+    def initial_state(self, N: int) -> list:
+        H, xp = self.config.hidden, self.xp
+        lstm = self.config.cell == "lstm"
+        return [(xp.zeros((H, N), dtype=self.dtype), xp.zeros((H, N), dtype=self.dtype) if lstm else None)
+                for _ in range(self.config.layers)]
+
+    def _check_ids(self, ids, what="token ids"):
+        ids = numpy.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ModelError(f"{what} out of range for a vocabulary of {self.config.vocab_size}")
+        return ids
+
+    # ----- the chunk forward and backward -----
+    def input_projection(self, layer: int, X, ids_d):
+        """Wx @ X + b for a layer over a chunk: (G*H, M). Layer 0 with one-hot input gathers
+        columns of Wx instead of multiplying by a one-hot matrix."""
+        p = self.params
+        Wx, b = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.b"]
+        if X is None:
+            XP = self.xp.take(Wx, ids_d, axis=1)
+        else:
+            XP = Wx @ X
+        XP += b[:, None]
+        return XP
+
+    def forward(self, ids, targets=None, state=None, train=False, rng=None, weights=None, store=None):
+        """Run the model over a chunk.
+
+        Args:
+            ids: (T, N) host integer array of input tokens.
+            targets: (T, N) host integer array of next tokens, or None for no loss.
+            state: the carried state (default zeros).
+            train: apply dropout (masks drawn from ``rng``).
+            weights: optional (T, N) host array; 0 masks a position out of the loss.
+            store: keep what backward needs (default: when there are targets).
+
+        Returns:
+            (loss, cache, state): loss a 0-d array of mean nats per (weighted) token, or None;
+            cache for :meth:`backward`; the final state. With store=False, cache holds only
+            "nll" (T, N) and "top" (H, M).
+        """
+        cfg, p, xp = self.config, self.params, self.xp
+        ids = self._check_ids(ids)
+        T, N = ids.shape
+        M = T * N
+        if store is None:
+            store = targets is not None
+        if state is None:
+            state = self.initial_state(N)
+        ids_d = to_device(ids.reshape(M), xp)
+        X = None
+        if cfg.embed:
+            X = p["embed.W"][ids_d].T  # (E, M)
+        layer_caches, inputs, masks, new_state = [], [], [], []
+        for layer in range(cfg.layers):
+            Wh = p[f"rnn.{layer}.Wh"]
+            XP = self.input_projection(layer, X, ids_d)
+            h0, c0 = state[layer]
+            hs, st, lc = cells.layer_forward(cfg.cell, XP.reshape(-1, T, N), Wh, h0, c0,
+                                             p.get(f"rnn.{layer}.bhn"), cfg.activation, store)
+            new_state.append(st)
+            inputs.append(X)
+            layer_caches.append(lc)
+            mask = None
+            if train and cfg.dropout > 0:
+                mask = dropout_mask(hs.shape, cfg.dropout, rng, xp, self.dtype)
+                hs = hs * mask
+            masks.append(mask)
+            X = hs.reshape(cfg.hidden, M)
+        cache = {"top": X}
+        loss = None
+        if targets is not None:
+            targets = self._check_ids(targets, "target ids")
+            t_d = to_device(targets.reshape(M), xp)
+            w_d = None if weights is None else to_device(numpy.asarray(weights).reshape(M), xp, self.dtype)
+            loss, nll, hcache = softmax_xent_forward(X, self.head_weight(), p["head.b"], t_d, w_d, store)
+            cache["nll"] = nll.reshape(T, N)
+            cache["head"] = hcache
+        if store:
+            cache.update(ids=ids_d, layers=layer_caches, inputs=inputs, masks=masks, T=T, N=N)
+        return loss, cache, new_state
+
+    def backward(self, cache):
+        """Gradients of the loss of :meth:`forward` (called with targets and store=True).
+
+        Returns:
+            (grads, dstate): grads a dict with the parameter names; dstate the gradient with
+            respect to the initial state, in the state's layout.
+        """
+        cfg, p, xp = self.config, self.params, self.xp
+        T, N, ids_d = cache["T"], cache["N"], cache["ids"]
+        M = T * N
+        grads = {}
+        dX, dW, db = softmax_xent_backward(cache["head"], self.head_weight())
+        grads["head.b"] = db
+        if cfg.tie:
+            grads["embed.W"] = dW
+        else:
+            grads["head.W"] = dW
+        dstate = [None] * cfg.layers
+        for layer in reversed(range(cfg.layers)):
+            dhs = dX.reshape(cfg.hidden, T, N)
+            if cache["masks"][layer] is not None:
+                dhs = dhs * cache["masks"][layer]
+            Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
+            dXP, dWh, dbhn, dh0, dc0 = cells.layer_backward(dhs, cache["layers"][layer], Wh)
+            dXP = dXP.reshape(-1, M)
+            grads[f"rnn.{layer}.Wh"] = dWh
+            grads[f"rnn.{layer}.b"] = dXP.sum(axis=1)
+            if dbhn is not None:
+                grads[f"rnn.{layer}.bhn"] = dbhn
+            dstate[layer] = (dh0, dc0)
+            X = cache["inputs"][layer]
+            if X is None:  # one-hot input: dWx gets columns scattered by token id
+                dWx = xp.zeros(Wx.shape, dtype=self.dtype)
+                scatter_add_rows(dWx.T, ids_d, dXP.T)
+                dX = None
+            else:
+                dWx = dXP @ X.T
+                dX = Wx.T @ dXP  # (In, M)
+            grads[f"rnn.{layer}.Wx"] = dWx
+        if cfg.embed:
+            dE = grads.get("embed.W")
+            dE = xp.zeros(p["embed.W"].shape, dtype=self.dtype) if dE is None else dE
+            scatter_add_rows(dE, ids_d, dX.T)
+            grads["embed.W"] = dE
+        return grads, dstate
+
+    # ----- one step at a time, for sampling -----
+    def step(self, ids, state):
+        """Advance N streams by one token each.
+
+        Args:
+            ids: (N,) host integer array.
+            state: the current state (from :meth:`initial_state` or a previous step).
+
+        Returns:
+            (logits, state): logits (N, V) on the backend; the new state.
+        """
+        ids = numpy.asarray(ids).reshape(1, -1)
+        _, cache, state = self.forward(ids, None, state, store=False)
+        p = self.params
+        logits = cache["top"].T @ self.head_weight().T
+        logits += p["head.b"]
+        return logits, state
