@@ -218,3 +218,25 @@ def load_model(path, backend=None):
         return ckpt.model(backend), ckpt.vocab, ckpt
     except ModelError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+DEFAULT_ENV = "CHARNN_DEFAULT_MODEL"
+DEFAULT_REL = Path("models") / "default" / BEST_NAME
+
+
+def default_model_path() -> Path:
+    """The bundled model: $CHARNN_DEFAULT_MODEL, else models/default/model.npz beside the
+    package (a source checkout or editable install), else the copy a regular install puts
+    under <prefix>/share/charnn."""
+    import sys
+
+    env = os.environ.get(DEFAULT_ENV)
+    if env:
+        return Path(env)
+    candidates = [Path(__file__).resolve().parent.parent / DEFAULT_REL,
+                  Path(sys.prefix) / "share" / "charnn" / DEFAULT_REL]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CheckpointError("no MODEL given and the bundled default model is not installed; "
+                          "name a model file or run folder (e.g. one made by charnn train)")

@@ -113,9 +113,34 @@ class Batches:
         return x, y
 
 
-def eval_batches(ids, batch_size: int, seq_len: int) -> Batches:
-    """Batches for evaluation: as many streams as fit (at most ``batch_size``), keeping the tail."""
-    n = max(1, min(batch_size, (len(ids) - 1) // max(2, seq_len)))
-    while n > 1 and len(ids) // n < 2:
-        n -= 1
-    return Batches(ids, n, seq_len, drop_last=False)
+class EvalStreams:
+    """Streams for evaluation in which every token after the first is predicted exactly once.
+
+    The L tokens are cut into N streams of S + 1 tokens, overlapping by one (stream n is
+    ids[nS : nS + S + 1]), so each stream's first token is the context of its first prediction;
+    the last stream is padded and its padding masked out. N is at most ``batch_size`` and at
+    most the number of predictions.
+    """
+
+    def __init__(self, ids, batch_size: int, seq_len: int):
+        L = len(ids)
+        P = L - 1  # predictions
+        if P < 1:
+            raise CorpusError("need at least two tokens to evaluate")
+        self.N = N = max(1, min(batch_size, P))
+        self.T = seq_len
+        self.S = S = -(-P // N)
+        pos = numpy.arange(N)[:, None] * S + numpy.arange(S + 1)[None, :]  # (N, S + 1)
+        self.mask = (pos[:, 1:] <= P).astype(numpy.float64)  # target exists
+        self.streams = numpy.asarray(ids)[numpy.minimum(pos, P)].astype(numpy.int64)
+        self.n_chunks = -(-S // seq_len)
+        self.predictions = P
+
+    def __len__(self) -> int:
+        return self.n_chunks
+
+    def chunk(self, k: int):
+        """(x, y, w) for chunk k, each (T', N); w is 1 where the target is real, else 0."""
+        a = k * self.T
+        b = min(a + self.T, self.S)
+        return (self.streams[:, a:b].T.copy(), self.streams[:, a + 1: b + 1].T.copy(), self.mask[:, a:b].T.copy())

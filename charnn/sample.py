@@ -1,0 +1,157 @@
+"""Generating text: temperature, top-k and top-p (nucleus) sampling, greedy decoding, beam search.
+
+Sampling draws on the host from a NumPy ``Generator``, one token at a time, with the model's
+probability vector moved to the host once per step; the same seed gives the same text on
+every device. Tokens are yielded as they are made, so callers can stream them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy
+
+from .backend import to_host
+from .model import LanguageModel
+from .vocab import EOS, Vocab
+
+
+class SampleError(ValueError):
+    """Bad sampling options or a prime text the vocabulary cannot encode."""
+
+
+def filter_probs(logits: numpy.ndarray, temperature: float, top_k: int | None = None,
+                 top_p: float | None = None) -> numpy.ndarray:
+    """Next-token probabilities (V,) from host logits (V,) after temperature, top-k and top-p.
+
+    top-k keeps the k most likely tokens; top-p keeps the smallest set of most likely tokens
+    whose probability reaches p (the token that crosses p is kept). Temperature 0 is greedy:
+    all the mass on the argmax.
+    """
+    logits = numpy.asarray(logits, dtype=numpy.float64)
+    V = logits.shape[0]
+    if temperature == 0:
+        p = numpy.zeros(V)
+        p[int(numpy.argmax(logits))] = 1.0
+        return p
+    z = logits / temperature
+    z -= z.max()
+    p = numpy.exp(z)
+    p /= p.sum()
+    if top_k is not None and top_k < V:
+        cut = numpy.partition(p, V - top_k)[V - top_k]
+        keep = p >= cut
+        if keep.sum() > top_k:  # ties at the cut: keep the first k by index order of rank
+            order = numpy.argsort(-p, kind="stable")[:top_k]
+            keep = numpy.zeros(V, dtype=bool)
+            keep[order] = True
+        p = numpy.where(keep, p, 0.0)
+        p /= p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = numpy.argsort(-p, kind="stable")
+        cum = numpy.cumsum(p[order])
+        n_keep = int(numpy.searchsorted(cum, top_p * (1 - 1e-12))) + 1
+        keep = numpy.zeros(V, dtype=bool)
+        keep[order[:n_keep]] = True
+        p = numpy.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def prime_ids(vocab: Vocab, prime: str) -> numpy.ndarray:
+    """Token ids of a prime text. Characters outside a char vocabulary are an error naming
+    them; unknown words map to <unk>."""
+    if vocab.level == "char":
+        unknown = sorted({t for _, t in vocab.unknown(prime)})
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise SampleError(f"--prime has characters the model does not know: {shown}")
+        return vocab.encode(prime)
+    ids = vocab.encode(prime)
+    if len(ids) and ids[-1] == vocab.eos_id and not prime.endswith("\n"):
+        ids = ids[:-1]  # a prime without a newline continues its line
+    return ids
+
+
+def warm_state(model: LanguageModel, ids: numpy.ndarray, state=None):
+    """Run the model over ``ids`` (all but the last) to warm the state; returns (logits, state)
+    after feeding the last one."""
+    if len(ids) > 1:
+        _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, state, store=False)
+    return model.step(ids[-1:], state)
+
+
+def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, prime: str = "",
+             rng: numpy.random.Generator | None = None, stop_at: str | None = None) -> Iterator[str]:
+    """Yield ``length`` generated tokens (as text pieces) after ``prime``.
+
+    With no prime, the state starts at zero and the first input is a newline (char level) or
+    ``<eos>`` (word level), i.e. the model starts as at the beginning of a line.
+    """
+    rng = rng or numpy.random.default_rng()
+    if prime:
+        ids = prime_ids(vocab, prime)
+    else:
+        start = "\n" if vocab.level == "char" else EOS
+        ids = numpy.array([vocab.index[start]] if start in vocab.index else [0])
+    if len(ids) == 0:
+        ids = numpy.array([vocab.eos_id if vocab.level == "word" else 0])
+    logits, state = warm_state(model, ids)
+    at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
+    for _ in range(length):
+        p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
+        tok = int(rng.choice(len(p), p=p)) if temperature > 0 else int(numpy.argmax(p))
+        piece = vocab.tokens[tok]
+        if vocab.level == "word":
+            if piece == EOS:
+                text = "\n"
+                at_line_start = True
+            else:
+                from .vocab import detokenize
+
+                text = detokenize([piece]) if at_line_start else detokenize(["x", piece])[1:]
+                at_line_start = False
+        else:
+            text = piece
+        yield text
+        if stop_at is not None and (piece == stop_at or text == stop_at):
+            return
+        logits, state = model.step(numpy.array([tok]), state)
+
+
+def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int, prime: str = ""):
+    """The most likely continuation of ``length`` tokens found by beam search.
+
+    Returns (tokens as text, total log-probability in nats)."""
+    if prime:
+        ids = prime_ids(vocab, prime)
+    else:
+        start = "\n" if vocab.level == "char" else EOS
+        ids = numpy.array([vocab.index.get(start, 0)])
+    logits, state = warm_state(model, ids)
+    xp = model.xp
+    beams = [([], 0.0)]
+    logp = _log_softmax_host(to_host(logits))  # (1, V)
+    for _ in range(length):
+        scores = numpy.array([b[1] for b in beams])[:, None] + logp  # (B, V)
+        flat = numpy.argsort(-scores, axis=None, kind="stable")[:beam_size]
+        rows, toks = numpy.unravel_index(flat, scores.shape)
+        beams = [(beams[r][0] + [int(t)], float(scores[r, t])) for r, t in zip(rows, toks)]
+        idx = xp.asarray(rows) if xp is not numpy else rows
+        state = [(h[:, idx], None if c is None else c[:, idx]) for h, c in state]
+        logits, state = model.step(numpy.array([b[0][-1] for b in beams]), state)
+        logp = _log_softmax_host(to_host(logits))
+    tokens, score = beams[0]
+    return vocab.decode(tokens), score
+
+
+def _log_softmax_host(logits: numpy.ndarray) -> numpy.ndarray:
+    z = numpy.asarray(logits, dtype=numpy.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - numpy.log(numpy.exp(z).sum(axis=1, keepdims=True))
+
+
+def perplexity(nats_per_token: float) -> float:
+    return math.exp(min(nats_per_token, 700.0))

@@ -1,0 +1,64 @@
+"""`charnn sample`: streams generated text to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import numpy
+
+from .backend import BackendError, get_backend
+from .checkpoint import CheckpointError, default_model_path, load_model
+from .sample import SampleError, beam_search, generate
+
+
+def load_for_use(model, device):
+    """(model, vocab, path) for sample/score: MODEL or the bundled default, on ``device``."""
+    try:
+        path = model if model is not None else default_model_path()
+        backend = get_backend(device, "float32", announce=False)
+        lm, vocab, ckpt = load_model(path, backend)
+    except (CheckpointError, BackendError) as e:
+        raise click.ClickException(str(e)) from None
+    return lm, vocab, path
+
+
+def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json):
+    lm, vocab, path = load_for_use(model, device)
+    if seed is None:
+        seed = int(numpy.random.default_rng().integers(2**31))
+    out = sys.stdout
+    for k in range(num_samples):
+        rng = numpy.random.default_rng([seed, k])
+        logprob = None
+        made = []
+        try:
+            if beam_size:
+                text, logprob = beam_search(lm, vocab, length, beam_size, prime)
+                pieces = [text]
+            else:
+                pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=None)
+            if not as_json:
+                out.write(prime)
+            for piece in pieces:
+                made.append(piece)
+                if not as_json:
+                    out.write(piece)
+                    out.flush()
+                if stop_at and "".join(made[-len(stop_at):]).endswith(stop_at):
+                    break
+        except SampleError as e:
+            raise click.ClickException(str(e)) from None
+        text = "".join(made)
+        if as_json:
+            obj = {"sample": k, "seed": seed, "prime": prime, "text": text, "model": str(path)}
+            if logprob is not None:
+                obj["logprob"] = logprob
+            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        else:
+            if not (prime + text).endswith("\n"):
+                out.write("\n")
+            if k + 1 < num_samples:
+                out.write("\n")
+        out.flush()

@@ -1,0 +1,180 @@
+"""Scoring text: how likely a model finds each sentence, or a whole document.
+
+Sentence mode: every non-blank line is scored on its own, starting from a zero state with the
+line separator as context (a newline at char level, ``<eos>`` at word level), and predicting each
+token and then the separator that ends the line, so a sentence's score includes its end (as in
+the RNN language-model tutorial). Lines are scored in batches: padded to the longest line of the
+batch and masked, so padding never changes a score.
+
+Document mode: the whole text is one token stream, predicted from the separator onwards with
+the state carried across chunks (as training's validation does), for held-out evaluation.
+
+Log-probabilities are natural logs (nats); bits = nats / ln 2; perplexity = exp(nats per token).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy
+
+from .backend import to_host
+from .data import EvalStreams
+from .model import LanguageModel
+from .vocab import EOS, Vocab
+
+LN2 = math.log(2)
+
+
+class ScoreError(ValueError):
+    """Text that cannot be scored as asked (e.g. unknown characters with strict=True)."""
+
+
+@dataclass
+class Scored:
+    """The score of one sentence (or a document)."""
+
+    text: str
+    tokens: int  # predicted tokens (the end of line included)
+    logprob: float  # total log-probability in nats (<= 0)
+    excluded: int = 0  # unknown characters left out
+    token_strings: list = field(default_factory=list)
+    surprisal: list = field(default_factory=list)  # per predicted token, in bits
+
+    @property
+    def nats_per_token(self) -> float:
+        return -self.logprob / self.tokens if self.tokens else 0.0
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats_per_token / LN2
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.nats_per_token, 700.0))
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "logprob": self.logprob,
+                "nats_per_token": self.nats_per_token, "bits_per_token": self.bits_per_token,
+                "perplexity": self.perplexity, "excluded": self.excluded}
+
+
+def summarize(items: list[Scored]) -> dict:
+    tokens = sum(s.tokens for s in items)
+    logprob = sum(s.logprob for s in items)
+    nats = -logprob / tokens if tokens else 0.0
+    return {"summary": True, "lines": len(items), "tokens": tokens, "logprob": logprob,
+            "nats_per_token": nats, "bits_per_token": nats / LN2, "perplexity": math.exp(min(nats, 700.0)),
+            "excluded": sum(s.excluded for s in items)}
+
+
+def separator_id(vocab: Vocab) -> int:
+    if vocab.level == "word":
+        return vocab.eos_id
+    if "\n" not in vocab.index:
+        raise ScoreError("this model never saw a newline, so it cannot score lines; use --document")
+    return vocab.index["\n"]
+
+
+def encode_known(vocab: Vocab, text: str, strict: bool, where: str = ""):
+    """(ids, token strings, excluded count). Char level: unknown characters are dropped and
+    counted, or an error naming them (and where) with ``strict``. Word level: unknown words are
+    scored as <unk>."""
+    ids = vocab.encode(text)
+    toks = vocab.tokenize(text)
+    if vocab.level == "char":
+        bad = ids < 0
+        if bad.any():
+            if strict:
+                pos = int(numpy.argmax(bad))
+                chars = sorted({toks[i] for i in numpy.flatnonzero(bad)})
+                raise ScoreError(f"{where}character {chars[0]!r} at column {pos + 1} is not in the model's vocabulary"
+                                 + (f" (and {len(chars) - 1} more unknown)" if len(chars) > 1 else ""))
+            keep = ~bad
+            return ids[keep], [t for t, k in zip(toks, keep) if k], int(bad.sum())
+    return ids, toks, 0
+
+
+def unknown_report(vocab: Vocab, lines: list[str]) -> list[tuple[int, int, str]]:
+    """(line number, column, character) of every character outside a char vocabulary."""
+    out = []
+    if vocab.level != "char":
+        return out
+    for n, line in enumerate(lines, 1):
+        ids = vocab.encode(line)
+        for col in numpy.flatnonzero(ids < 0):
+            out.append((n, int(col) + 1, line[col]))
+    return out
+
+
+def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size: int = 64,
+                strict: bool = False, with_tokens: bool = False) -> list[Scored]:
+    """Score each line as a sentence (see the module docstring). Blank lines are skipped."""
+    sep = separator_id(vocab)
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        body = line if vocab.level == "char" else line
+        ids, toks, excluded = encode_known(vocab, body, strict, where=f"line {n}: ")
+        if vocab.level == "word":
+            ids, toks = ids[:-1], toks[:-1]  # encode() ends a line with <eos>; added below
+        seq = numpy.concatenate([ids, [sep]]).astype(numpy.int64)
+        items.append((line, seq, toks + ["\n" if vocab.level == "char" else EOS], excluded))
+    # Longest first, so each batch is padded little; results return in input order.
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
+    results: list[Scored | None] = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        T = len(items[batch[0]][1])
+        N = len(batch)
+        x = numpy.full((T, N), sep, dtype=numpy.int64)
+        y = numpy.full((T, N), sep, dtype=numpy.int64)
+        w = numpy.zeros((T, N))
+        for j, i in enumerate(batch):
+            seq = items[i][1]
+            L = len(seq)
+            x[0, j] = sep
+            x[1:L, j] = seq[:-1]
+            y[:L, j] = seq
+            w[:L, j] = 1.0
+        _, cache, _ = model.forward(x, y, None, weights=w, store=False)
+        nll = to_host(cache["nll"]).astype(numpy.float64) * w  # (T, N)
+        for j, i in enumerate(batch):
+            line, seq, toks, excluded = items[i]
+            L = len(seq)
+            s = Scored(text=line, tokens=L, logprob=-float(nll[:L, j].sum()), excluded=excluded)
+            if with_tokens:
+                s.token_strings = toks
+                s.surprisal = list(nll[:L, j] / LN2)
+            results[i] = s
+    return results
+
+
+def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int = 1, seq_len: int = 200,
+                   strict: bool = False, with_tokens: bool = False) -> Scored:
+    """Score ``text`` as one token stream with carried state, every token predicted once, the
+    first from the separator (newline or <eos>) as context.
+
+    With ``streams`` > 1 the text is cut into that many contiguous pieces scored side by side
+    (faster; each piece starts from a zero state but with its preceding token as context), as
+    training's validation does (data.EvalStreams)."""
+    ids, toks, excluded = encode_known(vocab, text, strict)
+    start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
+    seq = numpy.concatenate([[start], ids]).astype(numpy.int64)
+    if len(seq) < 2:
+        return Scored(text=text, tokens=0, logprob=0.0, excluded=excluded)
+    es = EvalStreams(seq, streams, seq_len)
+    nll_all = numpy.zeros((es.N, es.S))
+    state = None
+    for k in range(len(es)):
+        x, y, w = es.chunk(k)
+        _, cache, state = model.forward(x, y, state, weights=w, store=False)
+        nll_all[:, k * es.T: k * es.T + x.shape[0]] = (to_host(cache["nll"]).astype(numpy.float64) * w).T
+    flat = nll_all.reshape(-1)[: es.predictions]  # stream-major order is text order
+    s = Scored(text=text, tokens=es.predictions, logprob=-float(flat.sum()), excluded=excluded)
+    if with_tokens:
+        s.token_strings = toks
+        s.surprisal = list(flat / LN2)
+    return s

@@ -1,0 +1,115 @@
+"""`charnn score`: reports how likely a model finds each line (or a whole document)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .data import CorpusError, read_text
+from .sample_cli import load_for_use
+from .score import ScoreError, score_document, score_lines, summarize, unknown_report
+from .vocab import iter_lines
+
+# Surprisal (bits) -> background colour, from "expected" to "very surprised".
+HEAT = [(1, None), (2, "#3a3a00"), (4, "#5f5f00"), (6, "#875f00"), (8, "#af5f00"), (11, "#d75f00"), (float("inf"), "#ff0000")]
+
+
+def _looks_like_model(arg: str) -> bool:
+    p = Path(arg)
+    if p.is_dir():
+        return True
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def heat_text(tokens, surprisal, level: str) -> Text:
+    out = Text()
+    for i, (tok, bits) in enumerate(zip(tokens, surprisal)):
+        shown = {"\n": "⏎", "<eos>": "⏎"}.get(tok, tok)
+        if level == "word" and i:
+            out.append(" ")
+        style = next(colour for limit, colour in HEAT if bits < limit)
+        out.append(shown, style=f"on {style}" if style else "")
+    return out
+
+
+def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device):
+    model_arg, file_arg = None, "-"
+    if len(args) == 2:
+        model_arg, file_arg = args
+    elif len(args) == 1:
+        if args[0] != "-" and _looks_like_model(args[0]):
+            model_arg = args[0]
+        else:
+            file_arg = args[0]
+    lm, vocab, path = load_for_use(model_arg, device)
+    try:
+        text = read_text(file_arg, encoding, errors)
+    except CorpusError as e:
+        raise click.ClickException(str(e)) from None
+    err = Console(stderr=True)
+    lines = iter_lines(text)
+    unknown = unknown_report(vocab, lines)
+    if unknown:
+        shown = ", ".join(f"{c!r} (line {n}, column {col})" for n, col, c in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        if strict:
+            raise click.ClickException(f"{len(unknown)} characters are not in the model's vocabulary: {shown}{more}")
+        err.print(f"note: {len(unknown)} characters not in the model's vocabulary were left out of the score: {shown}{more}",
+                  highlight=False, markup=False)
+    try:
+        if document:
+            items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens)]
+        else:
+            items = score_lines(lm, vocab, lines, batch_size=batch_size, strict=strict, with_tokens=show_tokens)
+    except ScoreError as e:
+        raise click.ClickException(str(e)) from None
+    summary = summarize(items)
+    if document:
+        summary["lines"] = len(lines)
+    if fmt == "jsonl":
+        for n, s in enumerate(items if not document else [], 1):
+            obj = s.to_json()
+            obj["index"] = n
+            if show_tokens:
+                obj["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(s.token_strings, s.surprisal)]
+            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        if document and show_tokens:
+            summary["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(items[0].token_strings, items[0].surprisal)]
+        sys.stdout.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        return
+    out = Console(highlight=False)
+    if show_tokens:
+        for s in items:
+            out.print(heat_text(s.token_strings, s.surprisal, vocab.level))
+            if not document:
+                out.print(f"  {s.tokens} tokens, {s.logprob:.2f} nats, {s.bits_per_token:.3f} bits/token", style="dim")
+        out.print("surprisal colours: none < 1 bit, then 2, 4, 6, 8, 11 bits, red above", style="dim")
+    if not document:
+        table = Table(caption=f"model: {path}; logprob in nats (natural log)", caption_justify="left")
+        for col in ("#", "tokens", "logprob", "nats/tok", "bits/tok", "ppl", "text"):
+            if col == "text":
+                table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=max(10, out.width - 62))
+            else:
+                table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 3 if col == "#" else 7))
+        for n, s in enumerate(items, 1):
+            table.add_row(str(n), str(s.tokens), f"{s.logprob:.2f}", f"{s.nats_per_token:.3f}",
+                          f"{s.bits_per_token:.3f}", f"{s.perplexity:.2f}", s.text)
+        table.add_section()
+        table.add_row("all", str(summary["tokens"]), f"{summary['logprob']:.2f}", f"{summary['nats_per_token']:.3f}",
+                      f"{summary['bits_per_token']:.3f}", f"{summary['perplexity']:.2f}", f"{summary['lines']} lines")
+        out.print(table)
+    else:
+        out.print(f"tokens {summary['tokens']}  nats/token {summary['nats_per_token']:.4f}  "
+                  f"bits/token {summary['bits_per_token']:.4f}  perplexity {summary['perplexity']:.3f}")
+    if summary["excluded"]:
+        out.print(f"{summary['excluded']} unknown characters left out", style="dim")

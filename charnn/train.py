@@ -1,0 +1,454 @@
+"""Training: truncated BPTT over contiguous streams, evaluation, checkpoints and exact resume.
+
+A run lives in one folder:
+
+    model.npz       the best model so far by validation loss (the last one without validation)
+    last.npz        the latest checkpoint: model, optimizer state, carried hidden state, data
+                    position, RNG state and schedule, everything a resume needs
+    metrics.jsonl   one JSON object per log interval and per evaluation
+    .lock           held while a trainer runs, so two trainers cannot share the folder
+
+Resuming loads last.npz and continues from the same step with the same data chunk, hidden
+state, optimizer state and dropout RNG, so the losses equal those of a run never interrupted.
+
+Learning-rate schedule: after each evaluation whose validation loss is not lower than the best
+so far, the learning rate is multiplied by ``lr_decay`` (1 = constant); after ``patience`` such
+evaluations in a row, training stops early (0 = never).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy
+
+from . import checkpoint as ckpt_mod
+from .backend import get_backend, to_device, to_float, to_host
+from .data import Batches, CorpusError, EvalStreams, read_text, split_tail
+from .model import LanguageModel, ModelConfig
+from .optim import clip_global_norm, make_optimizer
+from .vocab import Vocab
+
+# Options that may change when resuming; every other one must match the checkpoint.
+RESUMABLE = {"max_steps", "max_epochs", "time_limit", "eval_every", "log_every", "patience",
+             "device", "sample_length", "out"}
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says why."""
+
+
+class Diverged(TrainError):
+    """The loss became NaN, infinite or exploded."""
+
+
+@dataclass
+class TrainConfig:
+    corpus: str
+    level: str = "char"
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 256
+    embed: int = 0
+    dropout: float = 0.0
+    activation: str = "tanh"
+    tie: bool = False
+    tokenizer: str = "regex"
+    vocab_size: int | None = None
+    min_count: int = 1
+    seq_len: int = 100
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float | None = None
+    lr_decay: float = 1.0
+    clip: float = 5.0
+    max_epochs: int | None = None
+    max_steps: int | None = None
+    time_limit: float | None = None
+    val_fraction: float = 0.1
+    val: str | None = None
+    eval_every: int = 500
+    log_every: int = 20
+    patience: int = 0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    encoding: str = "utf-8"
+    errors: str = "strict"
+    sample_length: int = 200
+    out: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, cell=self.cell, layers=self.layers, hidden=self.hidden,
+                           embed=self.embed, dropout=self.dropout, activation=self.activation, tie=self.tie)
+
+
+class Reporter:
+    """Receives progress; the CLI shows it, tests ignore it."""
+
+    def start(self, info: dict): ...
+    def log(self, m: dict): ...
+    def evaluation(self, m: dict, sample: str | None): ...
+    def message(self, text: str): ...
+    def end(self): ...
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunLock:
+    """An exclusive lock on a run folder (fcntl), so a second trainer is refused, not mixed in."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise TrainError(f"{self.path.parent}: another charnn train is using this folder") from None
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None):
+    """Read the corpus (and validation file), build or reuse the vocabulary, encode.
+
+    Returns (vocab, train_ids, val_ids) with ids as compact unsigned arrays.
+    """
+    text = read_text(cfg.corpus, cfg.encoding, cfg.errors)
+    if not text:
+        raise CorpusError(f"{cfg.corpus}: the corpus is empty")
+    val_text = read_text(cfg.val, cfg.encoding, cfg.errors) if cfg.val else None
+    if cfg.val and not val_text:
+        raise CorpusError(f"{cfg.val}: the validation file is empty")
+    if vocab is None:
+        if cfg.level == "char":
+            vocab = Vocab.build_char(set(text) | set(val_text or ""))
+        else:
+            counts = Vocab.count_words(text, cfg.tokenizer)
+            if cfg.val is None and cfg.val_fraction > 0:
+                # Count words of the training part only, so held-out words can be unknown.
+                vocab_all = Vocab.build_word(counts, cfg.tokenizer)
+                n = len(vocab_all.tokenize(text))
+                n_train = n - int(round(n * cfg.val_fraction))
+                counts = _count_tokens(vocab_all.tokenize(text)[:n_train])
+            vocab = Vocab.build_word(counts, cfg.tokenizer, cfg.vocab_size, cfg.min_count)
+    ids = vocab.encode(text)
+    if (ids < 0).any():
+        raise CorpusError(f"{cfg.corpus}: holds characters outside the model's vocabulary")
+    if len(vocab) < 2:
+        raise CorpusError(f"{cfg.corpus}: the corpus has a single distinct token; a language model needs at least two")
+    dtype = vocab.dtype()
+    if val_text is not None:
+        val_ids = vocab.encode(val_text)
+        if (val_ids < 0).any():
+            raise CorpusError(f"{cfg.val}: holds characters outside the model's vocabulary")
+        train_ids = ids
+    elif cfg.val_fraction > 0:
+        train_ids, val_ids = split_tail(ids, cfg.val_fraction)
+    else:
+        train_ids, val_ids = ids, None
+    train_ids = train_ids.astype(dtype)
+    val_ids = None if val_ids is None else val_ids.astype(dtype)
+    return vocab, train_ids, val_ids
+
+
+def _count_tokens(tokens):
+    from collections import Counter
+
+    return Counter(tokens)
+
+
+def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int) -> float:
+    """Mean nats per token over ``ids`` (every token after the first predicted once), with the
+    state carried across chunks and no dropout; see data.EvalStreams for the layout."""
+    streams = EvalStreams(ids, batch_size, seq_len)
+    state = None
+    total = model.xp.zeros((), dtype=numpy.float64)
+    for k in range(len(streams)):
+        x, y, w = streams.chunk(k)
+        _, cache, state = model.forward(x, y, state, weights=w, store=False)
+        total += (cache["nll"].astype(numpy.float64) * to_device(w, model.xp)).sum()
+    return to_float(total) / streams.predictions
+
+
+class Trainer:
+    """One training run. Build it, then call :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, reporter: Reporter | None = None,
+                 overrides: dict | None = None):
+        self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
+        self.resume = resume
+        self.overrides = overrides or {}
+        self.stop_requested = False
+
+    # ----- setup -----
+    def _setup(self):
+        cfg = self.cfg
+        last_path = self.out / ckpt_mod.LAST_NAME
+        saved = None
+        if self.resume:
+            if not last_path.exists():
+                raise TrainError(f"{self.out}: nothing to resume (no {ckpt_mod.LAST_NAME})")
+            saved = ckpt_mod.load(last_path)
+            saved_cfg = TrainConfig.from_json(saved.meta.get("train", {}))
+            for key, value in self.overrides.items():
+                if key in RESUMABLE:
+                    setattr(saved_cfg, key, value)
+                elif getattr(saved_cfg, key) != value:
+                    raise TrainError(f"cannot resume with --{key.replace('_', '-')} {value}: the checkpoint was trained with {getattr(saved_cfg, key)}")
+            cfg = self.cfg = saved_cfg
+            digest = saved.meta.get("corpus_sha256")
+            if digest and Path(cfg.corpus).exists() and file_digest(cfg.corpus) != digest:
+                raise TrainError(f"{cfg.corpus}: the corpus changed since the checkpoint; cannot resume exactly")
+        elif last_path.exists() or (self.out / ckpt_mod.BEST_NAME).exists():
+            raise TrainError(f"{self.out}: already holds a run; pass --resume to continue it, or choose another --out")
+
+        self.backend = get_backend(cfg.device, cfg.dtype, announce=True)
+        vocab, train_ids, val_ids = prepare_data(cfg, saved.vocab if saved else None)
+        self.vocab = vocab
+        self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
+        self.val_ids = val_ids
+        self.corpus_digest = saved.meta.get("corpus_sha256") if saved else file_digest(cfg.corpus)
+        mcfg = cfg.model_config(len(vocab))
+        if saved:
+            if saved.config != mcfg:
+                raise TrainError("cannot resume: the checkpoint's architecture differs from the options given")
+            self.model = LanguageModel(mcfg, saved.params, self.backend)
+        else:
+            self.model = LanguageModel.create(mcfg, cfg.seed, self.backend)
+        self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr)
+        self.rng = numpy.random.default_rng(cfg.seed)
+        p = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,
+             "best_val": None, "bad_evals": 0, "last_train_loss": None, "last_val": None}
+        self.state = None
+        if saved:
+            p.update(saved.meta["progress"])
+            self.opt.load_state_arrays(saved.optim, p["opt_t"])
+            self.opt.lr = p["lr"]
+            self.rng.bit_generator.state = saved.meta["rng"]
+            if saved.state is not None:
+                xp = self.backend.xp
+                self.state = [(to_device(h, xp, self.backend.dtype), None if c is None else to_device(c, xp, self.backend.dtype))
+                              for h, c in saved.state]
+        self.progress = p
+        if self.state is None:
+            self.state = self.model.initial_state(cfg.batch_size)
+
+    # ----- checkpoints -----
+    def _meta(self) -> dict:
+        p = dict(self.progress, opt_t=self.opt.t, lr=self.opt.lr)
+        return {"train": self.cfg.to_json(), "progress": p, "rng": self.rng.bit_generator.state,
+                "corpus_sha256": self.corpus_digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def save_last(self):
+        state = [(to_host(h), None if c is None else to_host(c)) for h, c in self.state]
+        ckpt = ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), self._meta(),
+                                   self.opt.state_arrays(), state)
+        ckpt_mod.save(self.out / ckpt_mod.LAST_NAME, ckpt)
+
+    def save_best(self):
+        ckpt = ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), self._meta())
+        ckpt_mod.save(self.out / ckpt_mod.BEST_NAME, ckpt)
+
+    def _metric(self, m: dict):
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(m) + "\n")
+
+    def _trim_metrics(self, step: int):
+        """On resume, drop metric lines written after the checkpoint (they will be redone)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+        ckpt_mod.atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode("utf-8"))
+
+    # ----- the loop -----
+    def _done(self, started: float) -> str | None:
+        cfg, p = self.cfg, self.progress
+        if cfg.max_steps is not None and p["step"] >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_epochs is not None and p["epoch"] >= cfg.max_epochs:
+            return "max_epochs"
+        if cfg.time_limit is not None and time.perf_counter() - started >= cfg.time_limit:
+            return "time_limit"
+        if self.stop_requested:
+            return "interrupted"
+        return None
+
+    def evaluate_and_save(self, sample: bool = True):
+        p, cfg = self.progress, self.cfg
+        if self.val_ids is None:
+            self.save_best()
+            self.save_last()
+            return None
+        val = evaluate(self.model, self.val_ids, cfg.batch_size, cfg.seq_len)
+        if not math.isfinite(val):
+            raise Diverged(f"validation loss is {val} at step {p['step']}")
+        improved = p["best_val"] is None or val < p["best_val"]
+        if improved:
+            p["best_val"] = val
+            p["bad_evals"] = 0
+        else:
+            p["bad_evals"] += 1
+            if cfg.lr_decay != 1.0:
+                self.opt.lr *= cfg.lr_decay
+        p["last_val"] = val
+        m = {"step": p["step"], "epoch": p["epoch"], "val_loss": val, "val_bits_per_token": val / math.log(2),
+             "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_val"], "lr": self.opt.lr}
+        self._metric(m)
+        text = None
+        if sample and cfg.sample_length > 0:
+            from .sample import generate
+
+            text = "".join(generate(self.model, self.vocab, cfg.sample_length, temperature=0.8,
+                                    rng=numpy.random.default_rng(p["step"])))
+        if improved:
+            self.save_best()
+        self.save_last()
+        self.reporter.evaluation(m, text)
+        return val
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.out):
+            self._setup()
+            return self._loop()
+
+    def _loop(self) -> dict:
+        cfg, p, model, batches = self.cfg, self.progress, self.model, self.batches
+        xp = self.backend.xp
+        self._trim_metrics(p["step"])
+        started = time.perf_counter()
+        self.reporter.start({"vocab_size": len(self.vocab), "params": model.config.n_params(),
+                             "train_tokens": len(batches.streams.reshape(-1)), "chunks_per_epoch": len(batches),
+                             "val_tokens": 0 if self.val_ids is None else len(self.val_ids), "step": p["step"],
+                             "device": self.backend.name, "config": cfg, "out": str(self.out)})
+        log_sum = xp.zeros((), dtype=numpy.float64)
+        log_n, log_tokens, log_time = 0, 0, 0.0
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            if self.stop_requested:  # a second Ctrl-C: stop at once
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.reporter.message("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+        signal.signal(signal.SIGINT, on_sigint)
+        reason = None
+        try:
+            while True:
+                reason = self._done(started)
+                if reason:
+                    break
+                if p["chunk"] >= len(batches):
+                    p["epoch"] += 1
+                    p["chunk"] = 0
+                    self.state = model.initial_state(cfg.batch_size)
+                    continue
+                t0 = time.perf_counter()
+                x, y = batches.chunk(p["chunk"])
+                loss, cache, self.state = model.forward(x, y, self.state, train=True, rng=self.rng)
+                grads, _ = model.backward(cache)
+                clip_global_norm(grads, cfg.clip)
+                self.opt.step(grads)
+                log_sum += loss
+                log_time += time.perf_counter() - t0
+                p["chunk"] += 1
+                p["step"] += 1
+                p["tokens"] += y.size
+                log_n += 1
+                log_tokens += y.size
+                if log_n >= cfg.log_every or p["step"] == cfg.max_steps:
+                    train_loss = to_float(log_sum) / log_n
+                    self._check_loss(train_loss)
+                    p["train_seconds"] += log_time
+                    p["last_train_loss"] = train_loss
+                    m = {"step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(batches), "train_loss": train_loss,
+                         "tokens": p["tokens"], "tokens_per_second": log_tokens / max(log_time, 1e-9),
+                         "lr": self.opt.lr, "elapsed": time.perf_counter() - started}
+                    self._metric(m)
+                    self.reporter.log(m)
+                    log_sum[...] = 0
+                    log_n, log_tokens, log_time = 0, 0, 0.0
+                if cfg.eval_every and p["step"] % cfg.eval_every == 0:
+                    self.evaluate_and_save()
+                    if cfg.patience and p["bad_evals"] >= cfg.patience:
+                        reason = "early_stopping"
+                        break
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if log_n:
+            train_loss = to_float(log_sum) / log_n
+            self._check_loss(train_loss)
+            p["train_seconds"] += log_time
+            p["last_train_loss"] = train_loss
+        if reason == "interrupted":
+            self.save_last()
+        elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0) or reason == "early_stopping":
+            self.evaluate_and_save(sample=False)
+        self.reporter.end()
+        return self.result(reason)
+
+    def _check_loss(self, loss: float):
+        limit = max(10.0, 3.0 * math.log(len(self.vocab)))
+        if not math.isfinite(loss) or loss > limit:
+            raise Diverged(f"training diverged at step {self.progress['step']} (loss {loss:.4g}); "
+                           f"the last good checkpoint in {self.out} is kept. Try a lower --lr or --clip")
+
+    def result(self, reason: str | None) -> dict:
+        p = self.progress
+        val = p.get("last_val")
+        best = self.out / ckpt_mod.BEST_NAME
+        return {
+            "model": str(best if best.exists() else self.out / ckpt_mod.LAST_NAME),
+            "checkpoint": str(self.out / ckpt_mod.LAST_NAME),
+            "stopped": reason,
+            "steps": p["step"], "epochs": p["epoch"] + p["chunk"] / max(len(self.batches), 1),
+            "tokens": p["tokens"], "train_seconds": p["train_seconds"],
+            "tokens_per_second": p["tokens"] / p["train_seconds"] if p["train_seconds"] else 0.0,
+            "train_loss": p.get("last_train_loss"),
+            "val_loss": val, "val_bits_per_token": None if val is None else val / math.log(2),
+            "val_perplexity": None if val is None else math.exp(min(val, 700)),
+            "best_val_loss": p.get("best_val"),
+        }
