@@ -178,7 +178,7 @@ def _parse(p: Path, arrays: dict) -> Checkpoint:
     params, optim, state_parts = {}, {}, {}
     for name, a in arrays.items():
         kind, _, rest = name.partition("/")
-        if a.dtype.kind != "f" and kind != "optim":
+        if a.dtype.kind != "f":
             raise CheckpointError(f"{p}: array {name} has dtype {a.dtype}, expected floats")
         if kind == "param":
             params[rest] = a
@@ -205,9 +205,18 @@ def _parse(p: Path, arrays: dict) -> Checkpoint:
         for layer in range(config.layers):
             h = state_parts.get(f"{layer}/h")
             c = state_parts.get(f"{layer}/c")
-            if h is None or h.ndim != 2 or h.shape[0] != config.hidden:
-                raise CheckpointError(f"{p}: saved hidden state is malformed")
+            ok = h is not None and h.ndim == 2 and h.shape[0] == config.hidden
+            ok = ok and (c is not None and c.shape == h.shape if config.cell == "lstm" else c is None)
+            ok = ok and (not state or h.shape == state[0][0].shape)
+            if not ok:
+                raise CheckpointError(f"{p}: the saved hidden state of layer {layer} is malformed")
             state.append((h, c))
+        if len(state_parts) != sum(2 if c is not None else 1 for _, c in state):
+            raise CheckpointError(f"{p}: unexpected saved hidden state arrays")
+    for name, a in optim.items():
+        pname = name.rsplit(".", 1)[0]
+        if a.dtype.kind != "f" or pname not in expected or tuple(a.shape) != expected[pname] or not numpy.isfinite(a).all():
+            raise CheckpointError(f"{p}: optimizer state {name} is malformed")
     return Checkpoint(config=config, vocab=vocab, params=params, meta=meta, optim=optim, state=state)
 
 

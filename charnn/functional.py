@@ -62,7 +62,7 @@ def softmax_xent_forward(X, W, b, targets, weights=None, store=True):
 
     Returns:
         (loss, nll, cache): loss = sum(weights * nll) / sum(weights) (the mean if weights is
-        None) as a 0-d array; nll (M,) the per-position negative log-likelihood in nats.
+        None; 0 if every weight is 0) as a 0-d array; nll (M,) the per-position negative log-likelihood in nats.
     """
     xp = array_module(X)
     logits = X.T @ W.T  # (M, V)
@@ -79,7 +79,8 @@ def softmax_xent_forward(X, W, b, targets, weights=None, store=True):
         loss = nll.sum() / denom
     else:
         denom = weights.sum()
-        loss = (nll * weights).sum() / xp.maximum(denom, 1)
+        # An all-zero mask gives loss 0 rather than 0/0.
+        loss = (nll * weights).sum() / xp.where(denom > 0, denom, 1)
     cache = None
     if store:
         logits /= Z[:, None]  # probabilities
@@ -96,7 +97,8 @@ def softmax_xent_backward(cache, W):
     if weights is None:
         dlogits /= cache["denom"]
     else:
-        dlogits *= (weights / xp.maximum(cache["denom"], 1))[:, None]
+        denom = cache["denom"]
+        dlogits *= (weights / xp.where(denom > 0, denom, 1))[:, None]
     dW = dlogits.T @ X.T
     db = dlogits.sum(axis=0)
     dX = W.T @ dlogits.T

@@ -142,7 +142,8 @@ class LanguageModel:
         for name, shape in expected.items():
             if tuple(params[name].shape) != shape:
                 raise ModelError(f"parameter {name} has shape {tuple(params[name].shape)}, expected {shape}")
-        self.params = {k: to_device(to_host(v), self.xp, self.backend.dtype) for k, v in params.items()}
+        # Always a private copy: the caller's arrays (e.g. a checkpoint's) are never trained in place.
+        self.params = {k: to_device(numpy.array(to_host(v), dtype=self.backend.dtype), self.xp) for k, v in params.items()}
 
     @classmethod
     def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None) -> "LanguageModel":
@@ -153,7 +154,8 @@ class LanguageModel:
         return self.backend.dtype
 
     def host_params(self) -> dict:
-        return {k: to_host(v) for k, v in self.params.items()}
+        """A host copy of the parameters (a snapshot: later training does not change it)."""
+        return {k: numpy.array(to_host(v)) for k, v in self.params.items()}
 
     def head_weight(self):
         return self.params["embed.W"] if self.config.tie else self.params["head.W"]
@@ -224,6 +226,8 @@ class LanguageModel:
             layer_caches.append(lc)
             mask = None
             if train and cfg.dropout > 0:
+                if rng is None:
+                    raise ModelError("training with dropout needs a random generator (rng)")
                 mask = dropout_mask(hs.shape, cfg.dropout, rng, xp, self.dtype)
                 hs = hs * mask
             masks.append(mask)

@@ -97,7 +97,11 @@ class RMSprop(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba) with bias correction; beta1 0.9, beta2 0.999, eps 1e-8."""
+    """Adam (Kingma & Ba) with bias correction; beta1 0.9, beta2 0.999, eps 1e-8.
+
+    Written in the paper's "efficient" form: the bias corrections fold into the step size and
+    eps is added to sqrt(v) before correction, so it differs from PyTorch's Adam only for
+    gradients below about 1e-5."""
     name = "adam"
     b1, b2, eps = 0.9, 0.999, 1e-8
 

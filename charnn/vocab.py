@@ -150,7 +150,13 @@ class Vocab:
         return [(i, t) for i, t in enumerate(self.tokenize(text)) if t not in self.index]
 
     def decode(self, ids) -> str:
-        toks = [self.tokens[int(i)] for i in ids]
+        n = len(self.tokens)
+        toks = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n:
+                raise VocabError(f"token id {i} is outside the vocabulary (0..{n - 1})")
+            toks.append(self.tokens[i])
         if self.level == "char":
             return "".join(toks)
         return detokenize(toks)

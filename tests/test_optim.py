@@ -1,0 +1,173 @@
+"""Optimizers and global-norm clipping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+import pytest
+
+from charnn.optim import DEFAULT_LR, OPTIMIZERS, Adam, clip_global_norm, make_optimizer
+
+TARGET = {"w": numpy.array([[1.0, -2.0], [0.5, 3.0]]), "b": numpy.array([-1.0, 0.25, 2.0])}
+SCALE = {"w": numpy.array([[1.0, 4.0], [0.5, 2.0]]), "b": numpy.array([3.0, 1.0, 0.2])}
+
+
+def quadratic(params):
+    """L = 1/2 sum s (p - target)², a bowl with different curvatures; returns (L, grads)."""
+    loss = sum(0.5 * float((SCALE[k] * (p - TARGET[k]) ** 2).sum()) for k, p in params.items())
+    return loss, {k: SCALE[k] * (p - TARGET[k]) for k, p in params.items()}
+
+
+def fresh():
+    rng = numpy.random.default_rng(0)
+    return {k: rng.normal(0, 1, v.shape) for k, v in TARGET.items()}
+
+
+LRS = {"sgd": 0.1, "adagrad": 0.5, "rmsprop": 0.01, "adam": 0.05}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_decreases_a_quadratic(name):
+    params = fresh()
+    opt = make_optimizer(name, params, LRS[name])
+    assert opt.name == name
+    first, _ = quadratic(params)
+    losses = []
+    for _ in range(200):
+        loss, grads = quadratic(params)
+        losses.append(loss)
+        opt.step(grads)
+    final, _ = quadratic(params)
+    assert final < 0.05 * first, (first, final)
+    assert losses[1] < losses[0]
+    assert opt.t == 200
+
+
+def test_updates_are_in_place():
+    params = fresh()
+    w = params["w"]
+    opt = make_optimizer("sgd", params, 0.1)
+    _, grads = quadratic(params)
+    expected = w - 0.1 * grads["w"]
+    opt.step(grads)
+    assert params["w"] is w
+    numpy.testing.assert_allclose(w, expected, rtol=0, atol=1e-15)
+
+
+def test_default_learning_rates_and_unknown_name():
+    for name in OPTIMIZERS:
+        assert make_optimizer(name, fresh()).lr == DEFAULT_LR[name]
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("lbfgs", fresh())
+
+
+def test_adam_first_step_closed_form():
+    """After one step m = (1-b1) g, v = (1-b2) g², and the update is
+    lr * sqrt(1-b2)/(1-b1) * m / (sqrt(v) + eps)  =  lr * g / (|g| + eps / sqrt(1-b2))
+    (Kingma & Ba's efficient form, with eps added before the bias correction)."""
+    g = numpy.array([0.3, -2.0, 1e-3, 0.0, 5e-7])
+    p = numpy.zeros(5)
+    lr = 0.01
+    opt = Adam({"p": p}, lr)
+    opt.step({"p": g.copy()})
+    eps_hat = Adam.eps / math.sqrt(1 - Adam.b2)
+    numpy.testing.assert_allclose(p, -lr * g / (numpy.abs(g) + eps_hat), rtol=1e-12, atol=0)
+    # for gradients far above eps the first step is lr * sign(g), as in the paper
+    numpy.testing.assert_allclose(p[:2], -lr * numpy.sign(g[:2]), rtol=2e-6)
+    numpy.testing.assert_allclose(opt.state["p.m"], 0.1 * g, rtol=1e-15)
+    numpy.testing.assert_allclose(opt.state["p.v"], 0.001 * g * g, rtol=1e-15)
+
+
+def test_adam_second_step_closed_form():
+    g1, g2 = numpy.array([0.5, -1.0]), numpy.array([-0.25, 3.0])
+    p = numpy.zeros(2)
+    lr = 0.1
+    opt = Adam({"p": p}, lr)
+    opt.step({"p": g1.copy()})
+    p1 = p.copy()
+    opt.step({"p": g2.copy()})
+    b1, b2, eps = Adam.b1, Adam.b2, Adam.eps
+    m = b1 * (1 - b1) * g1 + (1 - b1) * g2
+    v = b2 * (1 - b2) * g1 ** 2 + (1 - b2) * g2 ** 2
+    step = lr * math.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)
+    numpy.testing.assert_allclose(p, p1 - step * m / (numpy.sqrt(v) + eps), rtol=1e-12)
+
+
+def test_sgd_adagrad_rmsprop_formulas():
+    g = numpy.array([0.5, -2.0])
+    p = numpy.zeros(2)
+    make_optimizer("sgd", {"p": p}, 0.3).step({"p": g})
+    numpy.testing.assert_allclose(p, -0.3 * g, rtol=1e-15)
+    p = numpy.zeros(2)
+    opt = make_optimizer("adagrad", {"p": p}, 0.1)
+    opt.step({"p": g})
+    opt.step({"p": g})
+    numpy.testing.assert_allclose(p, -0.1 * g / (numpy.abs(g) + 1e-8) - 0.1 * g / (numpy.sqrt(2) * numpy.abs(g) + 1e-8),
+                                  rtol=1e-12)
+    p = numpy.zeros(2)
+    make_optimizer("rmsprop", {"p": p}, 0.01).step({"p": g})
+    numpy.testing.assert_allclose(p, -0.01 * g / (numpy.sqrt(0.05) * numpy.abs(g) + 1e-8), rtol=1e-12)
+
+
+def test_clip_global_norm_scales_to_max_norm():
+    grads = {"a": numpy.array([[3.0, 0.0], [0.0, 0.0]]), "b": numpy.array([4.0, 0.0]), "s": numpy.array(12.0)}
+    norm = clip_global_norm(grads, 6.5)
+    assert float(norm) == pytest.approx(13.0, abs=1e-12)  # sqrt(9 + 16 + 144), before clipping
+    after = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    assert after == pytest.approx(6.5, rel=1e-6)
+    numpy.testing.assert_allclose(grads["a"][0, 0] / grads["b"][0], 3 / 4)  # direction kept
+    assert float(grads["s"]) == pytest.approx(6.0, rel=1e-6)
+
+
+def test_clip_global_norm_leaves_small_gradients_alone():
+    grads = {"a": numpy.array([0.3, -0.4])}
+    norm = clip_global_norm(grads, 5.0)
+    assert float(norm) == pytest.approx(0.5)
+    numpy.testing.assert_array_equal(grads["a"], [0.3, -0.4])
+    grads = {"a": numpy.array([30.0, -40.0])}
+    assert float(clip_global_norm(grads, 0)) == pytest.approx(50.0)  # 0: measure only
+    numpy.testing.assert_array_equal(grads["a"], [30.0, -40.0])
+
+
+def test_clip_global_norm_float32():
+    grads = {"a": numpy.full((3, 4), 10.0, dtype=numpy.float32)}
+    clip_global_norm(grads, 1.0)
+    assert grads["a"].dtype == numpy.float32
+    assert float(numpy.sqrt((grads["a"].astype(float) ** 2).sum())) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_round_trip_gives_identical_updates(name):
+    params = fresh()
+    opt = make_optimizer(name, params, LRS[name])
+    for _ in range(5):
+        opt.step(quadratic(params)[1])
+    saved_state, saved_t = opt.state_arrays(), opt.t
+    assert all(type(v) is numpy.ndarray for v in saved_state.values())
+    clone = {k: v.copy() for k, v in params.items()}
+    opt2 = make_optimizer(name, clone, LRS[name])
+    opt2.load_state_arrays({k: v.copy() for k, v in saved_state.items()}, saved_t)
+    assert opt2.t == 5
+    for _ in range(5):
+        opt.step(quadratic(params)[1])
+        opt2.step(quadratic(clone)[1])
+        for k in params:
+            numpy.testing.assert_array_equal(clone[k], params[k])
+    if name != "sgd":
+        assert saved_state  # stateful optimizers did save something
+
+
+def test_adam_without_restored_step_count_differs():
+    """The step count is part of the state: bias correction depends on it."""
+    params = fresh()
+    opt = make_optimizer("adam", params, 0.05)
+    for _ in range(3):
+        opt.step(quadratic(params)[1])
+    clone = {k: v.copy() for k, v in params.items()}
+    opt2 = make_optimizer("adam", clone, 0.05)
+    opt2.load_state_arrays(opt.state_arrays(), 0)
+    g = quadratic(params)[1]
+    opt.step(g)
+    opt2.step({k: v.copy() for k, v in g.items()})
+    assert not numpy.allclose(clone["w"], params["w"], rtol=0, atol=1e-12)
