@@ -33,6 +33,7 @@ whole chunk after the loop (dWx = dA @ X^T, dWh = dA[:, 1:] @ hs[:, :-1]^T + dA_
 
 from __future__ import annotations
 
+from . import kernels
 from .backend import array_module
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -123,6 +124,8 @@ def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, activation="tanh", store=
     Returns:
         hs (H, T, N) hidden outputs, the final state (h, c) (c None unless LSTM), and a cache.
     """
+    if cell != "rnn" and kernels.use_fused(XP):
+        return kernels.layer_forward(cell, XP, Wh, h0, c0, bhn, store)
     xp = array_module(XP)
     GH, T, N = XP.shape
     H = Wh.shape[1]
@@ -193,6 +196,8 @@ def layer_backward(dhs, cache, Wh):
         dXP (G*H, T, N) = dL/d(input projections), dWh, dbhn (GRU, else None),
         dh0 and dc0 (LSTM, else None).
     """
+    if cache["cell"] != "rnn" and kernels.use_fused(dhs):
+        return kernels.layer_backward(dhs, cache, Wh)
     xp = array_module(dhs)
     cell, A, hs, h0 = cache["cell"], cache["A"], cache["hs"], cache["h0"]
     H, T, N = hs.shape

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy
 
-from . import cells
+from . import cells, kernels
 from .backend import Backend, get_backend, to_device, to_host
 from .functional import (dropout_mask, scatter_add_rows, softmax_xent_backward,
                          softmax_xent_forward)
@@ -180,6 +180,10 @@ class LanguageModel:
         p = self.params
         Wx, b = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.b"]
         if X is None:
+            if kernels.use_fused(Wx):
+                XP = numpy.empty((Wx.shape[0], ids_d.shape[0]), dtype=Wx.dtype)
+                kernels.onehot_projection(Wx, b, ids_d, XP)
+                return XP
             XP = self.xp.take(Wx, ids_d, axis=1)
         else:
             XP = Wx @ X
@@ -271,14 +275,20 @@ class LanguageModel:
             dXP, dWh, dbhn, dh0, dc0 = cells.layer_backward(dhs, cache["layers"][layer], Wh)
             dXP = dXP.reshape(-1, M)
             grads[f"rnn.{layer}.Wh"] = dWh
-            grads[f"rnn.{layer}.b"] = dXP.sum(axis=1)
+            if not (layer == 0 and not cfg.embed and kernels.use_fused(dXP)):
+                grads[f"rnn.{layer}.b"] = dXP.sum(axis=1)
             if dbhn is not None:
                 grads[f"rnn.{layer}.bhn"] = dbhn
             dstate[layer] = (dh0, dc0)
             X = cache["inputs"][layer]
             if X is None:  # one-hot input: dWx gets columns scattered by token id
                 dWx = xp.zeros(Wx.shape, dtype=self.dtype)
-                scatter_add_rows(dWx.T, ids_d, dXP.T)
+                if kernels.use_fused(dXP):
+                    db = xp.zeros(Wx.shape[0], dtype=self.dtype)
+                    kernels.scatter_columns(dWx, db, ids_d, dXP)
+                    grads[f"rnn.{layer}.b"] = db
+                else:
+                    scatter_add_rows(dWx.T, ids_d, dXP.T)
                 dX = None
             else:
                 dWx = dXP @ X.T
@@ -308,3 +318,125 @@ class LanguageModel:
         logits = cache["top"].T @ self.head_weight().T
         logits += p["head.b"]
         return logits, state
+
+
+class Stepper:
+    """Advances N streams one token at a time with preallocated buffers (for sampling).
+
+    Each layer's input and recurrent weights are concatenated once, W = [Wx Wh] (G*H, In+H),
+    so a step is one matrix-vector product per layer on [x; h] (one-hot layer 0: a column of
+    Wx plus Wh @ h), then the gate math in place. The state lives in the buffers; ``state()``
+    returns it in the model's layout and ``set_state`` loads one.
+    """
+
+    def __init__(self, model: LanguageModel, N: int = 1):
+        self.model, self.N = model, N
+        cfg, p, xp = model.config, model.params, model.xp
+        self.xp = xp
+        H, dt = cfg.hidden, model.dtype
+        self.onehot = not cfg.embed
+        self.W, self.xh, self.a, self.bias, self.c, self.tc = [], [], [], [], [], []
+        for layer in range(cfg.layers):
+            Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
+            In = Wx.shape[1]
+            GH = Wx.shape[0]
+            if layer == 0 and self.onehot:
+                self.W.append(Wh)
+                self.xh.append(xp.zeros((H, N), dtype=dt))
+            else:
+                self.W.append(xp.ascontiguousarray(xp.concatenate([Wx, Wh], axis=1)))
+                self.xh.append(xp.zeros((In + H, N), dtype=dt))
+            self.a.append(xp.empty((GH, N), dtype=dt))
+            self.bias.append(xp.ascontiguousarray(xp.broadcast_to(p[f"rnn.{layer}.b"][:, None, None], (GH, 1, N))))
+            self.c.append(xp.zeros((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+            self.tc.append(xp.empty((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+        self.hp = xp.empty((cfg.gates * H, N), dtype=dt)
+        self.head_W = model.head_weight()
+        self.logits = xp.empty((N, cfg.vocab_size), dtype=dt)
+        self.fused = kernels.use_fused(self.a[0]) and cfg.cell != "rnn"
+
+    def _h(self, layer):
+        """This layer's hidden state: the tail of its [x; h] buffer."""
+        return self.xh[layer][-self.model.config.hidden:]
+
+    def state(self) -> list:
+        return [(self._h(l).copy(), None if c is None else c.copy()) for l, c in enumerate(self.c)]
+
+    def set_state(self, state):
+        for layer, (h, c) in enumerate(state):
+            self._h(layer)[...] = h
+            if c is not None:
+                self.c[layer][...] = c
+
+    def step(self, ids):
+        """Feed ``ids`` (N,) host ints; returns the next-token logits (N, V) (a reused buffer)."""
+        cfg, p, xp = self.model.config, self.model.params, self.xp
+        ids = self.model._check_ids(numpy.asarray(ids).reshape(-1))
+        H = cfg.hidden
+        x = None
+        for layer in range(cfg.layers):
+            xh, a = self.xh[layer], self.a[layer]
+            if layer > 0:
+                xh[:H] = x
+            elif not self.onehot:
+                xh[: cfg.embed] = p["embed.W"][to_device(ids, xp)].T
+            a_cat = a
+            if cfg.cell == "gru":
+                a_cat = self.hp  # GRU keeps the hidden product apart (the reset gate acts on it)
+            if cfg.cell == "gru" and not (layer == 0 and self.onehot):
+                In = xh.shape[0] - H
+                Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
+                xp.matmul(Wh, xh[In:], out=self.hp)
+                xin = Wx @ xh[:In]
+            else:
+                xp.matmul(self.W[layer], xh, out=a_cat)
+                xin = None
+            if layer == 0 and self.onehot:
+                col = p["rnn.0.Wx"][:, to_device(ids, xp)]  # (G*H, N)
+                if cfg.cell == "gru":
+                    xin = col
+                else:
+                    a += col
+            x = self._cell(layer, xin)
+        logits = self.logits
+        xp.matmul(x.T, self.head_W.T, out=logits)
+        logits += p["head.b"]
+        return logits
+
+    def _cell(self, layer, xin):
+        """Gate math for one step; returns the new h (a view of this layer's buffer)."""
+        cfg, p, xp = self.model.config, self.model.params, self.xp
+        a, bias, h = self.a[layer], self.bias[layer], self._h(layer)
+        hs = h.reshape(h.shape[0], 1, h.shape[1])
+        if cfg.cell == "lstm":
+            if self.fused:
+                kernels.lstm_step_forward(0, a, bias, self.c[layer], self.c[layer], self.tc[layer], hs)
+            else:
+                a += bias[:, 0]
+                cells.lstm_step_forward(a, self.c[layer], self.c[layer], self.tc[layer], h, xp)
+            return h
+        if cfg.cell == "gru":
+            XPt = (xin + bias[:, 0]).reshape(-1, 1, self.N)
+            bhn = p[f"rnn.{layer}.bhn"]
+            if self.fused:
+                h_prev = h.copy()
+                kernels.gru_step_forward(0, a, self.hp, numpy.ascontiguousarray(XPt), bhn, h_prev, self.tc_gru(layer), hs)
+            else:
+                H = h.shape[0]
+                a[: 2 * H] = XPt[: 2 * H, 0] + self.hp[: 2 * H]
+                cells.sigmoid_(a[: 2 * H], xp)
+                hn = self.hp[2 * H:] + bhn[:, None]
+                n = xp.tanh(XPt[2 * H:, 0] + a[:H] * hn)
+                h[...] = n + a[H: 2 * H] * (h - n)
+            return h
+        a += bias[:, 0]
+        if cfg.activation == "relu":
+            xp.maximum(a, 0, out=h)
+        else:
+            xp.tanh(a, out=h)
+        return h
+
+    def tc_gru(self, layer):
+        if self.tc[layer] is None:
+            self.tc[layer] = self.xp.empty_like(self._h(layer))
+        return self.tc[layer]

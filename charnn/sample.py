@@ -12,8 +12,8 @@ from typing import Iterator
 
 import numpy
 
-from .backend import to_host
-from .model import LanguageModel
+from .backend import to_device, to_host
+from .model import LanguageModel, Stepper
 from .vocab import EOS, Vocab
 
 
@@ -74,12 +74,18 @@ def prime_ids(vocab: Vocab, prime: str) -> numpy.ndarray:
     return ids
 
 
-def warm_state(model: LanguageModel, ids: numpy.ndarray, state=None):
-    """Run the model over ``ids`` (all but the last) to warm the state; returns (logits, state)
-    after feeding the last one."""
+def warm_state(model: LanguageModel, ids: numpy.ndarray, N: int = 1) -> tuple:
+    """A Stepper for ``N`` streams warmed on ``ids`` (all but the last run as one chunk), and
+    the logits after feeding the last token."""
+    stepper = Stepper(model, N)
     if len(ids) > 1:
-        _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, state, store=False)
-    return model.step(ids[-1:], state)
+        _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, None, store=False)
+        if N > 1:
+            xp = model.xp
+            state = [(xp.repeat(h, N, axis=1), None if c is None else xp.repeat(c, N, axis=1)) for h, c in state]
+        stepper.set_state(state)
+    logits = stepper.step(numpy.repeat(ids[-1:], N))
+    return stepper, logits
 
 
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
@@ -98,7 +104,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
         ids = numpy.array([vocab.index[start]] if start in vocab.index else [0])
     if len(ids) == 0:
         ids = numpy.array([vocab.eos_id if vocab.level == "word" else 0])
-    logits, state = warm_state(model, ids)
+    stepper, logits = warm_state(model, ids)
     at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
     for _ in range(length):
         p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
@@ -118,7 +124,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
         yield text
         if stop_at is not None and (piece == stop_at or text == stop_at):
             return
-        logits, state = model.step(numpy.array([tok]), state)
+        logits = stepper.step(numpy.array([tok]))
 
 
 def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int, prime: str = ""):
@@ -130,19 +136,23 @@ def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int,
     else:
         start = "\n" if vocab.level == "char" else EOS
         ids = numpy.array([vocab.index.get(start, 0)])
-    logits, state = warm_state(model, ids)
+    stepper, logits = warm_state(model, ids, beam_size)
     xp = model.xp
     beams = [([], 0.0)]
-    logp = _log_softmax_host(to_host(logits))  # (1, V)
+    logp = _log_softmax_host(to_host(logits)[:1])  # all rows are the same before the first choice
     for _ in range(length):
         scores = numpy.array([b[1] for b in beams])[:, None] + logp  # (B, V)
         flat = numpy.argsort(-scores, axis=None, kind="stable")[:beam_size]
         rows, toks = numpy.unravel_index(flat, scores.shape)
         beams = [(beams[r][0] + [int(t)], float(scores[r, t])) for r, t in zip(rows, toks)]
-        idx = xp.asarray(rows) if xp is not numpy else rows
-        state = [(h[:, idx], None if c is None else c[:, idx]) for h, c in state]
-        logits, state = model.step(numpy.array([b[0][-1] for b in beams]), state)
-        logp = _log_softmax_host(to_host(logits))
+        # Reorder the state so stream k continues beam k (unused streams repeat beam 0).
+        pick = numpy.zeros(beam_size, dtype=numpy.int64)
+        pick[: len(rows)] = rows
+        pick_d = to_device(pick, xp)
+        stepper.set_state([(h[:, pick_d], None if c is None else c[:, pick_d]) for h, c in stepper.state()])
+        feed = numpy.array([b[0][-1] for b in beams] + [beams[0][0][-1]] * (beam_size - len(beams)))
+        logits = stepper.step(feed)
+        logp = _log_softmax_host(to_host(logits)[: len(beams)])
     tokens, score = beams[0]
     return vocab.decode(tokens), score
 

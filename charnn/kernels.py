@@ -1,0 +1,247 @@
+"""Fused CPU kernels (numba) for the per-step gate math of LSTM and GRU layers, float32.
+
+cells.py holds the plain array version of every layer; this module holds a twin of the LSTM
+and GRU loops whose elementwise work per time step is one compiled pass instead of a dozen
+NumPy calls (each a separate sweep over memory with its own call overhead, which dominates
+small models). The GEMMs stay in NumPy (its BLAS threads), the notation is that of cells.py,
+and the caches are the same, so either backward can follow either forward.
+
+Numerics: a compiled loop calling libm's tanh per element is slower than NumPy's vectorised
+tanh, so these kernels use a rational approximation, tanh(x) ~ x P(x²) / Q(x²) on |x| <= 9
+(clamped to ±1 beyond, where float32 tanh rounds to ±1 anyway), fitted by
+benchmarks/fit_tanh.py: max error 2e-8 in exact arithmetic, about 3.6e-7 (3 ulp) evaluated in
+float32. That is right for float32 training and wrong for float64 gradient checks, so the
+kernels are used for float32 NumPy arrays only; float64 always takes the plain path.
+
+Set CHARNN_KERNELS=numpy to turn them off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy
+
+try:
+    import numba
+
+    available = True
+except ImportError:  # numba is a dependency, but the plain path must work without it
+    numba = None
+    available = False
+
+F = numpy.float32
+# tanh(x) ~ x * P(x^2) / Q(x^2), |x| <= 9 (see the module docstring).
+P0, P1, P2, P3, P4 = F(0.9999999794124377), F(0.13381036211073452), F(0.003495601358196784), F(2.0609327570862957e-05), F(1.3355048880306435e-08)
+Q1, Q2, Q3, Q4 = F(0.4671435179101006), F(0.02587703075773743), F(0.0003285657655929101), F(7.776707121887352e-07)
+CLAMP = F(9.0)
+ONE, HALF = F(1.0), F(0.5)
+
+
+def use_fused(a) -> bool:
+    """Whether the fused kernels apply to array ``a`` (float32 NumPy, numba present, not disabled)."""
+    return (available and type(a) is numpy.ndarray and a.dtype == numpy.float32
+            and os.environ.get("CHARNN_KERNELS", "numba") != "numpy")
+
+
+if available:
+    jit = numba.njit(cache=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
+
+    @jit
+    def _tanh(x):
+        x = min(max(x, -CLAMP), CLAMP)
+        u = x * x
+        p = (((P4 * u + P3) * u + P2) * u + P1) * u + P0
+        q = (((Q4 * u + Q3) * u + Q2) * u + Q1) * u + ONE
+        return x * p / q
+
+    @jit
+    def _sigmoid(x):
+        return HALF + HALF * _tanh(HALF * x)
+
+    @jit
+    def lstm_step_forward(t, a, XP, c_prev, c, tc, hs):
+        """a (4H, N): Wh @ h_prev in, gate values out; XP (4H, T, N); writes c, tc (H, N)
+        and hs[:, t]."""
+        H, N = c.shape
+        for j in range(H):
+            for n in range(N):
+                i = _sigmoid(a[j, n] + XP[j, t, n])
+                f = _sigmoid(a[H + j, n] + XP[H + j, t, n])
+                g = _tanh(a[2 * H + j, n] + XP[2 * H + j, t, n])
+                o = _sigmoid(a[3 * H + j, n] + XP[3 * H + j, t, n])
+                a[j, n] = i
+                a[H + j, n] = f
+                a[2 * H + j, n] = g
+                a[3 * H + j, n] = o
+                cc = f * c_prev[j, n] + i * g
+                c[j, n] = cc
+                th = _tanh(cc)
+                tc[j, n] = th
+                hs[j, t, n] = o * th
+
+    @jit
+    def lstm_step_backward(t, a, c_prev, tc, dhs, dh_next, dc, da, dXP):
+        """dh = dhs[:, t] + dh_next; updates dc to dL/dc_{t-1}; writes da (4H, N) and dXP[:, t]."""
+        H, N = dc.shape
+        for j in range(H):
+            for n in range(N):
+                i = a[j, n]
+                f = a[H + j, n]
+                g = a[2 * H + j, n]
+                o = a[3 * H + j, n]
+                th = tc[j, n]
+                dh = dhs[j, t, n] + dh_next[j, n]
+                do = dh * th * o * (ONE - o)
+                dcc = dc[j, n] + dh * o * (ONE - th * th)
+                di = dcc * g * i * (ONE - i)
+                df = dcc * c_prev[j, n] * f * (ONE - f)
+                dg = dcc * i * (ONE - g * g)
+                dc[j, n] = dcc * f
+                da[j, n] = di
+                da[H + j, n] = df
+                da[2 * H + j, n] = dg
+                da[3 * H + j, n] = do
+                dXP[j, t, n] = di
+                dXP[H + j, t, n] = df
+                dXP[2 * H + j, t, n] = dg
+                dXP[3 * H + j, t, n] = do
+
+    @jit
+    def gru_step_forward(t, a, hp, XP, bhn, h_prev, hn, hs):
+        """hp (3H, N) = Wh @ h_prev; writes gate values r, z, n into a (3H, N), hn (H, N) and
+        hs[:, t]."""
+        H, N = hn.shape
+        for j in range(H):
+            for n in range(N):
+                r = _sigmoid(XP[j, t, n] + hp[j, n])
+                z = _sigmoid(XP[H + j, t, n] + hp[H + j, n])
+                hnj = hp[2 * H + j, n] + bhn[j]
+                nn = _tanh(XP[2 * H + j, t, n] + r * hnj)
+                a[j, n] = r
+                a[H + j, n] = z
+                a[2 * H + j, n] = nn
+                hn[j, n] = hnj
+                hs[j, t, n] = nn + z * (h_prev[j, n] - nn)
+
+    @jit
+    def gru_step_backward(t, a, hn, h_prev, dhs, dh_next, dhp, dXP, dHP, dh_direct):
+        """dh = dhs[:, t] + dh_next; writes dXP[:, t], dhp (3H, N) = dHP[:, t] (gradient of the
+        hidden product) and dh_direct = dh * z (the path from h_t to h_{t-1} through z)."""
+        H, N = hn.shape
+        for j in range(H):
+            for n in range(N):
+                r = a[j, n]
+                z = a[H + j, n]
+                nn = a[2 * H + j, n]
+                dh = dhs[j, t, n] + dh_next[j, n]
+                dz = dh * (h_prev[j, n] - nn) * z * (ONE - z)
+                dn = dh * (ONE - z) * (ONE - nn * nn)
+                dr = dn * hn[j, n] * r * (ONE - r)
+                dhnj = dn * r
+                dXP[j, t, n] = dr
+                dXP[H + j, t, n] = dz
+                dXP[2 * H + j, t, n] = dn
+                dhp[j, n] = dr
+                dhp[H + j, n] = dz
+                dhp[2 * H + j, n] = dhnj
+                dHP[j, t, n] = dr
+                dHP[H + j, t, n] = dz
+                dHP[2 * H + j, t, n] = dhnj
+                dh_direct[j, n] = dh * z
+
+    @jit
+    def onehot_projection(Wx, b, ids, out):
+        """out (G*H, M) = Wx[:, ids] + b[:, None]: the input projection of one-hot tokens
+        (a gather, far cheaper than multiplying by a one-hot matrix)."""
+        GH, M = out.shape
+        for g in range(GH):
+            bg = b[g]
+            for m in range(M):
+                out[g, m] = Wx[g, ids[m]] + bg
+
+    @jit
+    def scatter_columns(dWx, db, ids, dXP):
+        """dWx[:, ids[m]] += dXP[:, m] and db += dXP.sum(axis=1), for dXP (G*H, M): the
+        weight and bias gradients of a one-hot input projection in one pass."""
+        GH, M = dXP.shape
+        for g in range(GH):
+            acc = dXP.dtype.type(0.0)
+            for m in range(M):
+                v = dXP[g, m]
+                dWx[g, ids[m]] += v
+                acc += v
+            db[g] += acc
+
+
+def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):
+    """The fused twin of cells.layer_forward for "lstm" and "gru" (same arguments and results)."""
+    GH, T, N = XP.shape
+    H = Wh.shape[1]
+    dtype = XP.dtype
+    XP = numpy.ascontiguousarray(XP)
+    hs = numpy.empty((H, T, N), dtype=dtype)
+    S = T if store else 1
+    A = numpy.empty((S, GH, N), dtype=dtype)
+    h, c = numpy.ascontiguousarray(h0), None if c0 is None else numpy.ascontiguousarray(c0)
+    if cell == "lstm":
+        cs = numpy.empty((S, H, N), dtype=dtype)
+        tcs = numpy.empty((S, H, N), dtype=dtype)
+        for t in range(T):
+            s = t if store else 0
+            numpy.matmul(Wh, h, out=A[s])
+            # Without store, c and cs[0] are one buffer; each element is read before written.
+            lstm_step_forward(t, A[s], XP, c, cs[s], tcs[s], hs)
+            h = hs[:, t]
+            c = cs[s]
+        cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh", "cs": cs, "tcs": tcs, "c0": c0} if store else None
+        return hs, (hs[:, T - 1].copy(), cs[S - 1].copy()), cache
+    HN = numpy.empty((S, H, N), dtype=dtype)
+    hp = numpy.empty((GH, N), dtype=dtype)
+    h_prev = h
+    for t in range(T):
+        s = t if store else 0
+        numpy.matmul(Wh, h_prev, out=hp)
+        gru_step_forward(t, A[s], hp, XP, bhn, h_prev, HN[s], hs)
+        h_prev = hs[:, t]
+    cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh", "HN": HN} if store else None
+    return hs, (hs[:, T - 1].copy(), None), cache
+
+
+def layer_backward(dhs, cache, Wh):
+    """The fused twin of cells.layer_backward for "lstm" and "gru" (same results)."""
+    cell, A, hs, h0 = cache["cell"], cache["A"], cache["hs"], cache["h0"]
+    H, T, N = hs.shape
+    GH = A.shape[1]
+    dtype = hs.dtype
+    dhs = numpy.ascontiguousarray(dhs)
+    dXP = numpy.empty((GH, T, N), dtype=dtype)
+    da = numpy.empty((GH, N), dtype=dtype)
+    dh_next = numpy.zeros((H, N), dtype=dtype)
+    WhT = Wh.T
+    if cell == "lstm":
+        cs, tcs, c0 = cache["cs"], cache["tcs"], numpy.ascontiguousarray(cache["c0"])
+        dc = numpy.zeros((H, N), dtype=dtype)
+        for t in reversed(range(T)):
+            c_prev = cs[t - 1] if t > 0 else c0
+            lstm_step_backward(t, A[t], c_prev, tcs[t], dhs, dh_next, dc, da, dXP)
+            numpy.matmul(WhT, da, out=dh_next)
+        dR = dXP
+        dbhn = None
+    else:
+        HN = cache["HN"]
+        h0c = numpy.ascontiguousarray(h0)
+        dHP = numpy.empty((GH, T, N), dtype=dtype)
+        dh_direct = numpy.empty((H, N), dtype=dtype)
+        for t in reversed(range(T)):
+            h_prev = hs[:, t - 1] if t > 0 else h0c
+            gru_step_backward(t, A[t], HN[t], h_prev, dhs, dh_next, da, dXP, dHP, dh_direct)
+            numpy.matmul(WhT, da, out=dh_next)
+            dh_next += dh_direct
+        dR = dHP
+        dbhn = dHP[2 * H:].sum(axis=(1, 2))
+        dc = None
+    dWh = numpy.matmul(dR[:, 0], h0.T)
+    if T > 1:
+        dWh += dR.reshape(GH, T * N)[:, N:] @ hs.reshape(H, T * N)[:, : (T - 1) * N].T
+    return dXP, dWh, dbhn, dh_next, dc
