@@ -92,9 +92,11 @@ def cli():
 @click.option("--seq-len", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--level", type=click.Choice(["char", "word", "both"]), default="both", show_default=True,
-              help="char: a 7-token vocabulary; word: 40 tokens.")
+              help="char: a 7-token vocabulary, full softmax; word: 40 tokens, class-factored softmax.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Check with dropout on (the masks are fixed per check).")
+@click.option("--classes", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Word level: classes of the class-factored softmax; 0 = full softmax.")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
               help="With MODEL: the text sample to check on (default: random tokens).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -103,7 +105,7 @@ def cli():
 @click.option("--max-elements", type=click.IntRange(min=1), default=None,
               help="Entries checked per parameter (default all up to 300; 40 with MODEL).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
-def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dropout, text_path, seed,
+def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dropout, classes, text_path, seed,
               tolerance, max_elements, device):
     """Compare the analytic gradients with numerical ones (float64, central differences).
 
@@ -117,7 +119,7 @@ def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dr
                   hidden=hidden, embeds=embed, seq_len=seq_len, batch_size=batch_size,
                   levels=("char", "word") if level == "both" else (level,), dropout=dropout,
                   text_path=text_path, seed=seed, tolerance=tolerance, max_elements=max_elements,
-                  device=device)
+                  device=device, classes=classes)
 
 
 

@@ -103,3 +103,117 @@ def softmax_xent_backward(cache, W):
     db = dlogits.sum(axis=0)
     dX = W.T @ dlogits.T
     return dX, dW, db
+
+
+# ----- class-factored softmax (Mikolov's RNNLM) -----
+#
+# Words are split into C classes, contiguous ranges of ids [bounds[k], bounds[k+1]) (the word
+# vocabulary is ordered by frequency, so each class holds words of similar frequency), and
+#     P(w | h) = P(class(w) | h) * P(w | class(w), h)
+# with a softmax over the C classes (weights Wc (C, D), bc) and a softmax over the words of one
+# class (the rows W[a:b], b[a:b] of the word weights). Training costs about M * (C + size of
+# the target's class) * D instead of M * V * D, and the probabilities stay exactly normalised.
+
+
+def class_bounds(counts, n_classes: int) -> list:
+    """Class boundaries [0, ..., V] over ids 0..V-1 (in vocabulary order) so that each class
+    holds about 1/n_classes of the token mass (frequency binning, as in RNNLM)."""
+    import numpy
+
+    counts = numpy.asarray(counts, dtype=numpy.float64) + 1e-9
+    V = len(counts)
+    n_classes = max(1, min(n_classes, V))
+    cum = numpy.cumsum(counts) / counts.sum()
+    bounds = [0]
+    for k in range(1, n_classes):
+        # the first id whose cumulative mass passes k / C starts a new class
+        i = int(numpy.searchsorted(cum, k / n_classes, side="right")) + 1
+        if bounds[-1] < i < V:
+            bounds.append(i)
+    bounds.append(V)
+    return bounds
+
+
+def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=None, store=True):
+    """Class-factored softmax cross-entropy; arguments and results as softmax_xent_forward,
+    plus Wc (C, D), bc (C,), the class ``bounds`` (host list) and the targets also on the host
+    (to group positions by class without a device round trip)."""
+    xp = array_module(X)
+    import numpy
+
+    Xt = X.T  # (M, D)
+    M = targets_host.shape[0]
+    bounds_a = numpy.asarray(bounds)
+    word_class = numpy.searchsorted(bounds_a, targets_host, side="right") - 1  # (M,) host
+    cls_d = xp.asarray(word_class) if xp is not numpy else word_class
+    loss_c, nll, ccache = softmax_xent_forward(X, Wc, bc, cls_d, None, store)
+    nll = nll.copy()
+    order = numpy.argsort(word_class, kind="stable")
+    edges = numpy.searchsorted(word_class[order], numpy.arange(len(bounds)))
+    groups = []
+    for k in range(len(bounds) - 1):
+        s, e = edges[k], edges[k + 1]
+        if s == e:
+            continue
+        pos = order[s:e]
+        pos_d = xp.asarray(pos) if xp is not numpy else pos
+        a, z = bounds[k], bounds[k + 1]
+        Xk = Xt[pos_d]  # (P, D)
+        lw = Xk @ W[a:z].T
+        lw += b[a:z]
+        lw -= lw.max(axis=1, keepdims=True)
+        rows = xp.arange(len(pos))
+        local = targets[pos_d] - a
+        picked = lw[rows, local]
+        xp.exp(lw, out=lw)
+        Z = lw.sum(axis=1)
+        nll[pos_d] += xp.log(Z) - picked
+        if store:
+            lw /= Z[:, None]
+            groups.append((a, z, pos_d, Xk, lw, rows, local))
+    if weights is None:
+        denom = float(M)
+        loss = nll.sum() / denom
+    else:
+        denom = weights.sum()
+        loss = (nll * weights).sum() / xp.where(denom > 0, denom, 1)
+    cache = None
+    if store:
+        cache = {"class": ccache, "groups": groups, "X": X, "weights": weights, "denom": denom, "M": M}
+    return loss, nll, cache
+
+
+def class_xent_backward(cache, Wc, W):
+    """Returns dX (D, M), dWc, dbc, dW (V, D), db (V,) for class_xent_forward's loss."""
+    xp = array_module(W)
+    weights, denom = cache["weights"], cache["denom"]
+    ccache = dict(cache["class"])
+    ccache["weights"], ccache["denom"] = weights, denom
+    dX, dWc, dbc = softmax_xent_backward(ccache, Wc)
+    dXt = dX.T  # (M, D) view: word-part gradients are added row by row
+    dW = xp.zeros_like(W)
+    db = xp.zeros(W.shape[0], dtype=W.dtype)
+    scale = None
+    if weights is not None:
+        scale = weights / xp.where(denom > 0, denom, 1)
+    for a, z, pos_d, Xk, P, rows, local in cache["groups"]:
+        P[rows, local] -= 1
+        if scale is None:
+            P /= denom
+        else:
+            P *= scale[pos_d][:, None]
+        dW[a:z] += P.T @ Xk
+        db[a:z] += P.sum(axis=0)
+        dXt[pos_d] += P @ W[a:z]
+    return dX, dWc, dbc, dW, db
+
+
+def class_log_probs(X, Wc, bc, W, b, bounds):
+    """Exact log P(w | h) for every word: (M, V) from X (D, M)."""
+    xp = array_module(X)
+    lc = log_softmax_rows(X.T @ Wc.T + bc)  # (M, C)
+    out = xp.empty((X.shape[1], W.shape[0]), dtype=X.dtype)
+    for k in range(len(bounds) - 1):
+        a, z = bounds[k], bounds[k + 1]
+        out[:, a:z] = log_softmax_rows(X.T @ W[a:z].T + b[a:z]) + lc[:, k: k + 1]
+    return out

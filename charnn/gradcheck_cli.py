@@ -11,13 +11,14 @@ from .backend import BackendError, get_backend
 from .checkpoint import CheckpointError, load_model
 from .data import CorpusError, read_text
 from .gradcheck import check_config, check_model, random_chunk
+from .functional import class_bounds
 from .model import LanguageModel, ModelConfig
 
 VOCAB_SIZES = {"char": 7, "word": 40}
 
 
 def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
-                  text_path, seed, tolerance, max_elements, device):
+                  text_path, seed, tolerance, max_elements, device, classes=6):
     console = Console(stderr=False)
     try:
         get_backend(device, "float64")
@@ -34,9 +35,15 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
                     for level in levels:
                         if n_layers < 1 or embed < 0:
                             raise click.BadParameter("layers must be >= 1 and embed >= 0")
-                        cfg = ModelConfig(vocab_size=VOCAB_SIZES[level], cell=cell, layers=n_layers,
-                                          hidden=hidden, embed=embed, dropout=dropout)
-                        label = f"{cell} {n_layers}x{hidden} {'one-hot' if embed == 0 else f'embed {embed}'} {level}"
+                        V = VOCAB_SIZES[level]
+                        bounds = ()
+                        if level == "word" and classes:
+                            # Zipf-like counts, as words have, binned into classes.
+                            bounds = tuple(class_bounds(1.0 / numpy.arange(1, V + 1), classes))
+                        cfg = ModelConfig(vocab_size=V, cell=cell, layers=n_layers, hidden=hidden, embed=embed,
+                                          dropout=dropout, class_bounds=bounds)
+                        label = (f"{cell} {n_layers}x{hidden} {'one-hot' if embed == 0 else f'embed {embed}'} {level}"
+                                 + (f" {len(bounds) - 1} classes" if bounds else ""))
                         runs.append((label, check_config(cfg, T=seq_len, N=batch_size, seed=seed,
                                                          tolerance=tolerance, device=device,
                                                          max_elements=max_elements or 300)))

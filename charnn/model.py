@@ -9,6 +9,8 @@ Parameters live in one flat dict under dotted names, and gradients use the same 
     rnn.L.bhn    (H,)        GRU only: the hidden bias of the n gate
     head.W       (V, H)      output weights (absent when tied to embed.W, which needs E = H)
     head.b       (V,)        output bias
+    class.W      (C, H)      class-factored softmax only: class weights (see functional.py)
+    class.b      (C,)        class-factored softmax only: class bias
 
 Shapes and equations of the layers are in cells.py. Dropout (inverted) is applied to every
 recurrent layer's output, between layers and before the head, during training only.
@@ -24,8 +26,8 @@ import numpy
 
 from . import cells, kernels
 from .backend import Backend, get_backend, to_device, to_host
-from .functional import (dropout_mask, scatter_add_rows, softmax_xent_backward,
-                         softmax_xent_forward)
+from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
+                         scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
 
 CELLS = ("rnn", "lstm", "gru")
 
@@ -44,8 +46,10 @@ class ModelConfig:
     dropout: float = 0.0
     activation: str = "tanh"  # RNN only: tanh or relu
     tie: bool = False
+    class_bounds: tuple = ()  # class-factored softmax: word-id boundaries [0, ..., V]; () = full
 
     def __post_init__(self):
+        object.__setattr__(self, "class_bounds", tuple(int(v) for v in self.class_bounds))
         if self.cell not in CELLS:
             raise ModelError(f"unknown cell {self.cell!r}: choose rnn, lstm or gru")
         for name in ("vocab_size", "layers", "hidden"):
@@ -59,13 +63,22 @@ class ModelConfig:
             raise ModelError("activation must be tanh or relu")
         if self.tie and self.embed != self.hidden:
             raise ModelError("tied weights need --embed equal to --hidden")
+        cb = self.class_bounds
+        if cb and (len(cb) < 2 or cb[0] != 0 or cb[-1] != self.vocab_size or any(a >= b for a, b in zip(cb, cb[1:]))):
+            raise ModelError("class_bounds must rise strictly from 0 to the vocabulary size")
 
     @property
     def gates(self) -> int:
         return cells.GATES[self.cell]
 
+    @property
+    def n_classes(self) -> int:
+        return max(0, len(self.class_bounds) - 1)
+
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["class_bounds"] = list(self.class_bounds)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "ModelConfig":
@@ -95,6 +108,9 @@ class ModelConfig:
         if not self.tie:
             shapes["head.W"] = (V, H)
         shapes["head.b"] = (V,)
+        if self.class_bounds:
+            shapes["class.W"] = (self.n_classes, H)
+            shapes["class.b"] = (self.n_classes,)
         return shapes
 
     def n_params(self) -> int:
@@ -110,6 +126,8 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
     for name, shape in config.param_shapes().items():
         if name == "embed.W":
             params[name] = rng.uniform(-0.1, 0.1, shape)
+        elif name == "class.b":
+            params[name] = numpy.zeros(shape)
         elif name.endswith((".b", ".bhn")):
             params[name] = numpy.zeros(shape)
         else:
@@ -242,7 +260,11 @@ class LanguageModel:
             targets = self._check_ids(targets, "target ids")
             t_d = to_device(targets.reshape(M), xp)
             w_d = None if weights is None else to_device(numpy.asarray(weights).reshape(M), xp, self.dtype)
-            loss, nll, hcache = softmax_xent_forward(X, self.head_weight(), p["head.b"], t_d, w_d, store)
+            if cfg.class_bounds:
+                loss, nll, hcache = class_xent_forward(X, p["class.W"], p["class.b"], self.head_weight(), p["head.b"],
+                                                       cfg.class_bounds, targets.reshape(M), t_d, w_d, store)
+            else:
+                loss, nll, hcache = softmax_xent_forward(X, self.head_weight(), p["head.b"], t_d, w_d, store)
             cache["nll"] = nll.reshape(T, N)
             cache["head"] = hcache
         if store:
@@ -260,7 +282,10 @@ class LanguageModel:
         T, N, ids_d = cache["T"], cache["N"], cache["ids"]
         M = T * N
         grads = {}
-        dX, dW, db = softmax_xent_backward(cache["head"], self.head_weight())
+        if cfg.class_bounds:
+            dX, grads["class.W"], grads["class.b"], dW, db = class_xent_backward(cache["head"], p["class.W"], self.head_weight())
+        else:
+            dX, dW, db = softmax_xent_backward(cache["head"], self.head_weight())
         grads["head.b"] = db
         if cfg.tie:
             grads["embed.W"] = dW
@@ -314,10 +339,17 @@ class LanguageModel:
         """
         ids = numpy.asarray(ids).reshape(1, -1)
         _, cache, state = self.forward(ids, None, state, store=False)
+        return self.logits(cache["top"]), state
+
+    def logits(self, X):
+        """Next-token logits (M, V) from top hidden states X (H, M). With the class-factored
+        softmax these are the exact log-probabilities (also valid logits)."""
         p = self.params
-        logits = cache["top"].T @ self.head_weight().T
+        if self.config.class_bounds:
+            return class_log_probs(X, p["class.W"], p["class.b"], self.head_weight(), p["head.b"], self.config.class_bounds)
+        logits = X.T @ self.head_weight().T
         logits += p["head.b"]
-        return logits, state
+        return logits
 
 
 class Stepper:
@@ -398,6 +430,8 @@ class Stepper:
                 else:
                     a += col
             x = self._cell(layer, xin)
+        if cfg.class_bounds:
+            return self.model.logits(x)
         logits = self.logits
         xp.matmul(x.T, self.head_W.T, out=logits)
         logits += p["head.b"]
