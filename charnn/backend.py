@@ -114,3 +114,51 @@ def to_host(a):
 def to_float(a) -> float:
     """Read a 0-d array (a loss, a norm) back to the host as a Python float."""
     return float(to_host(a))
+
+
+# ----- BLAS threads -----
+# OpenBLAS splits even small GEMMs across its threads, and when another process holds a core
+# its spinning threads wait to be scheduled: a (512x128)@(128x32) product measured 52 us on one
+# thread and 4.4 ms on two with the second core busy. The per-step recurrent products are small
+# and strictly sequential, so the time loops run them on one thread (see SMALL_GEMM_FLOPS) and
+# leave the large chunk-wide GEMMs to all threads.
+SMALL_GEMM_FLOPS = 64e6
+_blas = None
+
+
+def _blas_controllers():
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+        except Exception:  # threadpoolctl missing or unable to find the BLAS: leave threads alone
+            _blas = []
+    return _blas
+
+
+class blas_threads:
+    """Context manager: run the BLAS with ``n`` threads inside (NumPy only; else a no-op)."""
+
+    def __init__(self, n: int | None, xp=numpy):
+        self.n = n if xp is numpy else None
+        self.saved = []
+
+    def __enter__(self):
+        if self.n:
+            for c in _blas_controllers():
+                self.saved.append((c, c.get_num_threads()))
+                if self.saved[-1][1] != self.n:
+                    c.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        for c, n in self.saved:
+            c.set_num_threads(n)
+        self.saved = []
+
+
+def loop_threads(flops_per_step: float, xp=numpy):
+    """BLAS threads for a sequential loop whose GEMMs are ``flops_per_step`` each."""
+    return blas_threads(1 if flops_per_step < SMALL_GEMM_FLOPS else None, xp)

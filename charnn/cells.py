@@ -34,7 +34,7 @@ whole chunk after the loop (dWx = dA @ X^T, dWh = dA[:, 1:] @ hs[:, :-1]^T + dA_
 from __future__ import annotations
 
 from . import kernels
-from .backend import array_module
+from .backend import array_module, loop_threads
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
@@ -127,6 +127,11 @@ def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, activation="tanh", store=
     if cell != "rnn" and kernels.use_fused(XP):
         return kernels.layer_forward(cell, XP, Wh, h0, c0, bhn, store)
     xp = array_module(XP)
+    with loop_threads(2.0 * Wh.size * XP.shape[2], xp):
+        return _layer_forward(cell, XP, Wh, h0, c0, bhn, activation, store, xp)
+
+
+def _layer_forward(cell, XP, Wh, h0, c0, bhn, activation, store, xp):
     GH, T, N = XP.shape
     H = Wh.shape[1]
     dtype = XP.dtype
@@ -199,6 +204,11 @@ def layer_backward(dhs, cache, Wh):
     if cache["cell"] != "rnn" and kernels.use_fused(dhs):
         return kernels.layer_backward(dhs, cache, Wh)
     xp = array_module(dhs)
+    with loop_threads(2.0 * Wh.size * dhs.shape[2], xp):
+        return _layer_backward(dhs, cache, Wh, xp)
+
+
+def _layer_backward(dhs, cache, Wh, xp):
     cell, A, hs, h0 = cache["cell"], cache["A"], cache["hs"], cache["h0"]
     H, T, N = hs.shape
     GH = A.shape[1]

@@ -22,6 +22,8 @@ import os
 
 import numpy
 
+from .backend import loop_threads
+
 try:
     import numba
 
@@ -176,6 +178,11 @@ if available:
 
 def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):
     """The fused twin of cells.layer_forward for "lstm" and "gru" (same arguments and results)."""
+    with loop_threads(2.0 * Wh.size * XP.shape[2]):
+        return _layer_forward(cell, XP, Wh, h0, c0, bhn, store)
+
+
+def _layer_forward(cell, XP, Wh, h0, c0, bhn, store):
     GH, T, N = XP.shape
     H = Wh.shape[1]
     dtype = XP.dtype
@@ -210,6 +217,12 @@ def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):
 
 def layer_backward(dhs, cache, Wh):
     """The fused twin of cells.layer_backward for "lstm" and "gru" (same results)."""
+    with loop_threads(2.0 * Wh.size * dhs.shape[2]):
+        dXP, dh_next, dc = _layer_backward_loop(dhs, cache, Wh)
+    return _weight_grads(cache, Wh, dXP, dh_next, dc)
+
+
+def _layer_backward_loop(dhs, cache, Wh):
     cell, A, hs, h0 = cache["cell"], cache["A"], cache["hs"], cache["h0"]
     H, T, N = hs.shape
     GH = A.shape[1]
@@ -226,8 +239,6 @@ def layer_backward(dhs, cache, Wh):
             c_prev = cs[t - 1] if t > 0 else c0
             lstm_step_backward(t, A[t], c_prev, tcs[t], dhs, dh_next, dc, da, dXP)
             numpy.matmul(WhT, da, out=dh_next)
-        dR = dXP
-        dbhn = None
     else:
         HN = cache["HN"]
         h0c = numpy.ascontiguousarray(h0)
@@ -238,9 +249,20 @@ def layer_backward(dhs, cache, Wh):
             gru_step_backward(t, A[t], HN[t], h_prev, dhs, dh_next, da, dXP, dHP, dh_direct)
             numpy.matmul(WhT, da, out=dh_next)
             dh_next += dh_direct
-        dR = dHP
-        dbhn = dHP[2 * H:].sum(axis=(1, 2))
+        cache["dHP"] = dHP
         dc = None
+    return dXP, dh_next, dc
+
+
+def _weight_grads(cache, Wh, dXP, dh_next, dc):
+    hs, h0 = cache["hs"], cache["h0"]
+    H, T, N = hs.shape
+    GH = dXP.shape[0]
+    if cache["cell"] == "gru":
+        dR = cache.pop("dHP")
+        dbhn = dR[2 * H:].sum(axis=(1, 2))
+    else:
+        dR, dbhn = dXP, None
     dWh = numpy.matmul(dR[:, 0], h0.T)
     if T > 1:
         dWh += dR.reshape(GH, T * N)[:, N:] @ hs.reshape(H, T * N)[:, : (T - 1) * N].T

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy
 
 from . import cells, kernels
-from .backend import Backend, get_backend, to_device, to_host
+from .backend import Backend, get_backend, loop_threads, to_device, to_host
 from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
                          scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
 
@@ -402,6 +402,11 @@ class Stepper:
 
     def step(self, ids):
         """Feed ``ids`` (N,) host ints; returns the next-token logits (N, V) (a reused buffer)."""
+        W0 = self.W[-1]
+        with loop_threads(2.0 * W0.size * self.N, self.xp):
+            return self._step(ids)
+
+    def _step(self, ids):
         cfg, p, xp = self.model.config, self.model.params, self.xp
         ids = self.model._check_ids(numpy.asarray(ids).reshape(-1))
         H = cfg.hidden

@@ -13,7 +13,10 @@ state, optimizer state and dropout RNG, so the losses equal those of a run never
 
 Learning-rate schedule: after each evaluation whose validation loss is not lower than the best
 so far, the learning rate is multiplied by ``lr_decay`` (1 = constant); after ``patience`` such
-evaluations in a row, training stops early (0 = never).
+evaluations in a row, training stops early (0 = never). Only the scheduled evaluations (every
+``eval_every`` steps) count: the extra one at the end of a run that stops between them (at
+--max-steps or --time-limit) is reported and may save model.npz, but leaves the schedule alone,
+so a run stopped there and resumed takes exactly the steps of a run never stopped.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy
 from . import checkpoint as ckpt_mod
 from .backend import get_backend, to_device, to_float, to_host
 from .data import Batches, CorpusError, EvalStreams, read_text, split_tail
+from .functional import class_bounds
 from .model import LanguageModel, ModelConfig
 from .optim import clip_global_norm, make_optimizer
 from .vocab import Vocab
@@ -60,6 +64,7 @@ class TrainConfig:
     dropout: float = 0.0
     activation: str = "tanh"
     tie: bool = False
+    classes: int = -1  # class-factored softmax classes; 0 = full softmax; -1 = auto (see auto_classes)
     tokenizer: str = "regex"
     vocab_size: int | None = None
     min_count: int = 1
@@ -93,9 +98,17 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
+    def model_config(self, vocab_size: int, class_bounds=()) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, layers=self.layers, hidden=self.hidden,
-                           embed=self.embed, dropout=self.dropout, activation=self.activation, tie=self.tie)
+                           embed=self.embed, dropout=self.dropout, activation=self.activation, tie=self.tie,
+                           class_bounds=tuple(class_bounds))
+
+    def auto_classes(self, vocab_size: int) -> int:
+        """-1 (auto): about sqrt(V) classes for word vocabularies over 1,000 words, else a full
+        softmax (small vocabularies gain nothing from classes)."""
+        if self.classes >= 0:
+            return self.classes
+        return round(math.sqrt(vocab_size)) if self.level == "word" and vocab_size > 1000 else 0
 
 
 class Reporter:
@@ -243,7 +256,13 @@ class Trainer:
         self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
         self.val_ids = val_ids
         self.corpus_digest = saved.meta.get("corpus_sha256") if saved else file_digest(cfg.corpus)
-        mcfg = cfg.model_config(len(vocab))
+        n_classes = cfg.auto_classes(len(vocab))
+        bounds = ()
+        if saved:
+            bounds = saved.config.class_bounds
+        elif n_classes:
+            bounds = class_bounds(numpy.bincount(train_ids, minlength=len(vocab)), n_classes)
+        mcfg = cfg.model_config(len(vocab), bounds)
         if saved:
             if saved.config != mcfg:
                 raise TrainError("cannot resume: the checkpoint's architecture differs from the options given")
@@ -253,10 +272,12 @@ class Trainer:
         self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr)
         self.rng = numpy.random.default_rng(cfg.seed)
         p = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,
-             "best_val": None, "bad_evals": 0, "last_train_loss": None, "last_val": None}
+             "best_val": None, "best_saved": None, "bad_evals": 0, "last_train_loss": None, "last_val": None}
         self.state = None
         if saved:
             p.update(saved.meta["progress"])
+            if "best_saved" not in saved.meta["progress"]:
+                p["best_saved"] = p["best_val"]
             self.opt.load_state_arrays(saved.optim, p["opt_t"])
             self.opt.lr = p["lr"]
             self.rng.bit_generator.state = saved.meta["rng"]
@@ -315,7 +336,16 @@ class Trainer:
             return "interrupted"
         return None
 
-    def evaluate_and_save(self, sample: bool = True):
+    def evaluate_and_save(self, sample: bool = True, scheduled: bool = True):
+        """Evaluate, save model.npz if the model is the best so far, and save last.npz.
+
+        Args:
+            sample: show a generated sample with the result.
+            scheduled: an evaluation of the eval_every schedule; only these decay the learning
+                rate and count towards early stopping (``best_val``, ``bad_evals``), so an extra
+                evaluation where a run stops cannot change the steps of its resumed run.
+                ``best_saved`` is the validation loss of the model in model.npz, over all evaluations.
+        """
         p, cfg = self.progress, self.cfg
         if self.val_ids is None:
             self.save_best()
@@ -324,17 +354,20 @@ class Trainer:
         val = evaluate(self.model, self.val_ids, cfg.batch_size, cfg.seq_len)
         if not math.isfinite(val):
             raise Diverged(f"validation loss is {val} at step {p['step']}")
-        improved = p["best_val"] is None or val < p["best_val"]
+        if scheduled:
+            if p["best_val"] is None or val < p["best_val"]:
+                p["best_val"] = val
+                p["bad_evals"] = 0
+            else:
+                p["bad_evals"] += 1
+                if cfg.lr_decay != 1.0:
+                    self.opt.lr *= cfg.lr_decay
+        improved = p["best_saved"] is None or val < p["best_saved"]
         if improved:
-            p["best_val"] = val
-            p["bad_evals"] = 0
-        else:
-            p["bad_evals"] += 1
-            if cfg.lr_decay != 1.0:
-                self.opt.lr *= cfg.lr_decay
+            p["best_saved"] = val
         p["last_val"] = val
         m = {"step": p["step"], "epoch": p["epoch"], "val_loss": val, "val_bits_per_token": val / math.log(2),
-             "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_val"], "lr": self.opt.lr}
+             "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_saved"], "lr": self.opt.lr}
         self._metric(m)
         text = None
         if sample and cfg.sample_length > 0:
@@ -425,8 +458,9 @@ class Trainer:
             p["last_train_loss"] = train_loss
         if reason == "interrupted":
             self.save_last()
-        elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0) or reason == "early_stopping":
-            self.evaluate_and_save(sample=False)
+        elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0):
+            # Stopped between scheduled evaluations (early stopping always stops right after one).
+            self.evaluate_and_save(sample=False, scheduled=False)
         self.reporter.end()
         return self.result(reason)
 
@@ -450,5 +484,5 @@ class Trainer:
             "train_loss": p.get("last_train_loss"),
             "val_loss": val, "val_bits_per_token": None if val is None else val / math.log(2),
             "val_perplexity": None if val is None else math.exp(min(val, 700)),
-            "best_val_loss": p.get("best_val"),
+            "best_val_loss": p.get("best_saved"),
         }
