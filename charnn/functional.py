@@ -7,6 +7,7 @@ positions in a chunk, and a column j = t*N + n of a (D, M) matrix is stream n at
 
 from __future__ import annotations
 
+from . import kernels
 from .backend import array_module
 
 # Up to this vocabulary size, scatter-adds are done as a GEMM with a one-hot matrix, which is
@@ -24,7 +25,9 @@ def scatter_add_rows(dst, ids, src):
     """
     xp = array_module(dst)
     V = dst.shape[0]
-    if V <= ONE_HOT_SCATTER_MAX_V:
+    if kernels.use_fused(dst) and dst.flags.c_contiguous:
+        kernels.scatter_rows(dst, ids, src)
+    elif V <= ONE_HOT_SCATTER_MAX_V:
         onehot = xp.zeros((ids.shape[0], V), dtype=dst.dtype)
         onehot[xp.arange(ids.shape[0]), ids] = 1
         dst += onehot.T @ src

@@ -175,6 +175,28 @@ if available:
                 acc += v
             db[g] += acc
 
+    @jit
+    def adam_update(p, g, m, v, step, b1, b2, eps):
+        """One Adam update of flat float32 arrays in a single pass (see optim.Adam)."""
+        c1 = ONE - b1
+        c2 = ONE - b2
+        for i in range(p.shape[0]):
+            gi = g[i]
+            mi = b1 * m[i] + c1 * gi
+            vi = b2 * v[i] + c2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] -= step * mi / (numpy.sqrt(vi) + eps)
+
+    @jit
+    def scatter_rows(dst, ids, src):
+        """dst[ids[m]] += src[m] for every m (duplicates accumulate): embedding gradients."""
+        M, D = src.shape
+        for m in range(M):
+            r = ids[m]
+            for d in range(D):
+                dst[r, d] += src[m, d]
+
 
 def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):
     """The fused twin of cells.layer_forward for "lstm" and "gru" (same arguments and results)."""

@@ -7,6 +7,9 @@ save it and a resumed run continue exactly.
 
 from __future__ import annotations
 
+import numpy
+
+from . import kernels
 from .backend import array_module, to_device, to_host
 
 OPTIMIZERS = ("adam", "adagrad", "rmsprop", "sgd")
@@ -109,13 +112,18 @@ class Adam(Optimizer):
         xp = array_module(p)
         m = self._buf(f"{name}.m", p)
         v = self._buf(f"{name}.v", p)
+        step = self.lr * (1 - self.b2 ** self.t) ** 0.5 / (1 - self.b1 ** self.t)
+        if kernels.use_fused(p) and p.flags.c_contiguous and g.flags.c_contiguous:
+            F = numpy.float32
+            kernels.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), F(step),
+                                F(self.b1), F(self.b2), F(self.eps))
+            return
         m *= self.b1
         m += (1 - self.b1) * g
         v *= self.b2
         g2 = g * g
         g2 *= 1 - self.b2
         v += g2
-        step = self.lr * (1 - self.b2 ** self.t) ** 0.5 / (1 - self.b1 ** self.t)
         denom = xp.sqrt(v, out=g2)
         denom += self.eps
         xp.divide(m, denom, out=denom)
