@@ -1,0 +1,171 @@
+"""Streaming corpora: build a vocabulary and encode a text file of any size without holding it.
+
+The file is read in blocks of bytes and decoded incrementally (so an error names its exact byte
+offset), with a byte-order mark dropped and "\\r\\n" / "\\r" turned into "\\n" even across block
+boundaries. Encoding writes the token ids to a cache file of the smallest unsigned type that
+holds the vocabulary (uint8, uint16 or uint32) and maps it back with numpy.memmap, so training
+on a corpus of several GB keeps only the token array (on disk, paged in as needed) and one block
+of text in memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy
+
+from .data import CorpusError
+from .vocab import EOS, Vocab, tokenize_line
+
+BLOCK = 1 << 24  # 16 MiB of bytes per block
+
+
+def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int = BLOCK) -> Iterator[str]:
+    """Decoded text of ``path`` in pieces, with newlines normalised and a BOM dropped.
+
+    Raises:
+        CorpusError: missing file, directory, NUL bytes (binary), undecodable bytes (with the
+            byte offset), unknown encoding.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CorpusError(f"{p}: no such file")
+    if p.is_dir():
+        raise CorpusError(f"{p}: is a directory, not a text file")
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors)
+    except LookupError:
+        raise CorpusError(f"unknown encoding {encoding!r}") from None
+    wide = codecs.lookup(encoding).name.replace("-", "").startswith(("utf16", "utf32"))
+    offset = 0
+    first = True
+    pending_cr = False
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise CorpusError(f"{p}: cannot read: {e.strerror or e}") from None
+    with f:
+        while True:
+            data = f.read(block)
+            final = not data
+            if not wide and data:
+                nul = data.find(b"\x00")
+                if nul >= 0:
+                    raise CorpusError(f"{p}: looks like a binary file (NUL byte at offset {offset + nul}), not text")
+            held = len(decoder.getstate()[0])  # bytes of an unfinished character from the last block
+            try:
+                text = decoder.decode(data, final)
+            except UnicodeDecodeError as e:
+                # e.start counts from the held bytes, which precede this block.
+                raise CorpusError(f"{p}: not valid {encoding} at byte {offset - held + e.start}; "
+                                  f"pass --encoding (e.g. latin-1) or --errors replace") from None
+            offset += len(data)
+            if first and text:
+                text = text.lstrip("\ufeff") if text.startswith("\ufeff") else text
+                first = False
+            if pending_cr:
+                text = "\r" + text
+                pending_cr = False
+            if text.endswith("\r") and not final:
+                text, pending_cr = text[:-1], True
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if text:
+                yield text
+            if final:
+                break
+
+
+def build_vocab(path, level: str = "char", tokenizer: str = "regex", max_size=None, min_count: int = 1,
+                encoding: str = "utf-8", errors: str = "strict") -> Vocab:
+    """One streaming pass over ``path``: every character, or word counts, then the vocabulary."""
+    if level == "char":
+        chars: set = set()
+        for piece in iter_text(path, encoding, errors):
+            chars.update(piece)
+        return Vocab.build_char(chars)
+    counts: Counter = Counter()
+    for line in iter_lines(path, encoding, errors):
+        counts.update(tokenize_line(line, tokenizer))
+        counts[EOS] += 1
+    return Vocab.build_word(counts, tokenizer, max_size, min_count)
+
+
+def iter_lines(path, encoding="utf-8", errors="strict") -> Iterator[str]:
+    """Lines without their newline, streamed (a final line without a newline counts)."""
+    rest = ""
+    for piece in iter_text(path, encoding, errors):
+        piece = rest + piece
+        lines = piece.split("\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def encode_to_file(path, vocab: Vocab, out_path, encoding="utf-8", errors="strict") -> int:
+    """Encode ``path`` with ``vocab`` into the raw id file ``out_path`` (written to a temporary
+    name and renamed). Returns the number of tokens.
+
+    Raises:
+        CorpusError: a character outside a char vocabulary (with its position).
+    """
+    dtype = vocab.dtype()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    n = 0
+    try:
+        with open(tmp, "wb") as out:
+            if vocab.level == "char":
+                for piece in iter_text(path, encoding, errors):
+                    ids = vocab.encode(piece)
+                    if (ids < 0).any():
+                        bad = piece[int(numpy.argmax(ids < 0))]
+                        raise CorpusError(f"{path}: character {bad!r} (near token {n + int(numpy.argmax(ids < 0))}) is not in the vocabulary")
+                    out.write(ids.astype(dtype).tobytes())
+                    n += len(ids)
+            else:
+                buf = []
+                for line in iter_lines(path, encoding, errors):
+                    buf.extend(vocab.index.get(t, 0) for t in tokenize_line(line, vocab.tokenizer))
+                    buf.append(vocab.eos_id)
+                    if len(buf) >= 1 << 20:
+                        out.write(numpy.asarray(buf, dtype=dtype).tobytes())
+                        n += len(buf)
+                        buf = []
+                out.write(numpy.asarray(buf, dtype=dtype).tobytes())
+                n += len(buf)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return n
+
+
+def vocab_key(vocab: Vocab) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(vocab.to_json(), ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def cached_ids(path, vocab: Vocab, cache_dir, corpus_digest: str, encoding="utf-8", errors="strict") -> numpy.ndarray:
+    """The token ids of ``path`` as a read-only memory map, encoded once into ``cache_dir``
+    (named by the corpus digest, vocabulary and dtype, so a changed corpus or vocabulary never
+    reuses a stale cache)."""
+    dtype = numpy.dtype(vocab.dtype())
+    cache = Path(cache_dir) / f"tokens-{corpus_digest[:16]}-{vocab_key(vocab)}.{dtype.name}"
+    if not cache.exists():
+        encode_to_file(path, vocab, cache, encoding, errors)
+    if cache.stat().st_size == 0:
+        return numpy.zeros(0, dtype=dtype)
+    return numpy.memmap(cache, dtype=dtype, mode="r")
