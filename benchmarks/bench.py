@@ -154,7 +154,7 @@ class TorchSide:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 5.0)
         self.opt.step()
-        return float(loss)
+        return loss.item()
 
     def score(self, x, y):
         torch = self.torch

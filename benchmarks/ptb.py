@@ -1,0 +1,163 @@
+"""Word-level perplexity after a fixed training time: charnn against PyTorch, side by side.
+
+    python benchmarks/ptb.py --seconds 300
+
+Both train the same model — word LSTM 2x200, embedding 200, sequence 35, batch 20, Adam (lr
+2e-3), global-norm clip 5, no dropout — on ../shared/corpora/ptb.valid.txt (whitespace tokens,
+one <eos> per line) for the same wall-clock time on the same threads, then score
+../shared/corpora/ptb.test.txt as one document with carried state (every token predicted once).
+charnn runs twice: with a full softmax (the same output layer as PyTorch) and with its default
+class-factored softmax (about sqrt(V) classes). The unigram baseline (training-set word
+frequencies, add-one smoothed) is printed too. Runs are one after another in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("OPENBLAS_CORETYPE") or os.environ.get("OPENBLAS_L2_SIZE"):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+import numpy  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+H, E, L, N, T, LR, CLIP = 200, 200, 2, 20, 35, 2e-3, 5.0
+
+
+def load(vocab=None):
+    from charnn.vocab import Vocab
+
+    train_text = (SHARED / "ptb.valid.txt").read_text(encoding="utf-8")
+    test_text = (SHARED / "ptb.test.txt").read_text(encoding="utf-8")
+    if vocab is None:
+        vocab = Vocab.build_word(Vocab.count_words(train_text, "whitespace"), "whitespace")
+    return vocab, vocab.encode(train_text), vocab.encode(test_text)
+
+
+def unigram(train_ids, test_ids, V):
+    counts = numpy.bincount(train_ids, minlength=V) + 1.0
+    logp = numpy.log(counts / counts.sum())
+    return math.exp(-logp[test_ids].mean())
+
+
+def batches(ids):
+    S = len(ids) // N
+    streams = ids[: N * S].reshape(N, S)
+    k = 0
+    while True:
+        if (k + 1) * T + 1 > S:
+            k = 0
+            yield None  # epoch boundary: reset the state
+        a = k * T
+        yield streams[:, a:a + T].T.copy(), streams[:, a + 1:a + T + 1].T.copy()
+        k += 1
+
+
+def train_charnn(train_ids, V, seconds, classes):
+    from charnn.functional import class_bounds
+    from charnn.model import LanguageModel, ModelConfig
+    from charnn.optim import clip_global_norm, make_optimizer
+
+    bounds = class_bounds(numpy.bincount(train_ids, minlength=V), classes) if classes else ()
+    model = LanguageModel.create(ModelConfig(vocab_size=V, cell="lstm", layers=L, hidden=H, embed=E,
+                                             class_bounds=tuple(bounds)), seed=0)
+    opt = make_optimizer("adam", model.params, LR)
+    state, steps, start = None, 0, time.perf_counter()
+    for b in batches(train_ids):
+        if time.perf_counter() - start >= seconds:
+            break
+        if b is None:
+            state = None
+            continue
+        loss, cache, state = model.forward(b[0], b[1], state, train=True)
+        grads, _ = model.backward(cache)
+        clip_global_norm(grads, CLIP)
+        opt.step(grads)
+        steps += 1
+    return model, steps
+
+
+def score_charnn(model, vocab, test_text):
+    from charnn.score import score_document
+
+    s = score_document(model, vocab, test_text, streams=1, seq_len=200)
+    return s.perplexity, s.tokens
+
+
+def train_torch(train_ids, V, seconds):
+    import torch
+
+    torch.manual_seed(0)
+    emb, rnn, head = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, L), torch.nn.Linear(H, V)
+    params = list(emb.parameters()) + list(rnn.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=LR)
+    h, steps, start = None, 0, time.perf_counter()
+    for b in batches(train_ids):
+        if time.perf_counter() - start >= seconds:
+            break
+        if b is None:
+            h = None
+            continue
+        x, y = torch.from_numpy(b[0]), torch.from_numpy(b[1])
+        out, h = rnn(emb(x), h)
+        h = tuple(a.detach() for a in h)
+        loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, V), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        steps += 1
+    return (emb, rnn, head), steps
+
+
+def score_torch(parts, test_ids, start_id):
+    import torch
+
+    emb, rnn, head = parts
+    seq = numpy.concatenate([[start_id], test_ids])
+    total, h = 0.0, None
+    with torch.no_grad():
+        for a in range(0, len(seq) - 1, 200):
+            x = torch.from_numpy(seq[a:a + 200][:len(seq) - 1 - a].copy()).reshape(-1, 1)
+            y = torch.from_numpy(seq[a + 1:a + 201].copy()).reshape(-1)
+            out, h = rnn(emb(x), h)
+            total += float(torch.nn.functional.cross_entropy(head(out).reshape(-1, head.out_features), y, reduction="sum"))
+    return math.exp(total / (len(seq) - 1)), len(seq) - 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not (SHARED / "ptb.valid.txt").exists():
+        sys.exit(f"PTB files not found under {SHARED}")
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    vocab, train_ids, test_ids = load()
+    V = len(vocab)
+    test_text = (SHARED / "ptb.test.txt").read_text(encoding="utf-8")
+    print(f"PTB: vocabulary {V}, {len(train_ids):,} training tokens (ptb.valid.txt), {len(test_ids):,} test tokens; "
+          f"{args.seconds:g} s each on {args.threads} threads; BLAS "
+          f"{[(i.get('internal_api'), i.get('architecture')) for i in threadpool_info()]}", flush=True)
+    print(f"unigram baseline perplexity {unigram(train_ids, test_ids, V):.1f}", flush=True)
+    with threadpool_limits(args.threads):
+        for label, classes in (("charnn class softmax", round(math.sqrt(V))), ("charnn full softmax", 0)):
+            model, steps = train_charnn(train_ids, V, args.seconds, classes)
+            ppl, n = score_charnn(model, vocab, test_text)
+            print(f"{label:22s} steps {steps:5d}  test perplexity {ppl:8.2f}  ({n} tokens)", flush=True)
+        parts, steps = train_torch(train_ids, V, args.seconds)
+        ppl, n = score_torch(parts, test_ids, vocab.eos_id)
+        print(f"{'pytorch nn.LSTM':22s} steps {steps:5d}  test perplexity {ppl:8.2f}  ({n} tokens)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
