@@ -20,16 +20,30 @@ A state is a list with one (h, c) pair per layer, each (H, N); c is None except 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import numpy
 
 from . import cells, kernels
-from .backend import Backend, get_backend, loop_threads, to_device, to_host
+from .backend import Backend, blas_threads, get_backend, loop_threads, to_device, to_host
 from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
                          scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
 
 CELLS = ("rnn", "lstm", "gru")
+# Threads that split a batch's streams (see LanguageModel.split_columns); CHARNN_THREADS=1 turns
+# the split off.
+THREADS = int(os.environ.get("CHARNN_THREADS", min(2, os.cpu_count() or 1)))
+_executor = None
+
+
+def _pool():
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="charnn")
+    return _executor
 
 
 class ModelError(ValueError):
@@ -208,7 +222,8 @@ class LanguageModel:
         XP += b[:, None]
         return XP
 
-    def forward(self, ids, targets=None, state=None, train=False, rng=None, weights=None, store=None):
+    def forward(self, ids, targets=None, state=None, train=False, rng=None, weights=None, store=None,
+                dropout_masks=None):
         """Run the model over a chunk.
 
         Args:
@@ -218,6 +233,7 @@ class LanguageModel:
             train: apply dropout (masks drawn from ``rng``).
             weights: optional (T, N) host array; 0 masks a position out of the loss.
             store: keep what backward needs (default: when there are targets).
+            dropout_masks: masks to use instead of drawing them (one (H, T, N) per layer).
 
         Returns:
             (loss, cache, state): loss a 0-d array of mean nats per (weighted) token, or None;
@@ -248,9 +264,12 @@ class LanguageModel:
             layer_caches.append(lc)
             mask = None
             if train and cfg.dropout > 0:
-                if rng is None:
+                if dropout_masks is not None:
+                    mask = dropout_masks[layer]
+                elif rng is None:
                     raise ModelError("training with dropout needs a random generator (rng)")
-                mask = dropout_mask(hs.shape, cfg.dropout, rng, xp, self.dtype)
+                else:
+                    mask = dropout_mask(hs.shape, cfg.dropout, rng, xp, self.dtype)
                 hs = hs * mask
             masks.append(mask)
             X = hs.reshape(cfg.hidden, M)
@@ -325,6 +344,90 @@ class LanguageModel:
             scatter_add_rows(dE, ids_d, dX.T)
             grads["embed.W"] = dE
         return grads, dstate
+
+    # ----- the batch split across CPU cores -----
+    def split_columns(self, N: int) -> list:
+        """Column ranges to compute in parallel: two halves of the N streams on a multi-core
+        CPU (NumPy backend, N >= 8), else one range. Streams are independent through the whole
+        model; only the weight gradients are summed."""
+        if self.xp is not numpy or N < 8 or THREADS < 2:
+            return [(0, N)]
+        return [(0, N // 2), (N // 2, N)]
+
+    def _run_split(self, parts, work):
+        """Run work(a, b) for each column range, in parallel threads with one BLAS thread each
+        (the numba kernels and the BLAS release the GIL)."""
+        if len(parts) == 1:
+            return [work(*parts[0])]
+        with blas_threads(1, self.xp):
+            future = _pool().submit(work, *parts[1])
+            first = work(*parts[0])
+            return [first, future.result()]
+
+    def loss_and_grads(self, ids, targets, state=None, train=True, rng=None):
+        """Mean loss, gradients and final state of one training chunk, the N streams split
+        across cores (see :meth:`split_columns`). Dropout masks are drawn here, in one order,
+        so results do not depend on the split.
+
+        Returns:
+            (loss, grads, state): loss a 0-d array (mean nats per token).
+        """
+        cfg, xp = self.config, self.xp
+        ids = self._check_ids(ids)
+        T, N = ids.shape
+        if state is None:
+            state = self.initial_state(N)
+        masks = None
+        if train and cfg.dropout > 0:
+            if rng is None:
+                raise ModelError("training with dropout needs a random generator (rng)")
+            masks = [dropout_mask((cfg.hidden, T, N), cfg.dropout, rng, xp, self.dtype) for _ in range(cfg.layers)]
+        parts = self.split_columns(N)
+        if len(parts) == 1:
+            loss, cache, new_state = self.forward(ids, targets, state, train=train, dropout_masks=masks)
+            grads, _ = self.backward(cache)
+            return loss, grads, new_state
+
+        def work(a, b):
+            sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
+            m = None if masks is None else [mk[:, :, a:b] for mk in masks]
+            loss, cache, st = self.forward(ids[:, a:b], targets[:, a:b], sub, train=train, dropout_masks=m)
+            grads, _ = self.backward(cache)
+            return loss, grads, st, b - a
+
+        results = self._run_split(parts, work)
+        (l0, g0, s0, n0), (l1, g1, s1, n1) = results
+        w0, w1 = n0 / N, n1 / N  # each half's loss is a mean over its own tokens
+        for k in g0:
+            g0[k] *= w0
+            g0[k] += w1 * g1[k]
+        loss = l0 * w0 + l1 * w1
+        new_state = [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
+                     for (h0, c0), (h1, c1) in zip(s0, s1)]
+        return loss, g0, new_state
+
+    def nll(self, ids, targets, state=None, weights=None):
+        """Per-position negative log-likelihood (T, N) and the final state, without dropout or a
+        cache, the streams split across cores like :meth:`loss_and_grads`."""
+        ids = self._check_ids(ids)
+        T, N = ids.shape
+        if state is None:
+            state = self.initial_state(N)
+        xp = self.xp
+
+        def work(a, b):
+            sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
+            w = None if weights is None else weights[:, a:b]
+            _, cache, st = self.forward(ids[:, a:b], targets[:, a:b], sub, weights=w, store=False)
+            return cache["nll"], st
+
+        results = self._run_split(self.split_columns(N), work)
+        if len(results) == 1:
+            return results[0]
+        (n0, s0), (n1, s1) = results
+        new_state = [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
+                     for (h0, c0), (h1, c1) in zip(s0, s1)]
+        return xp.concatenate([n0, n1], axis=1), new_state
 
     # ----- one step at a time, for sampling -----
     def step(self, ids, state):
