@@ -1,0 +1,123 @@
+"""The fused numba kernels against their plain NumPy twins, and the other fast paths (the
+Stepper, the two-thread batch split) against the straightforward ones."""
+
+import numpy
+import pytest
+
+import charnn.model as model_mod
+from charnn import kernels
+from charnn.backend import get_backend
+from charnn.model import LanguageModel, ModelConfig, Stepper
+from charnn.optim import make_optimizer
+
+pytestmark = pytest.mark.skipif(not kernels.available, reason="numba is not installed")
+
+
+def run(monkeypatch, mode, cfg, ids, tg, state):
+    monkeypatch.setenv("CHARNN_KERNELS", mode)
+    m = LanguageModel.create(cfg, seed=1, backend=get_backend("cpu", "float32"))
+    loss, cache, st = m.forward(ids, tg, state, train=True, rng=numpy.random.default_rng(5))
+    grads, dstate = m.backward(cache)
+    return float(loss), grads, st, dstate
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("embed", [0, 8])
+def test_fused_layers_match_plain_float32(monkeypatch, cell, embed):
+    cfg = ModelConfig(vocab_size=20, cell=cell, layers=2, hidden=16, embed=embed, dropout=0.1)
+    rng = numpy.random.default_rng(0)
+    ids, tg = rng.integers(0, 20, (7, 5)), rng.integers(0, 20, (7, 5))
+    state = [(rng.normal(0, 0.5, (16, 5)).astype(numpy.float32),
+              rng.normal(0, 0.5, (16, 5)).astype(numpy.float32) if cell == "lstm" else None) for _ in range(2)]
+    fused = run(monkeypatch, "numba", cfg, ids, tg, state)
+    plain = run(monkeypatch, "numpy", cfg, ids, tg, state)
+    assert fused[0] == pytest.approx(plain[0], rel=1e-6)
+    for k in plain[1]:
+        scale = numpy.abs(plain[1][k]).max() + 1e-12
+        assert numpy.abs(fused[1][k] - plain[1][k]).max() / scale < 2e-5, k
+    for (h1, c1), (h2, c2) in zip(fused[2], plain[2]):
+        numpy.testing.assert_allclose(h1, h2, atol=1e-6)
+    for (h1, c1), (h2, c2) in zip(fused[3], plain[3]):
+        numpy.testing.assert_allclose(h1, h2, atol=1e-6)
+
+
+def test_kernels_only_take_float32_numpy(monkeypatch):
+    monkeypatch.delenv("CHARNN_KERNELS", raising=False)
+    assert kernels.use_fused(numpy.zeros(3, numpy.float32))
+    assert not kernels.use_fused(numpy.zeros(3, numpy.float64))  # gradient checks stay exact
+    monkeypatch.setenv("CHARNN_KERNELS", "numpy")
+    assert not kernels.use_fused(numpy.zeros(3, numpy.float32))
+
+
+def test_rational_tanh_accuracy():
+    x = numpy.linspace(-20, 20, 200001).astype(numpy.float32)
+    approx = numpy.array([kernels._tanh(v) for v in x[::50]], dtype=numpy.float64)
+    exact = numpy.tanh(x[::50].astype(numpy.float64))
+    assert numpy.abs(approx - exact).max() < 5e-7
+    assert kernels._tanh(numpy.float32(1e30)) == 1.0 and kernels._tanh(numpy.float32(-1e30)) == -1.0
+
+
+def test_onehot_projection_and_scatter_match_numpy():
+    rng = numpy.random.default_rng(0)
+    Wx = rng.normal(size=(12, 7)).astype(numpy.float32)
+    b = rng.normal(size=12).astype(numpy.float32)
+    ids = rng.integers(0, 7, 40)
+    out = numpy.empty((12, 40), numpy.float32)
+    kernels.onehot_projection(Wx, b, ids, out)
+    numpy.testing.assert_allclose(out, Wx[:, ids] + b[:, None], rtol=1e-6)
+    dXP = rng.normal(size=(12, 40)).astype(numpy.float32)
+    dWx, db = numpy.zeros_like(Wx), numpy.zeros_like(b)
+    kernels.scatter_columns(dWx, db, ids, dXP)
+    ref = numpy.zeros_like(Wx)
+    numpy.add.at(ref.T, ids, dXP.T)
+    numpy.testing.assert_allclose(dWx, ref, rtol=1e-5, atol=1e-6)
+    numpy.testing.assert_allclose(db, dXP.sum(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adam_matches_plain(monkeypatch):
+    out = {}
+    for mode in ("numba", "numpy"):
+        monkeypatch.setenv("CHARNN_KERNELS", mode)
+        rng = numpy.random.default_rng(0)
+        p = {"w": rng.normal(size=(30, 20)).astype(numpy.float32)}
+        opt = make_optimizer("adam", p)
+        for _ in range(5):
+            opt.step({"w": rng.normal(size=(30, 20)).astype(numpy.float32)})
+        out[mode] = p["w"]
+    numpy.testing.assert_allclose(out["numba"], out["numpy"], atol=2e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("embed", [0, 6])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_stepper_matches_model_step(cell, embed, dtype):
+    m = LanguageModel.create(ModelConfig(vocab_size=11, cell=cell, layers=2, hidden=8, embed=embed), seed=2,
+                             backend=get_backend("cpu", dtype))
+    ids = numpy.random.default_rng(0).integers(0, 11, (9, 3))
+    stepper, state = Stepper(m, 3), None
+    for t in range(9):
+        fast = stepper.step(ids[t]).copy()
+        slow, state = m.step(ids[t], state)
+        numpy.testing.assert_allclose(fast, slow, atol=1e-5 if dtype == "float32" else 1e-12)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_two_thread_split_equals_one_thread(monkeypatch, cell):
+    cfg = ModelConfig(vocab_size=13, cell=cell, layers=2, hidden=8, embed=6, dropout=0.2)
+    m = LanguageModel.create(cfg, backend=get_backend("cpu", "float64"))
+    rng = numpy.random.default_rng(0)
+    ids, tg = rng.integers(0, 13, (6, 10)), rng.integers(0, 13, (6, 10))
+    res = []
+    for threads in (1, 2):
+        monkeypatch.setattr(model_mod, "THREADS", threads)
+        assert len(m.split_columns(10)) == threads
+        loss, grads, state = m.loss_and_grads(ids, tg, None, rng=numpy.random.default_rng(5))
+        nll, _ = m.nll(ids, tg)
+        res.append((float(loss), grads, state, nll))
+    (l1, g1, s1, n1), (l2, g2, s2, n2) = res
+    assert l1 == pytest.approx(l2, abs=1e-14)
+    for k in g1:
+        numpy.testing.assert_allclose(g1[k], g2[k], atol=1e-15)
+    for (h1, _), (h2, _) in zip(s1, s2):
+        numpy.testing.assert_array_equal(h1, h2)
+    numpy.testing.assert_array_equal(n1, n2)
