@@ -40,9 +40,10 @@ from .model import LanguageModel, ModelConfig
 from .optim import clip_global_norm, make_optimizer
 from .vocab import Vocab
 
-# Options that may change when resuming; every other one must match the checkpoint.
+# Options that may change when resuming; every other one must match the checkpoint. The corpus
+# may be named by another path (run from another folder): its content is checked by digest.
 RESUMABLE = {"max_steps", "max_epochs", "time_limit", "eval_every", "log_every", "patience",
-             "device", "sample_length", "out"}
+             "device", "sample_length", "out", "corpus"}
 
 
 class TrainError(RuntimeError):
@@ -132,8 +133,10 @@ def file_digest(path) -> str:
 class RunLock:
     """An exclusive lock on a run folder (fcntl), so a second trainer is refused, not mixed in."""
 
+    NAME = ".lock"
+
     def __init__(self, folder: Path):
-        self.path = folder / ".lock"
+        self.path = folder / self.NAME
         self.fd = None
 
     def __enter__(self):
@@ -189,9 +192,14 @@ def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None):
         val_ids = vocab.encode(val_text)
         if (val_ids < 0).any():
             raise CorpusError(f"{cfg.val}: holds characters outside the model's vocabulary")
+        if len(val_ids) < 2:
+            raise CorpusError(f"{cfg.val}: the validation text needs at least two tokens")
         train_ids = ids
     elif cfg.val_fraction > 0:
-        train_ids, val_ids = split_tail(ids, cfg.val_fraction)
+        try:
+            train_ids, val_ids = split_tail(ids, cfg.val_fraction)
+        except CorpusError as e:
+            raise CorpusError(f"{cfg.corpus}: {e}") from None
     else:
         train_ids, val_ids = ids, None
     train_ids = train_ids.astype(dtype)
@@ -237,7 +245,11 @@ class Trainer:
             if not last_path.exists():
                 raise TrainError(f"{self.out}: nothing to resume (no {ckpt_mod.LAST_NAME})")
             saved = ckpt_mod.load(last_path)
-            saved_cfg = TrainConfig.from_json(saved.meta.get("train", {}))
+            train_meta = saved.meta.get("train")
+            if not (isinstance(train_meta, dict) and "corpus" in train_meta
+                    and isinstance(saved.meta.get("progress"), dict) and "rng" in saved.meta):
+                raise TrainError(f"{last_path}: holds a model but no training state (not a checkpoint of charnn train); cannot resume")
+            saved_cfg = TrainConfig.from_json(train_meta)
             for key, value in self.overrides.items():
                 if key in RESUMABLE:
                     setattr(saved_cfg, key, value)
@@ -253,7 +265,10 @@ class Trainer:
         self.backend = get_backend(cfg.device, cfg.dtype, announce=True)
         vocab, train_ids, val_ids = prepare_data(cfg, saved.vocab if saved else None)
         self.vocab = vocab
-        self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
+        try:
+            self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
+        except CorpusError as e:
+            raise CorpusError(f"{cfg.corpus}: {e}") from None
         self.val_ids = val_ids
         self.corpus_digest = saved.meta.get("corpus_sha256") if saved else file_digest(cfg.corpus)
         n_classes = cfg.auto_classes(len(vocab))
@@ -382,10 +397,34 @@ class Trainer:
         return val
 
     def run(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
+        created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"{self.out}: cannot create the run folder: {e.strerror or e}") from None
+        lock_existed = (self.out / RunLock.NAME).exists()
         with RunLock(self.out):
-            self._setup()
+            try:
+                self._setup()
+            except BaseException:
+                # Nothing was written yet: leave no empty run folder (or lock file) behind.
+                if not lock_existed:
+                    (self.out / RunLock.NAME).unlink(missing_ok=True)
+                if created:
+                    try:
+                        self.out.rmdir()
+                    except OSError:
+                        pass
+                raise
+            self._remove_stale_temp_files()
             return self._loop()
+
+    def _remove_stale_temp_files(self):
+        """Remove temporary files of saves that a kill interrupted (checkpoint.atomic_write_bytes
+        names them .NAME.XXXX.tmp); safe while this process holds the run lock."""
+        for name in (ckpt_mod.BEST_NAME, ckpt_mod.LAST_NAME, "metrics.jsonl"):
+            for tmp in self.out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def _loop(self) -> dict:
         cfg, p, model, batches = self.cfg, self.progress, self.model, self.batches
@@ -467,8 +506,10 @@ class Trainer:
     def _check_loss(self, loss: float):
         limit = max(10.0, 3.0 * math.log(len(self.vocab)))
         if not math.isfinite(loss) or loss > limit:
-            raise Diverged(f"training diverged at step {self.progress['step']} (loss {loss:.4g}); "
-                           f"the last good checkpoint in {self.out} is kept. Try a lower --lr or --clip")
+            kept = (f"the last good checkpoint in {self.out} is kept" if (self.out / ckpt_mod.LAST_NAME).exists()
+                    else "no checkpoint was saved")
+            raise Diverged(f"training diverged at step {self.progress['step']} (loss {loss:.4g}); {kept}. "
+                           f"Try a lower --lr or --clip")
 
     def result(self, reason: str | None) -> dict:
         p = self.progress

@@ -40,11 +40,6 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
         if corpus:
             overrides["corpus"] = str(corpus)
         overrides["out"] = str(out_dir)
-    if not resume:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise click.ClickException(f"{out_dir}: cannot create the run folder: {e.strerror or e}") from None
     reporter = None
     if not quiet:
         from .progress import ConsoleReporter
@@ -63,7 +58,7 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
         raise click.ClickException(f"{out_dir}: {e.strerror or e}") from None
     if as_json:
         click.echo(json.dumps(result))
-    elif not quiet:
+    elif not quiet and result["stopped"] != "interrupted":
         val = result["val_loss"]
         click.echo(f"saved {result['model']} after {result['steps']} steps ({result['tokens_per_second']:,.0f} tokens/s)"
                    + (f", validation loss {val:.4f} nats/token" if val is not None else ""), err=True)

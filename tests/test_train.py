@@ -1,0 +1,413 @@
+"""charnn train: exact resume, stopping rules, the schedule, refusals, divergence, crash safety and
+signals. Tiny corpora and models (train.py's Trainer through the CLI), every seed fixed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+
+import numpy
+import pytest
+
+import charnn.train as train_mod
+from charnn import checkpoint
+from charnn.backend import to_host
+from charnn.checkpoint import Checkpoint, CheckpointError
+from charnn.data import Batches
+from charnn.train import TrainConfig, prepare_data
+
+from cli_support import (TINY, assert_same_params, charnn_process, check_error, check_ok, has_metrics, invoke,
+                         metrics, params_of, temp_files, train, train_losses, wait_for, write_corpus)
+
+JSON_KEYS = {"model", "steps", "tokens", "train_seconds", "tokens_per_second", "train_loss", "val_loss",
+             "val_bits_per_token", "val_perplexity"}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path)
+
+
+def resume(out, *extra):
+    return invoke("train", "--resume", "--out", out, "-q", *extra)
+
+
+def progress(path) -> dict:
+    return checkpoint.load(path).meta["progress"]
+
+
+def chunks_per_epoch(corpus, batch_size, seq_len) -> int:
+    _, train_ids, _ = prepare_data(TrainConfig(corpus=str(corpus)))
+    return len(Batches(train_ids, batch_size, seq_len))
+
+
+# ----- exact resume -----
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_resume_continues_exactly_with_dropout(tmp_path, corpus, cell):
+    """K steps in one go, or k steps then --resume to K: the same losses after step k and the same
+    final parameters and optimizer state (dropout > 0, so the saved RNG state matters)."""
+    args = ["--cell", cell, "--dropout", "0.3", "--log-every", "1", "--eval-every", "5", "--seed", "3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_ok(train(corpus, a, *args, "--max-steps", 30))
+    check_ok(train(corpus, b, *args, "--max-steps", 12))
+    assert progress(b / "last.npz")["step"] == 12
+    check_ok(resume(b, "--max-steps", 30))
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 31))
+    assert la == lb
+    assert_same_params(a / "last.npz", b / "last.npz")
+    oa, ob = checkpoint.load(a / "last.npz").optim, checkpoint.load(b / "last.npz").optim
+    assert oa.keys() == ob.keys() and all(numpy.array_equal(oa[k], ob[k]) for k in oa)
+
+
+def test_a_run_without_dropout_differs_from_one_with_it(tmp_path, corpus):
+    """The resume test above is only meaningful if dropout changes the losses."""
+    check_ok(train(corpus, tmp_path / "a", "--log-every", "1", "--max-steps", 3))
+    check_ok(train(corpus, tmp_path / "b", "--log-every", "1", "--max-steps", 3, "--dropout", "0.3"))
+    assert train_losses(tmp_path / "a")[3] != train_losses(tmp_path / "b")[3]
+
+
+@pytest.mark.parametrize("stop_offset", [-2, 0, 1])
+def test_resume_across_an_epoch_boundary(tmp_path, corpus, stop_offset):
+    """Stopped just before, exactly at, or just after the end of the first epoch."""
+    args = ["--batch-size", "16", "--seq-len", "16", "--dropout", "0.2", "--log-every", "1", "--eval-every", "4"]
+    per_epoch = chunks_per_epoch(corpus, 16, 16)
+    K, k = 2 * per_epoch + 3, per_epoch + stop_offset
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_ok(train(corpus, a, *args, "--max-steps", K))
+    check_ok(train(corpus, b, *args, "--max-steps", k))
+    check_ok(resume(b, "--max-steps", K))
+    assert train_losses(a) == train_losses(b)
+    assert_same_params(a / "last.npz", b / "last.npz")
+    assert progress(a / "last.npz")["epoch"] == progress(b / "last.npz")["epoch"] == 2
+
+
+def fake_evaluate(model, ids, batch_size, seq_len):
+    """A validation loss that is a pseudo-random function of the weights: the same model gives
+    the same value, and about half the evaluations are worse than the best so far."""
+    b = float(to_host(model.params["head.b"]).astype(numpy.float64).sum())
+    return 2.0 + (abs(b) * 1e4) % 1.0
+
+
+def test_resume_between_evaluations_keeps_the_schedule(tmp_path, corpus, monkeypatch):
+    """A run stopped by --max-steps between scheduled evaluations evaluates once more at its end;
+    that extra evaluation must not decay the learning rate or count towards --patience, or the
+    resumed run takes other steps than an uninterrupted one."""
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    args = ["--log-every", "1", "--eval-every", "3", "--lr-decay", "0.5", "--patience", "5", "--lr", "0.01"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_ok(train(corpus, a, *args, "--max-steps", 40))
+    check_ok(train(corpus, b, *args, "--max-steps", 7))
+    check_ok(resume(b, "--max-steps", 20))
+    check_ok(resume(b, "--max-steps", 40))
+    lrs = [m["lr"] for m in metrics(a) if "val_loss" in m]
+    assert min(lrs) < 0.01  # the schedule did act
+    la, lb = train_losses(a), train_losses(b)
+    assert la == lb
+    sched = [(m["step"], m["lr"]) for m in metrics(a) if "train_loss" in m]
+    assert sched == [(m["step"], m["lr"]) for m in metrics(b) if "train_loss" in m]
+    assert_same_params(a / "last.npz", b / "last.npz")
+
+
+# ----- stopping -----
+
+def test_max_steps_counts_the_whole_run(tmp_path, corpus):
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 5, "--log-every", "1"))
+    r = check_ok(resume(out, "--max-steps", 8, "--json"))
+    assert json.loads(r.stdout)["steps"] == 8
+    assert sorted(train_losses(out)) == list(range(1, 9))
+
+
+def test_max_epochs_counts_the_whole_run(tmp_path, corpus):
+    out = tmp_path / "run"
+    per_epoch = chunks_per_epoch(corpus, 16, 16)
+    args = ["--batch-size", "16", "--seq-len", "16", "--eval-every", "1000"]
+    r = check_ok(train(corpus, out, *args, "--max-epochs", 1, "--json"))
+    assert json.loads(r.stdout)["steps"] == per_epoch
+    r = check_ok(resume(out, "--max-epochs", 2, "--json"))
+    res = json.loads(r.stdout)
+    assert res["steps"] == 2 * per_epoch and res["epochs"] == 2.0
+
+
+def test_time_limit_stops(tmp_path, corpus):
+    r = check_ok(train(corpus, tmp_path / "run", "--time-limit", "0.3", "--json"))
+    res = json.loads(r.stdout)
+    assert res["stopped"] == "time_limit" and res["steps"] > 0
+    assert res["train_seconds"] < 2.0
+
+
+def test_json_summary(tmp_path, corpus):
+    r = check_ok(train(corpus, tmp_path / "run", "--max-steps", 6, "--json"))
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert JSON_KEYS <= res.keys()
+    assert res["steps"] == 6 and res["tokens"] == 6 * 4 * 8
+    assert res["model"] == str(tmp_path / "run" / "model.npz")
+    assert res["tokens_per_second"] > 0 and math.isfinite(res["train_loss"])
+    assert res["val_bits_per_token"] == pytest.approx(res["val_loss"] / math.log(2))
+    assert res["val_perplexity"] == pytest.approx(math.exp(res["val_loss"]))
+    assert res["val_loss"] == pytest.approx(math.log(19), abs=0.3)  # barely trained: about uniform
+
+
+# ----- the schedule: --lr-decay and --patience -----
+
+def scripted(values):
+    it = iter(values)
+    return lambda *a, **k: next(it)
+
+
+def test_lr_decay_and_early_stopping(tmp_path, corpus, monkeypatch):
+    """Validation improves, then stops improving: each bad evaluation halves the learning rate,
+    and training stops right after the second one (patience 2), evaluating nothing more."""
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7, 2.8]))
+    out = tmp_path / "run"
+    r = check_ok(train(corpus, out, "--lr", "0.01", "--lr-decay", "0.5", "--patience", "2", "--eval-every", "2",
+                       "--log-every", "1", "--max-steps", "100", "--json"))
+    res = json.loads(r.stdout)
+    assert res["stopped"] == "early_stopping" and res["steps"] == 8
+    evals = [(m["step"], m["val_loss"], m["lr"]) for m in metrics(out) if "val_loss" in m]
+    assert evals == [(2, 3.0, 0.01), (4, 2.0, 0.01), (6, 2.5, 0.005), (8, 2.6, 0.0025)]
+    assert res["val_loss"] == 2.6 and res["best_val_loss"] == 2.0
+    train_lrs = {m["step"]: m["lr"] for m in metrics(out) if "train_loss" in m}
+    assert train_lrs[6] == 0.01 and train_lrs[7] == 0.005 and train_lrs[8] == 0.005
+    assert progress(out / "last.npz")["bad_evals"] == 2
+    # model.npz is the model of the best evaluation (step 4), last.npz the latest.
+    assert progress(out / "model.npz")["step"] == 4 and progress(out / "last.npz")["step"] == 8
+
+
+def test_lr_decay_without_patience_keeps_training(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(train_mod, "evaluate", scripted([2.0, 2.1, 2.2, 1.0, 1.5]))
+    out = tmp_path / "run"
+    r = check_ok(train(corpus, out, "--lr", "0.01", "--lr-decay", "0.1", "--eval-every", "2", "--max-steps", "10",
+                       "--json"))
+    assert json.loads(r.stdout)["stopped"] == "max_steps"
+    lrs = [m["lr"] for m in metrics(out) if "val_loss" in m]
+    assert lrs == pytest.approx([0.01, 0.001, 0.0001, 0.0001, 0.00001])
+
+
+# ----- refusals -----
+
+def test_resume_with_another_architecture_is_refused(tmp_path, corpus):
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 3))
+    before = (out / "last.npz").read_bytes()
+    msg = check_error(resume(out, "--hidden", "32", "--max-steps", 6), 1, "--hidden 32", "16")
+    assert "cannot resume" in msg
+    check_error(resume(out, "--cell", "gru"), 1, "--cell gru")
+    assert (out / "last.npz").read_bytes() == before
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_error(resume(empty, "--max-steps", 3), 1, str(empty), "nothing to resume")
+    assert list(empty.iterdir()) == []
+    missing = tmp_path / "missing"
+    check_error(resume(missing, "--max-steps", 3), 1, str(missing), "nothing to resume")
+    assert not missing.exists()
+
+
+def test_resume_from_a_model_without_training_state(tmp_path, corpus):
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 3))
+    ck = checkpoint.load(out / "model.npz")
+    checkpoint.save(out / "last.npz", Checkpoint(ck.config, ck.vocab, ck.params))  # no training metadata
+    check_error(resume(out), 1, "last.npz", "no training state")
+
+
+def test_new_run_into_a_used_folder_is_refused(tmp_path, corpus):
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 3))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    check_error(train(corpus, out, "--max-steps", 5, "--hidden", "8"), 1, str(out), "already holds a run", "--resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_names_the_corpus_by_another_path(tmp_path, corpus, monkeypatch):
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 3))
+    monkeypatch.chdir(tmp_path)
+    check_ok(invoke("train", "./corpus.txt", "--resume", "--out", "run", "-q", "--max-steps", 5))
+    assert progress(out / "last.npz")["step"] == 5
+    corpus.write_text(corpus.read_text() + "more text\n")
+    check_error(resume(out, "--max-steps", 7), 1, "corpus changed")
+
+
+# ----- divergence -----
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    """From step 11 the gradients are NaN, so the weights and then the loss become NaN."""
+    real_clip = train_mod.clip_global_norm
+    calls = []
+
+    def poisoned(grads, max_norm):
+        calls.append(1)
+        if len(calls) > 10:
+            for g in grads.values():
+                g[...] = numpy.nan
+        return real_clip(grads, max_norm)
+
+    monkeypatch.setattr(train_mod, "clip_global_norm", poisoned)
+    out = tmp_path / "run"
+    check_error(train(corpus, out, "--max-steps", 30, "--eval-every", "5", "--log-every", "1"), 1,
+                "diverged", "step 12", str(out), "--lr")
+    for name in ("last.npz", "model.npz"):
+        ck = checkpoint.load(out / name)  # load refuses NaN weights
+        assert ck.meta["progress"]["step"] == 10
+        assert all(numpy.isfinite(a).all() for a in ck.params.values())
+    assert temp_files(out) == []
+    metrics(out)  # still parses
+
+
+def test_absurd_learning_rate_diverges_before_any_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    check_error(train(corpus, out, "--max-steps", 40, "--lr", "1e6", "--clip", "0", "--log-every", "1"), 1,
+                "diverged", "no checkpoint")
+    assert not (out / "last.npz").exists() and not (out / "model.npz").exists()
+
+
+# ----- files -----
+
+def test_run_folder_files(tmp_path, corpus):
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 6, "--eval-every", "3", "--log-every", "2"))
+    ms = metrics(out)
+    assert [m["step"] for m in ms if "train_loss" in m] == [2, 4, 6]
+    assert [m["step"] for m in ms if "val_loss" in m] == [3, 6]
+    best, last = checkpoint.load(out / "model.npz"), checkpoint.load(out / "last.npz")
+    assert best.config == last.config and best.config.hidden == 16
+    assert last.optim and last.state is not None and not best.optim
+    assert last.meta["progress"]["step"] == 6
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "last.npz", "metrics.jsonl", "model.npz"]
+
+
+def test_word_level_end_to_end(tmp_path, corpus):
+    out = tmp_path / "run"
+    r = check_ok(train(corpus, out, "--level", "word", "--tokenizer", "whitespace", "--max-steps", 10, "--json"))
+    res = json.loads(r.stdout)
+    ck = checkpoint.load(out / "model.npz")
+    assert ck.vocab.level == "word" and ck.vocab.tokenizer == "whitespace"
+    assert ck.vocab.tokens[:2] == ["<unk>", "<eos>"] and set(ck.vocab.tokens[2:]) <= {w for w in corpus.read_text().split()}
+    assert math.isfinite(res["val_loss"])
+    check_ok(invoke("sample", out, "-n", 5, "--seed", 1, "--device", "cpu"))
+    r = check_ok(invoke("score", out, "-", "--format", "jsonl", "--device", "cpu", input="the cat sat\n"))
+    assert json.loads(r.stdout.splitlines()[0])["tokens"] == 4  # three words and <eos>
+
+
+# ----- crash safety -----
+
+@pytest.mark.parametrize("fail", ["replace", "interrupt"])
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch, fail):
+    """The 3rd file write (model.npz at the second evaluation) dies after its temporary file is
+    written: by an OSError from the rename, or by Ctrl-C (a KeyboardInterrupt) inside it."""
+    out = tmp_path / "run"
+    real_replace = os.replace
+    writes = []
+
+    def replace(src, dst):
+        if str(dst).endswith(".npz"):
+            writes.append(dst)
+            if len(writes) == 3:
+                assert os.path.getsize(src) > 0  # the new file was fully written: die at the rename
+                if fail == "interrupt":
+                    raise KeyboardInterrupt
+                raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    r = train(corpus, out, "--max-steps", 20, "--eval-every", "5")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    if fail == "replace":
+        check_error(r, 1, "model.npz", "Input/output error")
+    monkeypatch.undo()
+    for name in ("model.npz", "last.npz"):
+        assert checkpoint.load(out / name).meta["progress"]["step"] == 5
+    assert temp_files(out) == []
+    check_ok(resume(out, "--max-steps", 12))
+    assert progress(out / "last.npz")["step"] == 12
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path, corpus):
+    """Kill -9 a training run (and its resumptions) up to three times at random moments: each
+    --resume continues from a loadable checkpoint, and the finished run equals one never killed."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    args = ["--max-steps", 1500, "--eval-every", 20, "--log-every", 10, "--dropout", "0.1"]
+    rng = random.Random(20240601)
+    kills = 0
+    cmd = ["train", corpus, "--out", out, *TINY, *args]
+    for _ in range(3):
+        proc = charnn_process(*cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: (out / "last.npz").exists(), proc, timeout=60)
+            start = progress(out / "last.npz")["step"] if (out / "last.npz").exists() else 0
+            wait_for(lambda: False, proc, timeout=rng.uniform(0.05, 0.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        finally:
+            proc.wait(timeout=60)
+        ck = checkpoint.load(out / "last.npz")  # whatever the moment, the checkpoint is whole
+        assert ck.meta["progress"]["step"] >= start
+        cmd = ["train", "--resume", "--out", out, "-q"]
+    assert kills >= 1
+    check_ok(invoke(*cmd))
+    check_ok(train(corpus, ref, *args))
+    assert progress(out / "last.npz")["step"] == 1500
+    checkpoint.load(out / "model.npz")
+    assert temp_files(out) == []
+    assert_same_params(out / "last.npz", ref / "last.npz")
+    assert train_losses(out) == train_losses(ref)  # torn or repeated metric lines were trimmed
+
+
+# ----- signals and locking (real processes) -----
+
+def long_run(corpus, out):
+    return charnn_process("train", corpus, "--out", out, *TINY, "--max-steps", 10**7, "--log-every", 1,
+                          "--eval-every", 50)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = long_run(corpus, out)
+    try:
+        assert wait_for(lambda: has_metrics(out), proc), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = stderr.decode()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume" in stderr and str(out) in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and stdout == b""
+    step = progress(out / "last.npz")["step"]
+    assert step > 0
+    r = check_ok(resume(out, "--max-steps", step + 3, "--json"))
+    assert json.loads(r.stdout)["steps"] == step + 3
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = long_run(corpus, out)
+    try:
+        assert wait_for(lambda: has_metrics(out), proc), proc.communicate()
+        check_error(train(corpus, out, "--max-steps", 3), 1, str(out), "another charnn train is using this folder")
+        check_error(resume(out, "--max-steps", 3), 1, "another charnn train")
+        assert proc.poll() is None  # the first one runs on
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    checkpoint.load(out / "last.npz")
+    # The lock goes with its process: a new trainer may now continue the run.
+    step = progress(out / "last.npz")["step"]
+    check_ok(resume(out, "--max-steps", step + 1))
