@@ -83,8 +83,10 @@ if available:
                 hs[j, t, n] = o * th
 
     @jit
-    def lstm_step_backward(t, a, c_prev, tc, dhs, dh_next, dc, da, dXP):
-        """dh = dhs[:, t] + dh_next; updates dc to dL/dc_{t-1}; writes da (4H, N) and dXP[:, t]."""
+    def lstm_step_backward(t, a, c_prev, tc, dhs, dh_next, dc, da):
+        """dh = dhs[:, t] + dh_next; updates dc to dL/dc_{t-1}; writes da (4H, N). Only da and
+        dc are stored to, which lets LLVM vectorise the loop (more output arrays defeat its
+        alias checks)."""
         H, N = dc.shape
         for j in range(H):
             for n in range(N):
@@ -94,20 +96,12 @@ if available:
                 o = a[3 * H + j, n]
                 th = tc[j, n]
                 dh = dhs[j, t, n] + dh_next[j, n]
-                do = dh * th * o * (ONE - o)
                 dcc = dc[j, n] + dh * o * (ONE - th * th)
-                di = dcc * g * i * (ONE - i)
-                df = dcc * c_prev[j, n] * f * (ONE - f)
-                dg = dcc * i * (ONE - g * g)
                 dc[j, n] = dcc * f
-                da[j, n] = di
-                da[H + j, n] = df
-                da[2 * H + j, n] = dg
-                da[3 * H + j, n] = do
-                dXP[j, t, n] = di
-                dXP[H + j, t, n] = df
-                dXP[2 * H + j, t, n] = dg
-                dXP[3 * H + j, t, n] = do
+                da[j, n] = dcc * g * i * (ONE - i)
+                da[H + j, n] = dcc * c_prev[j, n] * f * (ONE - f)
+                da[2 * H + j, n] = dcc * i * (ONE - g * g)
+                da[3 * H + j, n] = dh * th * o * (ONE - o)
 
     @jit
     def gru_step_forward(t, a, hp, XP, bhn, h_prev, hn, hs):
@@ -127,9 +121,10 @@ if available:
                 hs[j, t, n] = nn + z * (h_prev[j, n] - nn)
 
     @jit
-    def gru_step_backward(t, a, hn, h_prev, dhs, dh_next, dhp, dXP, dHP, dh_direct):
-        """dh = dhs[:, t] + dh_next; writes dXP[:, t], dhp (3H, N) = dHP[:, t] (gradient of the
-        hidden product) and dh_direct = dh * z (the path from h_t to h_{t-1} through z)."""
+    def gru_step_backward(t, a, hn, h_prev, dhs, dh_next, da, dhp):
+        """dh = dhs[:, t] + dh_next; writes da (3H, N) = dL/d(input projections) and dhp (3H, N)
+        = dL/d(hidden product), and leaves dh * z (the path from h_t to h_{t-1} through z) in
+        dh_next, to which the caller adds Wh^T @ dhp."""
         H, N = hn.shape
         for j in range(H):
             for n in range(N):
@@ -140,17 +135,13 @@ if available:
                 dz = dh * (h_prev[j, n] - nn) * z * (ONE - z)
                 dn = dh * (ONE - z) * (ONE - nn * nn)
                 dr = dn * hn[j, n] * r * (ONE - r)
-                dhnj = dn * r
-                dXP[j, t, n] = dr
-                dXP[H + j, t, n] = dz
-                dXP[2 * H + j, t, n] = dn
+                da[j, n] = dr
+                da[H + j, n] = dz
+                da[2 * H + j, n] = dn
                 dhp[j, n] = dr
                 dhp[H + j, n] = dz
-                dhp[2 * H + j, n] = dhnj
-                dHP[j, t, n] = dr
-                dHP[H + j, t, n] = dz
-                dHP[2 * H + j, t, n] = dhnj
-                dh_direct[j, n] = dh * z
+                dhp[2 * H + j, n] = dn * r
+                dh_next[j, n] = dh * z
 
     @jit
     def onehot_projection(Wx, b, ids, out):
@@ -250,8 +241,7 @@ def _layer_backward_loop(dhs, cache, Wh):
     GH = A.shape[1]
     dtype = hs.dtype
     dhs = numpy.ascontiguousarray(dhs)
-    dXP = numpy.empty((GH, T, N), dtype=dtype)
-    da = numpy.empty((GH, N), dtype=dtype)
+    dA = numpy.empty((T, GH, N), dtype=dtype)  # per-step gradients, each step contiguous
     dh_next = numpy.zeros((H, N), dtype=dtype)
     WhT = Wh.T
     if cell == "lstm":
@@ -259,21 +249,22 @@ def _layer_backward_loop(dhs, cache, Wh):
         dc = numpy.zeros((H, N), dtype=dtype)
         for t in reversed(range(T)):
             c_prev = cs[t - 1] if t > 0 else c0
-            lstm_step_backward(t, A[t], c_prev, tcs[t], dhs, dh_next, dc, da, dXP)
-            numpy.matmul(WhT, da, out=dh_next)
+            lstm_step_backward(t, A[t], c_prev, tcs[t], dhs, dh_next, dc, dA[t])
+            numpy.matmul(WhT, dA[t], out=dh_next)
     else:
         HN = cache["HN"]
         h0c = numpy.ascontiguousarray(h0)
-        dHP = numpy.empty((GH, T, N), dtype=dtype)
-        dh_direct = numpy.empty((H, N), dtype=dtype)
+        dHPt = numpy.empty((T, GH, N), dtype=dtype)
+        tmp = numpy.empty((H, N), dtype=dtype)
         for t in reversed(range(T)):
             h_prev = hs[:, t - 1] if t > 0 else h0c
-            gru_step_backward(t, A[t], HN[t], h_prev, dhs, dh_next, da, dXP, dHP, dh_direct)
-            numpy.matmul(WhT, da, out=dh_next)
-            dh_next += dh_direct
-        cache["dHP"] = dHP
+            gru_step_backward(t, A[t], HN[t], h_prev, dhs, dh_next, dA[t], dHPt[t])
+            numpy.matmul(WhT, dHPt[t], out=tmp)
+            dh_next += tmp
+        cache["dHP"] = numpy.ascontiguousarray(dHPt.transpose(1, 0, 2))
         dc = None
-    return dXP, dh_next, dc
+    # (G*H, T, N): the layout of the chunk-wide weight-gradient GEMMs.
+    return numpy.ascontiguousarray(dA.transpose(1, 0, 2)), dh_next, dc
 
 
 def _weight_grads(cache, Wh, dXP, dh_next, dc):
