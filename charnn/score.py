@@ -139,8 +139,8 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
             x[1:L, j] = seq[:-1]
             y[:L, j] = seq
             w[:L, j] = 1.0
-        _, cache, _ = model.forward(x, y, None, weights=w, store=False)
-        nll = to_host(cache["nll"]).astype(numpy.float64) * w  # (T, N)
+        nll, _ = model.nll(x, y, None)
+        nll = to_host(nll).astype(numpy.float64) * w  # (T, N); padding masked out
         for j, i in enumerate(batch):
             line, seq, toks, excluded = items[i]
             L = len(seq)
@@ -170,8 +170,8 @@ def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int =
     state = None
     for k in range(len(es)):
         x, y, w = es.chunk(k)
-        _, cache, state = model.forward(x, y, state, weights=w, store=False)
-        nll_all[:, k * es.T: k * es.T + x.shape[0]] = (to_host(cache["nll"]).astype(numpy.float64) * w).T
+        nll, state = model.nll(x, y, state)
+        nll_all[:, k * es.T: k * es.T + x.shape[0]] = (to_host(nll).astype(numpy.float64) * w).T
     flat = nll_all.reshape(-1)[: es.predictions]  # stream-major order is text order
     s = Scored(text=text, tokens=es.predictions, logprob=-float(flat.sum()), excluded=excluded)
     if with_tokens:

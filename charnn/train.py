@@ -221,8 +221,8 @@ def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int) -> float:
     total = model.xp.zeros((), dtype=numpy.float64)
     for k in range(len(streams)):
         x, y, w = streams.chunk(k)
-        _, cache, state = model.forward(x, y, state, weights=w, store=False)
-        total += (cache["nll"].astype(numpy.float64) * to_device(w, model.xp)).sum()
+        nll, state = model.nll(x, y, state)
+        total += (nll.astype(numpy.float64) * to_device(w, model.xp)).sum()
     return to_float(total) / streams.predictions
 
 
@@ -460,8 +460,7 @@ class Trainer:
                     continue
                 t0 = time.perf_counter()
                 x, y = batches.chunk(p["chunk"])
-                loss, cache, self.state = model.forward(x, y, self.state, train=True, rng=self.rng)
-                grads, _ = model.backward(cache)
+                loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng)
                 clip_global_norm(grads, cfg.clip)
                 self.opt.step(grads)
                 log_sum += loss
