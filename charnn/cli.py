@@ -51,6 +51,13 @@ def int_list(ctx, param, value):
 class Group(click.Group):
     """Turns a broken pipe on stdout into a quiet exit, as Unix tools do."""
 
+    def invoke(self, ctx):
+        # Caught here, inside click's main: click's own handler would exit with status 1.
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, **kwargs)

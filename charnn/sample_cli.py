@@ -10,7 +10,7 @@ import numpy
 
 from .backend import BackendError, get_backend
 from .checkpoint import CheckpointError, default_model_path, load_model
-from .sample import SampleError, beam_search, generate
+from .sample import SampleError, beam_search, generate, prime_ids
 
 
 def load_for_use(model, device):
@@ -26,6 +26,10 @@ def load_for_use(model, device):
 
 def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json):
     lm, vocab, path = load_for_use(model, device)
+    try:
+        prime_ids(vocab, prime)  # a bad prime is an error before anything is written to stdout
+    except SampleError as e:
+        raise click.ClickException(str(e)) from None
     if seed is None:
         seed = int(numpy.random.default_rng().integers(2**31))
     out = sys.stdout

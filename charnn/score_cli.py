@@ -65,7 +65,7 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         if strict:
             raise click.ClickException(f"{len(unknown)} characters are not in the model's vocabulary: {shown}{more}")
         err.print(f"note: {len(unknown)} characters not in the model's vocabulary were left out of the score: {shown}{more}",
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)
     try:
         if document:
             items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens)]
