@@ -20,7 +20,6 @@ import io
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +147,13 @@ def load(path) -> Checkpoint:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise CheckpointError(f"{p}: refused: the file holds pickled Python objects, which charnn never loads") from None
         raise CheckpointError(f"{p}: not a valid model file ({e})") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError, NotImplementedError) as e:
+    except Exception as e:
+        # The bytes are untrusted: zipfile and NumPy's .npy header parser can raise many types
+        # (BadZipFile, EOFError, tokenize.TokenError, MemoryError for an absurd shape, ...).
         raise CheckpointError(f"{p}: not a charnn model file or truncated ({type(e).__name__}: {e})") from None
+    for name, a in arrays.items():
+        if not isinstance(a, numpy.ndarray):  # NpzFile returns a member without .npy magic as bytes
+            raise CheckpointError(f"{p}: not a valid model file (member {name!r} is not a NumPy array)")
     return _parse(p, arrays)
 
 
@@ -171,8 +175,10 @@ def _parse(p: Path, arrays: dict) -> Checkpoint:
     try:
         config = ModelConfig.from_json(meta.pop("config", None))
         vocab = Vocab.from_json(meta.pop("vocab", None))
-    except (ModelError, VocabError) as e:
-        raise CheckpointError(f"{p}: {e}") from None
+    except (ModelError, VocabError, ValueError, TypeError, OverflowError) as e:
+        # Not only ModelError/VocabError: a crafted value can fail inside a constructor's own
+        # conversions (int("") or int(inf) in ModelConfig's class_bounds).
+        raise CheckpointError(f"{p}: malformed metadata ({e})") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{p}: the vocabulary has {len(vocab)} tokens but the weights expect {config.vocab_size}")
     params, optim, state_parts = {}, {}, {}
@@ -188,6 +194,10 @@ def _parse(p: Path, arrays: dict) -> Checkpoint:
             state_parts[rest] = a
         else:
             raise CheckpointError(f"{p}: unexpected array {name}")
+    if config.layers > len(params):
+        # Checked before param_shapes(), which loops over the layers: a crafted layer count
+        # (say 10**12) must not make loading hang.
+        raise CheckpointError(f"{p}: the config has {config.layers} layers but the file holds only {len(params)} parameters")
     expected = config.param_shapes()
     for name, shape in expected.items():
         if name not in params:

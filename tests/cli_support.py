@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy
@@ -108,3 +110,22 @@ def has_metrics(out) -> bool:
 
 def temp_files(folder) -> list:
     return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))
+
+
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Fail instead of hanging (SIGALRM interrupts a Python loop)."""
+    def on_alarm(signum, frame):
+        raise Hang(f"took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

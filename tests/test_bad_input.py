@@ -1,0 +1,327 @@
+"""The bad-input catalogue, through the CLI: every case exits 1 (a runtime problem) or 2 (a usage
+problem) with one line naming the problem and the path, never a traceback, and leaves no
+half-written files behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy
+import pytest
+
+from charnn import checkpoint
+
+from cli_support import (TINY, check_error, check_ok, corpus_text, invoke, temp_files, time_limit, train,
+                         write_corpus)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A small trained model file, never modified (tests copy it)."""
+    folder = tmp_path_factory.mktemp("model")
+    corpus = write_corpus(folder)
+    check_ok(train(corpus, folder / "run", "--max-steps", 3))
+    return folder / "run" / "model.npz"
+
+
+def refuse_train(tmp_path, corpus, *needles, code=1, extra=()):
+    """Training on ``corpus`` fails with one line holding the needles and writes nothing."""
+    out = tmp_path / "out"
+    msg = check_error(train(corpus, out, "--max-steps", 3, *extra), code, *needles)
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+    return msg
+
+
+def use_model(path, *needles):
+    """sample and score both refuse the model file at ``path`` with one line naming it."""
+    text = path.parent / "lines.txt"
+    text.write_text("the cat\n")
+    for args in (["sample", path, "-n", 5], ["score", path, text]):
+        r = invoke(*args, "--device", "cpu")
+        check_error(r, 1, str(path), *needles)
+        assert r.stdout == ""
+
+
+def rewrite(src, dst, edit):
+    """Copy the model file ``src`` to ``dst`` through ``edit(arrays, meta)`` (plain numpy.savez)."""
+    with numpy.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
+    edit(arrays, meta)
+    arrays["meta"] = numpy.frombuffer(json.dumps(meta).encode("utf-8"), dtype=numpy.uint8)
+    numpy.savez(dst, **arrays)
+    return dst
+
+
+# ----- corpora -----
+
+def test_missing_corpus(tmp_path):
+    missing = tmp_path / "nope.txt"
+    refuse_train(tmp_path, missing, str(missing), "no such file")
+
+
+def test_corpus_is_a_directory(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    refuse_train(tmp_path, folder, str(folder), "directory")
+
+
+def test_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    refuse_train(tmp_path, empty, str(empty), "empty")
+
+
+@pytest.mark.parametrize("text, needle", [("ab", "too short"), ("the cat sat\n" * 3, "too few")])
+def test_corpus_shorter_than_one_batch(tmp_path, text, needle):
+    short = tmp_path / "short.txt"
+    short.write_text(text)
+    refuse_train(tmp_path, short, str(short), needle)
+
+
+def test_binary_corpus(tmp_path):
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(b"PK\x03\x04\x00\x00binary" * 200)
+    refuse_train(tmp_path, binary, str(binary), "binary", "NUL")
+
+
+def test_invalid_utf8_says_where_and_what_to_do(tmp_path):
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes(corpus_text(60).encode() + "café crème\n".encode("latin-1") + corpus_text(60, 1).encode())
+    offset = len(corpus_text(60).encode()) + 3
+    msg = refuse_train(tmp_path, bad, str(bad), f"byte {offset}", "line 61", "--encoding", "--errors replace")
+    assert "utf-8" in msg
+    out = tmp_path / "out"
+    check_ok(train(bad, out, "--max-steps", 3, "--errors", "replace"))
+    assert "\ufffd" in checkpoint.load(out / "model.npz").vocab.tokens
+    check_ok(train(bad, tmp_path / "latin1", "--max-steps", 3, "--encoding", "latin-1"))
+    assert "é" in checkpoint.load(tmp_path / "latin1" / "model.npz").vocab.tokens
+
+
+def test_unknown_encoding(tmp_path):
+    corpus = write_corpus(tmp_path)
+    refuse_train(tmp_path, corpus, "unknown encoding", "klingon", extra=("--encoding", "klingon"))
+
+
+def test_byte_order_mark_is_stripped(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + corpus_text().encode())
+    plain = write_corpus(tmp_path)
+    check_ok(train(bom, tmp_path / "a", "--max-steps", 3))
+    check_ok(train(plain, tmp_path / "b", "--max-steps", 3))
+    a, b = checkpoint.load(tmp_path / "a" / "model.npz"), checkpoint.load(tmp_path / "b" / "model.npz")
+    assert "\ufeff" not in a.vocab.tokens and a.vocab.tokens == b.vocab.tokens
+    for k in a.params:
+        numpy.testing.assert_array_equal(a.params[k], b.params[k])  # the same text, the same run
+
+
+def test_windows_line_endings_are_normalised(tmp_path, model):
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(corpus_text().replace("\n", "\r\n").encode())
+    out = tmp_path / "out"
+    check_ok(train(crlf, out, "--max-steps", 3))
+    assert "\r" not in checkpoint.load(out / "model.npz").vocab.tokens
+    lf, crlf_lines = tmp_path / "lf.txt", tmp_path / "crlf_lines.txt"
+    lf.write_bytes(b"the cat\na dog\n")
+    crlf_lines.write_bytes(b"the cat\r\na dog\r\n")
+    scores = [invoke("score", model, f, "--format", "jsonl", "--device", "cpu") for f in (lf, crlf_lines)]
+    assert check_ok(scores[0]).stdout == check_ok(scores[1]).stdout
+
+
+def test_one_repeated_character(tmp_path):
+    same = tmp_path / "aaaa.txt"
+    same.write_text("a" * 3000)
+    refuse_train(tmp_path, same, str(same), "single distinct")
+
+
+def test_score_input_problems(tmp_path, model):
+    missing = tmp_path / "missing.txt"
+    check_error(invoke("score", model, missing, "--device", "cpu"), 1, str(missing), "no such file")
+    check_error(invoke("score", model, tmp_path, "--device", "cpu"), 1, str(tmp_path), "directory")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the cat\n\xff\xfe\n")
+    check_error(invoke("score", model, bad, "--device", "cpu"), 1, str(bad), "byte 8", "line 2")
+    r = check_ok(invoke("score", model, bad, "--errors", "replace", "--format", "jsonl", "--device", "cpu"))
+    assert "left out" in r.stderr
+
+
+# ----- model files -----
+
+def test_model_path_that_is_not_a_model(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("just some notes\n")
+    use_model(text, "not a charnn model file")
+    plain = tmp_path / "plain.npz"
+    numpy.savez(plain, a=numpy.zeros(3))
+    use_model(plain, "not a charnn model file")
+
+
+def test_missing_model_and_empty_folder(tmp_path):
+    use_model(tmp_path / "gone.npz", "no such file")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    use_model(folder, "holds no model.npz")
+
+
+def test_truncated_model(tmp_path, model):
+    data = model.read_bytes()
+    for n in (10, len(data) // 2, len(data) - 1):
+        cut = tmp_path / f"cut{n}.npz"
+        cut.write_bytes(data[:n])
+        use_model(cut, "truncated")
+
+
+def test_newer_format_version(tmp_path, model):
+    def edit(arrays, meta):
+        meta["version"] = checkpoint.VERSION + 1
+    use_model(rewrite(model, tmp_path / "future.npz", edit), "newer charnn", "upgrade")
+
+
+class Payload:
+    """Unpickling this would create a file; charnn must never unpickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_object_is_refused_and_never_run(tmp_path, model):
+    marker = tmp_path / "pwned"
+
+    def edit(arrays, meta):
+        arrays["param/evil"] = numpy.array([Payload(str(marker))], dtype=object)
+    path = rewrite(model, tmp_path / "evil.npz", edit)
+    use_model(path, "pickled")
+    assert not marker.exists()
+
+
+def test_tampered_shapes(tmp_path, model):
+    def edit(arrays, meta):
+        arrays["param/head.W"] = arrays["param/head.W"][:, :-1]
+    use_model(rewrite(model, tmp_path / "shapes.npz", edit), "head.W", "shape")
+
+
+def test_vocabulary_that_does_not_match_the_weights(tmp_path, model):
+    def edit(arrays, meta):
+        meta["vocab"]["tokens"] = meta["vocab"]["tokens"][:-1]
+    use_model(rewrite(model, tmp_path / "vocab.npz", edit), "vocabulary", "tokens")
+
+
+def test_crafted_layer_count_does_not_hang(tmp_path, model):
+    """A file claiming 10**12 layers was looped over while checking its parameters."""
+    def edit(arrays, meta):
+        meta["config"]["layers"] = 10**12
+    with time_limit(20):
+        use_model(rewrite(model, tmp_path / "layers.npz", edit), "layers")
+
+
+def test_member_that_is_not_an_array(tmp_path, model):
+    """A zip member without the .npy magic is given back by NumPy as bytes, not an array."""
+    import zipfile
+
+    path = tmp_path / "bytes.npz"
+    with zipfile.ZipFile(model) as src, zipfile.ZipFile(path, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name) if name != "param/head.b.npy" else b"not an array")
+    use_model(path, "param/head.b")
+
+
+# ----- option values (usage errors, exit 2) -----
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "C", "--hidden", "-4"], "--hidden"),
+    (["train", "C", "--layers", "0"], "--layers"),
+    (["train", "C", "--batch-size", "0"], "--batch-size"),
+    (["train", "C", "--seq-len", "0"], "--seq-len"),
+    (["train", "C", "--embed", "-1"], "--embed"),
+    (["train", "C", "--dropout", "1"], "--dropout"),
+    (["train", "C", "--lr", "-0.1"], "--lr"),
+    (["train", "C", "--max-steps", "0"], "--max-steps"),
+    (["train", "C", "--val-fraction", "1.5"], "--val-fraction"),
+    (["train", "C", "--tie", "--embed", "8", "--hidden", "16"], "--tie"),
+    (["sample", "M", "--temperature", "-1"], "--temperature"),
+    (["sample", "M", "--top-p", "0"], "--top-p"),
+    (["sample", "M", "--top-p", "1.5"], "--top-p"),
+    (["sample", "M", "--top-k", "0"], "--top-k"),
+    (["sample", "M", "--length", "-5"], "--length"),
+    (["sample", "M", "--num-samples", "0"], "--num-samples"),
+    (["sample", "M", "--beam-size", "0"], "--beam-size"),
+    (["score", "M", "F", "--batch-size", "0"], "--batch-size"),
+    (["score", "M", "F", "X"], "at most"),
+])
+def test_nonsense_option_values(tmp_path, model, args, option):
+    corpus = write_corpus(tmp_path)
+    args = [{"C": corpus, "M": model, "F": corpus, "X": corpus}.get(a, a) for a in args]
+    if args[0] == "train":
+        args += ["--out", tmp_path / "out"]
+    check_error(invoke(*args), 2, option)
+    assert not (tmp_path / "out").exists()
+
+
+# ----- output -----
+
+def test_output_folder_under_a_file(tmp_path):
+    corpus = write_corpus(tmp_path)
+    blocker = tmp_path / "afile"
+    blocker.write_text("in the way")
+    check_error(invoke("train", corpus, "--out", blocker / "sub", *TINY, "--max-steps", 3), 1,
+                str(blocker / "sub"), "cannot create the run folder")
+    assert blocker.read_text() == "in the way"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path):
+    corpus = write_corpus(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        check_error(invoke("train", corpus, "--out", locked / "run", *TINY, "--max-steps", 3), 1, str(locked / "run"))
+    finally:
+        locked.chmod(0o700)
+
+
+class FullDisk:
+    """A file whose writes stop halfway with ENOSPC, as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_during_save(tmp_path, monkeypatch):
+    """The disk fills up at the second evaluation's save: a clear message naming the file, and the
+    first evaluation's checkpoints are still whole; no temporary file is left."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    real_fdopen = os.fdopen
+    opened = []
+
+    def fdopen(fd, *args, **kw):
+        f = real_fdopen(fd, *args, **kw)
+        opened.append(fd)
+        return FullDisk(f) if len(opened) >= 3 else f
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
+    check_error(train(corpus, out, "--max-steps", 20, "--eval-every", 5), 1, str(out / "model.npz"),
+                "No space left on device")
+    monkeypatch.undo()
+    for name in ("model.npz", "last.npz"):
+        assert checkpoint.load(out / name).meta["progress"]["step"] == 5
+    assert temp_files(out) == []
