@@ -35,7 +35,7 @@ class ConsoleReporter(Reporter):
             f"vocabulary {info['vocab_size']:,} {cfg.level}s, {info['train_tokens']:,} training and "
             f"{info['val_tokens']:,} validation tokens, {info['chunks_per_epoch']:,} steps per epoch, "
             f"{info['device']}, run folder {info['out']}"
-            + (f", resuming at step {info['step']}" if info["step"] else ""), highlight=False)
+            + (f", resuming at step {info['step']}" if info["step"] else ""), highlight=False, markup=False, soft_wrap=True)
         if self.live:
             self.progress = Progress(
                 TextColumn("step {task.completed:>7.0f}"), BarColumn(bar_width=24),

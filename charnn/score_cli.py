@@ -95,7 +95,8 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
                 out.print(f"  {s.tokens} tokens, {s.logprob:.2f} nats, {s.bits_per_token:.3f} bits/token", style="dim")
         out.print("surprisal colours: none < 1 bit, then 2, 4, 6, 8, 11 bits, red above", style="dim")
     if not document:
-        table = Table(caption=f"model: {path}; logprob in nats (natural log)", caption_justify="left")
+        # Text objects, not str: rich would read "[...]" in a line or a path as markup.
+        table = Table(caption=Text(f"model: {path}; logprob in nats (natural log)"), caption_justify="left")
         for col in ("#", "tokens", "logprob", "nats/tok", "bits/tok", "ppl", "text"):
             if col == "text":
                 table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=max(10, out.width - 62))
@@ -103,7 +104,7 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
                 table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 3 if col == "#" else 7))
         for n, s in enumerate(items, 1):
             table.add_row(str(n), str(s.tokens), f"{s.logprob:.2f}", f"{s.nats_per_token:.3f}",
-                          f"{s.bits_per_token:.3f}", f"{s.perplexity:.2f}", s.text)
+                          f"{s.bits_per_token:.3f}", f"{s.perplexity:.2f}", Text(s.text))
         table.add_section()
         table.add_row("all", str(summary["tokens"]), f"{summary['logprob']:.2f}", f"{summary['nats_per_token']:.3f}",
                       f"{summary['bits_per_token']:.3f}", f"{summary['perplexity']:.2f}", f"{summary['lines']} lines")

@@ -364,3 +364,10 @@ def test_word_next_token_probabilities_sum_to_one(tmp_path, classes):
         _, cache, _ = model.forward(x, y, store=False)
         nll = to_host(cache["nll"]).astype(numpy.float64)[-1]
         assert numpy.exp(-nll).sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_table_shows_text_that_looks_like_markup_verbatim(char_model):
+    """rich reads "[...]" in a plain string as markup: "[/b]" crashed the table, "[red]" vanished."""
+    lines = "the [/b] cat\n[red]hat[/red]\n"
+    r = check_ok(score(char_model, "-", input=lines))
+    assert "the [/b] cat" in r.stdout and "[red]hat[/red]" in r.stdout

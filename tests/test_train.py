@@ -411,3 +411,12 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, corpus):
     # The lock goes with its process: a new trainer may now continue the run.
     step = progress(out / "last.npz")["step"]
     check_ok(resume(out, "--max-steps", step + 1))
+
+
+def test_progress_shows_paths_that_look_like_markup_verbatim(tmp_path, corpus):
+    """The progress header printed the run folder as rich markup: "[/b]" crashed, "[v2]" vanished."""
+    for name in ("run[/b]", "run[v2]"):
+        out = tmp_path / name
+        args = [a for a in TINY if a != "-q"]
+        r = check_ok(invoke("train", corpus, "--out", out, *args, "--max-steps", 2))
+        assert f"run folder {out}" in r.stderr
