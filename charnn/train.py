@@ -38,7 +38,7 @@ from .data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .functional import class_bounds
 from .model import LanguageModel, ModelConfig
 from .optim import clip_global_norm, make_optimizer
-from .vocab import Vocab
+from .vocab import Vocab, VocabError
 
 # Options that may change when resuming; every other one must match the checkpoint. The corpus
 # may be named by another path (run from another folder): its content is checked by digest.
@@ -171,17 +171,10 @@ def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None):
     if cfg.val and not val_text:
         raise CorpusError(f"{cfg.val}: the validation file is empty")
     if vocab is None:
-        if cfg.level == "char":
-            vocab = Vocab.build_char(set(text) | set(val_text or ""))
-        else:
-            counts = Vocab.count_words(text, cfg.tokenizer)
-            if cfg.val is None and cfg.val_fraction > 0:
-                # Count words of the training part only, so held-out words can be unknown.
-                vocab_all = Vocab.build_word(counts, cfg.tokenizer)
-                n = len(vocab_all.tokenize(text))
-                n_train = n - int(round(n * cfg.val_fraction))
-                counts = _count_tokens(vocab_all.tokenize(text)[:n_train])
-            vocab = Vocab.build_word(counts, cfg.tokenizer, cfg.vocab_size, cfg.min_count)
+        try:
+            vocab = _build_vocab(cfg, text, val_text)
+        except VocabError as e:
+            raise CorpusError(f"{cfg.corpus}: {e}") from None
     ids = vocab.encode(text)
     if (ids < 0).any():
         raise CorpusError(f"{cfg.corpus}: holds characters outside the model's vocabulary")
@@ -205,6 +198,19 @@ def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None):
     train_ids = train_ids.astype(dtype)
     val_ids = None if val_ids is None else val_ids.astype(dtype)
     return vocab, train_ids, val_ids
+
+
+def _build_vocab(cfg: TrainConfig, text: str, val_text: str | None) -> Vocab:
+    if cfg.level == "char":
+        return Vocab.build_char(set(text) | set(val_text or ""))
+    counts = Vocab.count_words(text, cfg.tokenizer)
+    if cfg.val is None and cfg.val_fraction > 0:
+        # Count words of the training part only, so held-out words can be unknown.
+        vocab_all = Vocab.build_word(counts, cfg.tokenizer)
+        n = len(vocab_all.tokenize(text))
+        n_train = n - int(round(n * cfg.val_fraction))
+        counts = _count_tokens(vocab_all.tokenize(text)[:n_train])
+    return Vocab.build_word(counts, cfg.tokenizer, cfg.vocab_size, cfg.min_count)
 
 
 def _count_tokens(tokens):

@@ -136,6 +136,14 @@ def test_one_repeated_character(tmp_path):
     refuse_train(tmp_path, same, str(same), "single distinct")
 
 
+def test_word_corpus_without_words(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n" * 500)
+    refuse_train(tmp_path, blank, str(blank), "no words", extra=("--level", "word"))
+    corpus = write_corpus(tmp_path)
+    refuse_train(tmp_path, corpus, str(corpus), "no words", extra=("--level", "word", "--min-count", "100000"))
+
+
 def test_score_input_problems(tmp_path, model):
     missing = tmp_path / "missing.txt"
     check_error(invoke("score", model, missing, "--device", "cpu"), 1, str(missing), "no such file")
