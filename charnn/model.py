@@ -104,7 +104,7 @@ class ModelConfig:
             raise ModelError(f"model config has unknown fields: {', '.join(sorted(unknown))}")
         try:
             return cls(**d)
-        except TypeError as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ModelError(f"model config is malformed: {e}") from None
 
     def param_shapes(self) -> dict:

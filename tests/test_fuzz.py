@@ -186,10 +186,6 @@ def test_unconvertible_class_bounds_are_a_checkpoint_error(scratch, bounds):
     assert load_only_raises_checkpoint_error(scratch, buf.getvalue()) is None
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError), reason=(
-    "model.py bug: ModelConfig.__post_init__ converts class_bounds with int(), and from_json only turns "
-    "TypeError into ModelError, so int('') / int(nan) / int(inf) escape as ValueError/OverflowError "
-    "(checkpoint.load guards against it)"))
 @pytest.mark.parametrize("bounds", [[""], [float("inf")]])
 def test_model_config_from_json_raises_model_error(bounds):
     from charnn.model import ModelError
