@@ -139,7 +139,7 @@ def test_time_limit_stops(tmp_path, corpus):
     r = check_ok(train(corpus, tmp_path / "run", "--time-limit", "0.3", "--json"))
     res = json.loads(r.stdout)
     assert res["stopped"] == "time_limit" and res["steps"] > 0
-    assert res["train_seconds"] < 2.0
+    assert res["train_seconds"] < 10.0  # 0.3 s and the step that crossed it (a cold JIT compile may be slow)
 
 
 def test_json_summary(tmp_path, corpus):
