@@ -43,6 +43,7 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
         raise CorpusError(f"unknown encoding {encoding!r}") from None
     wide = codecs.lookup(encoding).name.replace("-", "").startswith(("utf16", "utf32"))
     offset = 0
+    lines = 0  # newlines in the blocks before this one
     first = True
     pending_cr = False
     try:
@@ -57,14 +58,16 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
                 nul = data.find(b"\x00")
                 if nul >= 0:
                     raise CorpusError(f"{p}: looks like a binary file (NUL byte at offset {offset + nul}), not text")
-            held = len(decoder.getstate()[0])  # bytes of an unfinished character from the last block
+            held = decoder.getstate()[0]  # bytes of an unfinished character from the last block
             try:
                 text = decoder.decode(data, final)
             except UnicodeDecodeError as e:
                 # e.start counts from the held bytes, which precede this block.
-                raise CorpusError(f"{p}: not valid {encoding} at byte {offset - held + e.start}; "
+                line = lines + (bytes(held) + data).count(b"\n", 0, e.start) + 1
+                raise CorpusError(f"{p}: not valid {encoding} at byte {offset - len(held) + e.start} (line {line}); "
                                   f"pass --encoding (e.g. latin-1) or --errors replace") from None
             offset += len(data)
+            lines += data.count(b"\n")
             if first and text:
                 text = text.lstrip("\ufeff") if text.startswith("\ufeff") else text
                 first = False
@@ -158,6 +161,22 @@ def vocab_key(vocab: Vocab) -> str:
     return hashlib.sha256(json.dumps(vocab.to_json(), ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
+def count_words(path, tokenizer: str, limit: int | None = None, encoding="utf-8", errors="strict"):
+    """(counts, tokens): word counts of the first ``limit`` tokens (all if None), streamed;
+    every line ends with <eos>."""
+    counts: Counter = Counter()
+    n = 0
+    for line in iter_lines(path, encoding, errors):
+        toks = tokenize_line(line, tokenizer) + [EOS]
+        if limit is not None and n + len(toks) > limit:
+            toks = toks[: max(0, limit - n)]
+        counts.update(toks)
+        n += len(toks)
+        if limit is not None and n >= limit:
+            break
+    return counts, n
+
+
 def cached_ids(path, vocab: Vocab, cache_dir, corpus_digest: str, encoding="utf-8", errors="strict") -> numpy.ndarray:
     """The token ids of ``path`` as a read-only memory map, encoded once into ``cache_dir``
     (named by the corpus digest, vocabulary and dtype, so a changed corpus or vocabulary never
@@ -169,3 +188,12 @@ def cached_ids(path, vocab: Vocab, cache_dir, corpus_digest: str, encoding="utf-
     if cache.stat().st_size == 0:
         return numpy.zeros(0, dtype=dtype)
     return numpy.memmap(cache, dtype=dtype, mode="r")
+
+
+def encode_ids(path, vocab: Vocab, encoding="utf-8", errors="strict") -> numpy.ndarray:
+    """The token ids of ``path`` in memory (compact dtype), encoded block by block."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n = encode_to_file(path, vocab, Path(tmp) / "ids", encoding, errors)
+        return numpy.fromfile(Path(tmp) / "ids", dtype=vocab.dtype(), count=n)

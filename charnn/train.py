@@ -6,6 +6,7 @@ A run lives in one folder:
     last.npz        the latest checkpoint: model, optimizer state, carried hidden state, data
                     position, RNG state and schedule, everything a resume needs
     metrics.jsonl   one JSON object per log interval and per evaluation
+    tokens-*.uintN  the corpus encoded once (see corpus.py), memory-mapped while training
     .lock           held while a trainer runs, so two trainers cannot share the folder
 
 Resuming loads last.npz and continues from the same step with the same data chunk, hidden
@@ -159,27 +160,38 @@ class RunLock:
             os.close(self.fd)
 
 
-def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None):
-    """Read the corpus (and validation file), build or reuse the vocabulary, encode.
+def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None, cache_dir=None, digest: str | None = None):
+    """Build or reuse the vocabulary and encode the corpus (and validation file).
+
+    The corpus is streamed (corpus.py): a vocabulary pass, then an encoding pass into a token
+    cache in ``cache_dir`` (the run folder), memory-mapped, so a corpus of several GB never sits
+    in memory as text. Without ``cache_dir`` the ids are encoded in memory.
 
     Returns (vocab, train_ids, val_ids) with ids as compact unsigned arrays.
     """
-    text = read_text(cfg.corpus, cfg.encoding, cfg.errors)
-    if not text:
-        raise CorpusError(f"{cfg.corpus}: the corpus is empty")
+    from . import corpus
+
     val_text = read_text(cfg.val, cfg.encoding, cfg.errors) if cfg.val else None
     if cfg.val and not val_text:
         raise CorpusError(f"{cfg.val}: the validation file is empty")
     if vocab is None:
         try:
-            vocab = _build_vocab(cfg, text, val_text)
+            vocab = _build_vocab(cfg, val_text)
         except VocabError as e:
             raise CorpusError(f"{cfg.corpus}: {e}") from None
-    ids = vocab.encode(text)
-    if (ids < 0).any():
-        raise CorpusError(f"{cfg.corpus}: holds characters outside the model's vocabulary")
     if len(vocab) < 2:
         raise CorpusError(f"{cfg.corpus}: the corpus has a single distinct token; a language model needs at least two")
+    try:
+        if cache_dir is not None:
+            ids = corpus.cached_ids(cfg.corpus, vocab, cache_dir, digest or file_digest(cfg.corpus), cfg.encoding, cfg.errors)
+        else:
+            ids = corpus.encode_ids(cfg.corpus, vocab, cfg.encoding, cfg.errors)
+    except CorpusError as e:
+        if "not in the vocabulary" in str(e):
+            raise CorpusError(f"{cfg.corpus}: holds characters outside the model's vocabulary") from None
+        raise
+    if len(ids) == 0:
+        raise CorpusError(f"{cfg.corpus}: the corpus is empty")
     dtype = vocab.dtype()
     if val_text is not None:
         val_ids = vocab.encode(val_text)
@@ -187,36 +199,31 @@ def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None):
             raise CorpusError(f"{cfg.val}: holds characters outside the model's vocabulary")
         if len(val_ids) < 2:
             raise CorpusError(f"{cfg.val}: the validation text needs at least two tokens")
-        train_ids = ids
-    elif cfg.val_fraction > 0:
+        return vocab, ids, val_ids.astype(dtype)
+    if cfg.val_fraction > 0:
         try:
             train_ids, val_ids = split_tail(ids, cfg.val_fraction)
         except CorpusError as e:
             raise CorpusError(f"{cfg.corpus}: {e}") from None
-    else:
-        train_ids, val_ids = ids, None
-    train_ids = train_ids.astype(dtype)
-    val_ids = None if val_ids is None else val_ids.astype(dtype)
-    return vocab, train_ids, val_ids
+        return vocab, train_ids, val_ids
+    return vocab, ids, None
 
 
-def _build_vocab(cfg: TrainConfig, text: str, val_text: str | None) -> Vocab:
+def _build_vocab(cfg: TrainConfig, val_text: str | None) -> Vocab:
+    from . import corpus
+
     if cfg.level == "char":
-        return Vocab.build_char(set(text) | set(val_text or ""))
-    counts = Vocab.count_words(text, cfg.tokenizer)
+        chars = set(val_text or "")
+        for piece in corpus.iter_text(cfg.corpus, cfg.encoding, cfg.errors):
+            chars.update(piece)
+        return Vocab.build_char(chars)
+    limit = None
     if cfg.val is None and cfg.val_fraction > 0:
         # Count words of the training part only, so held-out words can be unknown.
-        vocab_all = Vocab.build_word(counts, cfg.tokenizer)
-        n = len(vocab_all.tokenize(text))
-        n_train = n - int(round(n * cfg.val_fraction))
-        counts = _count_tokens(vocab_all.tokenize(text)[:n_train])
+        _, n = corpus.count_words(cfg.corpus, cfg.tokenizer, None, cfg.encoding, cfg.errors)
+        limit = n - int(round(n * cfg.val_fraction))
+    counts, _ = corpus.count_words(cfg.corpus, cfg.tokenizer, limit, cfg.encoding, cfg.errors)
     return Vocab.build_word(counts, cfg.tokenizer, cfg.vocab_size, cfg.min_count)
-
-
-def _count_tokens(tokens):
-    from collections import Counter
-
-    return Counter(tokens)
 
 
 def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int) -> float:
@@ -269,7 +276,8 @@ class Trainer:
             raise TrainError(f"{self.out}: already holds a run; pass --resume to continue it, or choose another --out")
 
         self.backend = get_backend(cfg.device, cfg.dtype, announce=True)
-        vocab, train_ids, val_ids = prepare_data(cfg, saved.vocab if saved else None)
+        digest = saved.meta.get("corpus_sha256") if saved else None
+        vocab, train_ids, val_ids = prepare_data(cfg, saved.vocab if saved else None, self.out, digest)
         self.vocab = vocab
         try:
             self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
@@ -409,11 +417,15 @@ class Trainer:
         except OSError as e:
             raise TrainError(f"{self.out}: cannot create the run folder: {e.strerror or e}") from None
         lock_existed = (self.out / RunLock.NAME).exists()
+        caches_before = set(self.out.glob("tokens-*"))
         with RunLock(self.out):
             try:
                 self._setup()
             except BaseException:
-                # Nothing was written yet: leave no empty run folder (or lock file) behind.
+                # Nothing of the run was written yet: leave no token cache, lock file or empty
+                # run folder behind.
+                for cache in set(self.out.glob("tokens-*")) - caches_before:
+                    cache.unlink(missing_ok=True)
                 if not lock_existed:
                     (self.out / RunLock.NAME).unlink(missing_ok=True)
                 if created:

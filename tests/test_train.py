@@ -285,7 +285,12 @@ def test_run_folder_files(tmp_path, corpus):
     assert best.config == last.config and best.config.hidden == 16
     assert last.optim and last.state is not None and not best.optim
     assert last.meta["progress"]["step"] == 6
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "last.npz", "metrics.jsonl", "model.npz"]
+    names = sorted(p.name for p in out.iterdir())
+    caches = [n for n in names if n.startswith("tokens-")]
+    assert [n for n in names if n not in caches] == [".lock", "last.npz", "metrics.jsonl", "model.npz"]
+    # the encoded corpus: one compact token per character, memory-mapped by the trainer
+    assert len(caches) == 1 and caches[0].endswith(".uint8")
+    assert (out / caches[0]).stat().st_size == len(corpus.read_text(encoding="utf-8"))
 
 
 def test_word_level_end_to_end(tmp_path, corpus):
