@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy
 
 from . import cells, kernels
-from .backend import Backend, blas_threads, get_backend, loop_threads, to_device, to_host
+from .backend import SMALL_GEMM_FLOPS, Backend, blas_threads, get_backend, loop_threads, to_device, to_host
 from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
                          scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
 
@@ -489,6 +490,8 @@ class Stepper:
         self.head_W = model.head_weight()
         self.logits = xp.empty((N, cfg.vocab_size), dtype=dt)
         self.fused = kernels.use_fused(self.a[0]) and cfg.cell != "rnn"
+        small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
+        self._tuner = ThreadTuner() if xp is numpy and small else None
 
     def _h(self, layer):
         """This layer's hidden state: the tail of its [x; h] buffer."""
@@ -504,10 +507,19 @@ class Stepper:
                 self.c[layer][...] = c
 
     def step(self, ids):
-        """Feed ``ids`` (N,) host ints; returns the next-token logits (N, V) (a reused buffer)."""
-        W0 = self.W[-1]
-        with loop_threads(2.0 * W0.size * self.N, self.xp):
-            return self._step(ids)
+        """Feed ``ids`` (N,) host ints; returns the next-token logits (N, V) (a reused buffer).
+
+        Matrix-vector products are memory bound: on a quiet machine two BLAS threads run them
+        about twice as fast as one, but OpenBLAS's threads slow down tenfold when another
+        process holds a core. So the Stepper times both settings as it goes (a few steps of
+        each at the start and every 512 steps) and uses the faster."""
+        mode = self._tuner.pick() if self._tuner else None
+        t0 = time.perf_counter()
+        with blas_threads(mode, self.xp):
+            out = self._step(ids)
+        if self._tuner:
+            self._tuner.record(mode, time.perf_counter() - t0)
+        return out
 
     def _step(self, ids):
         cfg, p, xp = self.model.config, self.model.params, self.xp
@@ -582,3 +594,33 @@ class Stepper:
         if self.tc[layer] is None:
             self.tc[layer] = self.xp.empty_like(self._h(layer))
         return self.tc[layer]
+
+
+class ThreadTuner:
+    """Chooses between one BLAS thread and the library default by timing both: ``trial`` steps
+    of each at the start and again every ``period`` steps, the faster median in between."""
+
+    MODES = (1, None)
+
+    def __init__(self, trial: int = 6, period: int = 512):
+        self.trial, self.period = trial, period
+        self.n = 0
+        self.times = {m: [] for m in self.MODES}
+        self.best = self.chosen = None
+
+    def pick(self):
+        phase = self.n % self.period
+        if phase < 2 * self.trial:
+            return self.MODES[phase % 2]
+        if not self.chosen or phase == 2 * self.trial:
+            self.chosen = True
+            self.best = min(self.MODES, key=lambda m: sorted(self.times[m])[len(self.times[m]) // 2])
+        return self.best
+
+    def record(self, mode, seconds: float):
+        phase = self.n % self.period
+        if phase == 0:
+            self.times = {m: [] for m in self.MODES}
+        if phase < 2 * self.trial:
+            self.times[mode].append(seconds)
+        self.n += 1
