@@ -5,9 +5,10 @@
     python benchmarks/bench.py --configs a,b --repeats 7 --json results.json
 
 For each configuration both sides train the same architecture (same sizes, batch, sequence
-length, Adam, global-norm clip 5) on the same random token stream, one training step of charnn
-then one of PyTorch, alternating, so machine noise hits both alike; the table gives medians of
-the per-step rates and their ratio. Sampling is batch 1, one token at a time (PyTorch with
+length, Adam, global-norm clip 5) on the same random token stream, in alternating blocks of
+three steps (the first untimed) with a pause between blocks, so machine noise hits both alike
+and neither side's idle-spinning threads slow the other; the table gives medians of the
+per-step rates and their ratio. Sampling is batch 1, one token at a time (PyTorch with
 oneDNN on and off; the faster is compared). Scoring is a forward pass over N x T tokens with no
 gradient. Peak memory is each side's peak resident set in a fresh process doing the training
 steps. FLOPs per token count the GEMMs of a training step (forward, input and recurrent
@@ -43,6 +44,7 @@ CONFIGS = {
     "d": ("word", "lstm", 2, 200, 20, 35, 10000, 200),
 }
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+PAUSE = 0.3  # seconds between one side's block and the other's
 
 
 def flops_per_token(cfg) -> float:
@@ -96,15 +98,14 @@ class CharnnSide:
     def train_step(self, x, y):
         from charnn.optim import clip_global_norm
 
-        loss, cache, self.state = self.model.forward(x, y, self.state, train=True)
-        grads, _ = self.model.backward(cache)
+        loss, grads, self.state = self.model.loss_and_grads(x, y, self.state)
         clip_global_norm(grads, 5.0)
         self.opt.step(grads)
         return float(loss)
 
     def score(self, x, y):
-        loss, _, _ = self.model.forward(x, y, None, store=False)
-        return float(loss)
+        nll, _ = self.model.nll(x, y)
+        return float(nll.mean())
 
     def sampler(self):
         from charnn.model import Stepper
@@ -190,25 +191,31 @@ def run_config(name, cfg, repeats, threads, sample_tokens):
     import torch
 
     level, cell, L, H, N, T, V, E = cfg
-    stream = token_stream(V, (repeats + 3) * N * (T + 1) + 1)
-    chunks = stream[: (repeats + 3) * N * (T + 1)].reshape(repeats + 3, T + 1, N)
+    block = 3  # steps per side per round; the first of each block is not timed
+    rounds = max(1, -(-repeats // (block - 1)))
+    n_chunks = rounds * block
+    stream = token_stream(V, n_chunks * N * (T + 1) + 1)
+    chunks = stream[: n_chunks * N * (T + 1)].reshape(n_chunks, T + 1, N)
     sides = [CharnnSide(cfg), TorchSide(cfg)]
     train = {s.name: [] for s in sides}
-    for k in range(repeats + 3):  # alternate step by step; the first 3 are warm-up
-        x, y = numpy.ascontiguousarray(chunks[k, :-1]), numpy.ascontiguousarray(chunks[k, 1:])
-        for s in sides:
-            t = time.perf_counter()
-            s.train_step(x, y)
-            if k >= 3:
-                train[s.name].append(N * T / (time.perf_counter() - t))
     score = {s.name: [] for s in sides}
-    x, y = numpy.ascontiguousarray(chunks[0, :-1]), numpy.ascontiguousarray(chunks[0, 1:])
-    for k in range(repeats + 2):
+    # Blocks of steps per side, alternating, with a pause between blocks: alternating single
+    # steps let one side's BLAS/OpenMP threads, still spinning after their work, slow the other.
+    for r in range(rounds):
         for s in sides:
-            t = time.perf_counter()
-            s.score(x, y)
-            if k >= 2:
-                score[s.name].append(N * T / (time.perf_counter() - t))
+            for j in range(block):
+                k = r * block + j
+                x, y = numpy.ascontiguousarray(chunks[k, :-1]), numpy.ascontiguousarray(chunks[k, 1:])
+                t = time.perf_counter()
+                s.train_step(x, y)
+                if j:
+                    train[s.name].append(N * T / (time.perf_counter() - t))
+            for j in range(block):
+                t = time.perf_counter()
+                s.score(x, y)
+                if j:
+                    score[s.name].append(N * T / (time.perf_counter() - t))
+            time.sleep(PAUSE)
     sample = {}
     stepc = sides[0].sampler()
     steps_t = {True: sides[1].sampler(True), False: sides[1].sampler(False)}
@@ -217,10 +224,13 @@ def run_config(name, cfg, repeats, threads, sample_tokens):
     rates = {"charnn": [], "pytorch-onednn": [], "pytorch-no-onednn": []}
     for _ in range(3):
         rates["charnn"].append(sample_tokens / sum(timed(stepc, sample_tokens)))
+        time.sleep(PAUSE)
         torch.backends.mkldnn.enabled = True
         rates["pytorch-onednn"].append(sample_tokens / sum(timed(steps_t[True], sample_tokens)))
+        time.sleep(PAUSE)
         torch.backends.mkldnn.enabled = False
         rates["pytorch-no-onednn"].append(sample_tokens / sum(timed(steps_t[False], sample_tokens)))
+        time.sleep(PAUSE)
     torch.backends.mkldnn.enabled = True
     med = {k: float(numpy.median(v)) for k, v in rates.items()}
     sample = {"charnn": med["charnn"], "pytorch": max(med["pytorch-onednn"], med["pytorch-no-onednn"]),

@@ -124,7 +124,7 @@ def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, activation="tanh", store=
     Returns:
         hs (H, T, N) hidden outputs, the final state (h, c) (c None unless LSTM), and a cache.
     """
-    if cell != "rnn" and kernels.use_fused(XP):
+    if (cell != "rnn" or activation == "tanh") and kernels.use_fused(XP):
         return kernels.layer_forward(cell, XP, Wh, h0, c0, bhn, store)
     xp = array_module(XP)
     with loop_threads(2.0 * Wh.size * XP.shape[2], xp):
@@ -201,7 +201,7 @@ def layer_backward(dhs, cache, Wh):
         dXP (G*H, T, N) = dL/d(input projections), dWh, dbhn (GRU, else None),
         dh0 and dc0 (LSTM, else None).
     """
-    if cache["cell"] != "rnn" and kernels.use_fused(dhs):
+    if (cache["cell"] != "rnn" or cache["activation"] == "tanh") and kernels.use_fused(dhs):
         return kernels.layer_backward(dhs, cache, Wh)
     xp = array_module(dhs)
     with loop_threads(2.0 * Wh.size * dhs.shape[2], xp):

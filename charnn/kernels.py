@@ -144,6 +144,23 @@ if available:
                 dh_next[j, n] = dh * z
 
     @jit
+    def rnn_step_forward(t, a, XP, hs):
+        """hs[:, t] = tanh(a + XP[:, t]) for a (H, N) = Wh @ h_prev."""
+        H, N = a.shape
+        for j in range(H):
+            for n in range(N):
+                hs[j, t, n] = _tanh(a[j, n] + XP[j, t, n])
+
+    @jit
+    def rnn_step_backward(t, hs, dhs, dh_next, da):
+        """da = (dhs[:, t] + dh_next) * (1 - h_t²)."""
+        H, N = da.shape
+        for j in range(H):
+            for n in range(N):
+                h = hs[j, t, n]
+                da[j, n] = (dhs[j, t, n] + dh_next[j, n]) * (ONE - h * h)
+
+    @jit
     def onehot_projection(Wx, b, ids, out):
         """out (G*H, M) = Wx[:, ids] + b[:, None]: the input projection of one-hot tokens
         (a gather, far cheaper than multiplying by a one-hot matrix)."""
@@ -190,7 +207,8 @@ if available:
 
 
 def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):
-    """The fused twin of cells.layer_forward for "lstm" and "gru" (same arguments and results)."""
+    """The fused twin of cells.layer_forward for "lstm", "gru" and tanh "rnn" (same arguments
+    and results)."""
     with loop_threads(2.0 * Wh.size * XP.shape[2]):
         return _layer_forward(cell, XP, Wh, h0, c0, bhn, store)
 
@@ -216,6 +234,14 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store):
             c = cs[s]
         cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh", "cs": cs, "tcs": tcs, "c0": c0} if store else None
         return hs, (hs[:, T - 1].copy(), cs[S - 1].copy()), cache
+    if cell == "rnn":
+        for t in range(T):
+            s = t if store else 0
+            numpy.matmul(Wh, h, out=A[s])
+            rnn_step_forward(t, A[s], XP, hs)
+            h = hs[:, t]
+        cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh"} if store else None
+        return hs, (hs[:, T - 1].copy(), None), cache
     HN = numpy.empty((S, H, N), dtype=dtype)
     hp = numpy.empty((GH, N), dtype=dtype)
     h_prev = h
@@ -229,7 +255,7 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store):
 
 
 def layer_backward(dhs, cache, Wh):
-    """The fused twin of cells.layer_backward for "lstm" and "gru" (same results)."""
+    """The fused twin of cells.layer_backward (same results)."""
     with loop_threads(2.0 * Wh.size * dhs.shape[2]):
         dXP, dh_next, dc = _layer_backward_loop(dhs, cache, Wh)
     return _weight_grads(cache, Wh, dXP, dh_next, dc)
@@ -250,6 +276,11 @@ def _layer_backward_loop(dhs, cache, Wh):
         for t in reversed(range(T)):
             c_prev = cs[t - 1] if t > 0 else c0
             lstm_step_backward(t, A[t], c_prev, tcs[t], dhs, dh_next, dc, dA[t])
+            numpy.matmul(WhT, dA[t], out=dh_next)
+    elif cell == "rnn":
+        dc = None
+        for t in reversed(range(T)):
+            rnn_step_backward(t, hs, dhs, dh_next, dA[t])
             numpy.matmul(WhT, dA[t], out=dh_next)
     else:
         HN = cache["HN"]

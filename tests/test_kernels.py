@@ -21,7 +21,7 @@ def run(monkeypatch, mode, cfg, ids, tg, state):
     return float(loss), grads, st, dstate
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("embed", [0, 8])
 def test_fused_layers_match_plain_float32(monkeypatch, cell, embed):
     cfg = ModelConfig(vocab_size=20, cell=cell, layers=2, hidden=16, embed=embed, dropout=0.1)
