@@ -22,7 +22,7 @@ import numpy
 from .data import CorpusError
 from .vocab import EOS, Vocab, tokenize_line
 
-BLOCK = 1 << 24  # 16 MiB of bytes per block
+BLOCK = 1 << 22  # 4 MiB of bytes per block (encoding one holds a few times that)
 
 
 def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int = BLOCK) -> Iterator[str]:

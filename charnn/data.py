@@ -130,9 +130,7 @@ class EvalStreams:
         self.N = N = max(1, min(batch_size, P))
         self.T = seq_len
         self.S = S = -(-P // N)
-        pos = numpy.arange(N)[:, None] * S + numpy.arange(S + 1)[None, :]  # (N, S + 1)
-        self.mask = (pos[:, 1:] <= P).astype(numpy.float64)  # target exists
-        self.streams = numpy.asarray(ids)[numpy.minimum(pos, P)].astype(numpy.int64)
+        self.ids = ids  # indexed chunk by chunk, never copied whole (it may be a memory map)
         self.n_chunks = -(-S // seq_len)
         self.predictions = P
 
@@ -143,4 +141,8 @@ class EvalStreams:
         """(x, y, w) for chunk k, each (T', N); w is 1 where the target is real, else 0."""
         a = k * self.T
         b = min(a + self.T, self.S)
-        return (self.streams[:, a:b].T.copy(), self.streams[:, a + 1: b + 1].T.copy(), self.mask[:, a:b].T.copy())
+        pos = numpy.arange(a, b + 1)[:, None] + numpy.arange(self.N)[None, :] * self.S  # (T' + 1, N)
+        P = self.predictions
+        tokens = numpy.asarray(self.ids[numpy.minimum(pos, P).reshape(-1)]).reshape(pos.shape).astype(numpy.int64)
+        w = (pos[1:] <= P).astype(numpy.float64)
+        return tokens[:-1].copy(), tokens[1:].copy(), w
