@@ -11,8 +11,10 @@ of text in memory.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +22,7 @@ from typing import Iterator
 import numpy
 
 from .data import CorpusError
+from .fileio import atomic_open
 from .vocab import EOS, Vocab, tokenize_line
 
 BLOCK = 1 << 22  # 4 MiB of bytes per block (encoding one holds a few times that)
@@ -33,9 +36,12 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
             byte offset), unknown encoding.
     """
     p = Path(path)
-    if not p.exists():
+    stdin = str(path) == "-"
+    if stdin:
+        p = "<stdin>"
+    elif not p.exists():
         raise CorpusError(f"{p}: no such file")
-    if p.is_dir():
+    elif p.is_dir():
         raise CorpusError(f"{p}: is a directory, not a text file")
     try:
         decoder = codecs.getincrementaldecoder(encoding)(errors)
@@ -47,10 +53,10 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
     first = True
     pending_cr = False
     try:
-        f = open(p, "rb")
+        f = contextlib.nullcontext(sys.stdin.buffer) if stdin else open(p, "rb")
     except OSError as e:
         raise CorpusError(f"{p}: cannot read: {e.strerror or e}") from None
-    with f:
+    with f as f:
         while True:
             data = f.read(block)
             final = not data
@@ -119,39 +125,27 @@ def encode_to_file(path, vocab: Vocab, out_path, encoding="utf-8", errors="stric
         CorpusError: a character outside a char vocabulary (with its position).
     """
     dtype = vocab.dtype()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     n = 0
-    try:
-        with open(tmp, "wb") as out:
-            if vocab.level == "char":
-                for piece in iter_text(path, encoding, errors):
-                    ids = vocab.encode(piece)
-                    if (ids < 0).any():
-                        bad = piece[int(numpy.argmax(ids < 0))]
-                        raise CorpusError(f"{path}: character {bad!r} (near token {n + int(numpy.argmax(ids < 0))}) is not in the vocabulary")
-                    out.write(ids.astype(dtype).tobytes())
-                    n += len(ids)
-            else:
-                buf = []
-                for line in iter_lines(path, encoding, errors):
-                    buf.extend(vocab.index.get(t, 0) for t in tokenize_line(line, vocab.tokenizer))
-                    buf.append(vocab.eos_id)
-                    if len(buf) >= 1 << 20:
-                        out.write(numpy.asarray(buf, dtype=dtype).tobytes())
-                        n += len(buf)
-                        buf = []
-                out.write(numpy.asarray(buf, dtype=dtype).tobytes())
-                n += len(buf)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(out_path) as out:
+        if vocab.level == "char":
+            for piece in iter_text(path, encoding, errors):
+                ids = vocab.encode(piece)
+                if (ids < 0).any():
+                    first = int(numpy.argmax(ids < 0))
+                    raise CorpusError(f"{path}: character {piece[first]!r} (near token {n + first}) is not in the vocabulary")
+                out.write(ids.astype(dtype).tobytes())
+                n += len(ids)
+        else:
+            buf = []
+            for line in iter_lines(path, encoding, errors):
+                buf.extend(vocab.index.get(t, 0) for t in tokenize_line(line, vocab.tokenizer))
+                buf.append(vocab.eos_id)
+                if len(buf) >= 1 << 20:
+                    out.write(numpy.asarray(buf, dtype=dtype).tobytes())
+                    n += len(buf)
+                    buf = []
+            out.write(numpy.asarray(buf, dtype=dtype).tobytes())
+            n += len(buf)
     return n
 
 

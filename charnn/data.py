@@ -12,8 +12,6 @@ time, so the hidden state carried from one chunk to the next is the state of the
 
 from __future__ import annotations
 
-import codecs
-from pathlib import Path
 
 import numpy
 
@@ -23,49 +21,16 @@ class CorpusError(ValueError):
 
 
 def read_text(path, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """Read a text file, normalising line endings to "\\n" and dropping a byte-order mark.
+    """Read a text file ("-" for stdin), normalising line endings to "\\n" and dropping a
+    byte-order mark (the whole text at once; corpus.iter_text streams it).
 
     Raises:
         CorpusError: missing path, a directory, a binary file (NUL bytes), undecodable bytes
             (with the byte offset and line), or an unknown encoding.
     """
-    p = Path(path)
-    if str(path) == "-":
-        import sys
+    from .corpus import iter_text
 
-        data = sys.stdin.buffer.read()
-        name = "<stdin>"
-    else:
-        name = str(p)
-        if not p.exists():
-            raise CorpusError(f"{name}: no such file")
-        if p.is_dir():
-            raise CorpusError(f"{name}: is a directory, not a text file")
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise CorpusError(f"{name}: cannot read: {e.strerror or e}") from None
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise CorpusError(f"unknown encoding {encoding!r}") from None
-    is_utf16 = encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32"))
-    nul = data.find(b"\x00")
-    if nul >= 0 and not is_utf16:
-        raise CorpusError(f"{name}: looks like a binary file (NUL byte at offset {nul}), not text")
-    if data.startswith(codecs.BOM_UTF8) and encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        text = data.decode(encoding, errors)
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise CorpusError(f"{name}: not valid {encoding} at byte {e.start} (line {line}); "
-                          f"pass --encoding (e.g. latin-1) or --errors replace") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+    return "".join(iter_text(path, encoding, errors))
 
 
 def split_tail(ids: numpy.ndarray, fraction: float):

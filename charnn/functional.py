@@ -45,6 +45,17 @@ def dropout_mask(shape, p, rng, xp, dtype):
     return to_device(keep.astype(dtype) / (1.0 - p), xp)
 
 
+def weighted_mean(nll, weights=None):
+    """(loss, denom): the mean of ``nll``, or sum(weights * nll) / sum(weights) with weights;
+    an all-zero mask gives loss 0 rather than 0/0."""
+    if weights is None:
+        denom = float(nll.shape[0])
+        return nll.sum() / denom, denom
+    xp = array_module(nll)
+    denom = weights.sum()
+    return (nll * weights).sum() / xp.where(denom > 0, denom, 1), denom
+
+
 def log_softmax_rows(logits):
     """Stable row-wise log-softmax of an (M, V) array (subtracts the row max first)."""
     xp = array_module(logits)
@@ -77,13 +88,7 @@ def softmax_xent_forward(X, W, b, targets, weights=None, store=True):
     xp.exp(logits, out=logits)  # unnormalised probabilities, each row's max is 1
     Z = logits.sum(axis=1)  # (M,), at least 1
     nll = xp.log(Z) - picked
-    if weights is None:
-        denom = float(M)
-        loss = nll.sum() / denom
-    else:
-        denom = weights.sum()
-        # An all-zero mask gives loss 0 rather than 0/0.
-        loss = (nll * weights).sum() / xp.where(denom > 0, denom, 1)
+    loss, denom = weighted_mean(nll, weights)
     cache = None
     if store:
         logits /= Z[:, None]  # probabilities
@@ -174,12 +179,7 @@ def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=N
         if store:
             lw /= Z[:, None]
             groups.append((a, z, pos_d, Xk, lw, rows, local))
-    if weights is None:
-        denom = float(M)
-        loss = nll.sum() / denom
-    else:
-        denom = weights.sum()
-        loss = (nll * weights).sum() / xp.where(denom > 0, denom, 1)
+    loss, denom = weighted_mean(nll, weights)
     cache = None
     if store:
         cache = {"class": ccache, "groups": groups, "X": X, "weights": weights, "denom": denom, "M": M}

@@ -324,7 +324,8 @@ def test_full_disk_during_save(tmp_path, monkeypatch):
     def fdopen(fd, *args, **kw):
         f = real_fdopen(fd, *args, **kw)
         opened.append(fd)
-        return FullDisk(f) if len(opened) >= 3 else f
+        # 1: the token cache, 2-3: the first evaluation's model.npz and last.npz
+        return FullDisk(f) if len(opened) >= 4 else f
 
     monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
     check_error(train(corpus, out, "--max-steps", 20, "--eval-every", 5), 1, str(out / "model.npz"),

@@ -1,0 +1,53 @@
+"""Atomic file writes: a temporary file in the target's folder, fsynced, renamed over the target.
+
+A crash, a kill or a full disk at any moment leaves either the old file or the new one, never a
+torn one; the temporary file (``.NAME.XXXX.tmp``) is removed when the write fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(folder: Path):
+    """Make a rename in ``folder`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """``with atomic_open(path) as f: f.write(...)``: ``path`` appears whole when the block
+    ends without an exception, and is untouched otherwise."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path) as f:
+        f.write(data)
