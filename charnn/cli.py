@@ -145,10 +145,10 @@ def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dr
 @click.option("--tokenizer", type=click.Choice(["regex", "whitespace"]), default="regex", show_default=True, help="Word level only.")
 @click.option("--vocab-size", type=click.IntRange(min=3), default=None, help="Word level: keep the most frequent words (others become <unk>).")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Word level: drop rarer words to <unk>.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=100, show_default=True, help="Steps of backpropagation through time.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True, help="Steps of backpropagation through time.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Parallel streams.")
 @click.option("--optimizer", type=click.Choice(["adam", "adagrad", "rmsprop", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate [adam 2e-3, rmsprop 2e-3, adagrad 0.1, sgd 1].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate [adam 3e-3, rmsprop 2e-3, adagrad 0.1, sgd 1].")
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Multiply the learning rate by this after each evaluation that does not improve on the best.")
 @click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")

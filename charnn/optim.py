@@ -13,7 +13,7 @@ from . import kernels
 from .backend import array_module, to_device, to_host
 
 OPTIMIZERS = ("adam", "adagrad", "rmsprop", "sgd")
-DEFAULT_LR = {"adam": 2e-3, "adagrad": 1e-1, "rmsprop": 2e-3, "sgd": 1.0}
+DEFAULT_LR = {"adam": 3e-3, "adagrad": 1e-1, "rmsprop": 2e-3, "sgd": 1.0}
 
 
 def clip_global_norm(grads: dict, max_norm: float):

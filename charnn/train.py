@@ -70,7 +70,7 @@ class TrainConfig:
     tokenizer: str = "regex"
     vocab_size: int | None = None
     min_count: int = 1
-    seq_len: int = 100
+    seq_len: int = 50
     batch_size: int = 32
     optimizer: str = "adam"
     lr: float | None = None
