@@ -13,7 +13,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
-import os
 import sys
 from collections import Counter
 from pathlib import Path

@@ -16,12 +16,12 @@ import pytest
 import charnn.train as train_mod
 from charnn import checkpoint
 from charnn.backend import to_host
-from charnn.checkpoint import Checkpoint, CheckpointError
+from charnn.checkpoint import Checkpoint
 from charnn.data import Batches
 from charnn.train import TrainConfig, prepare_data
 
 from cli_support import (TINY, assert_same_params, charnn_process, check_error, check_ok, has_metrics, invoke,
-                         metrics, params_of, temp_files, train, train_losses, wait_for, write_corpus)
+                         metrics, temp_files, train, train_losses, wait_for, write_corpus)
 
 JSON_KEYS = {"model", "steps", "tokens", "train_seconds", "tokens_per_second", "train_loss", "val_loss",
              "val_bits_per_token", "val_perplexity"}
