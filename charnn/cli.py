@@ -48,6 +48,38 @@ def int_list(ctx, param, value):
     return out
 
 
+def load_config(ctx, param, value):
+    """Read a TOML file into the command's defaults (click's default_map), so the command line
+    still overrides each value. Keys are option names, with dashes or underscores."""
+    if not value:
+        return value
+    import tomllib
+
+    try:
+        with open(value, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise click.BadParameter(f"{value}: cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise click.BadParameter(f"{value}: not valid TOML: {e}") from None
+    table = data.get(ctx.info_name, data)
+    if not isinstance(table, dict):
+        raise click.BadParameter(f"{value}: [{ctx.info_name}] must be a table")
+    names = {}
+    for p in ctx.command.params:
+        for opt in p.opts:
+            names[opt.lstrip("-").replace("-", "_")] = p.name
+        names[p.name] = p.name
+    defaults = {}
+    for key, v in table.items():
+        name = names.get(str(key).replace("-", "_"))
+        if name is None or name in ("config", "resume"):
+            raise click.BadParameter(f"{value}: unknown option {key!r}")
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 class Group(click.Group):
     """Turns a broken pipe on stdout into a quiet exit, as Unix tools do."""
 
@@ -168,6 +200,9 @@ def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dr
               help="What to do with bytes the encoding cannot decode.")
 @click.option("--sample-length", type=click.IntRange(min=0), default=200, show_default=True, help="Tokens sampled at each evaluation.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder [models/<corpus>-<cell>-<layers>x<hidden>].")
+@click.option("--config", type=click.Path(dir_okay=False), callback=load_config, is_eager=True, expose_value=False,
+              help="A TOML file of option values (its [train] table, or top level), e.g. hidden = 512; "
+                   "options on the command line override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
