@@ -246,14 +246,15 @@ def run_config(name, cfg, repeats, threads, sample_tokens):
 
 
 def peak_memory(name, side, steps=5):
-    """Peak RSS (MiB) of a fresh process doing ``steps`` training steps of ``side``."""
+    """Peak RSS (MiB) of a fresh process doing ``steps`` training steps of ``side``: VmHWM from
+    /proc (ru_maxrss is no good here: Linux carries the parent's high-water mark across exec)."""
     code = (
-        "import sys, resource, numpy; sys.path.insert(0, %r); import bench\n"
+        "import sys, numpy; sys.path.insert(0, %r); import bench\n"
         "cfg = bench.CONFIGS[%r]; s = (bench.CharnnSide if %r == 'charnn' else bench.TorchSide)(cfg)\n"
         "level, cell, L, H, N, T, V, E = cfg\n"
         "x = bench.token_stream(V, %d * N * (T + 1)).reshape(%d, T + 1, N)\n"
         "for k in range(%d): s.train_step(numpy.ascontiguousarray(x[k, :-1]), numpy.ascontiguousarray(x[k, 1:]))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)\n"
     ) % (os.path.dirname(os.path.abspath(__file__)), name, side, steps, steps, steps)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     try:

@@ -3,9 +3,13 @@
     python benchmarks/ptb.py --seconds 300
 
 Both train the same model — word LSTM 2x200, embedding 200, sequence 35, batch 20, Adam (lr
-2e-3), global-norm clip 5, no dropout — on ../shared/corpora/ptb.valid.txt (whitespace tokens,
-one <eos> per line) for the same wall-clock time on the same threads, then score
-../shared/corpora/ptb.test.txt as one document with carried state (every token predicted once).
+2e-3), global-norm clip 5, no dropout — on the first 90% of ../shared/corpora/ptb.valid.txt
+(whitespace tokens, one <eos> per line) for the same wall-clock time of training steps on the
+same threads. After every epoch each side measures its loss on the last 10% of ptb.valid.txt
+(time not counted) and keeps its best parameters: 74k tokens is small enough that a 2x200 LSTM
+without dropout overfits within minutes, so the fixed-time model must be chosen by held-out
+loss, the same way on both sides. The kept model then scores ../shared/corpora/ptb.test.txt as
+one document with carried state (every token predicted once).
 charnn runs twice: with a full softmax (the same output layer as PyTorch) and with its default
 class-factored softmax (about sqrt(V) classes). The unigram baseline (training-set word
 frequencies, add-one smoothed) is printed too. Runs are one after another in this process.
@@ -59,28 +63,37 @@ def batches(ids):
         k += 1
 
 
-def train_charnn(train_ids, V, seconds, classes):
+def train_charnn(train_ids, held_ids, V, seconds, classes):
     from charnn.functional import class_bounds
     from charnn.model import LanguageModel, ModelConfig
     from charnn.optim import clip_global_norm, make_optimizer
+    from charnn.train import evaluate
 
     bounds = class_bounds(numpy.bincount(train_ids, minlength=V), classes) if classes else ()
     model = LanguageModel.create(ModelConfig(vocab_size=V, cell="lstm", layers=L, hidden=H, embed=E,
                                              class_bounds=tuple(bounds)), seed=0)
     opt = make_optimizer("adam", model.params, LR)
-    state, steps, start = None, 0, time.perf_counter()
+    state, steps, spent = None, 0, 0.0
+    best = (float("inf"), None, 0)
     for b in batches(train_ids):
-        if time.perf_counter() - start >= seconds:
-            break
-        if b is None:
+        if b is None:  # end of an epoch: held-out loss, keep the best parameters (not timed)
+            held = evaluate(model, held_ids, 1, 200)  # one stream, as score_torch does
+            if held < best[0]:
+                best = (held, model.host_params(), steps)
             state = None
+            if spent >= seconds:
+                break
             continue
-        loss, cache, state = model.forward(b[0], b[1], state, train=True)
-        grads, _ = model.backward(cache)
+        if spent >= seconds:
+            continue  # finish the epoch's bookkeeping only
+        t = time.perf_counter()
+        loss, grads, state = model.loss_and_grads(b[0], b[1], state)
         clip_global_norm(grads, CLIP)
         opt.step(grads)
+        spent += time.perf_counter() - t
         steps += 1
-    return model, steps
+    model = LanguageModel(model.config, best[1], model.backend)
+    return model, steps, best[0], best[2]
 
 
 def score_charnn(model, vocab, test_text):
@@ -90,20 +103,30 @@ def score_charnn(model, vocab, test_text):
     return s.perplexity, s.tokens
 
 
-def train_torch(train_ids, V, seconds):
+def train_torch(train_ids, held_ids, V, seconds):
+    import copy
+
     import torch
 
     torch.manual_seed(0)
     emb, rnn, head = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, L), torch.nn.Linear(H, V)
     params = list(emb.parameters()) + list(rnn.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=LR)
-    h, steps, start = None, 0, time.perf_counter()
+    h, steps, spent = None, 0, 0.0
+    best = (float("inf"), None, 0)
     for b in batches(train_ids):
-        if time.perf_counter() - start >= seconds:
-            break
         if b is None:
+            ppl, _ = score_torch((emb, rnn, head), held_ids[1:], int(held_ids[0]))
+            held = math.log(ppl)
+            if held < best[0]:
+                best = (held, copy.deepcopy((emb, rnn, head)), steps)
             h = None
+            if spent >= seconds:
+                break
             continue
+        if spent >= seconds:
+            continue
+        t = time.perf_counter()
         x, y = torch.from_numpy(b[0]), torch.from_numpy(b[1])
         out, h = rnn(emb(x), h)
         h = tuple(a.detach() for a in h)
@@ -112,8 +135,9 @@ def train_torch(train_ids, V, seconds):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
+        spent += time.perf_counter() - t
         steps += 1
-    return (emb, rnn, head), steps
+    return best[1], steps, best[0], best[2]
 
 
 def score_torch(parts, test_ids, start_id):
@@ -149,14 +173,19 @@ def main():
           f"{args.seconds:g} s each on {args.threads} threads; BLAS "
           f"{[(i.get('internal_api'), i.get('architecture')) for i in threadpool_info()]}", flush=True)
     print(f"unigram baseline perplexity {unigram(train_ids, test_ids, V):.1f}", flush=True)
+    cut = int(len(train_ids) * 0.9)
+    fit_ids, held_ids = train_ids[:cut], train_ids[cut:]
+    print(f"training on {len(fit_ids):,} tokens, choosing the kept model on {len(held_ids):,} held-out tokens", flush=True)
     with threadpool_limits(args.threads):
         for label, classes in (("charnn class softmax", round(math.sqrt(V))), ("charnn full softmax", 0)):
-            model, steps = train_charnn(train_ids, V, args.seconds, classes)
+            model, steps, held, at = train_charnn(fit_ids, held_ids, V, args.seconds, classes)
             ppl, n = score_charnn(model, vocab, test_text)
-            print(f"{label:22s} steps {steps:5d}  test perplexity {ppl:8.2f}  ({n} tokens)", flush=True)
-        parts, steps = train_torch(train_ids, V, args.seconds)
+            print(f"{label:22s} steps {steps:5d}  kept step {at:5d} (held-out ppl {math.exp(held):7.1f})  "
+                  f"test perplexity {ppl:8.2f}  ({n} tokens)", flush=True)
+        parts, steps, held, at = train_torch(fit_ids, held_ids, V, args.seconds)
         ppl, n = score_torch(parts, test_ids, vocab.eos_id)
-        print(f"{'pytorch nn.LSTM':22s} steps {steps:5d}  test perplexity {ppl:8.2f}  ({n} tokens)", flush=True)
+        print(f"{'pytorch nn.LSTM':22s} steps {steps:5d}  kept step {at:5d} (held-out ppl {math.exp(held):7.1f})  "
+              f"test perplexity {ppl:8.2f}  ({n} tokens)", flush=True)
 
 
 if __name__ == "__main__":
