@@ -38,6 +38,12 @@ THREADS = int(os.environ.get("CHARNN_THREADS", min(2, os.cpu_count() or 1)))
 _executor = None
 
 
+def _join_states(xp, s0, s1) -> list:
+    """The state of two column halves, joined back along the stream axis."""
+    return [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
+            for (h0, c0), (h1, c1) in zip(s0, s1)]
+
+
 def _pool():
     global _executor
     if _executor is None:
@@ -403,8 +409,7 @@ class LanguageModel:
             g0[k] *= w0
             g0[k] += w1 * g1[k]
         loss = l0 * w0 + l1 * w1
-        new_state = [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
-                     for (h0, c0), (h1, c1) in zip(s0, s1)]
+        new_state = _join_states(xp, s0, s1)
         return loss, g0, new_state
 
     def nll(self, ids, targets, state=None, weights=None):
@@ -426,8 +431,7 @@ class LanguageModel:
         if len(results) == 1:
             return results[0]
         (n0, s0), (n1, s1) = results
-        new_state = [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
-                     for (h0, c0), (h1, c1) in zip(s0, s1)]
+        new_state = _join_states(xp, s0, s1)
         return xp.concatenate([n0, n1], axis=1), new_state
 
     # ----- one step at a time, for sampling -----

@@ -74,6 +74,16 @@ def prime_ids(vocab: Vocab, prime: str) -> numpy.ndarray:
     return ids
 
 
+def start_ids(vocab: Vocab, prime: str = "") -> numpy.ndarray:
+    """The tokens generation starts from: the prime's, or with none (or an empty one) the line
+    separator, a newline at char level and <eos> at word level, as at the start of a line."""
+    ids = prime_ids(vocab, prime) if prime else numpy.zeros(0, dtype=numpy.int64)
+    if len(ids) == 0:
+        start = "\n" if vocab.level == "char" else EOS
+        ids = numpy.array([vocab.index.get(start, 0)])
+    return ids
+
+
 def warm_state(model: LanguageModel, ids: numpy.ndarray, N: int = 1) -> tuple:
     """A Stepper for ``N`` streams warmed on ``ids`` (all but the last run as one chunk), and
     the logits after feeding the last token."""
@@ -97,14 +107,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
     ``<eos>`` (word level), i.e. the model starts as at the beginning of a line.
     """
     rng = rng or numpy.random.default_rng()
-    if prime:
-        ids = prime_ids(vocab, prime)
-    else:
-        start = "\n" if vocab.level == "char" else EOS
-        ids = numpy.array([vocab.index[start]] if start in vocab.index else [0])
-    if len(ids) == 0:
-        ids = numpy.array([vocab.eos_id if vocab.level == "word" else 0])
-    stepper, logits = warm_state(model, ids)
+    stepper, logits = warm_state(model, start_ids(vocab, prime))
     at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
     for _ in range(length):
         p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
@@ -131,12 +134,7 @@ def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int,
     """The most likely continuation of ``length`` tokens found by beam search.
 
     Returns (tokens as text, total log-probability in nats)."""
-    if prime:
-        ids = prime_ids(vocab, prime)
-    else:
-        start = "\n" if vocab.level == "char" else EOS
-        ids = numpy.array([vocab.index.get(start, 0)])
-    stepper, logits = warm_state(model, ids, beam_size)
+    stepper, logits = warm_state(model, start_ids(vocab, prime), beam_size)
     xp = model.xp
     beams = [([], 0.0)]
     logp = _log_softmax_host(to_host(logits)[:1])  # all rows are the same before the first choice
