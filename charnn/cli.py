@@ -170,6 +170,8 @@ def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dr
 @click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--state-reset", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Chance per stream and chunk that its carried state restarts from zero, so the model learns to start cold anywhere.")
 @click.option("--activation", type=click.Choice(["tanh", "relu"]), default="tanh", show_default=True, help="Vanilla RNN only.")
 @click.option("--tie/--no-tie", default=False, show_default=True, help="Tie output weights to the embedding (needs --embed = --hidden).")
 @click.option("--classes", type=int, default=-1, show_default=True,

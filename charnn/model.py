@@ -399,16 +399,17 @@ class LanguageModel:
             sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
             m = None if masks is None else [mk[:, :, a:b] for mk in masks]
             loss, cache, st = self.forward(ids[:, a:b], targets[:, a:b], sub, train=train, dropout_masks=m)
+            # Each half's loss is a mean over its own T x (b - a) tokens; dividing its gradient
+            # by all T x N tokens instead makes the two halves' gradients add up to the whole's.
+            cache["head"]["denom"] = float(T * N)
             grads, _ = self.backward(cache)
             return loss, grads, st, b - a
 
         results = self._run_split(parts, work)
         (l0, g0, s0, n0), (l1, g1, s1, n1) = results
-        w0, w1 = n0 / N, n1 / N  # each half's loss is a mean over its own tokens
         for k in g0:
-            g0[k] *= w0
-            g0[k] += w1 * g1[k]
-        loss = l0 * w0 + l1 * w1
+            g0[k] += g1[k]
+        loss = l0 * (n0 / N) + l1 * (n1 / N)
         new_state = _join_states(xp, s0, s1)
         return loss, g0, new_state
 

@@ -101,16 +101,18 @@ def test_stepper_matches_model_step(cell, embed, dtype):
         numpy.testing.assert_allclose(fast, slow, atol=1e-5 if dtype == "float32" else 1e-12)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_two_thread_split_equals_one_thread(monkeypatch, cell):
-    cfg = ModelConfig(vocab_size=13, cell=cell, layers=2, hidden=8, embed=6, dropout=0.2)
+@pytest.mark.parametrize("cell,bounds,N", [("lstm", (), 10), ("gru", (), 10), ("rnn", (), 10),
+                                           ("lstm", (0, 3, 7, 13), 9)])
+def test_two_thread_split_equals_one_thread(monkeypatch, cell, bounds, N):
+    """Also with unequal halves (N odd) and the class-factored head."""
+    cfg = ModelConfig(vocab_size=13, cell=cell, layers=2, hidden=8, embed=6, dropout=0.2, class_bounds=bounds)
     m = LanguageModel.create(cfg, backend=get_backend("cpu", "float64"))
     rng = numpy.random.default_rng(0)
-    ids, tg = rng.integers(0, 13, (6, 10)), rng.integers(0, 13, (6, 10))
+    ids, tg = rng.integers(0, 13, (6, N)), rng.integers(0, 13, (6, N))
     res = []
     for threads in (1, 2):
         monkeypatch.setattr(model_mod, "THREADS", threads)
-        assert len(m.split_columns(10)) == threads
+        assert len(m.split_columns(N)) == threads
         loss, grads, state = m.loss_and_grads(ids, tg, None, rng=numpy.random.default_rng(5))
         nll, _ = m.nll(ids, tg)
         res.append((float(loss), grads, state, nll))

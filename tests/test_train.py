@@ -72,6 +72,35 @@ def test_a_run_without_dropout_differs_from_one_with_it(tmp_path, corpus):
     assert train_losses(tmp_path / "a")[3] != train_losses(tmp_path / "b")[3]
 
 
+def test_resume_continues_exactly_with_state_resets(tmp_path, corpus):
+    """Frequent state resets draw from the run's RNG; a resumed run makes the same draws."""
+    args = ["--state-reset", "0.3", "--log-every", "1", "--eval-every", "4", "--seed", "5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_ok(train(corpus, a, *args, "--max-steps", 14))
+    check_ok(train(corpus, b, *args, "--max-steps", 6))
+    check_ok(resume(b, "--max-steps", 14))
+    assert train_losses(a) == train_losses(b)
+    assert_same_params(a / "last.npz", b / "last.npz")
+    check_ok(train(corpus, tmp_path / "c", *args[2:], "--state-reset", "0", "--max-steps", 14))
+    assert train_losses(tmp_path / "c")[14] != train_losses(a)[14]
+
+
+def test_state_reset_zeroes_a_random_fraction_of_streams(tmp_path, corpus):
+    cfg = TrainConfig(corpus=str(corpus), batch_size=2000, state_reset=0.25, out=str(tmp_path / "r"))
+    trainer = train_mod.Trainer(cfg, tmp_path / "r")
+    rng = numpy.random.default_rng(0)
+    state = [(rng.normal(size=(3, 2000)).astype(numpy.float32) + 5, rng.normal(size=(3, 2000)).astype(numpy.float32) + 5)]
+    trainer.rng = numpy.random.default_rng(1)
+    (h, c), = trainer._reset_some(state)
+    zeroed = (h == 0).all(axis=0)
+    assert numpy.array_equal(zeroed, (c == 0).all(axis=0))
+    assert 0.2 < zeroed.mean() < 0.3
+    kept = ~zeroed
+    assert numpy.array_equal(h[:, kept], state[0][0][:, kept]) and numpy.array_equal(c[:, kept], state[0][1][:, kept])
+    trainer.cfg.state_reset = 0.0
+    assert trainer._reset_some(state) is state
+
+
 @pytest.mark.parametrize("stop_offset", [-2, 0, 1])
 def test_resume_across_an_epoch_boundary(tmp_path, corpus, stop_offset):
     """Stopped just before, exactly at, or just after the end of the first epoch."""
