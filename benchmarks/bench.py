@@ -96,11 +96,10 @@ class CharnnSide:
         self.state = None
 
     def train_step(self, x, y):
-        from charnn.optim import clip_global_norm
+        from charnn.optim import clip_scale, global_norm
 
-        loss, grads, self.state = self.model.loss_and_grads(x, y, self.state)
-        clip_global_norm(grads, 5.0)
-        self.opt.step(grads)
+        loss, grads, self.state = self.model.loss_and_grads(x, y, self.state, sparse=True)
+        self.opt.step(grads, clip_scale(global_norm(grads), 5.0))
         return float(loss)
 
     def score(self, x, y):

@@ -30,7 +30,7 @@ def main():
     args = ap.parse_args()
     from charnn.functional import class_bounds
     from charnn.model import LanguageModel, ModelConfig
-    from charnn.optim import clip_global_norm, make_optimizer
+    from charnn.optim import clip_scale, global_norm, make_optimizer
 
     V, H, N, T = args.vocab, 200, 20, 35
     rng = numpy.random.default_rng(0)
@@ -45,9 +45,8 @@ def main():
         state, times = None, []
         for k in range(args.steps + 2):
             t = time.perf_counter()
-            loss, grads, state = m.loss_and_grads(data[k, :-1], data[k, 1:], state)
-            clip_global_norm(grads, 5.0)
-            opt.step(grads)
+            loss, grads, state = m.loss_and_grads(data[k, :-1], data[k, 1:], state, sparse=True)
+            opt.step(grads, clip_scale(global_norm(grads), 5.0))
             times.append(time.perf_counter() - t)
         results[label] = float(numpy.median(times[2:]))
         logits, _ = m.step(numpy.array([1, 2, 3]), None)

@@ -66,7 +66,7 @@ def batches(ids):
 def train_charnn(train_ids, held_ids, V, seconds, classes):
     from charnn.functional import class_bounds
     from charnn.model import LanguageModel, ModelConfig
-    from charnn.optim import clip_global_norm, make_optimizer
+    from charnn.optim import clip_scale, global_norm, make_optimizer
     from charnn.train import evaluate
 
     bounds = class_bounds(numpy.bincount(train_ids, minlength=V), classes) if classes else ()
@@ -87,9 +87,8 @@ def train_charnn(train_ids, held_ids, V, seconds, classes):
         if spent >= seconds:
             continue  # finish the epoch's bookkeeping only
         t = time.perf_counter()
-        loss, grads, state = model.loss_and_grads(b[0], b[1], state)
-        clip_global_norm(grads, CLIP)
-        opt.step(grads)
+        loss, grads, state = model.loss_and_grads(b[0], b[1], state, sparse=True)
+        opt.step(grads, clip_scale(global_norm(grads), CLIP))
         spent += time.perf_counter() - t
         steps += 1
     model = LanguageModel(model.config, best[1], model.backend)

@@ -8,6 +8,7 @@ code runs on either device. Arrays cross between host and device only here, thro
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ class BackendError(RuntimeError):
 
 
 DTYPES = ("float32", "float64")
+# CPU threads for charnn's own parallel work (the batch split, the optimizer update);
+# CHARNN_THREADS=1 keeps it to one.
+THREADS = int(os.environ.get("CHARNN_THREADS", min(2, os.cpu_count() or 1)))
+_executor = None
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -162,3 +167,16 @@ class blas_threads:
 def loop_threads(flops_per_step: float, xp=numpy):
     """BLAS threads for a sequential loop whose GEMMs are ``flops_per_step`` each."""
     return blas_threads(1 if flops_per_step < SMALL_GEMM_FLOPS else None, xp)
+
+
+def run_in_two(fn, a, b) -> list:
+    """[fn(a), fn(b)], the second in charnn's worker thread while this one computes the first
+    (fn should release the GIL: BLAS calls and the numba kernels do)."""
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="charnn")
+    future = _executor.submit(fn, b)
+    first = fn(a)
+    return [first, future.result()]

@@ -12,7 +12,6 @@ time, so the hidden state carried from one chunk to the next is the state of the
 
 from __future__ import annotations
 
-
 import numpy
 
 

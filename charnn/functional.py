@@ -7,6 +7,8 @@ positions in a chunk, and a column j = t*N + n of a (D, M) matrix is stream n at
 
 from __future__ import annotations
 
+import numpy
+
 from . import kernels
 from .backend import array_module
 
@@ -126,8 +128,6 @@ def softmax_xent_backward(cache, W):
 def class_bounds(counts, n_classes: int) -> list:
     """Class boundaries [0, ..., V] over ids 0..V-1 (in vocabulary order) so that each class
     holds about 1/n_classes of the token mass (frequency binning, as in RNNLM)."""
-    import numpy
-
     counts = numpy.asarray(counts, dtype=numpy.float64) + 1e-9
     V = len(counts)
     n_classes = max(1, min(n_classes, V))
@@ -147,7 +147,6 @@ def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=N
     plus Wc (C, D), bc (C,), the class ``bounds`` (host list) and the targets also on the host
     (to group positions by class without a device round trip)."""
     xp = array_module(X)
-    import numpy
 
     Xt = X.T  # (M, D)
     M = targets_host.shape[0]
@@ -157,6 +156,21 @@ def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=N
     loss_c, nll, ccache = softmax_xent_forward(X, Wc, bc, cls_d, None, store)
     nll = nll.copy()
     order = numpy.argsort(word_class, kind="stable")
+    if kernels.use_fused(X) and kernels.use_fused(W) and W.flags.c_contiguous and b.flags.c_contiguous:
+        # The compiled twin of the loop below: one pass over the positions, no per-class calls.
+        Xt = numpy.ascontiguousarray(Xt)
+        starts, ends = bounds_a[word_class], bounds_a[word_class + 1]
+        offsets = numpy.zeros(M + 1, dtype=numpy.int64)
+        numpy.cumsum(ends - starts, out=offsets[1:])
+        P = numpy.empty(offsets[-1], dtype=X.dtype)
+        t64 = numpy.ascontiguousarray(targets_host, dtype=numpy.int64)
+        kernels.class_words_forward(Xt, W, b, t64, order, starts, ends, offsets, nll, P)
+        loss, denom = weighted_mean(nll, weights)
+        cache = None
+        if store:
+            cache = {"class": ccache, "fused": (Xt, t64, order, starts, ends, offsets, P), "X": X,
+                     "weights": weights, "denom": denom, "M": M}
+        return loss, nll, cache
     edges = numpy.searchsorted(word_class[order], numpy.arange(len(bounds)))
     groups = []
     for k in range(len(bounds) - 1):
@@ -199,6 +213,14 @@ def class_xent_backward(cache, Wc, W):
     scale = None
     if weights is not None:
         scale = weights / xp.where(denom > 0, denom, 1)
+    if "fused" in cache:
+        Xt, t64, order, starts, ends, offsets, P = cache["fused"]
+        M = cache["M"]
+        per = numpy.full(M, 1.0 / denom, dtype=W.dtype) if scale is None else scale.astype(W.dtype)
+        dXw = numpy.zeros((M, W.shape[1]), dtype=W.dtype)
+        kernels.class_words_backward(Xt, W, t64, order, starts, ends, offsets, P, per, dW, db, dXw)
+        dXt += dXw
+        return dX, dWc, dbc, dW, db
     for a, z, pos_d, Xk, P, rows, local in cache["groups"]:
         P[rows, local] -= 1
         if scale is None:

@@ -10,8 +10,8 @@ from rich.table import Table
 from .backend import BackendError, get_backend
 from .checkpoint import CheckpointError, load_model
 from .data import CorpusError, read_text
-from .gradcheck import check_config, check_model, random_chunk
 from .functional import class_bounds
+from .gradcheck import check_config, check_model, random_chunk
 from .model import LanguageModel, ModelConfig
 
 VOCAB_SIZES = {"char": 7, "word": 40}

@@ -184,12 +184,13 @@ if available:
             db[g] += acc
 
     @jit
-    def adam_update(p, g, m, v, step, b1, b2, eps):
-        """One Adam update of flat float32 arrays in a single pass (see optim.Adam)."""
+    def adam_update(p, g, m, v, step, b1, b2, eps, gscale):
+        """One Adam update of flat float32 arrays in a single pass (see optim.Adam), of the
+        gradient times gscale (the clipping factor)."""
         c1 = ONE - b1
         c2 = ONE - b2
         for i in range(p.shape[0]):
-            gi = g[i]
+            gi = g[i] * gscale
             mi = b1 * m[i] + c1 * gi
             vi = b2 * v[i] + c2 * gi * gi
             m[i] = mi
@@ -204,6 +205,56 @@ if available:
             r = ids[m]
             for d in range(D):
                 dst[r, d] += src[m, d]
+
+
+    @jit
+    def class_words_forward(Xt, W, b, targets, order, starts, ends, offsets, nll, P):
+        """The within-class part of the class-factored softmax (functional.class_xent_forward)
+        for every position: logits of the words [starts[m], ends[m]) of the target's class,
+        nll[m] += log-sum-exp - the target's logit, and the class's probabilities kept in
+        P[offsets[m]:offsets[m + 1]]. Positions are visited in ``order`` (grouped by class,
+        so a class's rows of W stay in cache)."""
+        D = Xt.shape[1]
+        for i in range(order.shape[0]):
+            m = order[i]
+            a, z, o = starts[m], ends[m], offsets[m]
+            top = F(-3.0e38)
+            for j in range(z - a):
+                acc = b[a + j]
+                for d in range(D):
+                    acc += Xt[m, d] * W[a + j, d]
+                P[o + j] = acc
+                if acc > top:
+                    top = acc
+            picked = P[o + targets[m] - a] - top
+            Z = F(0.0)
+            for j in range(z - a):
+                e = numpy.exp(P[o + j] - top)
+                P[o + j] = e
+                Z += e
+            nll[m] += numpy.log(Z) - picked
+            inv = ONE / Z
+            for j in range(z - a):
+                P[o + j] *= inv
+
+    @jit
+    def class_words_backward(Xt, W, targets, order, starts, ends, offsets, P, scale, dW, db, dXt):
+        """Gradients of class_words_forward's part of the loss, each position's term weighted
+        by scale[m]: dW, db and dXt (M, D) accumulated (P is overwritten)."""
+        D = Xt.shape[1]
+        for i in range(order.shape[0]):
+            m = order[i]
+            a, z, o = starts[m], ends[m], offsets[m]
+            sm = scale[m]
+            if sm == 0:
+                continue
+            P[o + targets[m] - a] -= ONE
+            for j in range(z - a):
+                g = P[o + j] * sm
+                db[a + j] += g
+                for d in range(D):
+                    dW[a + j, d] += g * Xt[m, d]
+                    dXt[m, d] += g * W[a + j, d]
 
 
 def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):

@@ -20,37 +20,42 @@ A state is a list with one (h, c) pair per layer, each (H, N); c is None except 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy
 
+from . import backend as backend_mod
 from . import cells, kernels
-from .backend import SMALL_GEMM_FLOPS, Backend, blas_threads, get_backend, to_device, to_host
-from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
-                         scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
+from .backend import (
+    SMALL_GEMM_FLOPS,
+    Backend,
+    blas_threads,
+    get_backend,
+    to_device,
+    to_host,
+)
+from .functional import (
+    class_log_probs,
+    class_xent_backward,
+    class_xent_forward,
+    dropout_mask,
+    scatter_add_rows,
+    softmax_xent_backward,
+    softmax_xent_forward,
+)
+from .optim import RowGrad
 
 CELLS = ("rnn", "lstm", "gru")
 # Threads that split a batch's streams (see LanguageModel.split_columns); CHARNN_THREADS=1 turns
 # the split off.
-THREADS = int(os.environ.get("CHARNN_THREADS", min(2, os.cpu_count() or 1)))
-_executor = None
+THREADS = backend_mod.THREADS
 
 
 def _join_states(xp, s0, s1) -> list:
     """The state of two column halves, joined back along the stream axis."""
     return [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
             for (h0, c0), (h1, c1) in zip(s0, s1)]
-
-
-def _pool():
-    global _executor
-    if _executor is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="charnn")
-    return _executor
 
 
 class ModelError(ValueError):
@@ -303,8 +308,11 @@ class LanguageModel:
             cache.update(ids=ids_d, layers=layer_caches, inputs=inputs, masks=masks, T=T, N=N)
         return loss, cache, new_state
 
-    def backward(self, cache):
+    def backward(self, cache, sparse=False):
         """Gradients of the loss of :meth:`forward` (called with targets and store=True).
+
+        With ``sparse``, an untied embedding's gradient is an optim.RowGrad holding only the
+        rows of the tokens in the chunk (the optimizers update just those rows).
 
         Returns:
             (grads, dstate): grads a dict with the parameter names; dstate the gradient with
@@ -353,9 +361,12 @@ class LanguageModel:
             grads[f"rnn.{layer}.Wx"] = dWx
         if cfg.embed:
             dE = grads.get("embed.W")
-            dE = xp.zeros(p["embed.W"].shape, dtype=self.dtype) if dE is None else dE
-            scatter_add_rows(dE, ids_d, dX.T)
-            grads["embed.W"] = dE
+            if sparse and dE is None:
+                grads["embed.W"] = RowGrad.from_ids(ids_d, dX.T, p["embed.W"].shape)
+            else:
+                dE = xp.zeros(p["embed.W"].shape, dtype=self.dtype) if dE is None else dE
+                scatter_add_rows(dE, ids_d, dX.T)
+                grads["embed.W"] = dE
         return grads, dstate
 
     # ----- the batch split across CPU cores -----
@@ -373,14 +384,14 @@ class LanguageModel:
         if len(parts) == 1:
             return [work(*parts[0])]
         with blas_threads(1, self.xp):
-            future = _pool().submit(work, *parts[1])
-            first = work(*parts[0])
-            return [first, future.result()]
+            return backend_mod.run_in_two(lambda ab: work(*ab), parts[0], parts[1])
 
-    def loss_and_grads(self, ids, targets, state=None, train=True, rng=None):
+    def loss_and_grads(self, ids, targets, state=None, train=True, rng=None, sparse=False):
         """Mean loss, gradients and final state of one training chunk, the N streams split
         across cores (see :meth:`split_columns`). Dropout masks are drawn here, in one order,
         so results do not depend on the split.
+
+        ``sparse``: an untied embedding's gradient as an optim.RowGrad (see :meth:`backward`).
 
         Returns:
             (loss, grads, state): loss a 0-d array (mean nats per token).
@@ -398,7 +409,7 @@ class LanguageModel:
         parts = self.split_columns(N)
         if len(parts) == 1:
             loss, cache, new_state = self.forward(ids, targets, state, train=train, dropout_masks=masks)
-            grads, _ = self.backward(cache)
+            grads, _ = self.backward(cache, sparse)
             return loss, grads, new_state
 
         def work(a, b):
@@ -408,7 +419,7 @@ class LanguageModel:
             # Each half's loss is a mean over its own T x (b - a) tokens; dividing its gradient
             # by all T x N tokens instead makes the two halves' gradients add up to the whole's.
             cache["head"]["denom"] = float(T * N)
-            grads, _ = self.backward(cache)
+            grads, _ = self.backward(cache, sparse)
             return loss, grads, st, b - a
 
         results = self._run_split(parts, work)

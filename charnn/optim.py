@@ -9,26 +9,84 @@ from __future__ import annotations
 
 import numpy
 
+from . import backend as backend_mod
 from . import kernels
-from .backend import array_module, to_device, to_host
+from .backend import array_module, run_in_two, to_device, to_host
 
 OPTIMIZERS = ("adam", "adagrad", "rmsprop", "sgd")
 DEFAULT_LR = {"adam": 3e-3, "adagrad": 1e-1, "rmsprop": 2e-3, "sgd": 1.0}
 
 
-def clip_global_norm(grads: dict, max_norm: float):
-    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+class RowGrad:
+    """The gradient of a (R, D) parameter that is zero outside a few rows, e.g. an embedding
+    table of which a batch uses a few hundred words: ``values`` (K, D) for the distinct
+    ``rows`` (K,). Optimizers update only those rows (lazily: Adam's moments of the other rows
+    are left as they are, as in PyTorch's SparseAdam), so a step costs K x D, not R x D."""
 
-    Stays on the device (no host sync): returns the norm before clipping as a 0-d array.
-    """
+    def __init__(self, rows, values, shape):
+        self.rows, self.values, self.shape = rows, values, tuple(shape)
+
+    @classmethod
+    def from_ids(cls, ids, src, shape):
+        """The gradient of ``table[ids]`` given ``src`` (M, D), the gradient of that gather."""
+        from .functional import scatter_add_rows
+
+        xp = array_module(src)
+        rows, inverse = xp.unique(ids, return_inverse=True)
+        values = xp.zeros((rows.shape[0], src.shape[1]), dtype=src.dtype)
+        scatter_add_rows(values, inverse.reshape(-1), src)
+        return cls(rows, values, shape)
+
+    def __iadd__(self, other: "RowGrad"):
+        xp = array_module(self.values)
+        merged = RowGrad.from_ids(xp.concatenate([self.rows, other.rows]),
+                                  xp.concatenate([self.values, other.values]), self.shape)
+        self.rows, self.values = merged.rows, merged.values
+        return self
+
+    def __imul__(self, scale):
+        self.values *= scale
+        return self
+
+    def dense(self):
+        """The full (R, D) array (for checks; training never builds it)."""
+        xp = array_module(self.values)
+        out = xp.zeros(self.shape, dtype=self.values.dtype)
+        out[self.rows] = self.values
+        return out
+
+
+def global_norm(grads: dict):
+    """The L2 norm of all gradients together, a 0-d array on their device (no host sync)."""
     g0 = next(iter(grads.values()))
+    g0 = g0.values if isinstance(g0, RowGrad) else g0
     xp = array_module(g0)
     total = xp.zeros((), dtype=g0.dtype)
     for g in grads.values():
+        g = g.values if isinstance(g, RowGrad) else g
         total += xp.vdot(g.ravel(), g.ravel()) if g.ndim else g * g
-    norm = xp.sqrt(total)
-    if max_norm and max_norm > 0:
-        scale = xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g0.dtype)
+    return xp.sqrt(total)
+
+
+def clip_scale(norm, max_norm: float):
+    """The factor that brings a global norm down to ``max_norm`` (1 if it is below, or if
+    max_norm is 0); a 0-d array like ``norm``, or None when there is no clipping."""
+    if not max_norm or max_norm <= 0:
+        return None
+    xp = array_module(norm)
+    return xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(norm.dtype)
+
+
+def clip_global_norm(grads: dict, max_norm: float):
+    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+
+    Stays on the device (no host sync): returns the norm before clipping as a 0-d array. (The
+    trainer instead passes the scale to ``Optimizer.step``, which applies it in the same pass
+    as the update.)
+    """
+    norm = global_norm(grads)
+    scale = clip_scale(norm, max_norm)
+    if scale is not None:
         for g in grads.values():
             g *= scale
     return norm
@@ -36,6 +94,8 @@ def clip_global_norm(grads: dict, max_norm: float):
 
 class Optimizer:
     name = "base"
+
+    slots: tuple = ()  # names of the per-parameter state arrays
 
     def __init__(self, params: dict, lr: float):
         self.params = params
@@ -50,10 +110,37 @@ class Optimizer:
             buf = self.state[key] = xp.zeros_like(like)
         return buf
 
-    def step(self, grads: dict):
+    def step(self, grads: dict, scale=None):
+        """One update; ``scale`` (a 0-d array, e.g. from :func:`clip_scale`) multiplies every
+        gradient first. The gradient arrays may be overwritten."""
         self.t += 1
+        if scale is not None:
+            for g in grads.values():
+                g *= scale
         for name, p in self.params.items():
-            self.update(name, p, grads[name])
+            self._update_any(name, p, grads[name])
+
+    def _update_any(self, name, p, g):
+        if isinstance(g, RowGrad):
+            self._update_rows(name, p, g)
+        else:
+            self.update(name, p, g)
+
+    def _update_rows(self, name, p, g: RowGrad):
+        """The update of ``update`` applied to the rows of a RowGrad only: the rows of the
+        parameter and of its state are gathered, updated and written back."""
+        keys = [f"{name}.{slot}" for slot in self.slots]
+        full = {k: self._buf(k, p) for k in keys}
+        for k in keys:
+            self.state[k] = full[k][g.rows]
+        sub = p[g.rows]
+        try:
+            self.update(name, sub, g.values)
+        finally:
+            for k in keys:
+                full[k][g.rows] = self.state[k]
+                self.state[k] = full[k]
+        p[g.rows] = sub
 
     def update(self, name, p, g):
         raise NotImplementedError
@@ -76,6 +163,7 @@ class SGD(Optimizer):
 
 class Adagrad(Optimizer):
     name = "adagrad"
+    slots = ("sq",)
     eps = 1e-8
 
     def update(self, name, p, g):
@@ -88,6 +176,7 @@ class Adagrad(Optimizer):
 class RMSprop(Optimizer):
     """As in char-rnn: cache = a * cache + (1 - a) * g², step lr * g / (sqrt(cache) + eps)."""
     name = "rmsprop"
+    slots = ("sq",)
     alpha = 0.95
     eps = 1e-8
 
@@ -106,18 +195,60 @@ class Adam(Optimizer):
     eps is added to sqrt(v) before correction, so it differs from PyTorch's Adam only for
     gradients below about 1e-5."""
     name = "adam"
+    slots = ("m", "v")
     b1, b2, eps = 0.9, 0.999, 1e-8
 
+    def step(self, grads: dict, scale=None):
+        fused = [(n, p) for n, p in self.params.items()
+                 if kernels.use_fused(p) and not isinstance(grads[n], RowGrad) and p.flags.c_contiguous
+                 and grads[n].flags.c_contiguous]
+        if not fused:
+            return super().step(grads, scale)
+        # The compiled update: one pass per array that also applies the clipping scale, with
+        # large arrays cut in two and the pieces shared between two threads (the kernel
+        # releases the GIL); the rest of the parameters take the plain path.
+        self.t += 1
+        step = self._step_size()
+        F = numpy.float32
+        gscale = F(1.0) if scale is None else F(to_host(scale))
+        pieces = []
+        for name, p in fused:
+            flat = [p.reshape(-1), grads[name].reshape(-1), self._buf(f"{name}.m", p).reshape(-1),
+                    self._buf(f"{name}.v", p).reshape(-1)]
+            cut = len(flat[0]) // 2 if len(flat[0]) >= 1 << 16 else len(flat[0])
+            pieces.append([a[:cut] for a in flat])
+            if cut < len(flat[0]):
+                pieces.append([a[cut:] for a in flat])
+
+        def run(part):
+            for p, g, m, v in part:
+                kernels.adam_update(p, g, m, v, F(step), F(self.b1), F(self.b2), F(self.eps), gscale)
+
+        groups, sizes = ([], []), [0, 0]
+        for piece in sorted(pieces, key=lambda q: -q[0].size):
+            k = 0 if sizes[0] <= sizes[1] else 1
+            groups[k].append(piece)
+            sizes[k] += piece[0].size
+        if backend_mod.THREADS >= 2 and sizes[1] >= 1 << 16:
+            run_in_two(run, *groups)
+        else:
+            run(groups[0] + groups[1])
+        done = {n for n, _ in fused}
+        for name, p in self.params.items():
+            if name not in done:
+                g = grads[name]
+                if scale is not None:
+                    g *= scale
+                self._update_any(name, p, g)
+
+    def _step_size(self):
+        return self.lr * (1 - self.b2 ** self.t) ** 0.5 / (1 - self.b1 ** self.t)
+
     def update(self, name, p, g):
-        xp = array_module(p)
         m = self._buf(f"{name}.m", p)
         v = self._buf(f"{name}.v", p)
-        step = self.lr * (1 - self.b2 ** self.t) ** 0.5 / (1 - self.b1 ** self.t)
-        if kernels.use_fused(p) and p.flags.c_contiguous and g.flags.c_contiguous:
-            F = numpy.float32
-            kernels.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), F(step),
-                                F(self.b1), F(self.b2), F(self.eps))
-            return
+        step = self._step_size()
+        xp = array_module(p)
         m *= self.b1
         m += (1 - self.b1) * g
         v *= self.b2

@@ -38,7 +38,7 @@ from .backend import array_module, get_backend, to_device, to_float, to_host
 from .data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .functional import class_bounds
 from .model import LanguageModel, ModelConfig
-from .optim import clip_global_norm, make_optimizer
+from .optim import clip_scale, global_norm, make_optimizer
 from .vocab import Vocab, VocabError
 
 # Options that may change when resuming; every other one must match the checkpoint. The corpus
@@ -498,10 +498,9 @@ class Trainer:
                     continue
                 t0 = time.perf_counter()
                 x, y = batches.chunk(p["chunk"])
-                loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng)
+                loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True)
                 self.state = self._reset_some(self.state)
-                clip_global_norm(grads, cfg.clip)
-                self.opt.step(grads)
+                self.opt.step(grads, clip_scale(global_norm(grads), cfg.clip))
                 log_sum += loss
                 log_time += time.perf_counter() - t0
                 p["chunk"] += 1

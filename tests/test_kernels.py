@@ -123,3 +123,49 @@ def test_two_thread_split_equals_one_thread(monkeypatch, cell, bounds, N):
     for (h1, _), (h2, _) in zip(s1, s2):
         numpy.testing.assert_array_equal(h1, h2)
     numpy.testing.assert_array_equal(n1, n2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch, threads, dtype):
+    from charnn.optim import RowGrad
+
+    monkeypatch.setattr(model_mod, "THREADS", threads)
+    cfg = ModelConfig(vocab_size=40, cell="lstm", layers=2, hidden=8, embed=6, class_bounds=(0, 5, 15, 40))
+    m = LanguageModel.create(cfg, backend=get_backend("cpu", dtype))
+    rng = numpy.random.default_rng(0)
+    ids, tg = rng.integers(0, 12, (5, 10)), rng.integers(0, 40, (5, 10))  # ids use only 12 of 40 rows
+    _, dense, _ = m.loss_and_grads(ids, tg, None)
+    _, sparse, _ = m.loss_and_grads(ids, tg, None, sparse=True)
+    g = sparse["embed.W"]
+    assert isinstance(g, RowGrad) and g.rows.tolist() == sorted(set(ids.ravel().tolist()))
+    numpy.testing.assert_allclose(g.dense(), dense["embed.W"], atol=1e-6 if dtype == "float32" else 1e-14)
+    for k in dense:
+        if k != "embed.W":
+            numpy.testing.assert_array_equal(sparse[k], dense[k])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted):
+    """The compiled within-class pass against the per-class NumPy loop: loss, per-position nll
+    and every gradient, with and without position weights (a zero weight drops a position)."""
+    from charnn.functional import class_xent_backward, class_xent_forward
+
+    rng = numpy.random.default_rng(0)
+    V, D, M, bounds = 50, 12, 40, [0, 2, 7, 20, 50]
+    X = rng.normal(size=(D, M)).astype(numpy.float32)
+    Wc, bc = rng.normal(size=(4, D)).astype(numpy.float32), rng.normal(size=4).astype(numpy.float32)
+    W, b = rng.normal(size=(V, D)).astype(numpy.float32), rng.normal(size=V).astype(numpy.float32)
+    t = rng.integers(0, V, M)
+    w = (rng.random(M) > 0.3).astype(numpy.float32) if weighted else None
+    out = {}
+    for mode in ("numba", "numpy"):
+        monkeypatch.setenv("CHARNN_KERNELS", mode)
+        loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, w)
+        assert ("fused" in cache) == (mode == "numba")
+        out[mode] = (float(loss), nll.copy(), *class_xent_backward(cache, Wc, W))
+    fused, plain = out["numba"], out["numpy"]
+    assert fused[0] == pytest.approx(plain[0], rel=1e-6)
+    numpy.testing.assert_allclose(fused[1], plain[1], rtol=1e-5, atol=1e-5)
+    for a, p in zip(fused[2:], plain[2:]):
+        numpy.testing.assert_allclose(a, p, rtol=1e-4, atol=1e-6)

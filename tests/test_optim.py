@@ -171,3 +171,105 @@ def test_adam_without_restored_step_count_differs():
     opt.step(g)
     opt2.step({k: v.copy() for k, v in g.items()})
     assert not numpy.allclose(clone["w"], params["w"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_with_a_clip_scale_equals_clipping_first(name):
+    """opt.step(grads, clip_scale(global_norm(grads), c)) is clip_global_norm then step."""
+    from charnn.optim import clip_scale, global_norm
+
+    rng = numpy.random.default_rng(1)
+    shapes = {"big": (300, 400), "w": (7, 5), "b": (7,)}  # "big" takes the two-thread path
+    for dtype in (numpy.float32, numpy.float64):
+        init = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+        grads = [{k: (10 * rng.normal(size=s)).astype(dtype) for k, s in shapes.items()} for _ in range(3)]
+        a = {k: v.copy() for k, v in init.items()}
+        b = {k: v.copy() for k, v in init.items()}
+        oa, ob = make_optimizer(name, a, 0.01), make_optimizer(name, b, 0.01)
+        for g in grads:
+            ga = {k: v.copy() for k, v in g.items()}
+            clip_global_norm(ga, 3.0)
+            oa.step(ga)
+            gb = {k: v.copy() for k, v in g.items()}
+            scale = clip_scale(global_norm(gb), 3.0)
+            assert float(scale) < 1
+            ob.step(gb, scale)
+        for k in a:
+            numpy.testing.assert_allclose(a[k], b[k], rtol=1e-6 if dtype == numpy.float32 else 1e-12, atol=1e-7)
+        assert not numpy.allclose(a["big"], init["big"])
+    assert clip_scale(global_norm(grads[0]), 0) is None
+
+
+def test_fused_adam_in_two_threads_equals_one(monkeypatch):
+    """The compiled Adam cuts large arrays in two and runs the halves in two threads: the same
+    result, bit for bit, as with the threads off, and the plain NumPy update's to float32
+    rounding."""
+    from charnn import backend, kernels
+
+    if not kernels.available:
+        pytest.skip("numba not installed")
+    rng = numpy.random.default_rng(2)
+    init = {"big": rng.normal(size=(513, 257)).astype(numpy.float32), "b": rng.normal(size=9).astype(numpy.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(numpy.float32) for k, v in init.items()} for _ in range(3)]
+    results = []
+    for threads, kern in ((2, "numba"), (1, "numba"), (2, "numpy")):
+        monkeypatch.setattr(backend, "THREADS", threads)
+        monkeypatch.setenv("CHARNN_KERNELS", kern)
+        p = {k: v.copy() for k, v in init.items()}
+        opt = Adam(p, 0.01)
+        for g in grads:
+            opt.step({k: v.copy() for k, v in g.items()}, numpy.float32(0.5))
+        results.append(p)
+    for k in init:
+        numpy.testing.assert_array_equal(results[0][k], results[1][k])
+        numpy.testing.assert_allclose(results[0][k], results[2][k], rtol=2e-5, atol=1e-6)
+
+
+# ----- row-sparse gradients (embedding tables) -----
+
+def test_rowgrad_from_ids_sums_duplicates_and_merges():
+    from charnn.optim import RowGrad
+
+    rng = numpy.random.default_rng(3)
+    ids, src = numpy.array([2, 5, 2, 0]), rng.normal(size=(4, 3))
+    g = RowGrad.from_ids(ids, src, (6, 3))
+    expected = numpy.zeros((6, 3))
+    numpy.add.at(expected, ids, src)
+    assert g.rows.tolist() == [0, 2, 5]
+    numpy.testing.assert_allclose(g.dense(), expected, atol=1e-15)
+    other = RowGrad.from_ids(numpy.array([5, 1]), numpy.ones((2, 3)), (6, 3))
+    g += other
+    numpy.add.at(expected, [5, 1], numpy.ones((2, 3)))
+    assert g.rows.tolist() == [0, 1, 2, 5]
+    numpy.testing.assert_allclose(g.dense(), expected, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_rowgrad_updates_only_its_rows(name):
+    """First step: the same as the dense gradient with zero rows (every optimizer leaves a
+    zero-gradient row alone on its first step). Later steps are lazy: rows outside the
+    gradient do not move, where dense Adam's momentum would still move them."""
+    from charnn.optim import RowGrad, clip_scale, global_norm
+
+    rng = numpy.random.default_rng(4)
+    W = rng.normal(size=(10, 4))
+    rows = numpy.array([1, 3, 7])
+    vals = rng.normal(size=(3, 4))
+    dense = numpy.zeros_like(W)
+    dense[rows] = vals
+    a, b = {"W": W.copy()}, {"W": W.copy()}
+    oa, ob = make_optimizer(name, a, 0.05), make_optimizer(name, b, 0.05)
+    sparse = {"W": RowGrad(rows, vals.copy(), W.shape)}
+    assert float(global_norm(sparse)) == pytest.approx(float(global_norm({"W": dense})), rel=1e-12)
+    scale = clip_scale(global_norm(sparse), 0.5)
+    oa.step({"W": dense.copy()}, scale)
+    ob.step(sparse, scale)
+    numpy.testing.assert_allclose(b["W"], a["W"], rtol=1e-12, atol=1e-14)
+    assert not numpy.allclose(b["W"][rows], W[rows])
+    before = b["W"].copy()
+    ob.step({"W": RowGrad(numpy.array([1, 2]), rng.normal(size=(2, 4)), W.shape)})
+    untouched = [0, 3, 4, 5, 6, 7, 8, 9]
+    numpy.testing.assert_array_equal(b["W"][untouched], before[untouched])
+    assert not numpy.allclose(b["W"][[1, 2]], before[[1, 2]])
+    for key, arr in ob.state.items():
+        assert arr.shape == W.shape, key
