@@ -164,11 +164,12 @@ def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=N
         numpy.cumsum(ends - starts, out=offsets[1:])
         P = numpy.empty(offsets[-1], dtype=X.dtype)
         t64 = numpy.ascontiguousarray(targets_host, dtype=numpy.int64)
-        kernels.class_words_forward(Xt, W, b, t64, order, starts, ends, offsets, nll, P)
+        groups = numpy.concatenate([[0], numpy.flatnonzero(numpy.diff(word_class[order])) + 1, [M]])
+        kernels.class_words_forward(Xt, W, b, t64, order, groups, starts, ends, offsets, nll, P)
         loss, denom = weighted_mean(nll, weights)
         cache = None
         if store:
-            cache = {"class": ccache, "fused": (Xt, t64, order, starts, ends, offsets, P), "X": X,
+            cache = {"class": ccache, "fused": (Xt, t64, order, groups, starts, ends, offsets, P), "X": X,
                      "weights": weights, "denom": denom, "M": M}
         return loss, nll, cache
     edges = numpy.searchsorted(word_class[order], numpy.arange(len(bounds)))
@@ -214,11 +215,11 @@ def class_xent_backward(cache, Wc, W):
     if weights is not None:
         scale = weights / xp.where(denom > 0, denom, 1)
     if "fused" in cache:
-        Xt, t64, order, starts, ends, offsets, P = cache["fused"]
+        Xt, t64, order, groups, starts, ends, offsets, P = cache["fused"]
         M = cache["M"]
         per = numpy.full(M, 1.0 / denom, dtype=W.dtype) if scale is None else scale.astype(W.dtype)
         dXw = numpy.zeros((M, W.shape[1]), dtype=W.dtype)
-        kernels.class_words_backward(Xt, W, t64, order, starts, ends, offsets, P, per, dW, db, dXw)
+        kernels.class_words_backward(Xt, W, t64, order, groups, starts, ends, offsets, P, per, dW, db, dXw)
         dXt += dXw
         return dX, dWc, dbc, dW, db
     for a, z, pos_d, Xk, P, rows, local in cache["groups"]:

@@ -208,24 +208,31 @@ if available:
 
 
     @jit
-    def class_words_forward(Xt, W, b, targets, order, starts, ends, offsets, nll, P):
+    def class_words_forward(Xt, W, b, targets, order, groups, starts, ends, offsets, nll, P):
         """The within-class part of the class-factored softmax (functional.class_xent_forward)
-        for every position: logits of the words [starts[m], ends[m]) of the target's class,
-        nll[m] += log-sum-exp - the target's logit, and the class's probabilities kept in
-        P[offsets[m]:offsets[m + 1]]. Positions are visited in ``order`` (grouped by class,
-        so a class's rows of W stay in cache)."""
+        for every position m: the logits of the words [starts[m], ends[m]) of its target's
+        class, nll[m] += their log-sum-exp - the target's logit, and their probabilities
+        kept in P[offsets[m]:offsets[m + 1]]. order[groups[k]:groups[k + 1]] are the
+        positions of one class: each row of W is loaded once for all of them."""
         D = Xt.shape[1]
-        for i in range(order.shape[0]):
-            m = order[i]
+        for k in range(groups.shape[0] - 1):
+            g0, g1 = groups[k], groups[k + 1]
+            a, z = starts[order[g0]], ends[order[g0]]
+            for j in range(z - a):
+                w = W[a + j]  # row views: the inner loops vectorise (2-D indexing did not)
+                bj = b[a + j]
+                for i in range(g0, g1):
+                    m = order[i]
+                    x = Xt[m]
+                    acc = F(0.0)
+                    for d in range(D):
+                        acc += x[d] * w[d]
+                    P[offsets[m] + j] = acc + bj
+        for m in range(Xt.shape[0]):
             a, z, o = starts[m], ends[m], offsets[m]
             top = F(-3.0e38)
             for j in range(z - a):
-                acc = b[a + j]
-                for d in range(D):
-                    acc += Xt[m, d] * W[a + j, d]
-                P[o + j] = acc
-                if acc > top:
-                    top = acc
+                top = max(top, P[o + j])
             picked = P[o + targets[m] - a] - top
             Z = F(0.0)
             for j in range(z - a):
@@ -238,23 +245,29 @@ if available:
                 P[o + j] *= inv
 
     @jit
-    def class_words_backward(Xt, W, targets, order, starts, ends, offsets, P, scale, dW, db, dXt):
+    def class_words_backward(Xt, W, targets, order, groups, starts, ends, offsets, P, scale, dW, db, dXt):
         """Gradients of class_words_forward's part of the loss, each position's term weighted
         by scale[m]: dW, db and dXt (M, D) accumulated (P is overwritten)."""
         D = Xt.shape[1]
-        for i in range(order.shape[0]):
-            m = order[i]
-            a, z, o = starts[m], ends[m], offsets[m]
-            sm = scale[m]
-            if sm == 0:
-                continue
+        for m in range(Xt.shape[0]):
+            o, a = offsets[m], starts[m]
             P[o + targets[m] - a] -= ONE
+            for j in range(ends[m] - a):
+                P[o + j] *= scale[m]
+        for k in range(groups.shape[0] - 1):
+            g0, g1 = groups[k], groups[k + 1]
+            a, z = starts[order[g0]], ends[order[g0]]
             for j in range(z - a):
-                g = P[o + j] * sm
-                db[a + j] += g
-                for d in range(D):
-                    dW[a + j, d] += g * Xt[m, d]
-                    dXt[m, d] += g * W[a + j, d]
+                w, dw = W[a + j], dW[a + j]
+                for i in range(g0, g1):
+                    m = order[i]
+                    g = P[offsets[m] + j]
+                    x, dx = Xt[m], dXt[m]
+                    db[a + j] += g
+                    for d in range(D):
+                        dw[d] += g * x[d]
+                    for d in range(D):
+                        dx[d] += g * w[d]
 
 
 def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):
