@@ -27,23 +27,9 @@ import numpy
 
 from . import backend as backend_mod
 from . import cells, kernels
-from .backend import (
-    SMALL_GEMM_FLOPS,
-    Backend,
-    blas_threads,
-    get_backend,
-    to_device,
-    to_host,
-)
-from .functional import (
-    class_log_probs,
-    class_xent_backward,
-    class_xent_forward,
-    dropout_mask,
-    scatter_add_rows,
-    softmax_xent_backward,
-    softmax_xent_forward,
-)
+from .backend import SMALL_GEMM_FLOPS, Backend, blas_threads, get_backend, to_device, to_host
+from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
+                         scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
 from .optim import RowGrad
 
 CELLS = ("rnn", "lstm", "gru")

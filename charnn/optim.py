@@ -12,6 +12,7 @@ import numpy
 from . import backend as backend_mod
 from . import kernels
 from .backend import array_module, run_in_two, to_device, to_host
+from .functional import scatter_add_rows
 
 OPTIMIZERS = ("adam", "adagrad", "rmsprop", "sgd")
 DEFAULT_LR = {"adam": 3e-3, "adagrad": 1e-1, "rmsprop": 2e-3, "sgd": 1.0}
@@ -29,8 +30,6 @@ class RowGrad:
     @classmethod
     def from_ids(cls, ids, src, shape):
         """The gradient of ``table[ids]`` given ``src`` (M, D), the gradient of that gather."""
-        from .functional import scatter_add_rows
-
         xp = array_module(src)
         rows, inverse = xp.unique(ids, return_inverse=True)
         values = xp.zeros((rows.shape[0], src.shape[1]), dtype=src.dtype)
@@ -58,12 +57,10 @@ class RowGrad:
 
 def global_norm(grads: dict):
     """The L2 norm of all gradients together, a 0-d array on their device (no host sync)."""
-    g0 = next(iter(grads.values()))
-    g0 = g0.values if isinstance(g0, RowGrad) else g0
-    xp = array_module(g0)
-    total = xp.zeros((), dtype=g0.dtype)
-    for g in grads.values():
-        g = g.values if isinstance(g, RowGrad) else g
+    arrays = [g.values if isinstance(g, RowGrad) else g for g in grads.values()]
+    xp = array_module(arrays[0])
+    total = xp.zeros((), dtype=arrays[0].dtype)
+    for g in arrays:
         total += xp.vdot(g.ravel(), g.ravel()) if g.ndim else g * g
     return xp.sqrt(total)
 
@@ -114,11 +111,18 @@ class Optimizer:
         """One update; ``scale`` (a 0-d array, e.g. from :func:`clip_scale`) multiplies every
         gradient first. The gradient arrays may be overwritten."""
         self.t += 1
-        if scale is not None:
-            for g in grads.values():
-                g *= scale
+        done = self._fused_update(grads, scale)
         for name, p in self.params.items():
-            self._update_any(name, p, grads[name])
+            if name in done:
+                continue
+            g = grads[name]
+            if scale is not None:
+                g *= scale
+            self._update_any(name, p, g)
+
+    def _fused_update(self, grads: dict, scale) -> set:
+        """Update what a compiled pass can (scale included); returns the names it updated."""
+        return set()
 
     def _update_any(self, name, p, g):
         if isinstance(g, RowGrad):
@@ -198,19 +202,17 @@ class Adam(Optimizer):
     slots = ("m", "v")
     b1, b2, eps = 0.9, 0.999, 1e-8
 
-    def step(self, grads: dict, scale=None):
+    def _fused_update(self, grads: dict, scale) -> set:
+        # One compiled pass per array that also applies the clipping scale, large arrays cut
+        # in two and the pieces shared between two threads (the kernel releases the GIL);
+        # Optimizer.step updates the rest (row gradients, other devices) the plain way.
         fused = [(n, p) for n, p in self.params.items()
                  if kernels.use_fused(p) and not isinstance(grads[n], RowGrad) and p.flags.c_contiguous
                  and grads[n].flags.c_contiguous]
         if not fused:
-            return super().step(grads, scale)
-        # The compiled update: one pass per array that also applies the clipping scale, with
-        # large arrays cut in two and the pieces shared between two threads (the kernel
-        # releases the GIL); the rest of the parameters take the plain path.
-        self.t += 1
-        step = self._step_size()
+            return set()
         F = numpy.float32
-        gscale = F(1.0) if scale is None else F(to_host(scale))
+        step, gscale = F(self._step_size()), F(1.0) if scale is None else F(to_host(scale))
         pieces = []
         for name, p in fused:
             flat = [p.reshape(-1), grads[name].reshape(-1), self._buf(f"{name}.m", p).reshape(-1),
@@ -222,7 +224,7 @@ class Adam(Optimizer):
 
         def run(part):
             for p, g, m, v in part:
-                kernels.adam_update(p, g, m, v, F(step), F(self.b1), F(self.b2), F(self.eps), gscale)
+                kernels.adam_update(p, g, m, v, step, F(self.b1), F(self.b2), F(self.eps), gscale)
 
         groups, sizes = ([], []), [0, 0]
         for piece in sorted(pieces, key=lambda q: -q[0].size):
@@ -233,13 +235,7 @@ class Adam(Optimizer):
             run_in_two(run, *groups)
         else:
             run(groups[0] + groups[1])
-        done = {n for n, _ in fused}
-        for name, p in self.params.items():
-            if name not in done:
-                g = grads[name]
-                if scale is not None:
-                    g *= scale
-                self._update_any(name, p, g)
+        return {n for n, _ in fused}
 
     def _step_size(self):
         return self.lr * (1 - self.b2 ** self.t) ** 0.5 / (1 - self.b1 ** self.t)
