@@ -142,10 +142,34 @@ def class_bounds(counts, n_classes: int) -> list:
     return bounds
 
 
-def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=None, store=True):
+def _split_groups(groups, sizes, threads):
+    """Group ranges [(0, k), (k, K)] of about equal work (class size x (positions + 2)) for
+    two threads, or [(0, K)]."""
+    K = len(groups) - 1
+    if threads < 2 or K < 2:
+        return [(0, K)]
+    work = numpy.cumsum(sizes * (numpy.diff(groups) + 2))
+    k = int(numpy.searchsorted(work, work[-1] / 2.0))
+    k = min(max(k, 1), K - 1)
+    return [(0, k), (k, K)]
+
+
+def _in_group_ranges(fn, ranges):
+    """fn(k0, k1) for each group range, the second range in charnn's worker thread."""
+    if len(ranges) == 1:
+        fn(*ranges[0])
+    else:
+        from .backend import run_in_two
+
+        run_in_two(lambda r: fn(*r), ranges[0], ranges[1])
+
+
+def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=None, store=True, threads=1):
     """Class-factored softmax cross-entropy; arguments and results as softmax_xent_forward,
     plus Wc (C, D), bc (C,), the class ``bounds`` (host list) and the targets also on the host
-    (to group positions by class without a device round trip)."""
+    (to group positions by class without a device round trip). With ``threads`` = 2 the
+    compiled within-class passes (forward and backward) run on two threads, each taking
+    about half of the classes present (disjoint rows of W and disjoint positions)."""
     xp = array_module(X)
 
     Xt = X.T  # (M, D)
@@ -165,12 +189,16 @@ def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=N
         P = numpy.empty(offsets[-1], dtype=X.dtype)
         t64 = numpy.ascontiguousarray(targets_host, dtype=numpy.int64)
         groups = numpy.concatenate([[0], numpy.flatnonzero(numpy.diff(word_class[order])) + 1, [M]])
-        kernels.class_words_forward(Xt, W, b, t64, order, groups, starts, ends, offsets, nll, P)
+        present = word_class[order[groups[:-1]]]  # the class of each group
+        ranges = _split_groups(groups, bounds_a[present + 1] - bounds_a[present], threads)
+        _in_group_ranges(lambda k0, k1: kernels.class_words_forward(Xt, W, b, t64, order, groups, k0, k1, starts, ends,
+                                                                    offsets, nll, P), ranges)
         loss, denom = weighted_mean(nll, weights)
         cache = None
         if store:
             cache = {"class": ccache, "fused": (Xt, t64, order, groups, starts, ends, offsets, P), "X": X,
-                     "weights": weights, "denom": denom, "M": M}
+                     "weights": weights, "denom": denom, "M": M, "present": present, "ranges": ranges,
+                     "bounds": bounds_a}
         return loss, nll, cache
     edges = numpy.searchsorted(word_class[order], numpy.arange(len(bounds)))
     groups = []
@@ -209,8 +237,6 @@ def class_xent_backward(cache, Wc, W):
     ccache["weights"], ccache["denom"] = weights, denom
     dX, dWc, dbc = softmax_xent_backward(ccache, Wc)
     dXt = dX.T  # (M, D) view: word-part gradients are added row by row
-    dW = xp.zeros_like(W)
-    db = xp.zeros(W.shape[0], dtype=W.dtype)
     scale = None
     if weights is not None:
         scale = weights / xp.where(denom > 0, denom, 1)
@@ -219,9 +245,21 @@ def class_xent_backward(cache, Wc, W):
         M = cache["M"]
         per = numpy.full(M, 1.0 / denom, dtype=W.dtype) if scale is None else scale.astype(W.dtype)
         dXw = numpy.zeros((M, W.shape[1]), dtype=W.dtype)
-        kernels.class_words_backward(Xt, W, t64, order, groups, starts, ends, offsets, P, per, dW, db, dXw)
+        # The kernel writes the rows of the classes present; only the others need zeros.
+        dW = numpy.empty_like(W)
+        db = numpy.empty(W.shape[0], dtype=W.dtype)
+        bounds_a = cache["bounds"]
+        absent = numpy.ones(len(bounds_a) - 1, dtype=bool)
+        absent[cache["present"]] = False
+        for k in numpy.flatnonzero(absent):
+            dW[bounds_a[k]: bounds_a[k + 1]] = 0
+            db[bounds_a[k]: bounds_a[k + 1]] = 0
+        _in_group_ranges(lambda k0, k1: kernels.class_words_backward(Xt, W, t64, order, groups, k0, k1, starts, ends,
+                                                                     offsets, P, per, dW, db, dXw), cache["ranges"])
         dXt += dXw
         return dX, dWc, dbc, dW, db
+    dW = xp.zeros_like(W)
+    db = xp.zeros(W.shape[0], dtype=W.dtype)
     for a, z, pos_d, Xk, P, rows, local in cache["groups"]:
         P[rows, local] -= 1
         if scale is None:

@@ -244,12 +244,23 @@ class LanguageModel:
             cache for :meth:`backward`; the final state. With store=False, cache holds only
             "nll" (T, N) and "top" (H, M).
         """
-        cfg, p, xp = self.config, self.params, self.xp
         ids = self._check_ids(ids)
         T, N = ids.shape
-        M = T * N
         if store is None:
             store = targets is not None
+        X, cache, new_state = self._body_forward(ids, state, train, rng, dropout_masks, store)
+        loss = None
+        if targets is not None:
+            loss, nll, cache["head"] = self._head_forward(X, targets, weights, store)
+            cache["nll"] = nll.reshape(T, N)
+        return loss, cache, new_state
+
+    def _body_forward(self, ids, state, train, rng, dropout_masks, store):
+        """The recurrent layers over a chunk (ids (T, N), already checked): returns the top
+        hidden states X (H, T*N) after dropout, the cache, and the final state."""
+        cfg, p, xp = self.config, self.params, self.xp
+        T, N = ids.shape
+        M = T * N
         if state is None:
             state = self.initial_state(N)
         ids_d = to_device(ids.reshape(M), xp)
@@ -278,21 +289,21 @@ class LanguageModel:
             masks.append(mask)
             X = hs.reshape(cfg.hidden, M)
         cache = {"top": X}
-        loss = None
-        if targets is not None:
-            targets = self._check_ids(targets, "target ids")
-            t_d = to_device(targets.reshape(M), xp)
-            w_d = None if weights is None else to_device(numpy.asarray(weights).reshape(M), xp, self.dtype)
-            if cfg.class_bounds:
-                loss, nll, hcache = class_xent_forward(X, p["class.W"], p["class.b"], self.head_weight(), p["head.b"],
-                                                       cfg.class_bounds, targets.reshape(M), t_d, w_d, store)
-            else:
-                loss, nll, hcache = softmax_xent_forward(X, self.head_weight(), p["head.b"], t_d, w_d, store)
-            cache["nll"] = nll.reshape(T, N)
-            cache["head"] = hcache
         if store:
             cache.update(ids=ids_d, layers=layer_caches, inputs=inputs, masks=masks, T=T, N=N)
-        return loss, cache, new_state
+        return X, cache, new_state
+
+    def _head_forward(self, X, targets, weights, store, threads=1):
+        """The output layer's loss on top states X (H, M): (loss, nll (M,), head cache)."""
+        cfg, p, xp = self.config, self.params, self.xp
+        targets = self._check_ids(targets, "target ids")
+        M = X.shape[1]
+        t_d = to_device(targets.reshape(M), xp)
+        w_d = None if weights is None else to_device(numpy.asarray(weights).reshape(M), xp, self.dtype)
+        if cfg.class_bounds:
+            return class_xent_forward(X, p["class.W"], p["class.b"], self.head_weight(), p["head.b"],
+                                      cfg.class_bounds, targets.reshape(M), t_d, w_d, store, threads)
+        return softmax_xent_forward(X, self.head_weight(), p["head.b"], t_d, w_d, store)
 
     def backward(self, cache, sparse=False):
         """Gradients of the loss of :meth:`forward` (called with targets and store=True).
@@ -304,19 +315,28 @@ class LanguageModel:
             (grads, dstate): grads a dict with the parameter names; dstate the gradient with
             respect to the initial state, in the state's layout.
         """
+        grads = {}
+        dX = self._head_backward(cache["head"], grads)
+        dstate = self._body_backward(dX, cache, grads, sparse)
+        return grads, dstate
+
+    def _head_backward(self, hcache, grads) -> object:
+        """The output layer's gradients, put into ``grads``; returns dX (H, M)."""
+        cfg, p = self.config, self.params
+        if cfg.class_bounds:
+            dX, grads["class.W"], grads["class.b"], dW, db = class_xent_backward(hcache, p["class.W"], self.head_weight())
+        else:
+            dX, dW, db = softmax_xent_backward(hcache, self.head_weight())
+        grads["head.b"] = db
+        grads["embed.W" if cfg.tie else "head.W"] = dW
+        return dX
+
+    def _body_backward(self, dX, cache, grads, sparse):
+        """Backpropagate dX (H, M), the gradient of the top states, through the recurrent
+        layers and the input; adds their gradients to ``grads``; returns dstate."""
         cfg, p, xp = self.config, self.params, self.xp
         T, N, ids_d = cache["T"], cache["N"], cache["ids"]
         M = T * N
-        grads = {}
-        if cfg.class_bounds:
-            dX, grads["class.W"], grads["class.b"], dW, db = class_xent_backward(cache["head"], p["class.W"], self.head_weight())
-        else:
-            dX, dW, db = softmax_xent_backward(cache["head"], self.head_weight())
-        grads["head.b"] = db
-        if cfg.tie:
-            grads["embed.W"] = dW
-        else:
-            grads["head.W"] = dW
         dstate = [None] * cfg.layers
         for layer in reversed(range(cfg.layers)):
             dhs = dX.reshape(cfg.hidden, T, N)
@@ -353,7 +373,7 @@ class LanguageModel:
                 dE = xp.zeros(p["embed.W"].shape, dtype=self.dtype) if dE is None else dE
                 scatter_add_rows(dE, ids_d, dX.T)
                 grads["embed.W"] = dE
-        return grads, dstate
+        return dstate
 
     # ----- the batch split across CPU cores -----
     def split_columns(self, N: int) -> list:
@@ -364,11 +384,14 @@ class LanguageModel:
             return [(0, N)]
         return [(0, N // 2), (N // 2, N)]
 
-    def _run_split(self, parts, work):
+    def _run_split(self, parts, work, blas=True):
         """Run work(a, b) for each column range, in parallel threads with one BLAS thread each
-        (the numba kernels and the BLAS release the GIL)."""
+        (the numba kernels and the BLAS release the GIL); ``blas=False``: the caller has set
+        the BLAS threads."""
         if len(parts) == 1:
             return [work(*parts[0])]
+        if not blas:
+            return backend_mod.run_in_two(lambda ab: work(*ab), parts[0], parts[1])
         with blas_threads(1, self.xp):
             return backend_mod.run_in_two(lambda ab: work(*ab), parts[0], parts[1])
 
@@ -398,6 +421,10 @@ class LanguageModel:
             grads, _ = self.backward(cache, sparse)
             return loss, grads, new_state
 
+        if cfg.class_bounds:
+            with blas_threads(1, xp):
+                return self._split_shared_head(ids, targets, state, train, masks, parts, sparse)
+
         def work(a, b):
             sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
             m = None if masks is None else [mk[:, :, a:b] for mk in masks]
@@ -415,6 +442,48 @@ class LanguageModel:
         loss = l0 * (n0 / N) + l1 * (n1 / N)
         new_state = _join_states(xp, s0, s1)
         return loss, g0, new_state
+
+    def _split_shared_head(self, ids, targets, state, train, masks, parts, sparse):
+        """loss_and_grads for a class-factored head: the recurrent layers run on two halves
+        of the streams in parallel, the output layer once on the whole batch between them,
+        its compiled within-class passes split across the two threads by class. Its large
+        weight gradient is then computed once (each row by one thread) and never summed.
+        Everything runs with one BLAS thread: OpenBLAS's own threads, once woken for a
+        product, spin on the core the other half needs (measured: 92-125 ms per step of
+        benchmarks/factored.py against 70 ms)."""
+        cfg, xp = self.config, self.xp
+        T, N = ids.shape
+
+        def body_forward(a, b):
+            sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
+            m = None if masks is None else [mk[:, :, a:b] for mk in masks]
+            return self._body_forward(ids[:, a:b], sub, train, None, m, True)
+
+        halves = self._run_split(parts, body_forward, blas=False)
+        H = cfg.hidden
+        X = xp.concatenate([Xh.reshape(H, T, b - a) for (Xh, _, _), (a, b) in zip(halves, parts)], axis=2)
+        targets = self._check_ids(targets, "target ids")
+        loss, _, hcache = self._head_forward(X.reshape(H, T * N), targets, None, True, threads=THREADS)
+        grads = {}
+        dX = self._head_backward(hcache, grads).reshape(H, T, N)
+
+        def body_backward(k):
+            (a, b), (_, cache, _) = parts[k], halves[k]
+            g = {}
+            self._body_backward(xp.ascontiguousarray(dX[:, :, a:b]).reshape(H, T * (b - a)), cache, g, sparse)
+            return g
+
+        g0, g1 = self._run_split([(0,), (1,)], body_backward, blas=False)
+        for g in (g0, g1):
+            for k, v in g.items():
+                if k not in grads:
+                    grads[k] = v
+                elif isinstance(v, RowGrad) and not isinstance(grads[k], RowGrad):  # tied embedding
+                    scatter_add_rows(grads[k], v.rows, v.values)
+                else:
+                    grads[k] += v
+        new_state = _join_states(xp, halves[0][2], halves[1][2])
+        return loss, grads, new_state
 
     def nll(self, ids, targets, state=None, weights=None):
         """Per-position negative log-likelihood (T, N) and the final state, without dropout or a
@@ -572,7 +641,7 @@ class Stepper:
         hs = h.reshape(h.shape[0], 1, h.shape[1])
         if cfg.cell == "lstm":
             if self.fused:
-                kernels.lstm_step_forward(0, a, bias, self.c[layer], self.c[layer], self.tc[layer], hs)
+                kernels.lstm_step_forward_for(self.N)(0, a, bias, self.c[layer], self.c[layer], self.tc[layer], hs)
             else:
                 a += bias[:, 0]
                 cells.lstm_step_forward(a, self.c[layer], self.c[layer], self.tc[layer], h, xp)

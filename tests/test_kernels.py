@@ -23,12 +23,13 @@ def run(monkeypatch, mode, cfg, ids, tg, state):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("embed", [0, 8])
-def test_fused_layers_match_plain_float32(monkeypatch, cell, embed):
+@pytest.mark.parametrize("N", [5, 16])  # LSTM: the flat step kernel, and the column one
+def test_fused_layers_match_plain_float32(monkeypatch, cell, embed, N):
     cfg = ModelConfig(vocab_size=20, cell=cell, layers=2, hidden=16, embed=embed, dropout=0.1)
     rng = numpy.random.default_rng(0)
-    ids, tg = rng.integers(0, 20, (7, 5)), rng.integers(0, 20, (7, 5))
-    state = [(rng.normal(0, 0.5, (16, 5)).astype(numpy.float32),
-              rng.normal(0, 0.5, (16, 5)).astype(numpy.float32) if cell == "lstm" else None) for _ in range(2)]
+    ids, tg = rng.integers(0, 20, (7, N)), rng.integers(0, 20, (7, N))
+    state = [(rng.normal(0, 0.5, (16, N)).astype(numpy.float32),
+              rng.normal(0, 0.5, (16, N)).astype(numpy.float32) if cell == "lstm" else None) for _ in range(2)]
     fused = run(monkeypatch, "numba", cfg, ids, tg, state)
     plain = run(monkeypatch, "numpy", cfg, ids, tg, state)
     assert fused[0] == pytest.approx(plain[0], rel=1e-6)
@@ -146,9 +147,12 @@ def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch, threads, dt
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted, threads):
     """The compiled within-class pass against the per-class NumPy loop: loss, per-position nll
-    and every gradient, with and without position weights (a zero weight drops a position)."""
+    and every gradient, with and without position weights (a zero weight drops a position),
+    on one thread and split by class across two; one class has no targets (its rows of the
+    word gradient must come out zero)."""
     from charnn.functional import class_xent_backward, class_xent_forward
 
     rng = numpy.random.default_rng(0)
@@ -157,11 +161,12 @@ def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted):
     Wc, bc = rng.normal(size=(4, D)).astype(numpy.float32), rng.normal(size=4).astype(numpy.float32)
     W, b = rng.normal(size=(V, D)).astype(numpy.float32), rng.normal(size=V).astype(numpy.float32)
     t = rng.integers(0, V, M)
+    t[(t >= 7) & (t < 20)] = 3  # class 2 (ids 7..19) gets no targets
     w = (rng.random(M) > 0.3).astype(numpy.float32) if weighted else None
     out = {}
     for mode in ("numba", "numpy"):
         monkeypatch.setenv("CHARNN_KERNELS", mode)
-        loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, w)
+        loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, w, threads=threads)
         assert ("fused" in cache) == (mode == "numba")
         out[mode] = (float(loss), nll.copy(), *class_xent_backward(cache, Wc, W))
     fused, plain = out["numba"], out["numpy"]
@@ -169,3 +174,28 @@ def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted):
     numpy.testing.assert_allclose(fused[1], plain[1], rtol=1e-5, atol=1e-5)
     for a, p in zip(fused[2:], plain[2:]):
         numpy.testing.assert_allclose(a, p, rtol=1e-4, atol=1e-6)
+    dW, db = fused[5], fused[6]
+    assert not dW[7:20].any() and not db[7:20].any() and dW[20:].any()
+
+
+def test_two_thread_split_with_class_head_float32(monkeypatch):
+    """The split path of a class-factored model (recurrent layers on two halves, the output
+    layer once on the whole batch, its compiled passes split by class) against one thread."""
+    monkeypatch.delenv("CHARNN_KERNELS", raising=False)
+    cfg = ModelConfig(vocab_size=60, cell="lstm", layers=2, hidden=16, embed=8, dropout=0.2,
+                      class_bounds=(0, 2, 5, 11, 25, 60))
+    m = LanguageModel.create(cfg, backend=get_backend("cpu", "float32"))
+    rng = numpy.random.default_rng(0)
+    ids, tg = rng.integers(0, 60, (6, 11)), rng.integers(0, 60, (6, 11))
+    res = []
+    for threads in (1, 2):
+        monkeypatch.setattr(model_mod, "THREADS", threads)
+        res.append(m.loss_and_grads(ids, tg, None, rng=numpy.random.default_rng(5), sparse=True))
+    (l1, g1, s1), (l2, g2, s2) = res
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    for k in g1:
+        a, b = (g.dense() if hasattr(g, "dense") else g for g in (g1[k], g2[k]))
+        assert numpy.abs(a - b).max() <= 1e-5 * (numpy.abs(a).max() + 1e-12), k
+    for (h1, c1), (h2, c2) in zip(s1, s2):
+        numpy.testing.assert_allclose(h1, h2, atol=1e-6)
+        numpy.testing.assert_allclose(c1, c2, atol=1e-6)
