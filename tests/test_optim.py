@@ -27,6 +27,23 @@ def fresh():
 LRS = {"sgd": 0.1, "adagrad": 0.5, "rmsprop": 0.01, "adam": 0.05}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_global_norm_of_large_gradients(monkeypatch, threads):
+    """Above a million elements the sum of squares is shared by two threads (each takes half
+    of every array, a RowGrad's values included): same norm as one thread, and as float64."""
+    import charnn.backend as backend_mod
+    from charnn.optim import RowGrad, global_norm
+
+    monkeypatch.setattr(backend_mod, "THREADS", threads)
+    rng = numpy.random.default_rng(0)
+    grads = {"W": rng.normal(size=(3001, 400)).astype(numpy.float32), "b": rng.normal(size=7).astype(numpy.float32),
+             "E": RowGrad(numpy.array([2, 5]), rng.normal(size=(2, 3)).astype(numpy.float32), (9, 3))}
+    exact = math.sqrt(sum(float((a.astype(numpy.float64) ** 2).sum()) for a in (grads["W"], grads["b"], grads["E"].values)))
+    norm = global_norm(grads)
+    assert norm.dtype == numpy.float32
+    assert float(norm) == pytest.approx(exact, rel=1e-5)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_optimizer_decreases_a_quadratic(name):
     params = fresh()
