@@ -345,18 +345,20 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store):
     A = numpy.empty((S, GH, N), dtype=dtype)
     h, c = numpy.ascontiguousarray(h0), None if c0 is None else numpy.ascontiguousarray(c0)
     if cell == "lstm":
-        cs = numpy.empty((S, H, N), dtype=dtype)
+        # Without store, two cell-state buffers take turns: c_prev and c must not be one
+        # buffer, or LLVM's alias check sends the step kernel down its scalar path (3x slower).
+        cs = numpy.empty((T if store else 2, H, N), dtype=dtype)
         tcs = numpy.empty((S, H, N), dtype=dtype)
         step = lstm_step_forward_for(N)
         for t in range(T):
             s = t if store else 0
+            ct = cs[t if store else t % 2]
             numpy.matmul(Wh, h, out=A[s])
-            # Without store, c and cs[0] are one buffer; each element is read before written.
-            step(t, A[s], XP, c, cs[s], tcs[s], hs)
+            step(t, A[s], XP, c, ct, tcs[s], hs)
             h = hs[:, t]
-            c = cs[s]
+            c = ct
         cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh", "cs": cs, "tcs": tcs, "c0": c0} if store else None
-        return hs, (hs[:, T - 1].copy(), cs[S - 1].copy()), cache
+        return hs, (hs[:, T - 1].copy(), c.copy()), cache
     if cell == "rnn":
         for t in range(T):
             s = t if store else 0

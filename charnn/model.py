@@ -548,7 +548,7 @@ class Stepper:
         self.xp = xp
         H, dt = cfg.hidden, model.dtype
         self.onehot = not cfg.embed
-        self.W, self.xh, self.a, self.bias, self.c, self.tc = [], [], [], [], [], []
+        self.W, self.xh, self.a, self.bias, self.c, self.c_next, self.tc = [], [], [], [], [], [], []
         for layer in range(cfg.layers):
             Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
             In = Wx.shape[1]
@@ -562,6 +562,9 @@ class Stepper:
             self.a.append(xp.empty((GH, N), dtype=dt))
             self.bias.append(xp.ascontiguousarray(xp.broadcast_to(p[f"rnn.{layer}.b"][:, None, None], (GH, 1, N))))
             self.c.append(xp.zeros((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+            # The fused step writes the new cell state to a second buffer (the two then swap):
+            # one buffer for both would send its loop down the scalar path (see kernels).
+            self.c_next.append(xp.empty((H, N), dtype=dt) if cfg.cell == "lstm" else None)
             self.tc.append(xp.empty((H, N), dtype=dt) if cfg.cell == "lstm" else None)
         self.hp = xp.empty((cfg.gates * H, N), dtype=dt)
         self.head_W = model.head_weight()
@@ -641,7 +644,9 @@ class Stepper:
         hs = h.reshape(h.shape[0], 1, h.shape[1])
         if cfg.cell == "lstm":
             if self.fused:
-                kernels.lstm_step_forward_for(self.N)(0, a, bias, self.c[layer], self.c[layer], self.tc[layer], hs)
+                c_prev, c = self.c[layer], self.c_next[layer]
+                kernels.lstm_step_forward_for(self.N)(0, a, bias, c_prev, c, self.tc[layer], hs)
+                self.c[layer], self.c_next[layer] = c, c_prev
             else:
                 a += bias[:, 0]
                 cells.lstm_step_forward(a, self.c[layer], self.c[layer], self.tc[layer], h, xp)
