@@ -109,6 +109,8 @@ class CharnnSide:
     def sampler(self):
         from charnn.model import Stepper
 
+        from charnn.sample import draw
+
         st = Stepper(self.model, 1)
         rng = numpy.random.default_rng(0)
         tok = numpy.zeros(1, dtype=numpy.int64)
@@ -117,7 +119,7 @@ class CharnnSide:
             logits = st.step(tok)[0].astype(numpy.float64)
             p = numpy.exp(logits - logits.max())
             p /= p.sum()
-            tok[0] = rng.choice(len(p), p=p)
+            tok[0] = draw(p, rng)  # what `charnn sample` does
         return step
 
 

@@ -98,6 +98,15 @@ def warm_state(model: LanguageModel, ids: numpy.ndarray, N: int = 1) -> tuple:
     return stepper, logits
 
 
+def draw(p: numpy.ndarray, rng: numpy.random.Generator) -> int:
+    """One index drawn with probabilities ``p``: the same draw as ``rng.choice(len(p), p=p)``
+    (the same uniform number, the same normalised cumulative sum), without its checks of p,
+    which cost more than the draw (about 18 us against 6 per token)."""
+    cdf = numpy.cumsum(p)
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, prime: str = "",
              rng: numpy.random.Generator | None = None, stop_at: str | None = None) -> Iterator[str]:
@@ -111,7 +120,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
     at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
     for _ in range(length):
         p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
-        tok = int(rng.choice(len(p), p=p)) if temperature > 0 else int(numpy.argmax(p))
+        tok = draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
         piece = vocab.tokens[tok]
         if vocab.level == "word":
             if piece == EOS:

@@ -13,7 +13,7 @@ import pytest
 
 from charnn.backend import get_backend, to_host
 from charnn.checkpoint import load_model
-from charnn.sample import beam_search, filter_probs, generate, prime_ids
+from charnn.sample import beam_search, draw, filter_probs, generate, prime_ids
 from charnn.score import score_document, score_lines
 from charnn.train import TrainConfig, Trainer, evaluate
 
@@ -96,6 +96,20 @@ def test_top_k_1_is_greedy(char_model):
     greedy = check_ok(sample(char_model, "-n", 40, "-t", 0)).stdout
     for seed in (1, 2):
         assert check_ok(sample(char_model, "-n", 40, "--top-k", 1, "--seed", seed, "-t", 1.5)).stdout == greedy
+
+
+def test_draw_is_rng_choice_without_its_checks():
+    """Same seed, same indices as Generator.choice(len(p), p=p), including zero-probability
+    entries (never drawn) and probabilities that sum to 1 only up to rounding."""
+    rng = numpy.random.default_rng(3)
+    for V in (2, 65, 10000):
+        p = rng.random(V) ** 4
+        p[rng.integers(0, V, V // 3)] = 0.0
+        p /= p.sum()
+        a, b = numpy.random.default_rng(7), numpy.random.default_rng(7)
+        ours = [draw(p, a) for _ in range(500)]
+        assert ours == [int(b.choice(V, p=p)) for _ in range(500)]
+        assert all(p[i] > 0 for i in ours)
 
 
 def test_filter_probs_top_p_excludes_the_tail():
