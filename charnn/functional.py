@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy
 
 from . import kernels
-from .backend import array_module
+from .backend import array_module, run_in_two, to_device
 
 # Up to this vocabulary size, scatter-adds are done as a GEMM with a one-hot matrix, which is
 # much faster than ufunc.at on the CPU.
@@ -41,8 +41,6 @@ def scatter_add_rows(dst, ids, src):
 def dropout_mask(shape, p, rng, xp, dtype):
     """An inverted-dropout mask: 0 with probability p, else 1/(1-p). Drawn on the host from
     ``rng`` so the same seed gives the same masks on every device."""
-    from .backend import to_device
-
     keep = rng.random(shape) >= p
     return to_device(keep.astype(dtype) / (1.0 - p), xp)
 
@@ -159,8 +157,6 @@ def _in_group_ranges(fn, ranges):
     if len(ranges) == 1:
         fn(*ranges[0])
     else:
-        from .backend import run_in_two
-
         run_in_two(lambda r: fn(*r), ranges[0], ranges[1])
 
 

@@ -334,7 +334,7 @@ class LanguageModel:
     def _body_backward(self, dX, cache, grads, sparse):
         """Backpropagate dX (H, M), the gradient of the top states, through the recurrent
         layers and the input; adds their gradients to ``grads``; returns dstate."""
-        cfg, p, xp = self.config, self.params, self.xp
+        cfg, p = self.config, self.params
         T, N, ids_d = cache["T"], cache["N"], cache["ids"]
         M = T * N
         dstate = [None] * cfg.layers
@@ -342,38 +342,49 @@ class LanguageModel:
             dhs = dX.reshape(cfg.hidden, T, N)
             if cache["masks"][layer] is not None:
                 dhs = dhs * cache["masks"][layer]
-            Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
-            dXP, dWh, dbhn, dh0, dc0 = cells.layer_backward(dhs, cache["layers"][layer], Wh)
-            dXP = dXP.reshape(-1, M)
+            dXP, dWh, dbhn, dh0, dc0 = cells.layer_backward(dhs, cache["layers"][layer], p[f"rnn.{layer}.Wh"])
             grads[f"rnn.{layer}.Wh"] = dWh
-            if not (layer == 0 and not cfg.embed and kernels.use_fused(dXP)):
-                grads[f"rnn.{layer}.b"] = dXP.sum(axis=1)
             if dbhn is not None:
                 grads[f"rnn.{layer}.bhn"] = dbhn
             dstate[layer] = (dh0, dc0)
-            X = cache["inputs"][layer]
-            if X is None:  # one-hot input: dWx gets columns scattered by token id
-                dWx = xp.zeros(Wx.shape, dtype=self.dtype)
-                if kernels.use_fused(dXP):
-                    db = xp.zeros(Wx.shape[0], dtype=self.dtype)
-                    kernels.scatter_columns(dWx, db, ids_d, dXP)
-                    grads[f"rnn.{layer}.b"] = db
-                else:
-                    scatter_add_rows(dWx.T, ids_d, dXP.T)
-                dX = None
-            else:
-                dWx = dXP @ X.T
-                dX = Wx.T @ dXP  # (In, M)
-            grads[f"rnn.{layer}.Wx"] = dWx
-        if cfg.embed:
-            dE = grads.get("embed.W")
-            if sparse and dE is None:
-                grads["embed.W"] = RowGrad.from_ids(ids_d, dX.T, p["embed.W"].shape)
-            else:
-                dE = xp.zeros(p["embed.W"].shape, dtype=self.dtype) if dE is None else dE
-                scatter_add_rows(dE, ids_d, dX.T)
-                grads["embed.W"] = dE
+            dX = self._input_grads(layer, dXP.reshape(-1, M), cache["inputs"][layer], ids_d, grads)
+        self._embed_grad(ids_d, dX, grads, sparse)
         return dstate
+
+    def _input_grads(self, layer, dXP, X, ids_d, grads):
+        """A layer's input-weight and bias gradients from dXP (G*H, M), the gradient of its
+        input projections, and X (In, M) its input (None: one-hot ids_d), put into
+        ``grads``; returns the gradient of X (None for one-hot input)."""
+        xp, Wx = self.xp, self.params[f"rnn.{layer}.Wx"]
+        if X is not None:
+            grads[f"rnn.{layer}.b"] = dXP.sum(axis=1)
+            grads[f"rnn.{layer}.Wx"] = dXP @ X.T
+            return Wx.T @ dXP  # (In, M)
+        # one-hot input: dWx gets columns scattered by token id
+        dWx = xp.zeros(Wx.shape, dtype=self.dtype)
+        if kernels.use_fused(dXP):
+            db = xp.zeros(Wx.shape[0], dtype=self.dtype)
+            kernels.scatter_columns(dWx, db, ids_d, dXP)
+        else:
+            db = dXP.sum(axis=1)
+            scatter_add_rows(dWx.T, ids_d, dXP.T)
+        grads[f"rnn.{layer}.b"] = db
+        grads[f"rnn.{layer}.Wx"] = dWx
+        return None
+
+    def _embed_grad(self, ids_d, dX, grads, sparse):
+        """The embedding's gradient from dX (E, M), the gradient of the looked-up vectors
+        (added to the output layer's when tied; a RowGrad with ``sparse`` otherwise)."""
+        if not self.config.embed:
+            return
+        xp, shape = self.xp, self.params["embed.W"].shape
+        dE = grads.get("embed.W")
+        if sparse and dE is None:
+            grads["embed.W"] = RowGrad.from_ids(ids_d, dX.T, shape)
+        else:
+            dE = xp.zeros(shape, dtype=self.dtype) if dE is None else dE
+            scatter_add_rows(dE, ids_d, dX.T)
+            grads["embed.W"] = dE
 
     # ----- the batch split across CPU cores -----
     def split_columns(self, N: int) -> list:
@@ -449,8 +460,8 @@ class LanguageModel:
         its compiled within-class passes split across the two threads by class. Its large
         weight gradient is then computed once (each row by one thread) and never summed.
         Everything runs with one BLAS thread: OpenBLAS's own threads, once woken for a
-        product, spin on the core the other half needs (measured: 92-125 ms per step of
-        benchmarks/factored.py against 70 ms)."""
+        product, spin on the core the other half needs (benchmarks/factored.py measured
+        107 ms per step with two BLAS threads around the output layer, 65 ms without)."""
         cfg, xp = self.config, self.xp
         T, N = ids.shape
 

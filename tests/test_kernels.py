@@ -178,12 +178,14 @@ def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted, thread
     assert not dW[7:20].any() and not db[7:20].any() and dW[20:].any()
 
 
-def test_two_thread_split_with_class_head_float32(monkeypatch):
+@pytest.mark.parametrize("tie", [False, True])
+def test_two_thread_split_with_class_head_float32(monkeypatch, tie):
     """The split path of a class-factored model (recurrent layers on two halves, the output
-    layer once on the whole batch, its compiled passes split by class) against one thread."""
+    layer once on the whole batch, its compiled passes split by class) against one thread;
+    tied, the halves' row gradients of the embedding are added into the output layer's."""
     monkeypatch.delenv("CHARNN_KERNELS", raising=False)
-    cfg = ModelConfig(vocab_size=60, cell="lstm", layers=2, hidden=16, embed=8, dropout=0.2,
-                      class_bounds=(0, 2, 5, 11, 25, 60))
+    cfg = ModelConfig(vocab_size=60, cell="lstm", layers=2, hidden=16, embed=16 if tie else 8, dropout=0.2,
+                      tie=tie, class_bounds=(0, 2, 5, 11, 25, 60))
     m = LanguageModel.create(cfg, backend=get_backend("cpu", "float32"))
     rng = numpy.random.default_rng(0)
     ids, tg = rng.integers(0, 60, (6, 11)), rng.integers(0, 60, (6, 11))
