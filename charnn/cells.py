@@ -189,28 +189,26 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, activation, store, xp):
     return hs, (h, c), cache
 
 
-def layer_backward(dhs, cache, Wh, dstate=None):
+def layer_backward(dhs, cache, Wh):
     """Backpropagate through one layer over the chunk.
 
     Args:
         dhs: (H, T, N) dL/dhs from above (the head or the next layer).
         cache: from :func:`layer_forward` with store=True.
         Wh: (G*H, H) recurrent weights.
-        dstate: (dh, dc) the gradient w.r.t. the layer's final state (dc None unless LSTM),
-            when the chunk is a piece of a longer one; default zeros (truncated BPTT).
 
     Returns:
         dXP (G*H, T, N) = dL/d(input projections), dWh, dbhn (GRU, else None),
         dh0 and dc0 (LSTM, else None).
     """
     if (cache["cell"] != "rnn" or cache["activation"] == "tanh") and kernels.use_fused(dhs):
-        return kernels.layer_backward(dhs, cache, Wh, dstate)
+        return kernels.layer_backward(dhs, cache, Wh)
     xp = array_module(dhs)
     with loop_threads(2.0 * Wh.size * dhs.shape[2], xp):
-        return _layer_backward(dhs, cache, Wh, xp, dstate)
+        return _layer_backward(dhs, cache, Wh, xp)
 
 
-def _layer_backward(dhs, cache, Wh, xp, dstate=None):
+def _layer_backward(dhs, cache, Wh, xp):
     cell, A, hs, h0 = cache["cell"], cache["A"], cache["hs"], cache["h0"]
     H, T, N = hs.shape
     GH = A.shape[1]
@@ -218,11 +216,11 @@ def _layer_backward(dhs, cache, Wh, xp, dstate=None):
     dXP = xp.empty((GH, T, N), dtype=dtype)
     da = xp.empty((GH, N), dtype=dtype)
     dh = xp.empty((H, N), dtype=dtype)
-    dh_next = xp.zeros((H, N), dtype=dtype) if dstate is None else dstate[0].copy()
+    dh_next = xp.zeros((H, N), dtype=dtype)
     tmp = xp.empty((H, N), dtype=dtype)
     if cell == "lstm":
         cs, tcs, c0 = cache["cs"], cache["tcs"], cache["c0"]
-        dc = xp.zeros((H, N), dtype=dtype) if dstate is None else dstate[1].copy()
+        dc = xp.zeros((H, N), dtype=dtype)
     if cell == "gru":
         HN = cache["HN"]
         dHP = xp.empty((GH, T, N), dtype=dtype)

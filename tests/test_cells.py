@@ -223,34 +223,6 @@ def test_carried_state_equals_one_long_chunk(cell, activation):
         numpy.testing.assert_array_equal(c0c, c0_before)
 
 
-@pytest.mark.parametrize("cell,activation", LAYER_CASES)
-@pytest.mark.parametrize("dtype", ["float64", "float32"])  # float32: the compiled kernels
-def test_backward_in_two_pieces_equals_one_chunk(cell, activation, dtype):
-    """Backward through the second half of a chunk, then the first half given the gradient of
-    the state between them (``dstate``), equals backward through the whole chunk."""
-    In, H, T, N = 2, 3, 6, 2
-    w_ih, w_hh, b_ih, b_hh, xs, h0, c0 = random_layer(cell, In, H, T, N, seed=9)
-    XP, Wh, bhn = (None if a is None else a.astype(dtype) for a in to_charnn(cell, w_ih, w_hh, b_ih, b_hh, xs))
-    h0c = numpy.ascontiguousarray(h0.T, dtype=dtype)
-    c0c = None if c0 is None else numpy.ascontiguousarray(c0.T, dtype=dtype)
-    dhs = numpy.random.default_rng(1).normal(size=(H, T, N)).astype(dtype)
-    _, _, cache = cells.layer_forward(cell, XP, Wh, h0c, c0c, bhn, activation)
-    dXP, dWh, dbhn, dh0, dc0 = cells.layer_backward(dhs, cache, Wh)
-    half = T // 2
-    _, (h1, c1), cache1 = cells.layer_forward(cell, numpy.ascontiguousarray(XP[:, :half]), Wh, h0c, c0c, bhn, activation)
-    _, _, cache2 = cells.layer_forward(cell, numpy.ascontiguousarray(XP[:, half:]), Wh, h1, c1, bhn, activation)
-    dXP2, dWh2, dbhn2, dh1, dc1 = cells.layer_backward(numpy.ascontiguousarray(dhs[:, half:]), cache2, Wh)
-    dXP1, dWh1, dbhn1, dh0b, dc0b = cells.layer_backward(numpy.ascontiguousarray(dhs[:, :half]), cache1, Wh, (dh1, dc1))
-    tol = TOL if dtype == "float64" else 1e-5
-    numpy.testing.assert_allclose(numpy.concatenate([dXP1, dXP2], axis=1), dXP, rtol=0, atol=tol)
-    numpy.testing.assert_allclose(dWh1 + dWh2, dWh, rtol=0, atol=tol)
-    numpy.testing.assert_allclose(dh0b, dh0, rtol=0, atol=tol)
-    if cell == "lstm":
-        numpy.testing.assert_allclose(dc0b, dc0, rtol=0, atol=tol)
-    if cell == "gru":
-        numpy.testing.assert_allclose(dbhn1 + dbhn2, dbhn, rtol=0, atol=tol)
-
-
 def test_gru_bias_layout_is_pytorchs():
     """A hidden bias on the n gate is not the same as an input bias there (reset applies to it)."""
     w_ih, w_hh, b_ih, b_hh, xs, h0, _ = random_layer("gru", 2, 3, 3, 2, seed=2)
