@@ -158,6 +158,38 @@ if available:
                 hs[j, t, n] = nn + z * (h_prev[j, n] - nn)
 
     @jit
+    def gru_step_forward_flat(t, a, hp, XP, bhn, h_prev, hn, hs):
+        """gru_step_forward for any N, its gate math over each gate's (H, N) block as one flat
+        run (the column loop above is not vectorised below N = 32: 25 us per step at
+        H = 128, N = 16, against 9 at N = 32). The sums with XP, bhn and the update of h,
+        whose arrays are strided, are separate simple passes."""
+        G, N = a.shape
+        H = G // 3
+        for j in range(2 * H):
+            for n in range(N):
+                a[j, n] = XP[j, t, n] + hp[j, n]
+        for j in range(H):
+            for n in range(N):
+                a[2 * H + j, n] = XP[2 * H + j, t, n]
+                hn[j, n] = hp[2 * H + j, n] + bhn[j]
+        HN = H * N
+        af, hf = a.reshape(G * N), hn.reshape(HN)
+        for k in range(HN):
+            r = _sigmoid(af[k])
+            af[k] = r
+            af[HN + k] = _sigmoid(af[HN + k])
+            af[2 * HN + k] = _tanh(af[2 * HN + k] + r * hf[k])
+        for j in range(H):
+            for n in range(N):
+                nn = a[2 * H + j, n]
+                hs[j, t, n] = nn + a[H + j, n] * (h_prev[j, n] - nn)
+
+    def gru_step_forward_for(N: int):
+        """The GRU step kernel for N streams: the column loop where N is a multiple of 32,
+        else the flat one."""
+        return gru_step_forward if N % 32 == 0 else gru_step_forward_flat
+
+    @jit
     def gru_step_backward(t, a, hn, h_prev, dhs, dh_next, dXP, dHP):
         """dh = dhs[:, t] + dh_next; writes dXP[:, t] = dL/d(input projections) and dHP[:, t]
         = dL/d(hidden product) (both (3H, T, N)), and leaves dh * z (the path from h_t to
@@ -370,10 +402,11 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store):
     HN = numpy.empty((S, H, N), dtype=dtype)
     hp = numpy.empty((GH, N), dtype=dtype)
     h_prev = h
+    step = gru_step_forward_for(N)
     for t in range(T):
         s = t if store else 0
         numpy.matmul(Wh, h_prev, out=hp)
-        gru_step_forward(t, A[s], hp, XP, bhn, h_prev, HN[s], hs)
+        step(t, A[s], hp, XP, bhn, h_prev, HN[s], hs)
         h_prev = hs[:, t]
     cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh", "HN": HN} if store else None
     return hs, (hs[:, T - 1].copy(), None), cache

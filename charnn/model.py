@@ -667,7 +667,7 @@ class Stepper:
             bhn = p[f"rnn.{layer}.bhn"]
             if self.fused:
                 h_prev = h.copy()
-                kernels.gru_step_forward(0, a, self.hp, numpy.ascontiguousarray(XPt), bhn, h_prev, self.tc_gru(layer), hs)
+                kernels.gru_step_forward_for(self.N)(0, a, self.hp, numpy.ascontiguousarray(XPt), bhn, h_prev, self.tc_gru(layer), hs)
             else:
                 H = h.shape[0]
                 a[: 2 * H] = XPt[: 2 * H, 0] + self.hp[: 2 * H]

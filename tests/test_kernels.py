@@ -23,7 +23,7 @@ def run(monkeypatch, mode, cfg, ids, tg, state):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("embed", [0, 8])
-@pytest.mark.parametrize("N", [5, 16])  # LSTM: the flat step kernel, and the column one
+@pytest.mark.parametrize("N", [5, 16, 32])  # flat step kernels, and the column ones (LSTM 16, GRU 32)
 def test_fused_layers_match_plain_float32(monkeypatch, cell, embed, N):
     cfg = ModelConfig(vocab_size=20, cell=cell, layers=2, hidden=16, embed=embed, dropout=0.1)
     rng = numpy.random.default_rng(0)
