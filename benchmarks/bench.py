@@ -108,7 +108,6 @@ class CharnnSide:
 
     def sampler(self):
         from charnn.model import Stepper
-
         from charnn.sample import draw
 
         st = Stepper(self.model, 1)
