@@ -180,3 +180,23 @@ def run_in_two(fn, a, b) -> list:
     future = _executor.submit(fn, b)
     first = fn(a)
     return [first, future.result()]
+
+
+def share_in_two(items: list, min_cut: int = 1 << 16) -> tuple:
+    """Two lists of about equal work for :func:`run_in_two`: ``items`` are tuples of 1-D arrays
+    of one length each (e.g. a parameter and its gradient, flattened); those of ``min_cut``
+    elements or more are cut in half (the same cut for every array of the tuple), and the
+    pieces are dealt out largest first to the lighter list."""
+    pieces = []
+    for arrays in items:
+        n = len(arrays[0])
+        cut = n // 2 if n >= min_cut else n
+        pieces.append(tuple(a[:cut] for a in arrays))
+        if cut < n:
+            pieces.append(tuple(a[cut:] for a in arrays))
+    groups, sizes = ([], []), [0, 0]
+    for piece in sorted(pieces, key=lambda q: -len(q[0])):
+        k = 0 if sizes[0] <= sizes[1] else 1
+        groups[k].append(piece)
+        sizes[k] += len(piece[0])
+    return groups

@@ -44,6 +44,18 @@ def _join_states(xp, s0, s1) -> list:
             for (h0, c0), (h1, c1) in zip(s0, s1)]
 
 
+def _add_grads(grads: dict, more: dict):
+    """grads += more, name by name, in place (a name only in ``more`` is taken over); a row
+    gradient added to a dense one (a tied embedding) is scattered into it."""
+    for k, v in more.items():
+        if k not in grads:
+            grads[k] = v
+        elif isinstance(v, RowGrad) and not isinstance(grads[k], RowGrad):
+            scatter_add_rows(grads[k], v.rows, v.values)
+        else:
+            grads[k] += v
+
+
 class ModelError(ValueError):
     """A model configuration or parameter set is invalid."""
 
@@ -448,8 +460,7 @@ class LanguageModel:
 
         results = self._run_split(parts, work)
         (l0, g0, s0, n0), (l1, g1, s1, n1) = results
-        for k in g0:
-            g0[k] += g1[k]
+        _add_grads(g0, g1)
         loss = l0 * (n0 / N) + l1 * (n1 / N)
         new_state = _join_states(xp, s0, s1)
         return loss, g0, new_state
@@ -473,7 +484,6 @@ class LanguageModel:
         halves = self._run_split(parts, body_forward, blas=False)
         H = cfg.hidden
         X = xp.concatenate([Xh.reshape(H, T, b - a) for (Xh, _, _), (a, b) in zip(halves, parts)], axis=2)
-        targets = self._check_ids(targets, "target ids")
         loss, _, hcache = self._head_forward(X.reshape(H, T * N), targets, None, True, threads=THREADS)
         grads = {}
         dX = self._head_backward(hcache, grads).reshape(H, T, N)
@@ -484,15 +494,8 @@ class LanguageModel:
             self._body_backward(xp.ascontiguousarray(dX[:, :, a:b]).reshape(H, T * (b - a)), cache, g, sparse)
             return g
 
-        g0, g1 = self._run_split([(0,), (1,)], body_backward, blas=False)
-        for g in (g0, g1):
-            for k, v in g.items():
-                if k not in grads:
-                    grads[k] = v
-                elif isinstance(v, RowGrad) and not isinstance(grads[k], RowGrad):  # tied embedding
-                    scatter_add_rows(grads[k], v.rows, v.values)
-                else:
-                    grads[k] += v
+        for g in self._run_split([(0,), (1,)], body_backward, blas=False):
+            _add_grads(grads, g)
         new_state = _join_states(xp, halves[0][2], halves[1][2])
         return loss, grads, new_state
 
