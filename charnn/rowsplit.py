@@ -1,0 +1,353 @@
+"""An LSTM layer's time loop shared by two cores by hidden units ("row split"), float32.
+
+The batch split (model.LanguageModel.split_columns) gives each core half of the streams and
+the whole recurrent matrix: every step, each core multiplies all G*H rows of Wh by N/2
+columns. OpenBLAS repacks Wh at every call, so a product with few columns costs nearly as much
+as one with twice as many: (800x200)@(200x10) took 83 us, (400x200)@(200x20) 49 us on one
+core. Here each core takes half of the hidden units instead, the gate rows of those units and
+all N streams; after each step the two cores meet, since the next step's product needs both
+halves of h. The meeting is a spin on two shared counters (atomic loads and stores, a
+sched_yield after a short spin), and each core's whole time loop runs in one compiled call
+that calls the BLAS itself, so the GIL is not taken once per step. Measured on the forward
+loop alone (2 cores): H=200, N=20, T=35 2.95 ms against 4.6 with the batch split; H=128, N=32,
+T=50 2.45 against 4.05; H=512, N=64, T=100 123 against 128.
+
+The kernels are those of kernels.py, run on a "sub-layer" of H/2 units: the gate rows are
+permuted so that each core's rows (its units' i, f, g, o) are one contiguous block, so the
+results are those of the one-core loop (the forward bit for bit here; the backward's
+products sum in another order). The same compiled loops also run a whole layer on one core
+(``solo``; lstm_forward_one and lstm_backward_loop_one), which kernels.py uses for every
+float32 LSTM: no Python and no GIL per time step there either.
+
+Used when numba is present and NumPy's BLAS exposes a CBLAS sgemm charnn can find and check
+(OpenBLAS as NumPy's wheels ship it); otherwise kernels.py's Python loops run as before.
+CHARNN_ROWSPLIT=0 turns both off. The model picks the row split for LSTMs with an even
+hidden size, two threads allowed (CHARNN_THREADS) and thin half batches (see
+LanguageModel._row_split).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy
+
+from . import kernels
+from .backend import THREADS, run_in_two
+
+_blas = None  # (sgemm ctypes function, sched_yield ctypes function), or False
+
+
+def _find_blas():
+    """NumPy's CBLAS sgemm (a ctypes function) and libc's sched_yield, or False."""
+    global _blas
+    if _blas is not None:
+        return _blas
+    _blas = False
+    if not kernels.available or os.environ.get("CHARNN_ROWSPLIT", "1") == "0":
+        return _blas
+    try:
+        from threadpoolctl import threadpool_info
+
+        lib = None
+        for info in threadpool_info():
+            if info.get("user_api") == "blas" and info.get("internal_api") == "openblas":
+                lib = ctypes.CDLL(info["filepath"])
+                break
+        if lib is None:
+            return _blas
+        fn = None
+        for name, wide in (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("scipy_cblas_sgemm", False), ("cblas_sgemm", False)):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                break
+        if fn is None:
+            return _blas
+        I, S = ctypes.c_int, ctypes.c_size_t
+        L = ctypes.c_int64 if wide else ctypes.c_int
+        fn.restype = None
+        fn.argtypes = [I, I, I, L, L, L, ctypes.c_float, S, L, S, L, ctypes.c_float, S, L]
+        yld = ctypes.CDLL(None).sched_yield
+        yld.restype, yld.argtypes = ctypes.c_int, []
+        # A product checked against NumPy's before the loops trust the symbol and its
+        # integer width (a wrong guess gives a wrong result here, not later).
+        rng = numpy.random.default_rng(0)
+        A = rng.normal(size=(7, 5)).astype(numpy.float32)
+        B = rng.normal(size=(5, 9)).astype(numpy.float32)
+        C = numpy.zeros((7, 3), dtype=numpy.float32)
+        fn(101, 111, 111, 7, 3, 5, 1.0, A.ctypes.data, 5, B.ctypes.data, 9, 0.0, C.ctypes.data, 3)
+        if numpy.allclose(C, A @ B[:, :3], rtol=1e-5, atol=1e-5):
+            _blas = (fn, yld)
+    except (OSError, AttributeError, ImportError):
+        _blas = False
+    return _blas
+
+
+def compiled_loops() -> bool:
+    """Whether the compiled one-core LSTM loops (lstm_forward_one and friends) can run."""
+    return bool(_find_blas())
+
+
+def usable(W, H: int) -> bool:
+    """Whether an LSTM layer of H units with weights like W may run row split."""
+    return THREADS >= 2 and H % 2 == 0 and H >= 16 and kernels.use_fused(W) and bool(_find_blas())
+
+
+if kernels.available:
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    jit = kernels.jit
+
+    @intrinsic
+    def _load(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+            return builder.load_atomic(ptr, ordering="acquire", align=8)
+        return types.int64(arr, idx), codegen
+
+    @intrinsic
+    def _store(typingctx, arr, idx, val):
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+            builder.store_atomic(args[2], ptr, ordering="release", align=8)
+            return context.get_dummy_value()
+        return types.void(arr, idx, val), codegen
+
+    @jit
+    def _meet(flags, k, target, yld):
+        """Core k has finished step ``target``; wait until the other has too. flags[2] != 0
+        means the other thread failed: returns False then."""
+        _store(flags, k, target)
+        spins = 0
+        while _load(flags, 1 - k) < target:
+            if _load(flags, 2) != 0:
+                return False
+            spins += 1
+            if spins > 4000:  # a few microseconds; then let a thread that shares this core run
+                yld()
+        return True
+
+    @jit
+    def _gemm(sgemm, A, B, ldb, C):
+        """C (M, N) = A (M, K) @ B, B (K, N) with row stride ldb (row-major, C-contiguous A
+        and C)."""
+        M, K = A.shape
+        N = C.shape[1]
+        sgemm(101, 111, 111, M, N, K, F1, A.ctypes.data, K, B.ctypes.data, ldb, F0, C.ctypes.data, N)
+
+    F1, F0 = numpy.float32(1.0), numpy.float32(0.0)
+
+    @jit
+    def _copy_step(src, t, dst):
+        """dst (R, N) = src[:, t] for src (R, T, N)."""
+        R, N = dst.shape
+        for r in range(R):
+            for n in range(N):
+                dst[r, n] = src[r, t, n]
+
+    @jit
+    def lstm_rows_forward(k, sgemm, yld, flags, Wk, h0, XPk, Ak, c0k, csk, tcsk, hsk, hbuf, flat, store, solo):
+        """Core k's part of the forward loop: its gate rows Wk (4*H2, H) of the permuted Wh,
+        its input projections XPk (4*H2, T, N); writes Ak (gate values), csk, tcsk and hsk,
+        its rows of hs (H, T, N). Without store, Ak holds one step and csk two that take
+        turns (kernels.py explains why not one). Each step's h also goes to hbuf[t % 2]
+        (2, H, N), which the next step's product reads: reading hs[:, t] instead, whose cache
+        lines hold the other core's next writes too, cost about 20 us per step. ``solo``:
+        the whole layer on this core (k = 0, Wk all of Wh): no partner, no hbuf."""
+        T, N = hsk.shape[1], hsk.shape[2]
+        H2 = hsk.shape[0]
+        for t in range(T):
+            s = t if store else 0
+            ct = csk[t] if store else csk[t % 2]
+            if t == 0:
+                _gemm(sgemm, Wk, h0, h0.shape[1], Ak[s])
+                c = c0k
+            elif solo:
+                _gemm(sgemm, Wk, hsk[:, t - 1], T * N, Ak[s])
+                c = csk[t - 1] if store else csk[(t - 1) % 2]
+            else:
+                _gemm(sgemm, Wk, hbuf[(t - 1) % 2], N, Ak[s])
+                c = csk[t - 1] if store else csk[(t - 1) % 2]
+            if flat:
+                kernels.lstm_step_forward_flat(t, Ak[s], XPk, c, ct, tcsk[s], hsk)
+            else:
+                kernels.lstm_step_forward(t, Ak[s], XPk, c, ct, tcsk[s], hsk)
+            if solo:
+                continue
+            _copy_step(hsk, t, hbuf[t % 2, k * H2:(k + 1) * H2])
+            if not _meet(flags, k, t + 1, yld):
+                return False
+        return True
+
+    @jit
+    def lstm_rows_backward(k, sgemm, yld, flags, WhTk, Ak, csk, c0k, tcsk, dhsk, dhk, dck, dXPk, dbuf, solo):
+        """Core k's part of the backward loop: dhk, dck (H2, N) its rows of dL/dh and dL/dc
+        carried back (zeros in, dL/dh0 and dL/dc0 out); writes dXPk, its rows of the
+        permuted dXP (G*H, T, N), and the same step's rows of dbuf[t % 2] (2, G*H, N), which
+        both cores' products read once both have written their rows. ``solo``: the whole
+        layer on this core (WhTk all of Wh^T)."""
+        T, N = dXPk.shape[1], dXPk.shape[2]
+        R = dXPk.shape[0]
+        for t in range(T - 1, -1, -1):
+            c_prev = csk[t - 1] if t > 0 else c0k
+            kernels.lstm_step_backward(t, Ak[t], c_prev, tcsk[t], dhsk, dhk, dck, dXPk)
+            if solo:
+                _gemm(sgemm, WhTk, dXPk[:, t], T * N, dhk)
+                continue
+            _copy_step(dXPk, t, dbuf[t % 2, k * R:(k + 1) * R])
+            if not _meet(flags, k, T - t, yld):
+                return False
+            _gemm(sgemm, WhTk, dbuf[t % 2], N, dhk)
+        return True
+
+
+class _Failed(RuntimeError):
+    """The other core's half of a loop stopped early (its own error is the one raised)."""
+
+
+def _perm(H: int, G: int = 4):
+    """Row order of the permuted layer: core 0's units' gate rows, then core 1's."""
+    H2 = H // 2
+    return numpy.concatenate([numpy.arange(g * H + k * H2, g * H + (k + 1) * H2) for k in (0, 1) for g in range(G)])
+
+
+def _in_two(work, flags):
+    """work(0) here and work(1) in charnn's worker thread, at once. work returns False when
+    its loop saw the other side fail; an exception on either side sets flags[2], which stops
+    the other side's waiting, and is raised here once both have returned."""
+
+    def guarded(k):
+        try:
+            if not work(k):
+                raise _Failed("the other half of the loop failed")
+            return None
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+            flags[2] = 1
+            return e
+
+    errors = [e for e in run_in_two(guarded, 0, 1) if e is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _Failed)), errors[0])
+
+
+def lstm_forward(XP, Wh, h0, c0, store=True):
+    """kernels.layer_forward for an LSTM, row split (same arguments, results and cache
+    contents, plus what backward needs of the split)."""
+    sgemm, yld = _find_blas()
+    GH, T, N = XP.shape
+    H = GH // 4
+    H2 = H // 2
+    perm = _perm(H)
+    S = T if store else 1
+    dtype = XP.dtype
+    hs = numpy.empty((H, T, N), dtype=dtype)
+    h0 = numpy.ascontiguousarray(h0)
+    c0 = numpy.ascontiguousarray(c0)
+    A = [numpy.empty((S, 2 * H, N), dtype=dtype) for _ in (0, 1)]
+    cs = [numpy.empty((T if store else 2, H2, N), dtype=dtype) for _ in (0, 1)]
+    tcs = [numpy.empty((S, H2, N), dtype=dtype) for _ in (0, 1)]
+    hbuf = numpy.empty((2, H, N), dtype=dtype)
+    flags = numpy.zeros(3, dtype=numpy.int64)
+    flat = N % 16 != 0
+
+    def work(k):
+        rows = perm[k * 2 * H:(k + 1) * 2 * H]
+        Wk = Wh[rows]  # fancy indexing: a contiguous copy
+        XPk = numpy.concatenate([XP[g * H + k * H2:g * H + (k + 1) * H2] for g in range(4)])
+        return lstm_rows_forward(k, sgemm, yld, flags, Wk, h0, XPk, A[k], c0[k * H2:(k + 1) * H2], cs[k], tcs[k],
+                                 hs[k * H2:(k + 1) * H2], hbuf, flat, store, False)
+
+    _in_two(work, flags)
+    last = T - 1 if store else (T - 1) % 2
+    c = numpy.concatenate([cs[0][last], cs[1][last]])
+    cache = None
+    if store:
+        cache = {"cell": "lstm", "rows": True, "A": A, "cs": cs, "tcs": tcs, "hs": hs, "h0": h0, "c0": c0,
+                 "activation": "tanh"}
+    return hs, (hs[:, T - 1].copy(), c), cache
+
+
+def lstm_backward(dhs, cache, Wh):
+    """kernels.layer_backward for a cache of :func:`lstm_forward` (same results)."""
+    sgemm, yld = _find_blas()
+    hs, h0 = cache["hs"], cache["h0"]
+    H, T, N = hs.shape
+    H2 = H // 2
+    GH = 4 * H
+    perm = _perm(H)
+    dtype = hs.dtype
+    dhs = numpy.ascontiguousarray(dhs)
+    dXPp = numpy.empty((GH, T, N), dtype=dtype)
+    dXP = numpy.empty((GH, T, N), dtype=dtype)
+    dWh = numpy.empty((GH, H), dtype=dtype)
+    dh0 = numpy.zeros((H, N), dtype=dtype)
+    dc0 = numpy.zeros((H, N), dtype=dtype)
+    dbuf = numpy.empty((2, GH, N), dtype=dtype)
+    flags = numpy.zeros(3, dtype=numpy.int64)
+    c0 = cache["c0"]
+    hs_prev = hs.reshape(H, T * N)[:, : (T - 1) * N].T
+
+    def work(k):
+        units = slice(k * H2, (k + 1) * H2)
+        WhTk = numpy.ascontiguousarray(Wh[perm, units].T)  # (H2, GH): its units' rows of Wh^T, permuted columns
+        dXPk = dXPp[k * 2 * H:(k + 1) * 2 * H]
+        if not lstm_rows_backward(k, sgemm, yld, flags, WhTk, cache["A"][k], cache["cs"][k], c0[units],
+                                  cache["tcs"][k], dhs[units], dh0[units], dc0[units], dXPk, dbuf, False):
+            return False
+        # Its rows back in the canonical order (one block per gate), and their part of the
+        # recurrent weight gradient dWh = dXP[:, 0] @ h0^T + dXP[:, 1:] @ hs[:, :-1]^T.
+        for g in range(4):
+            rows = slice(g * H + k * H2, g * H + (k + 1) * H2)
+            d = dXP[rows]
+            d[...] = dXPk[g * H2:(g + 1) * H2]
+            numpy.matmul(d[:, 0], h0.T, out=dWh[rows])
+            if T > 1:
+                dWh[rows] += d.reshape(H2, T * N)[:, N:] @ hs_prev
+        return True
+
+    _in_two(work, flags)
+    return dXP, dWh, None, dh0, dc0
+
+
+def lstm_forward_one(XP, Wh, h0, c0, store=True):
+    """kernels.layer_forward for an LSTM on one core, its time loop one compiled call (the
+    product at each step from within it: no Python, no GIL per step)."""
+    sgemm, yld = _find_blas()
+    GH, T, N = XP.shape
+    H = GH // 4
+    dtype = XP.dtype
+    XP = numpy.ascontiguousarray(XP)
+    S = T if store else 1
+    hs = numpy.empty((H, T, N), dtype=dtype)
+    A = numpy.empty((S, GH, N), dtype=dtype)
+    cs = numpy.empty((T if store else 2, H, N), dtype=dtype)
+    tcs = numpy.empty((S, H, N), dtype=dtype)
+    h0c, c0c = numpy.ascontiguousarray(h0), numpy.ascontiguousarray(c0)
+    lstm_rows_forward(0, sgemm, yld, _NO_FLAGS, numpy.ascontiguousarray(Wh), h0c, XP, A, c0c, cs, tcs, hs, _NO_BUF,
+                      N % 16 != 0, store, True)
+    c = cs[T - 1 if store else (T - 1) % 2].copy()
+    cache = {"cell": "lstm", "A": A, "hs": hs, "h0": h0, "activation": "tanh", "cs": cs, "tcs": tcs, "c0": c0} if store else None
+    return hs, (hs[:, T - 1].copy(), c), cache
+
+
+def lstm_backward_loop_one(dhs, cache, WhT):
+    """kernels._layer_backward_loop for an LSTM on one core, one compiled call: (dXP, dh0, dc0)."""
+    sgemm, yld = _find_blas()
+    A, hs, cs, tcs = cache["A"], cache["hs"], cache["cs"], cache["tcs"]
+    H, T, N = hs.shape
+    dtype = hs.dtype
+    dXP = numpy.empty((A.shape[1], T, N), dtype=dtype)
+    dh = numpy.zeros((H, N), dtype=dtype)
+    dc = numpy.zeros((H, N), dtype=dtype)
+    lstm_rows_backward(0, sgemm, yld, _NO_FLAGS, WhT, A, cs, numpy.ascontiguousarray(cache["c0"]), tcs,
+                       numpy.ascontiguousarray(dhs), dh, dc, dXP, _NO_BUF3, True)
+    return dXP, dh, dc
+
+
+_NO_FLAGS = numpy.zeros(3, dtype=numpy.int64)
+_NO_BUF = numpy.zeros((2, 1, 1), dtype=numpy.float32)
+_NO_BUF3 = _NO_BUF
