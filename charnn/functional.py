@@ -250,9 +250,15 @@ def class_xent_backward(cache, Wc, W):
         for k in numpy.flatnonzero(absent):
             dW[bounds_a[k]: bounds_a[k + 1]] = 0
             db[bounds_a[k]: bounds_a[k + 1]] = 0
-        _in_group_ranges(lambda k0, k1: kernels.class_words_backward(Xt, W, t64, order, groups, k0, k1, starts, ends,
-                                                                     offsets, P, per, dW, db, dXw), cache["ranges"])
+        sq = numpy.zeros((2, 1))  # one per thread
+
+        def part(k0, k1):
+            kernels.class_words_backward(Xt, W, t64, order, groups, k0, k1, starts, ends, offsets, P, per, dW, db,
+                                         dXw, sq[0 if k0 == 0 else 1])
+
+        _in_group_ranges(part, cache["ranges"])
         dXt += dXw
+        cache["words_sq"] = float(sq.sum())  # |dW|^2 + |db|^2 (absent classes' rows are zero)
         return dX, dWc, dbc, dW, db
     dW = xp.zeros_like(W)
     db = xp.zeros(W.shape[0], dtype=W.dtype)

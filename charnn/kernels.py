@@ -363,12 +363,14 @@ if available:
                 P[o + j] *= inv
 
     @jit
-    def class_words_backward(Xt, W, targets, order, groups, k0, k1, starts, ends, offsets, P, scale, dW, db, dXt):
+    def class_words_backward(Xt, W, targets, order, groups, k0, k1, starts, ends, offsets, P, scale, dW, db, dXt, sq):
         """Gradients of class_words_forward's part of the loss for classes k0..k1-1 of
         ``groups``, each position's term weighted by scale[m] (P is overwritten). The rows of
         dW and db of those classes are written (not accumulated: they need no zeroing first);
-        dXt's rows of their positions are accumulated."""
+        dXt's rows of their positions are accumulated. sq[0] += the sum of squares of the
+        dW and db entries written (for the global gradient norm, while they are in cache)."""
         D = Xt.shape[1]
+        total = 0.0
         for i in range(groups[k0], groups[k1]):
             m = order[i]
             o, a = offsets[m], starts[m]
@@ -393,6 +395,11 @@ if available:
                     for d in range(D):
                         dx[d] += g * w[d]
                 db[a + j] = gb
+                acc = gb * gb
+                for d in range(D):
+                    acc += dw[d] * dw[d]
+                total += acc
+        sq[0] += total
 
 
 def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):

@@ -30,7 +30,7 @@ from . import cells, kernels, rowsplit
 from .backend import SMALL_GEMM_FLOPS, Backend, blas_threads, get_backend, to_device, to_host
 from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
                          scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
-from .optim import RowGrad
+from .optim import Grads, RowGrad
 
 CELLS = ("rnn", "lstm", "gru")
 # Threads that split a batch's streams (see LanguageModel.split_columns); CHARNN_THREADS=1 turns
@@ -50,7 +50,10 @@ def _add_grads(grads: dict, more: dict):
     for k, v in more.items():
         if k not in grads:
             grads[k] = v
-        elif isinstance(v, RowGrad) and not isinstance(grads[k], RowGrad):
+            continue
+        if isinstance(grads, Grads):
+            grads.changed(k)
+        if isinstance(v, RowGrad) and not isinstance(grads[k], RowGrad):
             scatter_add_rows(grads[k], v.rows, v.values)
         else:
             grads[k] += v
@@ -343,7 +346,7 @@ class LanguageModel:
             (grads, dstate): grads a dict with the parameter names; dstate the gradient with
             respect to the initial state, in the state's layout.
         """
-        grads = {}
+        grads = Grads()
         dX = self._head_backward(cache["head"], grads)
         dstate = self._body_backward(dX, cache, grads, sparse)
         return grads, dstate
@@ -357,6 +360,9 @@ class LanguageModel:
             dX, dW, db = softmax_xent_backward(hcache, self.head_weight())
         grads["head.b"] = db
         grads["embed.W" if cfg.tie else "head.W"] = dW
+        if "words_sq" in hcache and isinstance(grads, Grads):
+            # summed by the compiled pass that wrote dW and db (see optim.Grads)
+            grads.known_sq[("embed.W" if cfg.tie else "head.W", "head.b")] = hcache["words_sq"]
         return dX
 
     def _body_backward(self, dX, cache, grads, sparse):
@@ -436,6 +442,8 @@ class LanguageModel:
             dE = xp.zeros(shape, dtype=self.dtype) if dE is None else dE
             scatter_add_rows(dE, ids_d, dX.T)
             grads["embed.W"] = dE
+            if isinstance(grads, Grads):
+                grads.changed("embed.W")
 
     # ----- the batch split across CPU cores -----
     def split_columns(self, N: int) -> list:
@@ -523,7 +531,7 @@ class LanguageModel:
         cfg, xp = self.config, self.xp
         T, N = ids.shape
         X, cache, new_state = self._body_forward(ids, state, train, None, masks, True, two=True)
-        grads = {}
+        grads = Grads()
         if cfg.class_bounds:
             loss, _, hcache = self._head_forward(X, targets, None, True, threads=THREADS)
             dX = self._head_backward(hcache, grads)
@@ -537,7 +545,7 @@ class LanguageModel:
                 a, b = tt
                 loss, _, hc = self._head_forward(X[:, a * N:b * N], targets[a:b], None, True)
                 hc["denom"] = float(T * N)
-                g = {}
+                g = Grads()
                 return loss * ((b - a) / T), self._head_backward(hc, g), g
 
             if len(cuts) == 2:
@@ -569,12 +577,12 @@ class LanguageModel:
         H = cfg.hidden
         X = xp.concatenate([Xh.reshape(H, T, b - a) for (Xh, _, _), (a, b) in zip(halves, parts)], axis=2)
         loss, _, hcache = self._head_forward(X.reshape(H, T * N), targets, None, True, threads=THREADS)
-        grads = {}
+        grads = Grads()
         dX = self._head_backward(hcache, grads).reshape(H, T, N)
 
         def body_backward(k):
             (a, b), (_, cache, _) = parts[k], halves[k]
-            g = {}
+            g = Grads()
             self._body_backward(xp.ascontiguousarray(dX[:, :, a:b]).reshape(H, T * (b - a)), cache, g, sparse)
             return g
 

@@ -298,15 +298,17 @@ def lstm_backward(dhs, cache, Wh):
         if not lstm_rows_backward(k, sgemm, yld, flags, WhTk, cache["A"][k], cache["cs"][k], c0[units],
                                   cache["tcs"][k], dhs[units], dh0[units], dc0[units], dXPk, dbuf, False):
             return False
-        # Its rows back in the canonical order (one block per gate), and their part of the
-        # recurrent weight gradient dWh = dXP[:, 0] @ h0^T + dXP[:, 1:] @ hs[:, :-1]^T.
+        # Its part of the recurrent weight gradient, dWh = dXP[:, 0] @ h0^T + dXP[:, 1:] @
+        # hs[:, :-1]^T, in its permuted row order, then its rows of dXP and dWh back in the
+        # canonical order (one block per gate).
+        R = 2 * H
+        dWk = numpy.matmul(dXPk[:, 0], h0.T)
+        if T > 1:
+            dWk += dXPk.reshape(R, T * N)[:, N:] @ hs_prev
         for g in range(4):
             rows = slice(g * H + k * H2, g * H + (k + 1) * H2)
-            d = dXP[rows]
-            d[...] = dXPk[g * H2:(g + 1) * H2]
-            numpy.matmul(d[:, 0], h0.T, out=dWh[rows])
-            if T > 1:
-                dWh[rows] += d.reshape(H2, T * N)[:, N:] @ hs_prev
+            dXP[rows] = dXPk[g * H2:(g + 1) * H2]
+            dWh[rows] = dWk[g * H2:(g + 1) * H2]
         return True
 
     _in_two(work, flags)

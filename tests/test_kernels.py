@@ -201,3 +201,28 @@ def test_two_thread_split_with_class_head_float32(monkeypatch, tie):
     for (h1, c1), (h2, c2) in zip(s1, s2):
         numpy.testing.assert_allclose(h1, h2, atol=1e-6)
         numpy.testing.assert_allclose(c1, c2, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_norm_summed_by_the_class_kernel_equals_the_recomputed_one(monkeypatch, tie, threads):
+    """The compiled class pass sums the squares of the word gradient it writes (optim.Grads);
+    the global norm from that sum equals the one read back from the arrays. Tied, the input
+    gradient is added into that array afterwards, so the sum must be dropped, not used."""
+    from charnn.optim import Grads, clip_global_norm, global_norm
+
+    monkeypatch.delenv("CHARNN_KERNELS", raising=False)
+    monkeypatch.setattr(model_mod, "THREADS", threads)
+    cfg = ModelConfig(vocab_size=60, cell="lstm", layers=1, hidden=16, embed=16, tie=tie,
+                      class_bounds=(0, 2, 5, 11, 25, 60))
+    m = LanguageModel.create(cfg, backend=get_backend("cpu", "float32"))
+    rng = numpy.random.default_rng(0)
+    ids, tg = rng.integers(0, 60, (6, 11)), rng.integers(0, 60, (6, 11))
+    _, grads, _ = m.loss_and_grads(ids, tg, None, sparse=True)
+    assert isinstance(grads, Grads)
+    assert bool(grads.known_sq) == (not tie)
+    recomputed = float(global_norm(dict(grads)))
+    assert float(global_norm(grads)) == pytest.approx(recomputed, rel=1e-5)
+    clip_global_norm(grads, 1e-3 * recomputed)  # scales in place: the known sums go stale
+    assert not grads.known_sq
+    assert float(global_norm(grads)) == pytest.approx(1e-3 * recomputed, rel=1e-3)
