@@ -160,6 +160,52 @@ def _in_group_ranges(fn, ranges):
         run_in_two(lambda r: fn(*r), ranges[0], ranges[1])
 
 
+def _fused_ok(X, W, b) -> bool:
+    return kernels.use_fused(X) and kernels.use_fused(W) and W.flags.c_contiguous and b.flags.c_contiguous
+
+
+def _words_plan(X, bounds_a, word_class, targets_host, threads) -> dict:
+    """What the compiled within-class passes need: the positions grouped by class (``order``,
+    ``groups``), each position's word range and offset into the probability buffer P, the
+    classes present, and the group ranges of the two threads."""
+    M = targets_host.shape[0]
+    order = numpy.argsort(word_class, kind="stable")
+    starts, ends = bounds_a[word_class], bounds_a[word_class + 1]
+    offsets = numpy.zeros(M + 1, dtype=numpy.int64)
+    numpy.cumsum(ends - starts, out=offsets[1:])
+    groups = numpy.concatenate([[0], numpy.flatnonzero(numpy.diff(word_class[order])) + 1, [M]])
+    present = word_class[order[groups[:-1]]]  # the class of each group
+    return {"Xt": numpy.ascontiguousarray(X.T), "t64": numpy.ascontiguousarray(targets_host, dtype=numpy.int64),
+            "order": order, "groups": groups, "starts": starts, "ends": ends, "offsets": offsets,
+            "P": numpy.empty(offsets[-1], dtype=X.dtype), "present": present, "M": M,
+            "ranges": _split_groups(groups, bounds_a[present + 1] - bounds_a[present], threads)}
+
+
+def _words_grad_buffers(plan, W, bounds_a):
+    """dW, db for the compiled backward pass (which writes the rows of the classes present;
+    the others are zeroed here), and dXw (M, D) zeros."""
+    dW = numpy.empty_like(W)
+    db = numpy.empty(W.shape[0], dtype=W.dtype)
+    absent = numpy.ones(len(bounds_a) - 1, dtype=bool)
+    absent[plan["present"]] = False
+    for k in numpy.flatnonzero(absent):
+        dW[bounds_a[k]: bounds_a[k + 1]] = 0
+        db[bounds_a[k]: bounds_a[k + 1]] = 0
+    return dW, db, numpy.zeros((plan["M"], W.shape[1]), dtype=W.dtype)
+
+
+def _scale(weights, denom, M, dtype):
+    """Each position's factor in the gradient: 1/denom, or weight/denom."""
+    if weights is None:
+        return numpy.full(M, 1.0 / denom, dtype=dtype)
+    return (weights / numpy.where(denom > 0, denom, 1)).astype(dtype)
+
+
+def _sq_row(sq, k0):
+    """The row of ``sq`` (2, 1) for the thread that runs group range k0..: one per thread."""
+    return sq[0 if k0 == 0 else 1]
+
+
 def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=None, store=True, threads=1):
     """Class-factored softmax cross-entropy; arguments and results as softmax_xent_forward,
     plus Wc (C, D), bc (C,), the class ``bounds`` (host list) and the targets also on the host
@@ -175,27 +221,19 @@ def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=N
     cls_d = xp.asarray(word_class) if xp is not numpy else word_class
     loss_c, nll, ccache = softmax_xent_forward(X, Wc, bc, cls_d, None, store)
     nll = nll.copy()
-    order = numpy.argsort(word_class, kind="stable")
-    if kernels.use_fused(X) and kernels.use_fused(W) and W.flags.c_contiguous and b.flags.c_contiguous:
+    if _fused_ok(X, W, b):
         # The compiled twin of the loop below: one pass over the positions, no per-class calls.
-        Xt = numpy.ascontiguousarray(Xt)
-        starts, ends = bounds_a[word_class], bounds_a[word_class + 1]
-        offsets = numpy.zeros(M + 1, dtype=numpy.int64)
-        numpy.cumsum(ends - starts, out=offsets[1:])
-        P = numpy.empty(offsets[-1], dtype=X.dtype)
-        t64 = numpy.ascontiguousarray(targets_host, dtype=numpy.int64)
-        groups = numpy.concatenate([[0], numpy.flatnonzero(numpy.diff(word_class[order])) + 1, [M]])
-        present = word_class[order[groups[:-1]]]  # the class of each group
-        ranges = _split_groups(groups, bounds_a[present + 1] - bounds_a[present], threads)
-        _in_group_ranges(lambda k0, k1: kernels.class_words_forward(Xt, W, b, t64, order, groups, k0, k1, starts, ends,
-                                                                    offsets, nll, P), ranges)
+        q = plan = _words_plan(X, bounds_a, word_class, targets_host, threads)
+        _in_group_ranges(lambda k0, k1: kernels.class_words_forward(
+            q["Xt"], W, b, q["t64"], q["order"], q["groups"], k0, k1, q["starts"], q["ends"], q["offsets"], nll,
+            q["P"]), q["ranges"])
         loss, denom = weighted_mean(nll, weights)
         cache = None
         if store:
-            cache = {"class": ccache, "fused": (Xt, t64, order, groups, starts, ends, offsets, P), "X": X,
-                     "weights": weights, "denom": denom, "M": M, "present": present, "ranges": ranges,
+            cache = {"class": ccache, "plan": plan, "X": X, "weights": weights, "denom": denom, "M": M,
                      "bounds": bounds_a}
         return loss, nll, cache
+    order = numpy.argsort(word_class, kind="stable")
     edges = numpy.searchsorted(word_class[order], numpy.arange(len(bounds)))
     groups = []
     for k in range(len(bounds) - 1):
@@ -225,41 +263,34 @@ def class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights=N
     return loss, nll, cache
 
 
+def _class_part_backward(cache, Wc):
+    """The class softmax's part of the gradients: dX (D, M), dWc, dbc."""
+    ccache = dict(cache["class"])
+    ccache["weights"], ccache["denom"] = cache["weights"], cache["denom"]
+    return softmax_xent_backward(ccache, Wc)
+
+
 def class_xent_backward(cache, Wc, W):
-    """Returns dX (D, M), dWc, dbc, dW (V, D), db (V,) for class_xent_forward's loss."""
+    """Returns dX (D, M), dWc, dbc, dW (V, D), db (V,) for class_xent_forward's loss. The
+    compiled path also leaves cache["words_sq"] = |dW|^2 + |db|^2 (see optim.Grads)."""
     xp = array_module(W)
     weights, denom = cache["weights"], cache["denom"]
-    ccache = dict(cache["class"])
-    ccache["weights"], ccache["denom"] = weights, denom
-    dX, dWc, dbc = softmax_xent_backward(ccache, Wc)
+    dX, dWc, dbc = _class_part_backward(cache, Wc)
     dXt = dX.T  # (M, D) view: word-part gradients are added row by row
+    if "plan" in cache:
+        plan = cache["plan"]
+        dW, db, dXw = _words_grad_buffers(plan, W, cache["bounds"])
+        sq = numpy.zeros((2, 1))  # one per thread
+        q, per = plan, _scale(weights, denom, plan["M"], W.dtype)
+        _in_group_ranges(lambda k0, k1: kernels.class_words_backward(
+            q["Xt"], W, q["t64"], q["order"], q["groups"], k0, k1, q["starts"], q["ends"], q["offsets"], q["P"], per,
+            dW, db, dXw, _sq_row(sq, k0)), q["ranges"])
+        dXt += dXw
+        cache["words_sq"] = float(sq.sum())  # absent classes' rows are zero
+        return dX, dWc, dbc, dW, db
     scale = None
     if weights is not None:
         scale = weights / xp.where(denom > 0, denom, 1)
-    if "fused" in cache:
-        Xt, t64, order, groups, starts, ends, offsets, P = cache["fused"]
-        M = cache["M"]
-        per = numpy.full(M, 1.0 / denom, dtype=W.dtype) if scale is None else scale.astype(W.dtype)
-        dXw = numpy.zeros((M, W.shape[1]), dtype=W.dtype)
-        # The kernel writes the rows of the classes present; only the others need zeros.
-        dW = numpy.empty_like(W)
-        db = numpy.empty(W.shape[0], dtype=W.dtype)
-        bounds_a = cache["bounds"]
-        absent = numpy.ones(len(bounds_a) - 1, dtype=bool)
-        absent[cache["present"]] = False
-        for k in numpy.flatnonzero(absent):
-            dW[bounds_a[k]: bounds_a[k + 1]] = 0
-            db[bounds_a[k]: bounds_a[k + 1]] = 0
-        sq = numpy.zeros((2, 1))  # one per thread
-
-        def part(k0, k1):
-            kernels.class_words_backward(Xt, W, t64, order, groups, k0, k1, starts, ends, offsets, P, per, dW, db,
-                                         dXw, sq[0 if k0 == 0 else 1])
-
-        _in_group_ranges(part, cache["ranges"])
-        dXt += dXw
-        cache["words_sq"] = float(sq.sum())  # |dW|^2 + |db|^2 (absent classes' rows are zero)
-        return dX, dWc, dbc, dW, db
     dW = xp.zeros_like(W)
     db = xp.zeros(W.shape[0], dtype=W.dtype)
     for a, z, pos_d, Xk, P, rows, local in cache["groups"]:
@@ -272,6 +303,32 @@ def class_xent_backward(cache, Wc, W):
         db[a:z] += P.sum(axis=0)
         dXt[pos_d] += P @ W[a:z]
     return dX, dWc, dbc, dW, db
+
+
+def class_xent_forward_backward(X, Wc, bc, W, b, bounds, targets_host, threads=1):
+    """class_xent_forward (unweighted, stored) and class_xent_backward in one: (loss, nll,
+    (dX, dWc, dbc, dW, db), words_sq). The compiled path runs each class's forward and
+    backward passes back to back, so the rows of W a class uses are read from memory once
+    (from cache the second time) instead of once per pass."""
+    if not _fused_ok(X, W, b):
+        loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets_host, None, True, threads)
+        return loss, nll, class_xent_backward(cache, Wc, W), cache.get("words_sq")
+    bounds_a = numpy.asarray(bounds)
+    word_class = numpy.searchsorted(bounds_a, targets_host, side="right") - 1
+    _, nll, ccache = softmax_xent_forward(X, Wc, bc, word_class, None, True)
+    nll = nll.copy()
+    plan = _words_plan(X, bounds_a, word_class, targets_host, threads)
+    M = plan["M"]
+    dW, db, dXw = _words_grad_buffers(plan, W, bounds_a)
+    sq = numpy.zeros((2, 1))
+    q, per = plan, _scale(None, float(M), M, W.dtype)
+    _in_group_ranges(lambda k0, k1: kernels.class_words_forward_backward(
+        q["Xt"], W, b, q["t64"], q["order"], q["groups"], k0, k1, q["starts"], q["ends"], q["offsets"], nll, q["P"],
+        per, dW, db, dXw, _sq_row(sq, k0)), q["ranges"])
+    loss, denom = weighted_mean(nll)
+    dX, dWc, dbc = _class_part_backward({"class": ccache, "weights": None, "denom": denom}, Wc)
+    dX.T[...] += dXw
+    return loss, nll, (dX, dWc, dbc, dW, db), float(sq.sum())
 
 
 def class_log_probs(X, Wc, bc, W, b, bounds):

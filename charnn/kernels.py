@@ -313,6 +313,16 @@ if available:
             p[i] -= step * mi / (numpy.sqrt(vi) + eps)
 
     @jit
+    def class_words_forward_backward(Xt, W, b, targets, order, groups, k0, k1, starts, ends, offsets, nll, P, scale,
+                                     dW, db, dXt, sq):
+        """class_words_forward then class_words_backward, class by class: the rows of W a
+        class uses are still in cache for its backward pass (run separately, each pass reads
+        all of W from memory)."""
+        for k in range(k0, k1):
+            class_words_forward(Xt, W, b, targets, order, groups, k, k + 1, starts, ends, offsets, nll, P)
+            class_words_backward(Xt, W, targets, order, groups, k, k + 1, starts, ends, offsets, P, scale, dW, db, dXt, sq)
+
+    @jit
     def scatter_rows(dst, ids, src):
         """dst[ids[m]] += src[m] for every m (duplicates accumulate): embedding gradients."""
         M, D = src.shape

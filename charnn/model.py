@@ -28,7 +28,7 @@ import numpy
 from . import backend as backend_mod
 from . import cells, kernels, rowsplit
 from .backend import SMALL_GEMM_FLOPS, Backend, blas_threads, get_backend, to_device, to_host
-from .functional import (class_log_probs, class_xent_backward, class_xent_forward, dropout_mask,
+from .functional import (class_log_probs, class_xent_backward, class_xent_forward, class_xent_forward_backward, dropout_mask,
                          scatter_add_rows, softmax_xent_backward, softmax_xent_forward)
 from .optim import Grads, RowGrad
 
@@ -351,6 +351,24 @@ class LanguageModel:
         dstate = self._body_backward(dX, cache, grads, sparse)
         return grads, dstate
 
+    def _head_loss_and_grads(self, X, targets, grads, threads):
+        """_head_forward (no weights) and _head_backward at once: (loss, dX). A class-factored
+        head then runs each class's two compiled passes back to back (functional.
+        class_xent_forward_backward)."""
+        cfg, p = self.config, self.params
+        if not cfg.class_bounds:
+            loss, _, hcache = self._head_forward(X, targets, None, True, threads)
+            return loss, self._head_backward(hcache, grads)
+        targets = self._check_ids(targets, "target ids")
+        loss, _, (dX, dWc, dbc, dW, db), sq = class_xent_forward_backward(
+            X, p["class.W"], p["class.b"], self.head_weight(), p["head.b"], cfg.class_bounds, targets.reshape(-1), threads)
+        grads["class.W"], grads["class.b"], grads["head.b"] = dWc, dbc, db
+        name = "embed.W" if cfg.tie else "head.W"
+        grads[name] = dW
+        if sq is not None and isinstance(grads, Grads):
+            grads.known_sq[(name, "head.b")] = sq
+        return loss, dX
+
     def _head_backward(self, hcache, grads) -> object:
         """The output layer's gradients, put into ``grads``; returns dX (H, M)."""
         cfg, p = self.config, self.params
@@ -533,8 +551,7 @@ class LanguageModel:
         X, cache, new_state = self._body_forward(ids, state, train, None, masks, True, two=True)
         grads = Grads()
         if cfg.class_bounds:
-            loss, _, hcache = self._head_forward(X, targets, None, True, threads=THREADS)
-            dX = self._head_backward(hcache, grads)
+            loss, dX = self._head_loss_and_grads(X, targets, grads, THREADS)
         else:
             # Two halves of the positions (first and second half of the time steps); each
             # half's loss is a mean over its tokens, its gradient divided by all T x N.
@@ -576,9 +593,9 @@ class LanguageModel:
         halves = self._run_split(parts, body_forward, blas=False)
         H = cfg.hidden
         X = xp.concatenate([Xh.reshape(H, T, b - a) for (Xh, _, _), (a, b) in zip(halves, parts)], axis=2)
-        loss, _, hcache = self._head_forward(X.reshape(H, T * N), targets, None, True, threads=THREADS)
         grads = Grads()
-        dX = self._head_backward(hcache, grads).reshape(H, T, N)
+        loss, dX = self._head_loss_and_grads(X.reshape(H, T * N), targets, grads, THREADS)
+        dX = dX.reshape(H, T, N)
 
         def body_backward(k):
             (a, b), (_, cache, _) = parts[k], halves[k]

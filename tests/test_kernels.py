@@ -167,7 +167,7 @@ def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted, thread
     for mode in ("numba", "numpy"):
         monkeypatch.setenv("CHARNN_KERNELS", mode)
         loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, w, threads=threads)
-        assert ("fused" in cache) == (mode == "numba")
+        assert ("plan" in cache) == (mode == "numba")
         out[mode] = (float(loss), nll.copy(), *class_xent_backward(cache, Wc, W))
     fused, plain = out["numba"], out["numpy"]
     assert fused[0] == pytest.approx(plain[0], rel=1e-6)
@@ -226,3 +226,33 @@ def test_norm_summed_by_the_class_kernel_equals_the_recomputed_one(monkeypatch, 
     clip_global_norm(grads, 1e-3 * recomputed)  # scales in place: the known sums go stale
     assert not grads.known_sq
     assert float(global_norm(grads)) == pytest.approx(1e-3 * recomputed, rel=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["numba", "numpy"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_class_softmax_forward_backward_in_one_equals_the_two_passes(monkeypatch, mode, threads):
+    """class_xent_forward_backward (each class's compiled passes back to back; the plain
+    path without numba) against class_xent_forward then class_xent_backward; one class gets
+    no targets."""
+    from charnn.functional import class_xent_backward, class_xent_forward, class_xent_forward_backward
+
+    monkeypatch.setenv("CHARNN_KERNELS", mode)
+    rng = numpy.random.default_rng(1)
+    V, D, M, bounds = 50, 12, 40, [0, 2, 7, 20, 50]
+    X = rng.normal(size=(D, M)).astype(numpy.float32)
+    Wc, bc = rng.normal(size=(4, D)).astype(numpy.float32), rng.normal(size=4).astype(numpy.float32)
+    W, b = rng.normal(size=(V, D)).astype(numpy.float32), rng.normal(size=V).astype(numpy.float32)
+    t = rng.integers(0, V, M)
+    t[(t >= 7) & (t < 20)] = 25
+    loss1, nll1, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, None, True, threads)
+    grads1 = class_xent_backward(cache, Wc, W)
+    loss2, nll2, grads2, sq = class_xent_forward_backward(X, Wc, bc, W, b, bounds, t, threads)
+    assert float(loss2) == pytest.approx(float(loss1), rel=1e-6)
+    numpy.testing.assert_allclose(nll2, nll1, rtol=1e-6, atol=1e-6)
+    for a, p in zip(grads2, grads1):
+        numpy.testing.assert_allclose(a, p, rtol=1e-5, atol=1e-7)
+    if mode == "numba":
+        dW, db = grads2[3], grads2[4]
+        assert sq == pytest.approx(float((dW.astype(numpy.float64) ** 2).sum() + (db.astype(numpy.float64) ** 2).sum()), rel=1e-5)
+    else:
+        assert sq is None
