@@ -108,17 +108,14 @@ class CharnnSide:
 
     def sampler(self):
         from charnn.model import Stepper
-        from charnn.sample import draw
+        from charnn.sample import sample_index
 
         st = Stepper(self.model, 1)
         rng = numpy.random.default_rng(0)
         tok = numpy.zeros(1, dtype=numpy.int64)
 
         def step():
-            logits = st.step(tok)[0].astype(numpy.float64)
-            p = numpy.exp(logits - logits.max())
-            p /= p.sum()
-            tok[0] = draw(p, rng)  # what `charnn sample` does
+            tok[0] = sample_index(st.step(tok)[0], 1.0, rng)  # what `charnn sample` does
         return step
 
 

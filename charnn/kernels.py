@@ -322,6 +322,35 @@ if available:
             class_words_forward(Xt, W, b, targets, order, groups, k, k + 1, starts, ends, offsets, nll, P)
             class_words_backward(Xt, W, targets, order, groups, k, k + 1, starts, ends, offsets, P, scale, dW, db, dXt, sq)
 
+    @numba.njit(cache=True, nogil=True, boundscheck=False)  # no fastmath: exact float64 steps
+    def scaled_logits(logits, temperature, z):
+        """z = logits / temperature in float64, minus its maximum (the first half of
+        sample.sample_index; NumPy's vectorised exp follows)."""
+        top = -numpy.inf
+        for i in range(logits.shape[0]):
+            zi = numpy.float64(logits[i]) / temperature
+            z[i] = zi
+            top = max(top, zi)
+        for i in range(logits.shape[0]):
+            z[i] -= top
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def draw_unnormalised(e, u):
+        """The index that sample.draw(e / e.sum(), rng) picks when rng.random() gives u: the
+        first i whose running sum of e exceeds u times the whole sum (the same as
+        numpy.searchsorted(cdf, u, side="right") on the normalised cumulative sum up to
+        rounding, which moves a draw only when u falls within about 1e-16 of a boundary)."""
+        s = 0.0
+        for i in range(e.shape[0]):
+            s += e[i]
+        threshold = u * s
+        acc = 0.0
+        for i in range(e.shape[0]):
+            acc += e[i]
+            if acc > threshold:
+                return i
+        return e.shape[0] - 1
+
     @jit
     def scatter_rows(dst, ids, src):
         """dst[ids[m]] += src[m] for every m (duplicates accumulate): embedding gradients."""

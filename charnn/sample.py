@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy
 
+from . import kernels
 from .backend import to_device, to_host
 from .model import LanguageModel, Stepper
 from .vocab import EOS, Vocab
@@ -107,6 +108,19 @@ def draw(p: numpy.ndarray, rng: numpy.random.Generator) -> int:
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
+def sample_index(logits: numpy.ndarray, temperature: float, rng: numpy.random.Generator) -> int:
+    """draw(filter_probs(logits, temperature), rng) for temperature > 0 without top-k or
+    top-p, in three calls instead of a dozen where numba is present (compiled scaling and
+    drawing around NumPy's vectorised exp; the NumPy calls took about 100 us per token at
+    V = 10,000, a fifth of a word model's sampling step)."""
+    if not (kernels.available and temperature > 0):
+        return draw(filter_probs(logits, temperature), rng)
+    z = numpy.empty(logits.shape[0])
+    kernels.scaled_logits(numpy.ascontiguousarray(logits), float(temperature), z)
+    numpy.exp(z, out=z)
+    return int(kernels.draw_unnormalised(z, rng.random()))
+
+
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, prime: str = "",
              rng: numpy.random.Generator | None = None, stop_at: str | None = None) -> Iterator[str]:
@@ -119,8 +133,11 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
     stepper, logits = warm_state(model, start_ids(vocab, prime))
     at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
     for _ in range(length):
-        p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
-        tok = draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
+        if temperature > 0 and top_k is None and top_p is None:
+            tok = sample_index(to_host(logits)[0], temperature, rng)
+        else:
+            p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
+            tok = draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
         piece = vocab.tokens[tok]
         if vocab.level == "word":
             if piece == EOS:

@@ -385,3 +385,22 @@ def test_table_shows_text_that_looks_like_markup_verbatim(char_model):
     lines = "the [/b] cat\n[red]hat[/red]\n"
     r = check_ok(score(char_model, "-", input=lines))
     assert "the [/b] cat" in r.stdout and "[red]hat[/red]" in r.stdout
+
+
+@pytest.mark.parametrize("V", [3, 65, 10000])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+def test_compiled_softmax_draw_matches_the_numpy_path(V, temperature):
+    """sample_index (one compiled pass) picks what draw(filter_probs(...)) picks from the same
+    generator state, for float32 logits of a model (and uses one uniform number per draw)."""
+    from charnn import kernels
+    from charnn.sample import sample_index
+
+    if not kernels.available:
+        pytest.skip("numba is not installed")
+    rng = numpy.random.default_rng(V)
+    for trial in range(200):
+        logits = (rng.normal(size=V) * 3).astype(numpy.float32)
+        a, b = numpy.random.default_rng(trial), numpy.random.default_rng(trial)
+        picks = [sample_index(logits, temperature, a) for _ in range(5)]
+        assert picks == [draw(filter_probs(logits, temperature), b) for _ in range(5)]
+        assert a.random() == b.random()
