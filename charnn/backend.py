@@ -169,10 +169,20 @@ def loop_threads(flops_per_step: float, xp=numpy):
     return blas_threads(1 if flops_per_step < SMALL_GEMM_FLOPS else None, xp)
 
 
+def in_worker() -> bool:
+    """Whether this code runs in charnn's worker thread (where run_in_two runs in sequence)."""
+    import threading
+
+    return threading.current_thread().name.startswith("charnn")
+
+
 def run_in_two(fn, a, b) -> list:
     """[fn(a), fn(b)], the second in charnn's worker thread while this one computes the first
-    (fn should release the GIL: BLAS calls and the numba kernels do)."""
+    (fn should release the GIL: BLAS calls and the numba kernels do). Called from the worker
+    itself, both run here, one after the other (the worker cannot wait for itself)."""
     global _executor
+    if in_worker():
+        return [fn(a), fn(b)]
     if _executor is None:
         from concurrent.futures import ThreadPoolExecutor
 

@@ -34,7 +34,7 @@ import os
 import numpy
 
 from . import kernels
-from .backend import THREADS, run_in_two
+from .backend import THREADS, in_worker, run_in_two
 
 _blas = None  # (sgemm ctypes function, sched_yield ctypes function), or False
 
@@ -90,8 +90,10 @@ def compiled_loops() -> bool:
 
 
 def usable(W, H: int) -> bool:
-    """Whether an LSTM layer of H units with weights like W may run row split."""
-    return THREADS >= 2 and H % 2 == 0 and H >= 16 and kernels.use_fused(W) and bool(_find_blas())
+    """Whether an LSTM layer of H units with weights like W may run row split (not from the
+    worker thread, whose two halves would run one after the other and wait forever)."""
+    return (THREADS >= 2 and H % 2 == 0 and H >= 16 and kernels.use_fused(W) and bool(_find_blas())
+            and not in_worker())
 
 
 if kernels.available:

@@ -141,3 +141,17 @@ def test_a_failure_on_one_core_stops_the_other():
     with pytest.raises(ValueError, match="boom on core 1"):
         rowsplit._in_two(work, flags)
     assert waited.is_set() and flags[2] == 1
+
+
+def test_not_from_the_worker_thread():
+    """run_in_two from charnn's worker runs both halves there in turn; the row split, whose
+    halves must run at once, is then not used."""
+    from charnn import backend
+
+    def inner(k):
+        f32 = numpy.zeros((4, 4), dtype=numpy.float32)
+        return backend.in_worker(), backend.run_in_two(lambda x: x * 2, 1, 2), rowsplit.usable(f32, 16)
+
+    (w0, r0, u0), (w1, r1, u1) = backend.run_in_two(inner, 0, 1)
+    assert (w0, w1) == (False, True) and r0 == r1 == [2, 4]
+    assert u0 == (backend.THREADS >= 2) and not u1
