@@ -9,8 +9,8 @@ all N streams; after each step the two cores meet, since the next step's product
 halves of h. The meeting is a spin on two shared counters (atomic loads and stores, a
 sched_yield after a short spin), and each core's whole time loop runs in one compiled call
 that calls the BLAS itself, so the GIL is not taken once per step. Measured on the forward
-loop alone (2 cores): H=200, N=20, T=35 2.95 ms against 4.6 with the batch split; H=128, N=32,
-T=50 2.45 against 4.05; H=512, N=64, T=100 123 against 128.
+loop alone (2 cores): H=200, N=20, T=35 2.95 ms against 4.6 with the batch split; whole
+training steps in benchmarks/README.md.
 
 The kernels are those of kernels.py, run on a "sub-layer" of H/2 units: the gate rows are
 permuted so that each core's rows (its units' i, f, g, o) are one contiguous block, so the
@@ -348,10 +348,10 @@ def lstm_backward_loop_one(dhs, cache, WhT):
     dh = numpy.zeros((H, N), dtype=dtype)
     dc = numpy.zeros((H, N), dtype=dtype)
     lstm_rows_backward(0, sgemm, yld, _NO_FLAGS, WhT, A, cs, numpy.ascontiguousarray(cache["c0"]), tcs,
-                       numpy.ascontiguousarray(dhs), dh, dc, dXP, _NO_BUF3, True)
+                       numpy.ascontiguousarray(dhs), dh, dc, dXP, _NO_BUF, True)
     return dXP, dh, dc
 
 
+# Stand-ins for the arguments a solo loop never touches (the loops' signatures are shared).
 _NO_FLAGS = numpy.zeros(3, dtype=numpy.int64)
 _NO_BUF = numpy.zeros((2, 1, 1), dtype=numpy.float32)
-_NO_BUF3 = _NO_BUF
