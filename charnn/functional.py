@@ -311,7 +311,9 @@ def class_xent_forward_backward(X, Wc, bc, W, b, bounds, targets_host, threads=1
     backward passes back to back, so the rows of W a class uses are read from memory once
     (from cache the second time) instead of once per pass."""
     if not _fused_ok(X, W, b):
-        loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets_host, None, True, threads)
+        xp = array_module(X)
+        targets = targets_host if xp is numpy else xp.asarray(targets_host)
+        loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, None, True, threads)
         return loss, nll, class_xent_backward(cache, Wc, W), cache.get("words_sq")
     bounds_a = numpy.asarray(bounds)
     word_class = numpy.searchsorted(bounds_a, targets_host, side="right") - 1

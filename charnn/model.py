@@ -537,8 +537,9 @@ class LanguageModel:
         """Whether a chunk of N streams runs as one batch on two cores, each LSTM layer split
         by hidden units (rowsplit.py), instead of two halves of the streams: where the halves
         would be thin (under 16 streams), whose per-step products cost nearly as much as
-        whole ones. At 16 streams a half and more, the batch split measured faster (H = 128,
-        N = 32: 14.2 against 19.4 ms per step; H = 512, N = 64: 952 against 1,063)."""
+        whole ones (H = 200, N = 20: 57 against 63 ms per class-factored step). From 16
+        streams a half the two measured alike (H = 128, N = 32: 10.6 against 10.3 ms per
+        step; H = 512, N = 64: within noise of each other), and the batch split stays."""
         cfg = self.config
         return (N < 32 and THREADS >= 2 and cfg.cell == "lstm" and self.xp is numpy
                 and self.dtype == numpy.float32 and rowsplit.usable(self.params["rnn.0.Wh"], cfg.hidden))

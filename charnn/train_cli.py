@@ -59,9 +59,14 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
     if as_json:
         click.echo(json.dumps(result))
     elif not quiet and result["stopped"] != "interrupted":
-        val = result["val_loss"]
+        val, best = result["val_loss"], result["best_val_loss"]
+        if best is not None and val is not None and best < val:
+            # model.npz holds the best evaluation, not the last
+            said = f", best validation loss {best:.4f} nats/token (the last evaluation {val:.4f})"
+        else:
+            said = f", validation loss {val:.4f} nats/token" if val is not None else ""
         click.echo(f"saved {result['model']} after {result['steps']} steps ({result['tokens_per_second']:,.0f} tokens/s)"
-                   + (f", validation loss {val:.4f} nats/token" if val is not None else ""), err=True)
+                   + said, err=True)
     if result["stopped"] == "interrupted":
         click.echo(f"interrupted: checkpoint saved to {result['checkpoint']}; continue with --resume --out {out_dir}", err=True)
         sys.exit(130)

@@ -454,3 +454,16 @@ def test_progress_shows_paths_that_look_like_markup_verbatim(tmp_path, corpus):
         args = [a for a in TINY if a != "-q"]
         r = check_ok(invoke("train", corpus, "--out", out, *args, "--max-steps", 2))
         assert f"run folder {out}" in r.stderr
+
+
+def test_final_message_gives_the_saved_models_loss(tmp_path, corpus, monkeypatch):
+    """model.npz is the best evaluation's model; the closing line says its loss, and the
+    last evaluation's when that one was worse."""
+    loud = [a for a in TINY if a != "-q"]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "a", *loud, "--eval-every", "2", "--max-steps", "6"))
+    assert "best validation loss 2.0000 nats/token (the last evaluation 2.5000)" in r.stderr.splitlines()[-1]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "b", *loud, "--eval-every", "2", "--max-steps", "4"))
+    last = r.stderr.splitlines()[-1]
+    assert last.endswith("validation loss 2.0000 nats/token") and "best" not in last
