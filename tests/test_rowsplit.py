@@ -40,7 +40,7 @@ def test_one_core_compiled_loop_matches_python_loop(monkeypatch, H, N, T):
     for mode in ("compiled", "python"):
         monkeypatch.setattr(rowsplit, "_blas", None if mode == "compiled" else False)
         hs, (h, c), cache = kernels.layer_forward("lstm", XP, Wh, h0, c0)
-        hs2, (h2, c2), _ = kernels.layer_forward("lstm", XP, Wh, h0, c0, store=False)
+        hs2, (_, c2), _ = kernels.layer_forward("lstm", XP, Wh, h0, c0, store=False)
         numpy.testing.assert_array_equal(hs, hs2)  # evaluation runs the same numbers
         numpy.testing.assert_array_equal(c, c2)
         out[mode] = (hs, h, c, *kernels.layer_backward(dhs, cache, Wh))
@@ -126,7 +126,7 @@ def test_model_with_threads_1_does_not_split(monkeypatch):
 def test_a_failure_on_one_core_stops_the_other():
     """The worker raises while this thread waits for it at a meeting point: the wait ends
     and the worker's own error is raised, not a hang."""
-    sgemm, yld = rowsplit._find_blas()
+    _, yld = rowsplit._find_blas()
     flags = numpy.zeros(3, dtype=numpy.int64)
     waited = threading.Event()
 
