@@ -70,7 +70,14 @@ def test_row_split_layer_matches_one_core(H, N, T, store):
             close(a, b, 1e-5, name)
 
 
+def two_threads(monkeypatch):
+    """As on a machine with two cores (also under CHARNN_THREADS=1)."""
+    monkeypatch.setattr(model_mod, "THREADS", 2)
+    monkeypatch.setattr(rowsplit, "THREADS", 2)
+
+
 def test_row_split_is_used_only_where_it_pays(monkeypatch):
+    two_threads(monkeypatch)
     f32 = get_backend("cpu", "float32")
     lstm = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=32), backend=f32)
     assert lstm._row_split(20) and not lstm._row_split(32)  # thin half batches only
@@ -88,6 +95,7 @@ def test_row_split_is_used_only_where_it_pays(monkeypatch):
 def test_row_split_training_step_matches_batch_split(monkeypatch, embed, tie, bounds, dropout):
     """Loss, every gradient (the sparse embedding's too) and the carried state; the head runs
     on two halves of the time steps (full softmax) or once, split by class."""
+    two_threads(monkeypatch)
     cfg = ModelConfig(vocab_size=60, cell="lstm", layers=2, hidden=16, embed=embed, tie=tie,
                       class_bounds=bounds, dropout=dropout)
     m = LanguageModel.create(cfg, seed=3, backend=get_backend("cpu", "float32"))
