@@ -228,7 +228,11 @@ class LanguageModel:
 
     def _check_ids(self, ids, what="token ids"):
         ids = numpy.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+        if ids.size == 1:  # sampling's one token a step: NumPy's min and max would cost 20 us
+            bad = not 0 <= ids.flat[0] < self.config.vocab_size
+        else:
+            bad = ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size)
+        if bad:
             raise ModelError(f"{what} out of range for a vocabulary of {self.config.vocab_size}")
         return ids
 
@@ -360,13 +364,9 @@ class LanguageModel:
             loss, _, hcache = self._head_forward(X, targets, None, True, threads)
             return loss, self._head_backward(hcache, grads)
         targets = self._check_ids(targets, "target ids")
-        loss, _, (dX, dWc, dbc, dW, db), sq = class_xent_forward_backward(
+        loss, _, (dX, grads["class.W"], grads["class.b"], dW, db), sq = class_xent_forward_backward(
             X, p["class.W"], p["class.b"], self.head_weight(), p["head.b"], cfg.class_bounds, targets.reshape(-1), threads)
-        grads["class.W"], grads["class.b"], grads["head.b"] = dWc, dbc, db
-        name = "embed.W" if cfg.tie else "head.W"
-        grads[name] = dW
-        if sq is not None and isinstance(grads, Grads):
-            grads.known_sq[(name, "head.b")] = sq
+        self._put_head_grads(grads, dW, db, sq)
         return loss, dX
 
     def _head_backward(self, hcache, grads) -> object:
@@ -376,12 +376,17 @@ class LanguageModel:
             dX, grads["class.W"], grads["class.b"], dW, db = class_xent_backward(hcache, p["class.W"], self.head_weight())
         else:
             dX, dW, db = softmax_xent_backward(hcache, self.head_weight())
-        grads["head.b"] = db
-        grads["embed.W" if cfg.tie else "head.W"] = dW
-        if "words_sq" in hcache and isinstance(grads, Grads):
-            # summed by the compiled pass that wrote dW and db (see optim.Grads)
-            grads.known_sq[("embed.W" if cfg.tie else "head.W", "head.b")] = hcache["words_sq"]
+        self._put_head_grads(grads, dW, db, hcache.get("words_sq"))
         return dX
+
+    def _put_head_grads(self, grads, dW, db, sq=None):
+        """The output weights' and bias's gradients into ``grads`` (the weights under
+        embed.W when tied), with ``sq``, the sum of their squares, if the compiled pass that
+        wrote them gave one (see optim.Grads)."""
+        name = "embed.W" if self.config.tie else "head.W"
+        grads["head.b"], grads[name] = db, dW
+        if sq is not None and isinstance(grads, Grads):
+            grads.known_sq[(name, "head.b")] = sq
 
     def _body_backward(self, dX, cache, grads, sparse):
         """Backpropagate dX (H, M), the gradient of the top states, through the recurrent
@@ -731,12 +736,7 @@ class Stepper:
 
     def _step(self, ids):
         cfg, p, xp = self.model.config, self.model.params, self.xp
-        ids = numpy.asarray(ids).reshape(-1)
-        if ids.shape[0] == 1:  # NumPy's min and max of one number cost 20 us here
-            if not 0 <= int(ids[0]) < cfg.vocab_size:
-                self.model._check_ids(ids)
-        else:
-            ids = self.model._check_ids(ids)
+        ids = self.model._check_ids(numpy.asarray(ids).reshape(-1))
         H = cfg.hidden
         x = None
         for layer in range(cfg.layers):

@@ -146,6 +146,20 @@ def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch, threads, dt
             numpy.testing.assert_array_equal(sparse[k], dense[k])
 
 
+def class_head_case(seed, refill):
+    """Inputs of a class-factored head, float32: V = 50 words in 4 classes, D = 12, M = 40
+    positions, no targets in class 2 (ids 7..19: those become ``refill``). Returns the
+    generator too, for more draws."""
+    rng = numpy.random.default_rng(seed)
+    V, D, M, bounds = 50, 12, 40, [0, 2, 7, 20, 50]
+    X = rng.normal(size=(D, M)).astype(numpy.float32)
+    Wc, bc = rng.normal(size=(4, D)).astype(numpy.float32), rng.normal(size=4).astype(numpy.float32)
+    W, b = rng.normal(size=(V, D)).astype(numpy.float32), rng.normal(size=V).astype(numpy.float32)
+    t = rng.integers(0, V, M)
+    t[(t >= 7) & (t < 20)] = refill
+    return rng, X, Wc, bc, W, b, bounds, t
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted, threads):
@@ -155,13 +169,8 @@ def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted, thread
     word gradient must come out zero)."""
     from charnn.functional import class_xent_backward, class_xent_forward
 
-    rng = numpy.random.default_rng(0)
-    V, D, M, bounds = 50, 12, 40, [0, 2, 7, 20, 50]
-    X = rng.normal(size=(D, M)).astype(numpy.float32)
-    Wc, bc = rng.normal(size=(4, D)).astype(numpy.float32), rng.normal(size=4).astype(numpy.float32)
-    W, b = rng.normal(size=(V, D)).astype(numpy.float32), rng.normal(size=V).astype(numpy.float32)
-    t = rng.integers(0, V, M)
-    t[(t >= 7) & (t < 20)] = 3  # class 2 (ids 7..19) gets no targets
+    rng, X, Wc, bc, W, b, bounds, t = class_head_case(0, refill=3)
+    M = t.shape[0]
     w = (rng.random(M) > 0.3).astype(numpy.float32) if weighted else None
     out = {}
     for mode in ("numba", "numpy"):
@@ -237,13 +246,7 @@ def test_class_softmax_forward_backward_in_one_equals_the_two_passes(monkeypatch
     from charnn.functional import class_xent_backward, class_xent_forward, class_xent_forward_backward
 
     monkeypatch.setenv("CHARNN_KERNELS", mode)
-    rng = numpy.random.default_rng(1)
-    V, D, M, bounds = 50, 12, 40, [0, 2, 7, 20, 50]
-    X = rng.normal(size=(D, M)).astype(numpy.float32)
-    Wc, bc = rng.normal(size=(4, D)).astype(numpy.float32), rng.normal(size=4).astype(numpy.float32)
-    W, b = rng.normal(size=(V, D)).astype(numpy.float32), rng.normal(size=V).astype(numpy.float32)
-    t = rng.integers(0, V, M)
-    t[(t >= 7) & (t < 20)] = 25
+    _, X, Wc, bc, W, b, bounds, t = class_head_case(1, refill=25)
     loss1, nll1, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, None, True, threads)
     grads1 = class_xent_backward(cache, Wc, W)
     loss2, nll2, grads2, sq = class_xent_forward_backward(X, Wc, bc, W, b, bounds, t, threads)
