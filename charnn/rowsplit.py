@@ -33,7 +33,7 @@ import os
 
 import numpy
 
-from . import kernels
+from . import kernels, packed
 from .backend import THREADS, in_worker, run_in_two
 
 _blas = None  # (sgemm ctypes function, sched_yield ctypes function), or False
@@ -134,12 +134,15 @@ if kernels.available:
         return True
 
     @jit
-    def _gemm(sgemm, A, B, ldb, C):
+    def _gemm(sgemm, mm, A, Ap, B, ldb, C):
         """C (M, N) = A (M, K) @ B, B (K, N) with row stride ldb (row-major, C-contiguous A
-        and C)."""
+        and C): by mm on Ap, A packed for it (packed.py), or where Ap is empty by the BLAS."""
         M, K = A.shape
         N = C.shape[1]
-        sgemm(101, 111, 111, M, N, K, F1, A.ctypes.data, K, B.ctypes.data, ldb, F0, C.ctypes.data, N)
+        if Ap.size:
+            mm(Ap.ctypes.data, B.ctypes.data, ldb, C.ctypes.data, N)
+        else:
+            sgemm(101, 111, 111, M, N, K, F1, A.ctypes.data, K, B.ctypes.data, ldb, F0, C.ctypes.data, N)
 
     F1, F0 = numpy.float32(1.0), numpy.float32(0.0)
 
@@ -152,59 +155,71 @@ if kernels.available:
                 dst[r, n] = src[r, t, n]
 
     @jit
-    def lstm_rows_forward(k, sgemm, yld, flags, Wk, h0, XPk, Ak, c0k, csk, tcsk, hsk, hbuf, flat, store, solo):
+    def lstm_rows_forward(k, sgemm, mm, yld, flags, Wk, Wkp, h0, XPk, Ak, c0k, csk, tcsk, hsk, hbuf, flat, store, solo):
         """Core k's part of the forward loop: its gate rows Wk (4*H2, H) of the permuted Wh,
         its input projections XPk (4*H2, T, N); writes Ak (gate values), csk, tcsk and hsk,
         its rows of hs (H, T, N). Without store, Ak holds one step and csk two that take
         turns (kernels.py explains why not one). Each step's h also goes to hbuf[t % 2]
         (2, H, N), which the next step's product reads: reading hs[:, t] instead, whose cache
         lines hold the other core's next writes too, cost about 20 us per step. ``solo``:
-        the whole layer on this core (k = 0, Wk all of Wh): no partner, no hbuf."""
+        the whole layer on this core (k = 0, Wk all of Wh), no partner; there the BLAS reads
+        hs[:, t] itself (it copies its operand anyway), while the packed product reads hbuf:
+        its (H, N) rows T*N apart in hs cost a TLB miss each, on every panel."""
         T, N = hsk.shape[1], hsk.shape[2]
         H2 = hsk.shape[0]
+        direct = solo and Wkp.size == 0
         for t in range(T):
             s = t if store else 0
             ct = csk[t] if store else csk[t % 2]
             if t == 0:
-                _gemm(sgemm, Wk, h0, h0.shape[1], Ak[s])
+                _gemm(sgemm, mm, Wk, Wkp, h0, h0.shape[1], Ak[s])
                 c = c0k
-            elif solo:
-                _gemm(sgemm, Wk, hsk[:, t - 1], T * N, Ak[s])
+            elif direct:
+                _gemm(sgemm, mm, Wk, Wkp, hsk[:, t - 1], T * N, Ak[s])
                 c = csk[t - 1] if store else csk[(t - 1) % 2]
             else:
-                _gemm(sgemm, Wk, hbuf[(t - 1) % 2], N, Ak[s])
+                _gemm(sgemm, mm, Wk, Wkp, hbuf[(t - 1) % 2], N, Ak[s])
                 c = csk[t - 1] if store else csk[(t - 1) % 2]
             if flat:
                 kernels.lstm_step_forward_flat(t, Ak[s], XPk, c, ct, tcsk[s], hsk)
             else:
                 kernels.lstm_step_forward(t, Ak[s], XPk, c, ct, tcsk[s], hsk)
-            if solo:
+            if direct:
                 continue
             _copy_step(hsk, t, hbuf[t % 2, k * H2:(k + 1) * H2])
-            if not _meet(flags, k, t + 1, yld):
+            if not solo and not _meet(flags, k, t + 1, yld):
                 return False
         return True
 
     @jit
-    def lstm_rows_backward(k, sgemm, yld, flags, WhTk, Ak, csk, c0k, tcsk, dhsk, dhk, dck, dXPk, dbuf, solo):
+    def lstm_rows_backward(k, sgemm, mm, yld, flags, WhTk, WhTkp, Ak, csk, c0k, tcsk, dhsk, dhk, dck, dXPk, dbuf, solo):
         """Core k's part of the backward loop: dhk, dck (H2, N) its rows of dL/dh and dL/dc
         carried back (zeros in, dL/dh0 and dL/dc0 out); writes dXPk, its rows of the
         permuted dXP (G*H, T, N), and the same step's rows of dbuf[t % 2] (2, G*H, N), which
         both cores' products read once both have written their rows. ``solo``: the whole
-        layer on this core (WhTk all of Wh^T)."""
+        layer on this core (WhTk all of Wh^T); dbuf as hbuf in the forward loop."""
         T, N = dXPk.shape[1], dXPk.shape[2]
         R = dXPk.shape[0]
+        direct = solo and WhTkp.size == 0
         for t in range(T - 1, -1, -1):
             c_prev = csk[t - 1] if t > 0 else c0k
             kernels.lstm_step_backward(t, Ak[t], c_prev, tcsk[t], dhsk, dhk, dck, dXPk)
-            if solo:
-                _gemm(sgemm, WhTk, dXPk[:, t], T * N, dhk)
+            if direct:
+                _gemm(sgemm, mm, WhTk, WhTkp, dXPk[:, t], T * N, dhk)
                 continue
             _copy_step(dXPk, t, dbuf[t % 2, k * R:(k + 1) * R])
-            if not _meet(flags, k, T - t, yld):
+            if not solo and not _meet(flags, k, T - t, yld):
                 return False
-            _gemm(sgemm, WhTk, dbuf[t % 2], N, dhk)
+            _gemm(sgemm, mm, WhTk, WhTkp, dbuf[t % 2], N, dhk)
         return True
+
+
+def _packed_for(W, N: int):
+    """(product, W packed) for the loops' products W @ (K, N) where packed.py can do them,
+    else (a stand-in never called, an empty array): the loops then call the BLAS."""
+    if packed.usable(N):
+        return packed.product(W.shape[0], W.shape[1], N), packed.packed(W, N)
+    return _NO_MM, _NO_PACK
 
 
 class _Failed(RuntimeError):
@@ -260,7 +275,8 @@ def lstm_forward(XP, Wh, h0, c0, store=True):
         rows = perm[k * 2 * H:(k + 1) * 2 * H]
         Wk = Wh[rows]  # fancy indexing: a contiguous copy
         XPk = numpy.concatenate([XP[g * H + k * H2:g * H + (k + 1) * H2] for g in range(4)])
-        return lstm_rows_forward(k, sgemm, yld, flags, Wk, h0, XPk, A[k], c0[k * H2:(k + 1) * H2], cs[k], tcs[k],
+        mm, Wkp = _packed_for(Wk, N)
+        return lstm_rows_forward(k, sgemm, mm, yld, flags, Wk, Wkp, h0, XPk, A[k], c0[k * H2:(k + 1) * H2], cs[k], tcs[k],
                                  hs[k * H2:(k + 1) * H2], hbuf, flat, store, False)
 
     _in_two(work, flags)
@@ -297,7 +313,8 @@ def lstm_backward(dhs, cache, Wh):
         units = slice(k * H2, (k + 1) * H2)
         WhTk = numpy.ascontiguousarray(Wh[perm, units].T)  # (H2, GH): its units' rows of Wh^T, permuted columns
         dXPk = dXPp[k * 2 * H:(k + 1) * 2 * H]
-        if not lstm_rows_backward(k, sgemm, yld, flags, WhTk, cache["A"][k], cache["cs"][k], c0[units],
+        mm, WhTkp = _packed_for(WhTk, N)
+        if not lstm_rows_backward(k, sgemm, mm, yld, flags, WhTk, WhTkp, cache["A"][k], cache["cs"][k], c0[units],
                                   cache["tcs"][k], dhs[units], dh0[units], dc0[units], dXPk, dbuf, False):
             return False
         # Its part of the recurrent weight gradient, dWh = dXP[:, 0] @ h0^T + dXP[:, 1:] @
@@ -331,7 +348,10 @@ def lstm_forward_one(XP, Wh, h0, c0, store=True):
     cs = numpy.empty((T if store else 2, H, N), dtype=dtype)
     tcs = numpy.empty((S, H, N), dtype=dtype)
     h0c, c0c = numpy.ascontiguousarray(h0), numpy.ascontiguousarray(c0)
-    lstm_rows_forward(0, sgemm, yld, _NO_FLAGS, numpy.ascontiguousarray(Wh), h0c, XP, A, c0c, cs, tcs, hs, _NO_BUF,
+    Wh = numpy.ascontiguousarray(Wh)
+    mm, Whp = _packed_for(Wh, N)
+    hbuf = numpy.empty((2, H, N), dtype=dtype) if Whp.size else _NO_BUF
+    lstm_rows_forward(0, sgemm, mm, yld, _NO_FLAGS, Wh, Whp, h0c, XP, A, c0c, cs, tcs, hs, hbuf,
                       N % 16 != 0, store, True)
     c = cs[T - 1 if store else (T - 1) % 2].copy()
     cache = {"cell": "lstm", "A": A, "hs": hs, "h0": h0, "activation": "tanh", "cs": cs, "tcs": tcs, "c0": c0} if store else None
@@ -347,11 +367,15 @@ def lstm_backward_loop_one(dhs, cache, WhT):
     dXP = numpy.empty((A.shape[1], T, N), dtype=dtype)
     dh = numpy.zeros((H, N), dtype=dtype)
     dc = numpy.zeros((H, N), dtype=dtype)
-    lstm_rows_backward(0, sgemm, yld, _NO_FLAGS, WhT, A, cs, numpy.ascontiguousarray(cache["c0"]), tcs,
-                       numpy.ascontiguousarray(dhs), dh, dc, dXP, _NO_BUF, True)
+    mm, WhTp = _packed_for(WhT, N)
+    dbuf = numpy.empty((2, A.shape[1], N), dtype=dtype) if WhTp.size else _NO_BUF
+    lstm_rows_backward(0, sgemm, mm, yld, _NO_FLAGS, WhT, WhTp, A, cs, numpy.ascontiguousarray(cache["c0"]), tcs,
+                       numpy.ascontiguousarray(dhs), dh, dc, dXP, dbuf, True)
     return dXP, dh, dc
 
 
 # Stand-ins for the arguments a solo loop never touches (the loops' signatures are shared).
 _NO_FLAGS = numpy.zeros(3, dtype=numpy.int64)
 _NO_BUF = numpy.zeros((2, 1, 1), dtype=numpy.float32)
+_NO_PACK = numpy.zeros(0, dtype=numpy.float32)
+_NO_MM = packed.SIGNATURE(lambda *args: None)

@@ -1,0 +1,205 @@
+"""Thin matrix products C (M, N) = W (M, K) @ B (K, N) with W packed once, for the LSTM time loops.
+
+Inside a time loop the recurrent product is thin: all G*H rows of Wh, a handful of streams.
+OpenBLAS repacks W at every call and runs such products at 35-90 GFLOP/s on one core of this
+machine. Here W is packed once per chunk into panels of R rows, each panel stored k-major
+(the R weights of column k side by side), and one small function per shape multiplies it:
+for each panel, R x ceil(N/16) accumulators of 16 floats stay in AVX-512 registers while k
+runs over K; each step of k loads one row of B (the streams, 16 to a register) and broadcasts
+the panel's R weights. Measured on one core here (medians, us per product, OpenBLAS's sgemm
+through CBLAS against this): (512x128)@(128x16) 34.6 / 14.7, (2048x512)@(512x32) 782 / 476,
+(512x2048)@(2048x32) 747 / 448, (800x200)@(200x10) 94 / 35; 140-150 GFLOP/s where OpenBLAS
+reaches 60-90 (benchmarks/README.md).
+
+The functions are written in LLVM IR here and compiled by llvmlite (numba's own code
+generator, so no new dependency) for the host CPU, one per (M, K, N), on first use. They are
+used only where the CPU has AVX-512 (elsewhere LLVM would split each vector in two or four
+and OpenBLAS stays the better choice) and after a product checked against NumPy's. The
+compiled LSTM loops (rowsplit.py) call them through a ctypes pointer, as they call sgemm.
+CHARNN_PACKED=0 turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy
+
+from . import kernels
+
+LANES = 16  # floats in an AVX-512 register
+ACCUMULATORS = 28  # of the 32 vector registers; the rest hold B's row and a broadcast weight
+# Where these beat OpenBLAS on one core here (benchmarks/README.md): from 6 columns (below, a
+# register of 16 lanes holds too few streams; (800x200)@(200x2) 37 against 17 us) to 64 (from
+# 96, too few rows fit a panel; (2048x512)@(512x128) 3.0 against 2.5 ms).
+MIN_N, MAX_N = 6, 4 * LANES
+
+_state = None  # (target machine, engines kept alive) once set up, or False
+_lock = threading.Lock()
+_compiled = {}  # (M, K, N) -> ctypes function
+SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
+
+
+def rows_per_panel(N: int) -> int:
+    """R: as many rows as keep R * ceil(N/16) accumulators within the registers."""
+    return max(1, ACCUMULATORS // -(-N // LANES))
+
+
+def _ir(M: int, K: int, N: int, cpu: str, features: str) -> str:
+    """The LLVM IR of ``void mm(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape: W packed
+    by :func:`pack`, B and C row-major with row strides ldb and ldc (in floats)."""
+    R = rows_per_panel(N)
+    NV = -(-N // LANES)
+    tail = N - LANES * (NV - 1)
+    mask = "<16 x i1> <" + ", ".join(f"i1 {int(i < tail)}" for i in range(LANES)) + ">"
+    V = "<16 x float>"
+    full, rest = divmod(M, R)
+    lines = [
+        f"declare {V} @llvm.fma.v16f32({V}, {V}, {V})",
+        f"declare {V} @llvm.masked.load.v16f32.p0(ptr, i32, <16 x i1>, {V})",
+        f"declare void @llvm.masked.store.v16f32.p0({V}, ptr, i32, <16 x i1>)",
+        "define void @mm(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {",
+        "entry:",
+    ]
+    emit = lines.append
+    # One loop over panels per panel height: the full panels, then one of the remaining rows.
+    blocks = [(f"p{RR}", RR, count, row0) for RR, count, row0 in ((R, full, 0), (rest, 1, full * R)) if count and RR]
+    emit(f"  br label %{blocks[0][0]}")
+    for i, (name, RR, count, row0) in enumerate(blocks):
+        came_from = "entry" if i == 0 else f"{blocks[i - 1][0]}_store"
+        then = f"{blocks[i + 1][0]}" if i + 1 < len(blocks) else "done"
+        x = lambda s: f"%{name}_{s}"  # noqa: E731 - a local name in this block
+        emit(f"{name}:")
+        emit(f"  {x('p')} = phi i64 [0, %{came_from}], [{x('p_next')}, %{name}_store]")
+        if count == 1:
+            emit(f"  {x('row0')} = add i64 {row0}, 0")
+        else:
+            emit(f"  {x('prow')} = mul i64 {x('p')}, {RR}")
+            emit(f"  {x('row0')} = add i64 {x('prow')}, {row0}")
+        emit(f"  {x('woff')} = mul i64 {x('row0')}, {K}")
+        emit(f"  {x('w')} = getelementptr float, ptr %W, i64 {x('woff')}")
+        emit(f"  br label %{name}_kloop")
+        emit(f"{name}_kloop:")
+        emit(f"  {x('k')} = phi i64 [0, %{name}], [{x('k_next')}, %{name}_kloop]")
+        for r in range(RR):
+            for v in range(NV):
+                emit(f"  {x(f'acc{r}_{v}')} = phi {V} [zeroinitializer, %{name}], [{x(f'new{r}_{v}')}, %{name}_kloop]")
+        emit(f"  {x('boff')} = mul i64 {x('k')}, %ldb")
+        emit(f"  {x('brow')} = getelementptr float, ptr %B, i64 {x('boff')}")
+        for v in range(NV):
+            emit(f"  {x(f'bp{v}')} = getelementptr float, ptr {x('brow')}, i64 {LANES * v}")
+            if v == NV - 1 and tail != LANES:
+                emit(f"  {x(f'b{v}')} = call {V} @llvm.masked.load.v16f32.p0(ptr {x(f'bp{v}')}, i32 4, {mask}, {V} zeroinitializer)")
+            else:
+                emit(f"  {x(f'b{v}')} = load {V}, ptr {x(f'bp{v}')}, align 4")
+        emit(f"  {x('kw')} = mul i64 {x('k')}, {RR}")
+        emit(f"  {x('wk')} = getelementptr float, ptr {x('w')}, i64 {x('kw')}")
+        for r in range(RR):
+            emit(f"  {x(f'wp{r}')} = getelementptr float, ptr {x('wk')}, i64 {r}")
+            emit(f"  {x(f'w{r}')} = load float, ptr {x(f'wp{r}')}, align 4")
+            emit(f"  {x(f'wi{r}')} = insertelement {V} poison, float {x(f'w{r}')}, i64 0")
+            emit(f"  {x(f'ws{r}')} = shufflevector {V} {x(f'wi{r}')}, {V} poison, <16 x i32> zeroinitializer")
+            for v in range(NV):
+                emit(f"  {x(f'new{r}_{v}')} = call {V} @llvm.fma.v16f32({V} {x(f'ws{r}')}, {V} {x(f'b{v}')}, {V} {x(f'acc{r}_{v}')})")
+        emit(f"  {x('k_next')} = add i64 {x('k')}, 1")
+        emit(f"  {x('k_more')} = icmp ult i64 {x('k_next')}, {K}")
+        emit(f"  br i1 {x('k_more')}, label %{name}_kloop, label %{name}_store")
+        emit(f"{name}_store:")
+        for r in range(RR):
+            emit(f"  {x(f'crow_at{r}')} = add i64 {x('row0')}, {r}")
+            emit(f"  {x(f'coff{r}')} = mul i64 {x(f'crow_at{r}')}, %ldc")
+            emit(f"  {x(f'crow{r}')} = getelementptr float, ptr %C, i64 {x(f'coff{r}')}")
+            for v in range(NV):
+                emit(f"  {x(f'cp{r}_{v}')} = getelementptr float, ptr {x(f'crow{r}')}, i64 {LANES * v}")
+                if v == NV - 1 and tail != LANES:
+                    emit(f"  call void @llvm.masked.store.v16f32.p0({V} {x(f'new{r}_{v}')}, ptr {x(f'cp{r}_{v}')}, i32 4, {mask})")
+                else:
+                    emit(f"  store {V} {x(f'new{r}_{v}')}, ptr {x(f'cp{r}_{v}')}, align 4")
+        emit(f"  {x('p_next')} = add i64 {x('p')}, 1")
+        emit(f"  {x('p_more')} = icmp ult i64 {x('p_next')}, {count}")
+        emit(f"  br i1 {x('p_more')}, label %{name}, label %{then}")
+    emit("done:")
+    emit("  ret void")
+    emit("}")
+    emit(f'attributes #0 = {{ nounwind "target-cpu"="{cpu}" "target-features"="{features}" '
+         '"prefer-vector-width"="512" "min-legal-vector-width"="512" }')
+    return "\n".join(lines) + "\n"
+
+
+def packed(W, N: int, out=None):
+    """W (M, K) packed for products with N columns: panels of R = rows_per_panel(N) rows (the
+    last one shorter when R does not divide M), each stored k-major, as one flat array."""
+    M, K = W.shape
+    R = rows_per_panel(N)
+    full = M // R * R
+    if out is None:
+        out = numpy.empty(M * K, dtype=numpy.float32)
+    out[:full * K].reshape(M // R, K, R)[...] = W[:full].reshape(M // R, R, K).transpose(0, 2, 1)
+    if full < M:
+        out[full * K:].reshape(K, M - full)[...] = W[full:].T
+    return out
+
+
+def _setup():
+    """The target machine for this CPU, or False where the products should not be used."""
+    global _state
+    if _state is not None:
+        return _state
+    _state = False
+    if not kernels.available or os.environ.get("CHARNN_PACKED", "1") == "0":
+        return _state
+    try:
+        import llvmlite.binding as llvm
+
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        features = llvm.get_host_cpu_features()
+        if not features.get("avx512f"):
+            return _state
+        cpu, flat = llvm.get_host_cpu_name(), features.flatten()
+        tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=flat, opt=3)
+        _state = (llvm, tm, cpu, flat, [])
+        # One product checked against NumPy's before any loop trusts the code generator.
+        rng = numpy.random.default_rng(0)
+        W = rng.normal(size=(37, 19)).astype(numpy.float32)
+        B = rng.normal(size=(19, 41)).astype(numpy.float32)
+        C = numpy.zeros((37, 50), dtype=numpy.float32)
+        Wp = packed(W, 20)
+        product(37, 19, 20)(Wp.ctypes.data, B.ctypes.data, 41, C.ctypes.data, 50)
+        if not numpy.allclose(C[:, :20], W @ B[:, :20], rtol=1e-4, atol=1e-4) or C[:, 20:].any():
+            _state = False
+    except Exception:  # no usable code generator: OpenBLAS does the products
+        _state = False
+    return _state
+
+
+def available() -> bool:
+    return bool(_setup())
+
+
+def usable(N: int) -> bool:
+    """Whether products with N columns run here (else the caller uses the BLAS)."""
+    return MIN_N <= N <= MAX_N and available()
+
+
+def product(M: int, K: int, N: int):
+    """The compiled product for this shape, a ctypes function (W packed, B, ldb, C, ldc)."""
+    key = (M, K, N)
+    fn = _compiled.get(key)
+    if fn is not None:
+        return fn
+    llvm, tm, cpu, flat, engines = _setup()
+    with _lock:
+        fn = _compiled.get(key)
+        if fn is None:
+            module = llvm.parse_assembly(_ir(M, K, N, cpu, flat))
+            module.verify()
+            passes = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+            passes.getModulePassManager().run(module, passes)
+            engine = llvm.create_mcjit_compiler(module, tm)
+            engine.finalize_object()
+            engines.append(engine)  # the code lives as long as its engine
+            fn = _compiled[key] = SIGNATURE(engine.get_function_address("mm"))
+    return fn

@@ -1,0 +1,77 @@
+"""The packed products of packed.py against NumPy's, and the compiled LSTM loops with them
+against the loops with the BLAS."""
+
+import numpy
+import pytest
+
+from charnn import kernels, packed, rowsplit
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="needs numba, llvmlite and an AVX-512 CPU")
+
+
+@pytest.mark.parametrize("M,K,N", [(512, 128, 16), (37, 5, 1), (30, 7, 33), (200, 80, 10), (9, 3, 128), (28, 4, 16),
+                                   (56, 64, 17), (1, 1, 1), (29, 2, 48)])
+def test_product_matches_numpy(M, K, N):
+    rng = numpy.random.default_rng(M * K + N)
+    W = rng.normal(size=(M, K)).astype(numpy.float32)
+    # B and C wider than the product, so the strides differ from N and the columns beyond N
+    # show whether anything was written there.
+    B = rng.normal(size=(K, N + 3)).astype(numpy.float32)
+    C = numpy.full((M, N + 5), 7.0, dtype=numpy.float32)
+    Wp = packed.packed(W, N)  # held here: the product reads it through a raw pointer
+    packed.product(M, K, N)(Wp.ctypes.data, B.ctypes.data, N + 3, C.ctypes.data, N + 5)
+    want = W.astype(numpy.float64) @ B[:, :N]
+    assert numpy.abs(C[:, :N] - want).max() <= 1e-5 * numpy.abs(want).max() + 1e-6
+    assert (C[:, N:] == 7.0).all()
+
+
+def test_packed_layout():
+    R = packed.rows_per_panel(16)
+    assert R == packed.ACCUMULATORS
+    W = numpy.arange((R + 2) * 3, dtype=numpy.float32).reshape(R + 2, 3)
+    flat = packed.packed(W, 16)
+    # Panel 0: rows 0..R-1 k-major; then the last two rows, k-major.
+    numpy.testing.assert_array_equal(flat[:R * 3].reshape(3, R), W[:R].T)
+    numpy.testing.assert_array_equal(flat[R * 3:].reshape(3, 2), W[R:].T)
+    assert packed.rows_per_panel(32) == packed.ACCUMULATORS // 2
+    assert packed.rows_per_panel(20) == packed.ACCUMULATORS // 2
+
+
+def test_usable_bounds():
+    assert packed.usable(packed.MIN_N) and packed.usable(packed.MAX_N)
+    assert not packed.usable(packed.MIN_N - 1) and not packed.usable(packed.MAX_N + 1)
+
+
+def test_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("CHARNN_PACKED", "0")
+    monkeypatch.setattr(packed, "_state", None)
+    assert not packed.available()
+    assert rowsplit._packed_for(numpy.zeros((8, 4), numpy.float32), 16)[1].size == 0
+
+
+def lstm_inputs(H, N, T, seed=0):
+    rng = numpy.random.default_rng(seed)
+    f = numpy.float32
+    return (rng.normal(0, 0.7, (4 * H, T, N)).astype(f), rng.normal(0, 1 / numpy.sqrt(H), (4 * H, H)).astype(f),
+            rng.normal(0, 0.5, (H, N)).astype(f), rng.normal(0, 0.5, (H, N)).astype(f), rng.normal(0, 1, (H, T, N)).astype(f))
+
+
+@pytest.mark.skipif(not rowsplit.compiled_loops(), reason="needs a CBLAS sgemm in NumPy's BLAS")
+@pytest.mark.parametrize("H,N,T", [(16, 6, 7), (40, 16, 9), (64, 20, 3), (32, 33, 4)])
+@pytest.mark.parametrize("split", ["one core", "rows"])
+def test_loops_with_packed_products_match_blas(monkeypatch, H, N, T, split):
+    XP, Wh, h0, c0, dhs = lstm_inputs(H, N, T)
+    on = packed._setup()
+    out = {}
+    for mode in ("packed", "blas"):
+        monkeypatch.setattr(packed, "_state", on if mode == "packed" else False)
+        if split == "rows":
+            hs, (h, c), cache = rowsplit.lstm_forward(XP, Wh, h0, c0)
+            grads = rowsplit.lstm_backward(dhs, cache, Wh)
+        else:
+            hs, (h, c), cache = kernels.layer_forward("lstm", XP, Wh, h0, c0)
+            grads = kernels.layer_backward(dhs, cache, Wh)
+        out[mode] = (hs, h, c, *grads)
+    for a, b in zip(out["packed"], out["blas"]):
+        if b is not None:
+            assert numpy.abs(a - b).max() <= 1e-5 * (numpy.abs(b).max() + 1e-12)
