@@ -31,10 +31,9 @@ from . import kernels
 
 LANES = 16  # floats in an AVX-512 register
 ACCUMULATORS = 28  # of the 32 vector registers; the rest hold B's row and a broadcast weight
-# Where these beat OpenBLAS on one core here (benchmarks/README.md): from 6 columns (below, a
-# register of 16 lanes holds too few streams; (800x200)@(200x2) 37 against 17 us) to 64 (from
-# 96, too few rows fit a panel; (2048x512)@(512x128) 3.0 against 2.5 ms).
-MIN_N, MAX_N = 6, 4 * LANES
+# Up to 64 columns these beat OpenBLAS on one core here nearly everywhere (benchmarks/README.md);
+# from 96, too few rows fit a panel: (2048x512)@(512x128) 3.0 against 2.5 ms.
+MIN_N, MAX_N = 1, 4 * LANES
 
 _state = None  # (target machine, engines kept alive) once set up, or False
 _lock = threading.Lock()
@@ -47,9 +46,116 @@ def rows_per_panel(N: int) -> int:
     return max(1, ACCUMULATORS // -(-N // LANES))
 
 
+def streams_in_lanes(N: int) -> bool:
+    """Which of the two kernels serves N columns: lanes over the columns (the streams) where N
+    is a multiple of 16, else lanes over the rows of W, 16 rows to a register: a product with
+    N = 20 would leave 12 of 32 lanes idle in the first, and one with N = 1 (sampling) 15 of
+    16."""
+    return N % LANES == 0
+
+
+def vectors_per_panel(N: int) -> int:
+    """RV, for lanes over rows: panels of 16 * RV rows, and RV * (columns at a time) <= 28."""
+    return 2 if N >= 14 else max(1, min(8, ACCUMULATORS // N))
+
+
+def _attributes(cpu: str, features: str) -> str:
+    return (f'attributes #0 = {{ nounwind "target-cpu"="{cpu}" "target-features"="{features}" '
+            '"prefer-vector-width"="512" "min-legal-vector-width"="512" }')
+
+
 def _ir(M: int, K: int, N: int, cpu: str, features: str) -> str:
-    """The LLVM IR of ``void mm(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape: W packed
-    by :func:`pack`, B and C row-major with row strides ldb and ldc (in floats)."""
+    return (_ir_cols if streams_in_lanes(N) else _ir_rows)(M, K, N, cpu, features)
+
+
+def _ir_rows(M: int, K: int, N: int, cpu: str, features: str) -> str:
+    """``mm`` with the lanes over rows of W: for each panel of 16 * RV rows and each group of up
+    to 28 // RV columns, RV x (columns) accumulators; each step of k loads the panel's RV
+    vectors of column k (packed k-major, zero rows padding the last panel) and broadcasts
+    B[k, n] for each column n. The results go to C element by element (a register holds part
+    of a column of C)."""
+    RV = vectors_per_panel(N)
+    PH = LANES * RV
+    NC = min(N, ACCUMULATORS // RV)
+    V = "<16 x float>"
+    full, rest = divmod(M, PH)
+    groups = [(n0, min(NC, N - n0)) for n0 in range(0, N, NC)]
+    lines = [
+        f"declare {V} @llvm.fma.v16f32({V}, {V}, {V})",
+        "define void @mm(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {",
+        "entry:",
+    ]
+    emit = lines.append
+    kinds = [(f"q{rows}", rows, count, row0) for rows, count, row0 in ((PH, full, 0), (rest, 1, full * PH)) if count and rows]
+    emit(f"  br label %{kinds[0][0]}")
+    for i, (name, rows, count, row0) in enumerate(kinds):
+        came_from = "entry" if i == 0 else f"{kinds[i - 1][0]}_end"
+        then = kinds[i + 1][0] if i + 1 < len(kinds) else "done"
+        x = lambda s: f"%{name}_{s}"  # noqa: E731 - a local name in this block
+        emit(f"{name}:")
+        emit(f"  {x('p')} = phi i64 [0, %{came_from}], [{x('p_next')}, %{name}_end]")
+        emit(f"  {x('prow')} = mul i64 {x('p')}, {PH}")
+        emit(f"  {x('row0')} = add i64 {x('prow')}, {row0}")
+        emit(f"  {x('woff')} = mul i64 {x('row0')}, {K}")
+        emit(f"  {x('w')} = getelementptr float, ptr %W, i64 {x('woff')}")
+        emit(f"  br label %{name}_g0")
+        for g, (n0, nc) in enumerate(groups):
+            y = lambda s: x(f"g{g}_{s}")  # noqa: E731
+            loop, store = f"{name}_g{g}", f"{name}_g{g}_store"
+            enter = name if g == 0 else f"{name}_g{g - 1}_store"
+            emit(f"{loop}:")
+            emit(f"  {y('k')} = phi i64 [0, %{enter}], [{y('k_next')}, %{loop}]")
+            for j in range(RV):
+                for n in range(nc):
+                    emit(f"  {y(f'acc{j}_{n}')} = phi {V} [zeroinitializer, %{enter}], [{y(f'new{j}_{n}')}, %{loop}]")
+            emit(f"  {y('kw')} = mul i64 {y('k')}, {PH}")
+            emit(f"  {y('wk')} = getelementptr float, ptr {x('w')}, i64 {y('kw')}")
+            for j in range(RV):
+                emit(f"  {y(f'wp{j}')} = getelementptr float, ptr {y('wk')}, i64 {LANES * j}")
+                emit(f"  {y(f'wv{j}')} = load {V}, ptr {y(f'wp{j}')}, align 4")
+            emit(f"  {y('boff')} = mul i64 {y('k')}, %ldb")
+            emit(f"  {y('brow')} = getelementptr float, ptr %B, i64 {y('boff')}")
+            for n in range(nc):
+                emit(f"  {y(f'bp{n}')} = getelementptr float, ptr {y('brow')}, i64 {n0 + n}")
+                emit(f"  {y(f'b{n}')} = load float, ptr {y(f'bp{n}')}, align 4")
+                emit(f"  {y(f'bi{n}')} = insertelement {V} poison, float {y(f'b{n}')}, i64 0")
+                emit(f"  {y(f'bs{n}')} = shufflevector {V} {y(f'bi{n}')}, {V} poison, <16 x i32> zeroinitializer")
+                for j in range(RV):
+                    emit(f"  {y(f'new{j}_{n}')} = call {V} @llvm.fma.v16f32({V} {y(f'wv{j}')}, {V} {y(f'bs{n}')}, {V} {y(f'acc{j}_{n}')})")
+            emit(f"  {y('k_next')} = add i64 {y('k')}, 1")
+            emit(f"  {y('k_more')} = icmp ult i64 {y('k_next')}, {K}")
+            emit(f"  br i1 {y('k_more')}, label %{loop}, label %{store}")
+            emit(f"{store}:")
+            for j in range(RV):
+                live = min(LANES, rows - LANES * j)
+                if live <= 0:
+                    continue
+                for n in range(nc):
+                    acc = y(f"new{j}_{n}")
+                    for e in range(live):
+                        z = f"{j}_{n}_{e}"
+                        emit(f"  {y(f'r{z}')} = add i64 {x('row0')}, {LANES * j + e}")
+                        emit(f"  {y(f'o{z}')} = mul i64 {y(f'r{z}')}, %ldc")
+                        emit(f"  {y(f'q{z}')} = add i64 {y(f'o{z}')}, {n0 + n}")
+                        emit(f"  {y(f'cp{z}')} = getelementptr float, ptr %C, i64 {y(f'q{z}')}")
+                        emit(f"  {y(f'e{z}')} = extractelement {V} {acc}, i64 {e}")
+                        emit(f"  store float {y(f'e{z}')}, ptr {y(f'cp{z}')}, align 4")
+            emit(f"  br label %{name}_g{g + 1}" if g + 1 < len(groups) else f"  br label %{name}_end")
+        emit(f"{name}_end:")
+        emit(f"  {x('p_next')} = add i64 {x('p')}, 1")
+        emit(f"  {x('p_more')} = icmp ult i64 {x('p_next')}, {count}")
+        emit(f"  br i1 {x('p_more')}, label %{name}, label %{then}")
+    emit("done:")
+    emit("  ret void")
+    emit("}")
+    emit(_attributes(cpu, features))
+    return "\n".join(lines) + "\n"
+
+
+def _ir_cols(M: int, K: int, N: int, cpu: str, features: str) -> str:
+    """``void mm(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape, lanes over the
+    columns: W packed by :func:`packed`, B and C row-major with row strides ldb and ldc (in
+    floats)."""
     R = rows_per_panel(N)
     NV = -(-N // LANES)
     tail = N - LANES * (NV - 1)
@@ -123,22 +229,32 @@ def _ir(M: int, K: int, N: int, cpu: str, features: str) -> str:
     emit("done:")
     emit("  ret void")
     emit("}")
-    emit(f'attributes #0 = {{ nounwind "target-cpu"="{cpu}" "target-features"="{features}" '
-         '"prefer-vector-width"="512" "min-legal-vector-width"="512" }')
+    emit(_attributes(cpu, features))
     return "\n".join(lines) + "\n"
 
 
-def packed(W, N: int, out=None):
-    """W (M, K) packed for products with N columns: panels of R = rows_per_panel(N) rows (the
-    last one shorter when R does not divide M), each stored k-major, as one flat array."""
+def packed(W, N: int):
+    """W (M, K) packed for the product with N columns, as one flat float32 array: panels of
+    rows, each stored k-major (all its rows' weights of column k side by side). Lanes over the
+    columns: panels of R = rows_per_panel(N) rows, the last one shorter when R does not divide
+    M. Lanes over the rows: panels of 16 * vectors_per_panel(N) rows, the last one padded
+    with zero rows."""
     M, K = W.shape
-    R = rows_per_panel(N)
-    full = M // R * R
-    if out is None:
+    if streams_in_lanes(N):
+        R = rows_per_panel(N)
+        full = M // R * R
         out = numpy.empty(M * K, dtype=numpy.float32)
-    out[:full * K].reshape(M // R, K, R)[...] = W[:full].reshape(M // R, R, K).transpose(0, 2, 1)
+        out[:full * K].reshape(M // R, K, R)[...] = W[:full].reshape(M // R, R, K).transpose(0, 2, 1)
+        if full < M:
+            out[full * K:].reshape(K, M - full)[...] = W[full:].T
+        return out
+    PH = LANES * vectors_per_panel(N)
+    P = -(-M // PH)
+    out = numpy.zeros(P * PH * K, dtype=numpy.float32)
+    full = M // PH * PH
+    out[:full * K].reshape(M // PH, K, PH)[...] = W[:full].reshape(M // PH, PH, K).transpose(0, 2, 1)
     if full < M:
-        out[full * K:].reshape(K, M - full)[...] = W[full:].T
+        out[full * K:].reshape(K, PH)[:, :M - full] = W[full:].T
     return out
 
 

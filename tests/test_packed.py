@@ -9,7 +9,7 @@ from charnn import kernels, packed, rowsplit
 pytestmark = pytest.mark.skipif(not packed.available(), reason="needs numba, llvmlite and an AVX-512 CPU")
 
 
-@pytest.mark.parametrize("M,K,N", [(512, 128, 16), (37, 5, 1), (30, 7, 33), (200, 80, 10), (9, 3, 128), (28, 4, 16),
+@pytest.mark.parametrize("M,K,N", [(512, 128, 16), (37, 5, 1), (30, 7, 33), (200, 80, 10), (9, 3, 64), (28, 4, 16), (512, 64, 1), (70, 9, 3), (100, 30, 20),
                                    (56, 64, 17), (1, 1, 1), (29, 2, 48)])
 def test_product_matches_numpy(M, K, N):
     rng = numpy.random.default_rng(M * K + N)
@@ -34,7 +34,14 @@ def test_packed_layout():
     numpy.testing.assert_array_equal(flat[:R * 3].reshape(3, R), W[:R].T)
     numpy.testing.assert_array_equal(flat[R * 3:].reshape(3, 2), W[R:].T)
     assert packed.rows_per_panel(32) == packed.ACCUMULATORS // 2
-    assert packed.rows_per_panel(20) == packed.ACCUMULATORS // 2
+    # Lanes over rows (N not a multiple of 16): panels of 16 * RV rows, the last padded with zeros.
+    assert not packed.streams_in_lanes(20) and packed.vectors_per_panel(20) == 2
+    W = numpy.arange(40 * 3, dtype=numpy.float32).reshape(40, 3) + 1
+    flat = packed.packed(W, 20)
+    assert flat.size == 64 * 3
+    numpy.testing.assert_array_equal(flat[:96].reshape(3, 32), W[:32].T)
+    numpy.testing.assert_array_equal(flat[96:].reshape(3, 32)[:, :8], W[32:].T)
+    assert not flat[96:].reshape(3, 32)[:, 8:].any()
 
 
 def test_usable_bounds():
@@ -57,7 +64,7 @@ def lstm_inputs(H, N, T, seed=0):
 
 
 @pytest.mark.skipif(not rowsplit.compiled_loops(), reason="needs a CBLAS sgemm in NumPy's BLAS")
-@pytest.mark.parametrize("H,N,T", [(16, 6, 7), (40, 16, 9), (64, 20, 3), (32, 33, 4)])
+@pytest.mark.parametrize("H,N,T", [(16, 6, 7), (40, 16, 9), (64, 20, 3), (32, 33, 4), (24, 1, 5)])
 @pytest.mark.parametrize("split", ["one core", "rows"])
 def test_loops_with_packed_products_match_blas(monkeypatch, H, N, T, split):
     XP, Wh, h0, c0, dhs = lstm_inputs(H, N, T)
