@@ -81,17 +81,22 @@ def softmax_xent_forward(X, W, b, targets, weights=None, store=True):
     xp = array_module(X)
     logits = X.T @ W.T  # (M, V)
     logits += b
-    logits -= logits.max(axis=1, keepdims=True)
     M = targets.shape[0]
     rows = xp.arange(M)
-    picked = logits[rows, targets]  # the target's shifted logit, taken before exp can underflow
-    xp.exp(logits, out=logits)  # unnormalised probabilities, each row's max is 1
-    Z = logits.sum(axis=1)  # (M,), at least 1
-    nll = xp.log(Z) - picked
+    if kernels.use_fused(logits):  # the same steps as below, fused (kernels.softmax_xent_rows)
+        nll = numpy.empty(M, dtype=logits.dtype)
+        kernels.softmax_xent_rows(logits, logits.max(axis=1), targets, nll, store)
+    else:
+        logits -= logits.max(axis=1, keepdims=True)
+        picked = logits[rows, targets]  # the target's shifted logit, taken before exp can underflow
+        xp.exp(logits, out=logits)  # unnormalised probabilities, each row's max is 1
+        Z = logits.sum(axis=1)  # (M,), at least 1
+        nll = xp.log(Z) - picked
+        if store:
+            logits /= Z[:, None]  # probabilities
     loss, denom = weighted_mean(nll, weights)
     cache = None
     if store:
-        logits /= Z[:, None]  # probabilities
         cache = {"P": logits, "X": X, "targets": targets, "weights": weights, "denom": denom, "rows": rows}
     return loss, nll, cache
 
@@ -101,14 +106,20 @@ def softmax_xent_backward(cache, W):
     xp = array_module(W)
     P, X, targets, weights = cache["P"], cache["X"], cache["targets"], cache["weights"]
     dlogits = P  # reused in place: softmax - onehot, scaled
-    dlogits[cache["rows"], targets] -= 1
-    if weights is None:
-        dlogits /= cache["denom"]
+    denom = cache["denom"]
+    if kernels.use_fused(P):
+        M = P.shape[0]
+        scale = numpy.full(M, 1.0 / denom, dtype=P.dtype) if weights is None else (weights / (denom if denom > 0 else 1)).astype(P.dtype)
+        db = numpy.empty(P.shape[1], dtype=P.dtype)
+        kernels.softmax_xent_grad_rows(dlogits, targets, scale, db)
     else:
-        denom = cache["denom"]
-        dlogits *= (weights / xp.where(denom > 0, denom, 1))[:, None]
+        dlogits[cache["rows"], targets] -= 1
+        if weights is None:
+            dlogits /= denom
+        else:
+            dlogits *= (weights / xp.where(denom > 0, denom, 1))[:, None]
+        db = dlogits.sum(axis=0)
     dW = dlogits.T @ X.T
-    db = dlogits.sum(axis=0)
     dX = W.T @ dlogits.T
     return dX, dW, db
 

@@ -20,6 +20,7 @@ Set CHARNN_KERNELS=numpy to turn them off.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy
@@ -350,6 +351,74 @@ if available:
             if acc > threshold:
                 return i
         return e.shape[0] - 1
+
+    from llvmlite import ir as _ir
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _float_from_bits(typingctx, i):
+        """The float32 whose bits are the int32 i (LLVM's bitcast)."""
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], _ir.FloatType())
+        return _types.float32(_types.int32), codegen
+
+    LOG2E, LN2_HI, LN2_LO = F(1.4426950408889634), F(0.693359375), F(-2.12194440e-4)
+    E2, E3, E4, E5, E6, E7 = F(1 / 2), F(1 / 6), F(1 / 24), F(1 / 120), F(1 / 720), F(1 / 5040)
+    EXP_MIN = F(-87.0)  # exp(-87) = 1.6e-38, still a normal float32
+
+    @jit
+    def _exp_nonpositive(x):
+        """exp(x) for float32 x <= 0, in operations LLVM vectorises (libm's expf it does not):
+        x = k ln2 + r, |r| <= ln2/2, exp(r) by its Taylor polynomial to r^7 (truncation error
+        under 1e-8 relative), times 2^k built from its exponent bits. Below -87 it returns
+        exp(-87) (1.6e-38) instead of a smaller number: nothing a softmax can notice."""
+        x = max(x, EXP_MIN)
+        k = numpy.floor(x * LOG2E + HALF)
+        r = x - k * LN2_HI - k * LN2_LO
+        p = ONE + r * (ONE + r * (E2 + r * (E3 + r * (E4 + r * (E5 + r * (E6 + r * E7))))))
+        return p * _float_from_bits((numpy.int32(k) + numpy.int32(127)) << numpy.int32(23))
+
+    @jit
+    def softmax_xent_rows(logits, top, targets, nll, normalise):
+        """In place over logits (M, V), the output layer's scores with the bias added, and
+        top (M,) their row maxima: writes each row's negative log-likelihood of its target to
+        nll (M,) and leaves exp(logit - row max) in the row, divided by the row's sum with
+        ``normalise`` (the softmax probabilities). One or two passes over each row after the
+        caller's max, where NumPy takes five (softmax_xent_forward); the row max stays with
+        NumPy, whose reduction is vectorised where this loop's would not be (LLVM leaves a
+        float max reduction scalar here: 10 against 1.3 ms at 700 x 10,000)."""
+        M, V = logits.shape
+        for m in range(M):
+            row = logits[m]
+            mx = top[m]
+            picked = row[targets[m]] - mx  # taken before exp can underflow
+            total = F(0.0)
+            for v in range(V):
+                e = _exp_nonpositive(row[v] - mx)
+                row[v] = e
+                total += e
+            nll[m] = math.log(total) - picked
+            if normalise:
+                inv = ONE / total
+                for v in range(V):
+                    row[v] *= inv
+
+    @jit
+    def softmax_xent_grad_rows(P, targets, scale, db):
+        """In place over P (M, V), softmax probabilities: row m becomes (P[m] - onehot(target))
+        * scale[m], the gradient of the loss by the logits; db (V,) = the sum of the rows.
+        One pass where NumPy takes three."""
+        M, V = P.shape
+        db[:] = 0.0
+        for m in range(M):
+            row = P[m]
+            row[targets[m]] -= ONE
+            s = scale[m]
+            for v in range(V):
+                g = row[v] * s
+                row[v] = g
+                db[v] += g
 
     @jit
     def scatter_rows(dst, ids, src):

@@ -58,6 +58,38 @@ def test_rational_tanh_accuracy():
     assert kernels._tanh(numpy.float32(1e30)) == 1.0 and kernels._tanh(numpy.float32(-1e30)) == -1.0
 
 
+def test_exp_accuracy():
+    x = numpy.concatenate([-numpy.logspace(-9, numpy.log10(86.9), 4001), [0.0]]).astype(numpy.float32)
+    approx = numpy.array([kernels._exp_nonpositive(v) for v in x], dtype=numpy.float64)
+    exact = numpy.exp(x.astype(numpy.float64))
+    assert (numpy.abs(approx - exact) / exact).max() < 6e-7  # a few float32 ulps
+    assert 0 < kernels._exp_nonpositive(numpy.float32(-1e4)) < 2e-38  # floored, not inf or nan
+
+
+@pytest.mark.parametrize("V", [3, 65, 1000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_softmax_xent_matches_plain(monkeypatch, V, weighted):
+    from charnn.functional import softmax_xent_backward, softmax_xent_forward
+
+    rng = numpy.random.default_rng(V)
+    D, M = 8, 50
+    X = rng.normal(0, 3, (D, M)).astype(numpy.float32)
+    W = rng.normal(0, 2, (V, D)).astype(numpy.float32)
+    W[0] *= 40  # some rows far apart, so that exp underflows for the others
+    b = rng.normal(0, 1, V).astype(numpy.float32)
+    targets = rng.integers(0, V, M)
+    weights = rng.random(M).astype(numpy.float32) if weighted else None
+    out = {}
+    for mode in ("numba", "numpy"):
+        monkeypatch.setenv("CHARNN_KERNELS", mode)
+        loss, nll, cache = softmax_xent_forward(X, W, b, targets, weights)
+        _, nll2, _ = softmax_xent_forward(X, W, b, targets, weights, store=False)
+        numpy.testing.assert_array_equal(nll, nll2)
+        out[mode] = (loss, nll, *softmax_xent_backward(cache, W))
+    for a, b_ in zip(out["numba"], out["numpy"]):
+        numpy.testing.assert_allclose(a, b_, rtol=2e-5, atol=2e-5 * (numpy.abs(b_).max() + 1e-3))
+
+
 def test_onehot_projection_and_scatter_match_numpy():
     rng = numpy.random.default_rng(0)
     Wx = rng.normal(size=(12, 7)).astype(numpy.float32)
