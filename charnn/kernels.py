@@ -94,11 +94,16 @@ if available:
         and the copy into hs, whose rows are strided, are separate simple passes."""
         G, N = a.shape
         H = G // 4
-        for j in range(G):
-            for n in range(N):
-                a[j, n] += XP[j, t, n]
         HN = H * N
         af = a.reshape(G * N)
+        if XP.shape[1] == 1:  # one step (sampling): XP[:, 0] is contiguous, one flat run too
+            xf = XP.reshape(G * N)
+            for k in range(G * N):
+                af[k] += xf[k]
+        else:
+            for j in range(G):
+                for n in range(N):
+                    a[j, n] += XP[j, t, n]
         cp, cf, tf = c_prev.reshape(HN), c.reshape(HN), tc.reshape(HN)
         for k in range(HN):
             i = _sigmoid(af[k])
@@ -112,9 +117,14 @@ if available:
             cc = f * cp[k] + i * g
             cf[k] = cc
             tf[k] = _tanh(cc)
-        for j in range(H):
-            for n in range(N):
-                hs[j, t, n] = a[3 * H + j, n] * tc[j, n]
+        if hs.shape[1] == 1:
+            hf = hs.reshape(HN)
+            for k in range(HN):
+                hf[k] = af[3 * HN + k] * tf[k]
+        else:
+            for j in range(H):
+                for n in range(N):
+                    hs[j, t, n] = a[3 * H + j, n] * tc[j, n]
 
     def lstm_step_forward_for(N: int):
         """The LSTM step kernel for N streams: the column loop where N is a multiple of 16
