@@ -600,16 +600,16 @@ def _layer_backward_loop(dhs, cache, Wh):
     GH = A.shape[1]
     dtype = hs.dtype
     dhs = numpy.ascontiguousarray(dhs)
+    if cell == "lstm" and dtype == numpy.float32:
+        from . import rowsplit
+
+        if rowsplit.compiled_loops():
+            return rowsplit.lstm_backward_loop_one(dhs, cache, Wh)
     # (G*H, T, N): the kernels write each step's column block; it is the layout of the
     # chunk-wide weight-gradient GEMMs, and BLAS takes the strided block dXP[:, t] as it is.
     dXP = numpy.empty((GH, T, N), dtype=dtype)
     dh_next = numpy.zeros((H, N), dtype=dtype)
     WhT = transposed(Wh)  # a contiguous copy multiplies about 13% faster than the view
-    if cell == "lstm" and dtype == numpy.float32:
-        from . import rowsplit
-
-        if rowsplit.compiled_loops():
-            return rowsplit.lstm_backward_loop_one(dhs, cache, WhT)
     if cell == "lstm":
         cs, tcs, c0 = cache["cs"], cache["tcs"], numpy.ascontiguousarray(cache["c0"])
         dc = numpy.zeros((H, N), dtype=dtype)

@@ -42,6 +42,10 @@ def test_packed_layout():
     numpy.testing.assert_array_equal(flat[:96].reshape(3, 32), W[:32].T)
     numpy.testing.assert_array_equal(flat[96:].reshape(3, 32)[:, :8], W[32:].T)
     assert not flat[96:].reshape(3, 32)[:, 8:].any()
+    # A transposed view packs to the same array as its contiguous copy (the loops read it the
+    # other way round).
+    for N in (16, 20):
+        numpy.testing.assert_array_equal(packed.packed(W.T, N), packed.packed(numpy.ascontiguousarray(W.T), N))
 
 
 def test_usable_bounds():
