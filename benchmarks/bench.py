@@ -13,7 +13,10 @@ oneDNN on and off; the faster is compared). Scoring is a forward pass over N x T
 gradient. Peak memory is each side's peak resident set in a fresh process doing the training
 steps. FLOPs per token count the GEMMs of a training step (forward, input and recurrent
 gradients, weight gradients); "% of peak" divides achieved GEMM FLOP/s by the machine's sgemm
-peak measured at the start with the same thread count.
+peak with the same thread count: the fastest of the 2048^3 products timed at the start of the
+run and before each round of the configuration's training blocks (this machine's speed drifts
+by up to 40% within minutes, so a peak measured once at the start may be far from the speed
+while a configuration ran).
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set (some machines here set them for old OpenBLAS
 builds), slow a current NumPy; this script unsets both for its own process and reports which
@@ -61,13 +64,13 @@ def flops_per_token(cfg) -> float:
     return f
 
 
-def sgemm_peak(threads: int) -> float:
+def sgemm_peak(threads: int, repeats: int = 5) -> float:
     from threadpoolctl import threadpool_limits
 
     a = numpy.random.default_rng(0).random((2048, 2048), dtype=numpy.float32)
     best = 0.0
     with threadpool_limits(threads):
-        for _ in range(5):
+        for _ in range(repeats):
             t = time.perf_counter()
             a @ a
             best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t))
@@ -184,7 +187,7 @@ def timed(fn, n):
     return times
 
 
-def run_config(name, cfg, repeats, threads, sample_tokens):
+def run_config(name, cfg, repeats, threads, sample_tokens, peak=0.0):
     import torch
 
     level, cell, L, H, N, T, V, E = cfg
@@ -199,6 +202,8 @@ def run_config(name, cfg, repeats, threads, sample_tokens):
     # Blocks of steps per side, alternating, with a pause between blocks: alternating single
     # steps let one side's BLAS/OpenMP threads, still spinning after their work, slow the other.
     for r in range(rounds):
+        peak = max(peak, sgemm_peak(threads, 2))
+        time.sleep(PAUSE)
         for s in sides:
             for j in range(block):
                 k = r * block + j
@@ -239,6 +244,7 @@ def run_config(name, cfg, repeats, threads, sample_tokens):
         "score": {k: float(numpy.median(v)) for k, v in score.items()},
         "sample": sample,
         "flops_per_token": flops_per_token(cfg),
+        "gemm_peak_flops": peak,
     }
 
 
@@ -282,12 +288,11 @@ def main():
     results = []
     with threadpool_limits(args.threads):
         for name in args.configs.split(","):
-            r = run_config(name, CONFIGS[name], args.repeats, args.threads, args.sample_tokens)
+            r = run_config(name, CONFIGS[name], args.repeats, args.threads, args.sample_tokens, peak)
             if not args.no_memory:
                 r["peak_mib"] = {side: peak_memory(name, side) for side in ("charnn", "pytorch")}
-            r["gemm_peak_flops"] = peak
             results.append(r)
-            print_row(r, peak, flush=True)
+            print_row(r, r["gemm_peak_flops"], flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "blas": blas, "sgemm_peak": peak, "results": results}, f, indent=1)
@@ -301,7 +306,8 @@ def print_row(r, peak, flush=False):
           f"train {c:,.0f} vs {t:,.0f} tok/s = {c / t:.2f}x | "
           f"sample {r['sample']['charnn']:,.0f} vs {r['sample']['pytorch']:,.0f} = {r['sample']['charnn'] / r['sample']['pytorch']:.2f}x | "
           f"score {r['score']['charnn']:,.0f} vs {r['score']['pytorch']:,.0f} = {r['score']['charnn'] / r['score']['pytorch']:.2f}x | "
-          f"{fpt / 1e6:.2f} MFLOP/tok, GEMM-bound {peak / fpt:,.0f} tok/s, peak {c * fpt / peak:.0%} vs {t * fpt / peak:.0%}"
+          f"{fpt / 1e6:.2f} MFLOP/tok, sgemm peak {peak / 1e9:.0f} GFLOP/s, GEMM-bound {peak / fpt:,.0f} tok/s, "
+          f"peak {c * fpt / peak:.0%} vs {t * fpt / peak:.0%}"
           + (f" | RSS {mem.get('charnn', 0):.0f} vs {mem.get('pytorch', 0):.0f} MiB" if mem else ""), flush=flush)
 
 
