@@ -1,20 +1,22 @@
 """Thin matrix products C (M, N) = W (M, K) @ B (K, N) with W packed once, for the LSTM time loops.
 
 Inside a time loop the recurrent product is thin: all G*H rows of Wh, a handful of streams.
-OpenBLAS repacks W at every call and runs such products at 35-90 GFLOP/s on one core of this
-machine. Here W is packed once per chunk into panels of R rows, each panel stored k-major
-(the R weights of column k side by side), and one small function per shape multiplies it:
-for each panel, R x ceil(N/16) accumulators of 16 floats stay in AVX-512 registers while k
-runs over K; each step of k loads one row of B (the streams, 16 to a register) and broadcasts
-the panel's R weights. Measured on one core here (medians, us per product, OpenBLAS's sgemm
-through CBLAS against this): (512x128)@(128x16) 34.6 / 14.7, (2048x512)@(512x32) 782 / 476,
-(512x2048)@(2048x32) 747 / 448, (800x200)@(200x10) 94 / 35; 140-150 GFLOP/s where OpenBLAS
-reaches 60-90 (benchmarks/README.md).
+OpenBLAS repacks W at every call and runs such products at 35-115 GFLOP/s on one core of this
+machine. Here W is packed once per chunk into panels of rows, each panel stored k-major (its
+rows' weights of column k side by side), and one small function per shape multiplies it, its
+sums held in AVX-512 registers while k runs over K. Two kernels: where N is a multiple of 16,
+the lanes run over the streams (per panel of R rows, R x N/16 accumulators; each step of k
+loads a row of B and broadcasts the panel's R weights); otherwise over 16 rows of W at a time
+(each step of k loads the panel's column k and broadcasts B's entries), so no lane idles at
+N = 20 or N = 1. Measured on one core here (medians, us per product, OpenBLAS's sgemm through
+CBLAS against this): (512x128)@(128x16) 34.6 / 14.7, (2048x512)@(512x32) 782 / 476,
+(512x2048)@(2048x32) 747 / 448, (800x200)@(200x20) 118 / 52, (2048x512)@(512x1) 421 / 172:
+140-157 GFLOP/s (benchmarks/README.md).
 
 The functions are written in LLVM IR here and compiled by llvmlite (numba's own code
 generator, so no new dependency) for the host CPU, one per (M, K, N), on first use. They are
-used only where the CPU has AVX-512 (elsewhere LLVM would split each vector in two or four
-and OpenBLAS stays the better choice) and after a product checked against NumPy's. The
+used only where the CPU has AVX-512, the only kind they were measured on (elsewhere LLVM
+would split each vector into narrower ones), and after a product checked against NumPy's. The
 compiled LSTM loops (rowsplit.py) call them through a ctypes pointer, as they call sgemm.
 CHARNN_PACKED=0 turns them off.
 """
@@ -35,8 +37,8 @@ ACCUMULATORS = 28  # of the 32 vector registers; the rest hold B's row and a bro
 # from 96, too few rows fit a panel: (2048x512)@(512x128) 3.0 against 2.5 ms.
 MIN_N, MAX_N = 1, 4 * LANES
 
-_state = None  # (target machine, engines kept alive) once set up, or False
-_lock = threading.Lock()
+_state = None  # (llvmlite.binding, target machine, cpu, features, engines kept alive), or False
+_lock = threading.RLock()  # where numba's compiler lock is missing (see _compiler_lock)
 _compiled = {}  # (M, K, N) -> ctypes function
 SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
@@ -277,13 +279,19 @@ if kernels.available:
 
 
 def _setup():
-    """The target machine for this CPU, or False where the products should not be used."""
+    """The code generator set up for this CPU, or False where the products should not be used
+    (decided once, under the compiler lock: the two halves of a batch may ask at once)."""
     global _state
-    if _state is not None:
-        return _state
-    _state = False
+    if _state is None:
+        with _compiler_lock():
+            if _state is None:
+                _state = _new_state()
+    return _state
+
+
+def _new_state():
     if not kernels.available or os.environ.get("CHARNN_PACKED", "1") == "0":
-        return _state
+        return False
     try:
         import llvmlite.binding as llvm
 
@@ -291,22 +299,45 @@ def _setup():
         llvm.initialize_native_asmprinter()
         features = llvm.get_host_cpu_features()
         if not features.get("avx512f"):
-            return _state
+            return False
         cpu, flat = llvm.get_host_cpu_name(), features.flatten()
         tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=flat, opt=3)
-        _state = (llvm, tm, cpu, flat, [])
+        state = (llvm, tm, cpu, flat, [])
         # One product checked against NumPy's before any loop trusts the code generator.
         rng = numpy.random.default_rng(0)
         W = rng.normal(size=(37, 19)).astype(numpy.float32)
         B = rng.normal(size=(19, 41)).astype(numpy.float32)
         C = numpy.zeros((37, 50), dtype=numpy.float32)
         Wp = packed(W, 20)
-        product(37, 19, 20)(Wp.ctypes.data, B.ctypes.data, 41, C.ctypes.data, 50)
-        if not numpy.allclose(C[:, :20], W @ B[:, :20], rtol=1e-4, atol=1e-4) or C[:, 20:].any():
-            _state = False
-    except Exception:  # no usable code generator: OpenBLAS does the products
-        _state = False
-    return _state
+        _compile(state, 37, 19, 20)(Wp.ctypes.data, B.ctypes.data, 41, C.ctypes.data, 50)
+        if numpy.allclose(C[:, :20], W @ B[:, :20], rtol=1e-4, atol=1e-4) and not C[:, 20:].any():
+            return state
+    except Exception:  # noqa: BLE001 - no usable code generator: OpenBLAS does the products
+        pass
+    return False
+
+
+def _compiler_lock():
+    """numba's compiler lock: LLVM's global context is not safe to use from two threads at
+    once, and numba may be compiling in the other thread."""
+    try:
+        from numba.core.compiler_lock import global_compiler_lock
+
+        return global_compiler_lock
+    except ImportError:
+        return _lock
+
+
+def _compile(state, M: int, K: int, N: int):
+    llvm, tm, cpu, flat, engines = state
+    module = llvm.parse_assembly(_ir(M, K, N, cpu, flat))
+    module.verify()
+    passes = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+    passes.getModulePassManager().run(module, passes)
+    engine = llvm.create_mcjit_compiler(module, tm)
+    engine.finalize_object()
+    engines.append(engine)  # the code lives as long as its engine
+    return SIGNATURE(engine.get_function_address("mm"))
 
 
 def available() -> bool:
@@ -322,18 +353,10 @@ def product(M: int, K: int, N: int):
     """The compiled product for this shape, a ctypes function (W packed, B, ldb, C, ldc)."""
     key = (M, K, N)
     fn = _compiled.get(key)
-    if fn is not None:
-        return fn
-    llvm, tm, cpu, flat, engines = _setup()
-    with _lock:
-        fn = _compiled.get(key)
-        if fn is None:
-            module = llvm.parse_assembly(_ir(M, K, N, cpu, flat))
-            module.verify()
-            passes = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
-            passes.getModulePassManager().run(module, passes)
-            engine = llvm.create_mcjit_compiler(module, tm)
-            engine.finalize_object()
-            engines.append(engine)  # the code lives as long as its engine
-            fn = _compiled[key] = SIGNATURE(engine.get_function_address("mm"))
+    if fn is None:
+        state = _setup()
+        with _compiler_lock():
+            fn = _compiled.get(key)
+            if fn is None:
+                fn = _compiled[key] = _compile(state, M, K, N)
     return fn
