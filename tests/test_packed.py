@@ -53,6 +53,39 @@ def test_usable_bounds():
     assert not packed.usable(packed.MIN_N - 1) and not packed.usable(packed.MAX_N + 1)
 
 
+def test_loops_get_packed_weights_where_available():
+    W = numpy.ones((8, 4), numpy.float32)
+    mm, Wp = rowsplit._packed_for(W, 16)
+    assert Wp.size == W.size and mm is packed.product(8, 4, 16)
+    assert rowsplit._packed_for(W, packed.MAX_N + 1)[1].size == 0  # too wide: the BLAS
+
+
+def test_compiled_from_two_threads_at_once():
+    import threading
+
+    shapes = [(33 + i, 7, 5) for i in range(6)]  # shapes no other test compiles
+    errors = []
+
+    def work():
+        try:
+            for M, K, N in shapes:
+                W = numpy.ones((M, K), numpy.float32)
+                B = numpy.ones((K, N), numpy.float32)
+                C = numpy.zeros((M, N), numpy.float32)
+                Wp = packed.packed(W, N)
+                packed.product(M, K, N)(Wp.ctypes.data, B.ctypes.data, N, C.ctypes.data, N)
+                assert (C == K).all()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
 def test_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("CHARNN_PACKED", "0")
     monkeypatch.setattr(packed, "_state", None)
