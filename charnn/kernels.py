@@ -5,8 +5,8 @@ and GRU loops whose elementwise work per time step is one compiled pass instead 
 NumPy calls (each a separate sweep over memory with its own call overhead, which dominates
 small models). The notation is that of cells.py, and the caches are the same, so either
 backward can follow either forward. For float32 LSTMs the time loop itself is compiled too
-(rowsplit.py: one call per chunk that calls the BLAS at each step); the loops here are the
-fallback where that cannot run.
+(rowsplit.py: one call per chunk, the product at each step packed.py's or the BLAS's); the
+loops here are the fallback where that cannot run.
 
 Numerics: a compiled loop calling libm's tanh per element is slower than NumPy's vectorised
 tanh, so these kernels use a rational approximation, tanh(x) ~ x P(x²) / Q(x²) on |x| <= 9
@@ -14,6 +14,10 @@ tanh, so these kernels use a rational approximation, tanh(x) ~ x P(x²) / Q(x²)
 benchmarks/fit_tanh.py: max error 2e-8 in exact arithmetic, about 3.6e-7 (3 ulp) evaluated in
 float32. That is right for float32 training and wrong for float64 gradient checks, so the
 kernels are used for float32 NumPy arrays only; float64 always takes the plain path.
+
+The full-vocabulary softmax cross-entropy has compiled passes here too (softmax_xent_rows,
+softmax_xent_grad_rows), with an exp of its own that LLVM vectorises (libm's it does not);
+the class-factored head's are class_words_*.
 
 Set CHARNN_KERNELS=numpy to turn them off.
 """

@@ -19,6 +19,11 @@ products sum in another order). The same compiled loops also run a whole layer o
 (``solo``; lstm_forward_one and lstm_backward_loop_one), which kernels.py uses for every
 float32 LSTM: no Python and no GIL per time step there either.
 
+Each step's product is packed.py's where it runs (AVX-512; Wh packed once per call of a
+loop, and the step's operand read from a contiguous buffer, hbuf or dbuf, on one core too),
+else OpenBLAS's sgemm. With packed products both splits measured alike again for (b) and (d),
+and the row split slower for (a) (benchmarks/README.md); the rule below is unchanged.
+
 Used when numba is present and NumPy's BLAS exposes a CBLAS sgemm charnn can find and check
 (OpenBLAS as NumPy's wheels ship it); otherwise kernels.py's Python loops run as before.
 CHARNN_ROWSPLIT=0 turns both off. The model picks the row split for LSTMs with an even
