@@ -156,18 +156,15 @@ def _ir_rows(M: int, K: int, N: int, cpu: str, features: str) -> str:
 
 def _ir_cols(M: int, K: int, N: int, cpu: str, features: str) -> str:
     """``void mm(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape, lanes over the
-    columns: W packed by :func:`packed`, B and C row-major with row strides ldb and ldc (in
-    floats)."""
+    columns (N a multiple of 16): W packed by :func:`packed`, B and C row-major with row
+    strides ldb and ldc (in floats)."""
+    assert N % LANES == 0
     R = rows_per_panel(N)
-    NV = -(-N // LANES)
-    tail = N - LANES * (NV - 1)
-    mask = "<16 x i1> <" + ", ".join(f"i1 {int(i < tail)}" for i in range(LANES)) + ">"
+    NV = N // LANES
     V = "<16 x float>"
     full, rest = divmod(M, R)
     lines = [
         f"declare {V} @llvm.fma.v16f32({V}, {V}, {V})",
-        f"declare {V} @llvm.masked.load.v16f32.p0(ptr, i32, <16 x i1>, {V})",
-        f"declare void @llvm.masked.store.v16f32.p0({V}, ptr, i32, <16 x i1>)",
         "define void @mm(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {",
         "entry:",
     ]
@@ -198,10 +195,7 @@ def _ir_cols(M: int, K: int, N: int, cpu: str, features: str) -> str:
         emit(f"  {x('brow')} = getelementptr float, ptr %B, i64 {x('boff')}")
         for v in range(NV):
             emit(f"  {x(f'bp{v}')} = getelementptr float, ptr {x('brow')}, i64 {LANES * v}")
-            if v == NV - 1 and tail != LANES:
-                emit(f"  {x(f'b{v}')} = call {V} @llvm.masked.load.v16f32.p0(ptr {x(f'bp{v}')}, i32 4, {mask}, {V} zeroinitializer)")
-            else:
-                emit(f"  {x(f'b{v}')} = load {V}, ptr {x(f'bp{v}')}, align 4")
+            emit(f"  {x(f'b{v}')} = load {V}, ptr {x(f'bp{v}')}, align 4")
         emit(f"  {x('kw')} = mul i64 {x('k')}, {RR}")
         emit(f"  {x('wk')} = getelementptr float, ptr {x('w')}, i64 {x('kw')}")
         for r in range(RR):
@@ -221,10 +215,7 @@ def _ir_cols(M: int, K: int, N: int, cpu: str, features: str) -> str:
             emit(f"  {x(f'crow{r}')} = getelementptr float, ptr %C, i64 {x(f'coff{r}')}")
             for v in range(NV):
                 emit(f"  {x(f'cp{r}_{v}')} = getelementptr float, ptr {x(f'crow{r}')}, i64 {LANES * v}")
-                if v == NV - 1 and tail != LANES:
-                    emit(f"  call void @llvm.masked.store.v16f32.p0({V} {x(f'new{r}_{v}')}, ptr {x(f'cp{r}_{v}')}, i32 4, {mask})")
-                else:
-                    emit(f"  store {V} {x(f'new{r}_{v}')}, ptr {x(f'cp{r}_{v}')}, align 4")
+                emit(f"  store {V} {x(f'new{r}_{v}')}, ptr {x(f'cp{r}_{v}')}, align 4")
         emit(f"  {x('p_next')} = add i64 {x('p')}, 1")
         emit(f"  {x('p_more')} = icmp ult i64 {x('p_next')}, {count}")
         emit(f"  br i1 {x('p_more')}, label %{name}, label %{then}")
