@@ -71,9 +71,16 @@ if available:
     @jit
     def lstm_step_forward(t, a, XP, c_prev, c, tc, hs):
         """a (4H, N): Wh @ h_prev in, gate values out; XP (4H, T, N); writes c, tc (H, N)
-        and hs[:, t]."""
+        and hs[:, t]. The rows of XP[:, t] and hs[:, t] lie T*N apart, so the loop asks for
+        those of unit j + AHEAD_FORWARD itself (as lstm_step_backward does): 127-133 -> 93-104
+        us per step at H = 512, N = 32, T = 100; no change at H = 128, N = 16."""
         H, N = c.shape
         for j in range(H):
+            if j + AHEAD_FORWARD < H:
+                for n0 in range(0, N, 16):
+                    for q in range(4):
+                        _prefetch_read(XP, q * H + j + AHEAD_FORWARD, t, n0)
+                    _prefetch_write(hs, j + AHEAD_FORWARD, t, n0)
             for n in range(N):
                 i = _sigmoid(a[j, n] + XP[j, t, n])
                 f = _sigmoid(a[H + j, n] + XP[H + j, t, n])
@@ -158,6 +165,7 @@ if available:
 
     _prefetch_read, _prefetch_write = _prefetcher(0), _prefetcher(1)
     AHEAD = 4  # rows
+    AHEAD_FORWARD = 8  # units
 
     @jit
     def lstm_step_backward(t, a, c_prev, tc, dhs, dh_next, dc, dXP):
