@@ -61,34 +61,31 @@ def vectors_per_panel(N: int) -> int:
     return 2 if N >= 14 else max(1, min(8, ACCUMULATORS // N))
 
 
-def _attributes(cpu: str, features: str) -> str:
-    return (f'attributes #0 = {{ nounwind "target-cpu"="{cpu}" "target-features"="{features}" '
-            '"prefer-vector-width"="512" "min-legal-vector-width"="512" }')
+V = "<16 x float>"  # an AVX-512 register of floats, in LLVM IR
 
 
 def _ir(M: int, K: int, N: int, cpu: str, features: str) -> str:
-    return (_ir_cols if streams_in_lanes(N) else _ir_rows)(M, K, N, cpu, features)
+    """The LLVM IR of ``void mm(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape: W packed
+    by :func:`packed`, B and C row-major with row strides ldb and ldc (in floats). The two
+    kernels share the scaffolding below (the loops over panels and over k) and differ in what
+    a step of k loads and how the sums reach C."""
+    lines = [f"declare {V} @llvm.fma.v16f32({V}, {V}, {V})",
+             "define void @mm(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {",
+             "entry:"]
+    (_body_cols if streams_in_lanes(N) else _body_rows)(lines.append, M, K, N)
+    lines += ["done:", "  ret void", "}",
+              f'attributes #0 = {{ nounwind "target-cpu"="{cpu}" "target-features"="{features}" '
+              '"prefer-vector-width"="512" "min-legal-vector-width"="512" }']
+    return "\n".join(lines) + "\n"
 
 
-def _ir_rows(M: int, K: int, N: int, cpu: str, features: str) -> str:
-    """``mm`` with the lanes over rows of W: for each panel of 16 * RV rows and each group of up
-    to 28 // RV columns, RV x (columns) accumulators; each step of k loads the panel's RV
-    vectors of column k (packed k-major, zero rows padding the last panel) and broadcasts
-    B[k, n] for each column n. The results go to C element by element (a register holds part
-    of a column of C)."""
-    RV = vectors_per_panel(N)
-    PH = LANES * RV
-    NC = min(N, ACCUMULATORS // RV)
-    V = "<16 x float>"
-    full, rest = divmod(M, PH)
-    groups = [(n0, min(NC, N - n0)) for n0 in range(0, N, NC)]
-    lines = [
-        f"declare {V} @llvm.fma.v16f32({V}, {V}, {V})",
-        "define void @mm(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {",
-        "entry:",
-    ]
-    emit = lines.append
-    kinds = [(f"q{rows}", rows, count, row0) for rows, count, row0 in ((PH, full, 0), (rest, 1, full * PH)) if count and rows]
+def _panels(emit, M: int, K: int, height: int, panel):
+    """The loop over panels of ``height`` rows (then one panel of the rows left over): each
+    sets %<name>_row0 (its first row of W and C) and %<name>_w (its packed weights), and
+    panel(name, rows) emits its body, which ends by branching to %<name>_end."""
+    full, rest = divmod(M, height)
+    kinds = [(f"q{rows}", rows, count, row0) for rows, count, row0 in ((height, full, 0), (rest, 1, full * height))
+             if count and rows]
     emit(f"  br label %{kinds[0][0]}")
     for i, (name, rows, count, row0) in enumerate(kinds):
         came_from = "entry" if i == 0 else f"{kinds[i - 1][0]}_end"
@@ -96,134 +93,126 @@ def _ir_rows(M: int, K: int, N: int, cpu: str, features: str) -> str:
         x = lambda s: f"%{name}_{s}"  # noqa: E731 - a local name in this block
         emit(f"{name}:")
         emit(f"  {x('p')} = phi i64 [0, %{came_from}], [{x('p_next')}, %{name}_end]")
-        emit(f"  {x('prow')} = mul i64 {x('p')}, {PH}")
+        emit(f"  {x('prow')} = mul i64 {x('p')}, {height}")
         emit(f"  {x('row0')} = add i64 {x('prow')}, {row0}")
         emit(f"  {x('woff')} = mul i64 {x('row0')}, {K}")
         emit(f"  {x('w')} = getelementptr float, ptr %W, i64 {x('woff')}")
+        panel(name, rows)
+        emit(f"{name}_end:")
+        emit(f"  {x('p_next')} = add i64 {x('p')}, 1")
+        emit(f"  {x('p_more')} = icmp ult i64 {x('p_next')}, {count}")
+        emit(f"  br i1 {x('p_more')}, label %{name}, label %{then}")
+
+
+def _k_loop(emit, y, label: str, enter: str, K: int, accs, step):
+    """Block ``label``: k from 0 to K - 1, the accumulators ``accs`` (names; each acc starts at
+    zero, new<acc> is its next value) carried around; step(k) emits one step's loads and
+    fmas. Falls through to the block ``label``_store. y makes a local name. (Labels and
+    values share one namespace in LLVM IR: a label must not be a value's name.)"""
+    emit(f"{label}:")
+    emit(f"  {y('k')} = phi i64 [0, %{enter}], [{y('k_next')}, %{label}]")
+    for acc in accs:
+        emit(f"  {y(acc)} = phi {V} [zeroinitializer, %{enter}], [{y('new' + acc)}, %{label}]")
+    step(y('k'))
+    emit(f"  {y('k_next')} = add i64 {y('k')}, 1")
+    emit(f"  {y('k_more')} = icmp ult i64 {y('k_next')}, {K}")
+    emit(f"  br i1 {y('k_more')}, label %{label}, label %{label}_store")
+    emit(f"{label}_store:")
+
+
+def _load_splat(emit, y, name: str, base: str, offset: int):
+    """%name = a register of 16 copies of the float at base + offset."""
+    emit(f"  {y(name + 'p')} = getelementptr float, ptr {base}, i64 {offset}")
+    emit(f"  {y(name + 's')} = load float, ptr {y(name + 'p')}, align 4")
+    emit(f"  {y(name + 'i')} = insertelement {V} poison, float {y(name + 's')}, i64 0")
+    emit(f"  {y(name)} = shufflevector {V} {y(name + 'i')}, {V} poison, <16 x i32> zeroinitializer")
+
+
+def _body_rows(emit, M: int, K: int, N: int):
+    """Lanes over rows of W: for each panel of 16 * RV rows and each group of up to 28 // RV
+    columns, RV x (columns) accumulators; each step of k loads the panel's RV vectors of
+    column k (packed k-major, zero rows padding the last panel) and broadcasts B[k, n] for
+    each column n. The sums go to C element by element (a register holds part of a column
+    of C)."""
+    RV = vectors_per_panel(N)
+    PH = LANES * RV
+    NC = min(N, ACCUMULATORS // RV)
+    groups = [(n0, min(NC, N - n0)) for n0 in range(0, N, NC)]
+
+    def panel(name, rows):
+        x = lambda s: f"%{name}_{s}"  # noqa: E731
         emit(f"  br label %{name}_g0")
         for g, (n0, nc) in enumerate(groups):
             y = lambda s: x(f"g{g}_{s}")  # noqa: E731
-            loop, store = f"{name}_g{g}", f"{name}_g{g}_store"
-            enter = name if g == 0 else f"{name}_g{g - 1}_store"
-            emit(f"{loop}:")
-            emit(f"  {y('k')} = phi i64 [0, %{enter}], [{y('k_next')}, %{loop}]")
-            for j in range(RV):
-                for n in range(nc):
-                    emit(f"  {y(f'acc{j}_{n}')} = phi {V} [zeroinitializer, %{enter}], [{y(f'new{j}_{n}')}, %{loop}]")
-            emit(f"  {y('kw')} = mul i64 {y('k')}, {PH}")
-            emit(f"  {y('wk')} = getelementptr float, ptr {x('w')}, i64 {y('kw')}")
-            for j in range(RV):
-                emit(f"  {y(f'wp{j}')} = getelementptr float, ptr {y('wk')}, i64 {LANES * j}")
-                emit(f"  {y(f'wv{j}')} = load {V}, ptr {y(f'wp{j}')}, align 4")
-            emit(f"  {y('boff')} = mul i64 {y('k')}, %ldb")
-            emit(f"  {y('brow')} = getelementptr float, ptr %B, i64 {y('boff')}")
-            for n in range(nc):
-                emit(f"  {y(f'bp{n}')} = getelementptr float, ptr {y('brow')}, i64 {n0 + n}")
-                emit(f"  {y(f'b{n}')} = load float, ptr {y(f'bp{n}')}, align 4")
-                emit(f"  {y(f'bi{n}')} = insertelement {V} poison, float {y(f'b{n}')}, i64 0")
-                emit(f"  {y(f'bs{n}')} = shufflevector {V} {y(f'bi{n}')}, {V} poison, <16 x i32> zeroinitializer")
+
+            def step(k):
+                emit(f"  {y('kw')} = mul i64 {k}, {PH}")
+                emit(f"  {y('wk')} = getelementptr float, ptr {x('w')}, i64 {y('kw')}")
                 for j in range(RV):
-                    emit(f"  {y(f'new{j}_{n}')} = call {V} @llvm.fma.v16f32({V} {y(f'wv{j}')}, {V} {y(f'bs{n}')}, {V} {y(f'acc{j}_{n}')})")
-            emit(f"  {y('k_next')} = add i64 {y('k')}, 1")
-            emit(f"  {y('k_more')} = icmp ult i64 {y('k_next')}, {K}")
-            emit(f"  br i1 {y('k_more')}, label %{loop}, label %{store}")
-            emit(f"{store}:")
-            for j in range(RV):
-                live = min(LANES, rows - LANES * j)
-                if live <= 0:
-                    continue
+                    emit(f"  {y(f'wp{j}')} = getelementptr float, ptr {y('wk')}, i64 {LANES * j}")
+                    emit(f"  {y(f'wv{j}')} = load {V}, ptr {y(f'wp{j}')}, align 4")
+                emit(f"  {y('boff')} = mul i64 {k}, %ldb")
+                emit(f"  {y('brow')} = getelementptr float, ptr %B, i64 {y('boff')}")
                 for n in range(nc):
-                    acc = y(f"new{j}_{n}")
-                    for e in range(live):
+                    _load_splat(emit, y, f"b{n}", y('brow'), n0 + n)
+                    for j in range(RV):
+                        emit(f"  {y(f'newacc{j}_{n}')} = call {V} @llvm.fma.v16f32({V} {y(f'wv{j}')}, {V} {y(f'b{n}')}, "
+                             f"{V} {y(f'acc{j}_{n}')})")
+
+            enter = name if g == 0 else f"{name}_g{g - 1}_store"
+            _k_loop(emit, y, f"{name}_g{g}", enter, K, [f"acc{j}_{n}" for j in range(RV) for n in range(nc)], step)
+            for j in range(RV):
+                for n in range(nc):
+                    for e in range(min(LANES, rows - LANES * j)):
                         z = f"{j}_{n}_{e}"
                         emit(f"  {y(f'r{z}')} = add i64 {x('row0')}, {LANES * j + e}")
                         emit(f"  {y(f'o{z}')} = mul i64 {y(f'r{z}')}, %ldc")
                         emit(f"  {y(f'q{z}')} = add i64 {y(f'o{z}')}, {n0 + n}")
                         emit(f"  {y(f'cp{z}')} = getelementptr float, ptr %C, i64 {y(f'q{z}')}")
-                        emit(f"  {y(f'e{z}')} = extractelement {V} {acc}, i64 {e}")
+                        emit(f"  {y(f'e{z}')} = extractelement {V} {y(f'newacc{j}_{n}')}, i64 {e}")
                         emit(f"  store float {y(f'e{z}')}, ptr {y(f'cp{z}')}, align 4")
             emit(f"  br label %{name}_g{g + 1}" if g + 1 < len(groups) else f"  br label %{name}_end")
-        emit(f"{name}_end:")
-        emit(f"  {x('p_next')} = add i64 {x('p')}, 1")
-        emit(f"  {x('p_more')} = icmp ult i64 {x('p_next')}, {count}")
-        emit(f"  br i1 {x('p_more')}, label %{name}, label %{then}")
-    emit("done:")
-    emit("  ret void")
-    emit("}")
-    emit(_attributes(cpu, features))
-    return "\n".join(lines) + "\n"
+
+    _panels(emit, M, K, LANES * RV, panel)
 
 
-def _ir_cols(M: int, K: int, N: int, cpu: str, features: str) -> str:
-    """``void mm(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape, lanes over the
-    columns (N a multiple of 16): W packed by :func:`packed`, B and C row-major with row
-    strides ldb and ldc (in floats)."""
+def _body_cols(emit, M: int, K: int, N: int):
+    """Lanes over the columns (N a multiple of 16): per panel of R rows, R x N/16
+    accumulators; each step of k loads row k of B and broadcasts the panel's R weights of
+    column k. Each sum is a run of 16 consecutive floats of a row of C."""
     assert N % LANES == 0
     R = rows_per_panel(N)
     NV = N // LANES
-    V = "<16 x float>"
-    full, rest = divmod(M, R)
-    lines = [
-        f"declare {V} @llvm.fma.v16f32({V}, {V}, {V})",
-        "define void @mm(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {",
-        "entry:",
-    ]
-    emit = lines.append
-    # One loop over panels per panel height: the full panels, then one of the remaining rows.
-    blocks = [(f"p{RR}", RR, count, row0) for RR, count, row0 in ((R, full, 0), (rest, 1, full * R)) if count and RR]
-    emit(f"  br label %{blocks[0][0]}")
-    for i, (name, RR, count, row0) in enumerate(blocks):
-        came_from = "entry" if i == 0 else f"{blocks[i - 1][0]}_store"
-        then = f"{blocks[i + 1][0]}" if i + 1 < len(blocks) else "done"
-        x = lambda s: f"%{name}_{s}"  # noqa: E731 - a local name in this block
-        emit(f"{name}:")
-        emit(f"  {x('p')} = phi i64 [0, %{came_from}], [{x('p_next')}, %{name}_store]")
-        if count == 1:
-            emit(f"  {x('row0')} = add i64 {row0}, 0")
-        else:
-            emit(f"  {x('prow')} = mul i64 {x('p')}, {RR}")
-            emit(f"  {x('row0')} = add i64 {x('prow')}, {row0}")
-        emit(f"  {x('woff')} = mul i64 {x('row0')}, {K}")
-        emit(f"  {x('w')} = getelementptr float, ptr %W, i64 {x('woff')}")
+
+    def panel(name, rows):
+        x = lambda s: f"%{name}_{s}"  # noqa: E731
+
+        def step(k):
+            emit(f"  {x('boff')} = mul i64 {k}, %ldb")
+            emit(f"  {x('brow')} = getelementptr float, ptr %B, i64 {x('boff')}")
+            for v in range(NV):
+                emit(f"  {x(f'bp{v}')} = getelementptr float, ptr {x('brow')}, i64 {LANES * v}")
+                emit(f"  {x(f'b{v}')} = load {V}, ptr {x(f'bp{v}')}, align 4")
+            emit(f"  {x('kw')} = mul i64 {k}, {rows}")
+            emit(f"  {x('wk')} = getelementptr float, ptr {x('w')}, i64 {x('kw')}")
+            for r in range(rows):
+                _load_splat(emit, x, f"w{r}", x('wk'), r)
+                for v in range(NV):
+                    emit(f"  {x(f'newacc{r}_{v}')} = call {V} @llvm.fma.v16f32({V} {x(f'w{r}')}, {V} {x(f'b{v}')}, "
+                         f"{V} {x(f'acc{r}_{v}')})")
+
         emit(f"  br label %{name}_kloop")
-        emit(f"{name}_kloop:")
-        emit(f"  {x('k')} = phi i64 [0, %{name}], [{x('k_next')}, %{name}_kloop]")
-        for r in range(RR):
-            for v in range(NV):
-                emit(f"  {x(f'acc{r}_{v}')} = phi {V} [zeroinitializer, %{name}], [{x(f'new{r}_{v}')}, %{name}_kloop]")
-        emit(f"  {x('boff')} = mul i64 {x('k')}, %ldb")
-        emit(f"  {x('brow')} = getelementptr float, ptr %B, i64 {x('boff')}")
-        for v in range(NV):
-            emit(f"  {x(f'bp{v}')} = getelementptr float, ptr {x('brow')}, i64 {LANES * v}")
-            emit(f"  {x(f'b{v}')} = load {V}, ptr {x(f'bp{v}')}, align 4")
-        emit(f"  {x('kw')} = mul i64 {x('k')}, {RR}")
-        emit(f"  {x('wk')} = getelementptr float, ptr {x('w')}, i64 {x('kw')}")
-        for r in range(RR):
-            emit(f"  {x(f'wp{r}')} = getelementptr float, ptr {x('wk')}, i64 {r}")
-            emit(f"  {x(f'w{r}')} = load float, ptr {x(f'wp{r}')}, align 4")
-            emit(f"  {x(f'wi{r}')} = insertelement {V} poison, float {x(f'w{r}')}, i64 0")
-            emit(f"  {x(f'ws{r}')} = shufflevector {V} {x(f'wi{r}')}, {V} poison, <16 x i32> zeroinitializer")
-            for v in range(NV):
-                emit(f"  {x(f'new{r}_{v}')} = call {V} @llvm.fma.v16f32({V} {x(f'ws{r}')}, {V} {x(f'b{v}')}, {V} {x(f'acc{r}_{v}')})")
-        emit(f"  {x('k_next')} = add i64 {x('k')}, 1")
-        emit(f"  {x('k_more')} = icmp ult i64 {x('k_next')}, {K}")
-        emit(f"  br i1 {x('k_more')}, label %{name}_kloop, label %{name}_store")
-        emit(f"{name}_store:")
-        for r in range(RR):
+        _k_loop(emit, x, f"{name}_kloop", name, K, [f"acc{r}_{v}" for r in range(rows) for v in range(NV)], step)
+        for r in range(rows):
             emit(f"  {x(f'crow_at{r}')} = add i64 {x('row0')}, {r}")
             emit(f"  {x(f'coff{r}')} = mul i64 {x(f'crow_at{r}')}, %ldc")
             emit(f"  {x(f'crow{r}')} = getelementptr float, ptr %C, i64 {x(f'coff{r}')}")
             for v in range(NV):
                 emit(f"  {x(f'cp{r}_{v}')} = getelementptr float, ptr {x(f'crow{r}')}, i64 {LANES * v}")
-                emit(f"  store {V} {x(f'new{r}_{v}')}, ptr {x(f'cp{r}_{v}')}, align 4")
-        emit(f"  {x('p_next')} = add i64 {x('p')}, 1")
-        emit(f"  {x('p_more')} = icmp ult i64 {x('p_next')}, {count}")
-        emit(f"  br i1 {x('p_more')}, label %{name}, label %{then}")
-    emit("done:")
-    emit("  ret void")
-    emit("}")
-    emit(_attributes(cpu, features))
-    return "\n".join(lines) + "\n"
+                emit(f"  store {V} {x(f'newacc{r}_{v}')}, ptr {x(f'cp{r}_{v}')}, align 4")
+        emit(f"  br label %{name}_end")
+
+    _panels(emit, M, K, R, panel)
 
 
 def packed(W, N: int):
