@@ -192,6 +192,60 @@ def run_in_two(fn, a, b) -> list:
     return [first, future.result()]
 
 
+class Deferred:
+    """Work both halves of a batch split share: products off the critical path (the weight
+    gradients) that either core may compute.
+
+    Each half ``put``s such work (callables) as its backward pass reaches it and carries on
+    down its own chain (the next layer's loop); at its end it calls ``close``, which runs put
+    work, its own or the other half's, until every half has closed and none is left. The two
+    cores of this machine run at different speeds from moment to moment (one half of (b)'s
+    batch took 534 ms, the other 748, in the same step), so a static split waits for the slower
+    one; the shared tail lets the faster core take over part of the slower one's products."""
+
+    def __init__(self, halves: int = 2):
+        import collections
+        import threading
+
+        self._cv = threading.Condition()
+        self._work = collections.deque()
+        self._open = halves
+
+    def put(self, fn):
+        with self._cv:
+            self._work.append(fn)
+            self._cv.notify()
+
+    def close(self, run: bool = True):
+        """This half puts nothing more; with ``run``, run work until all is done (an exception
+        from a piece of work propagates here, the rest is left to the other half)."""
+        with self._cv:
+            self._open -= 1
+            self._cv.notify_all()
+        while run:
+            with self._cv:
+                while not self._work and self._open > 0:
+                    self._cv.wait()
+                if not self._work:
+                    return
+                fn = self._work.popleft()
+            fn()
+
+
+DEFER_BLOCK_FLOPS = 3e9  # the size of a deferred piece of a product (in_row_blocks)
+
+
+def in_row_blocks(defer, rows: int, fn, flops: float):
+    """fn(slice) over all ``rows``, or, with ``defer`` (Deferred.put), as deferred pieces of
+    about DEFER_BLOCK_FLOPS each (at most four), so the halves can share the tail finely."""
+    if defer is None:
+        fn(slice(None))
+        return
+    k = int(min(4, max(1, round(flops / DEFER_BLOCK_FLOPS))))
+    for j in range(k):
+        defer(lambda r=slice(j * rows // k, (j + 1) * rows // k): fn(r))
+
+
 def share_in_two(items: list, min_cut: int = 1 << 16) -> tuple:
     """Two lists of about equal work for :func:`run_in_two`: ``items`` are tuples of 1-D arrays
     of one length each (e.g. a parameter and its gradient, flattened); those of ``min_cut``

@@ -189,20 +189,23 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, activation, store, xp):
     return hs, (h, c), cache
 
 
-def layer_backward(dhs, cache, Wh):
+def layer_backward(dhs, cache, Wh, defer=None):
     """Backpropagate through one layer over the chunk.
 
     Args:
         dhs: (H, T, N) dL/dhs from above (the head or the next layer).
         cache: from :func:`layer_forward` with store=True.
         Wh: (G*H, H) recurrent weights.
+        defer: backend.Deferred.put, or None: where given, the compiled path hands dWh's
+            products over as deferred work and returns dWh unfilled until that has run
+            (the other paths ignore it).
 
     Returns:
         dXP (G*H, T, N) = dL/d(input projections), dWh, dbhn (GRU, else None),
         dh0 and dc0 (LSTM, else None).
     """
     if (cache["cell"] != "rnn" or cache["activation"] == "tanh") and kernels.use_fused(dhs):
-        return kernels.layer_backward(dhs, cache, Wh)
+        return kernels.layer_backward(dhs, cache, Wh, defer)
     xp = array_module(dhs)
     with loop_threads(2.0 * Wh.size * dhs.shape[2], xp):
         return _layer_backward(dhs, cache, Wh, xp)

@@ -29,7 +29,7 @@ import os
 
 import numpy
 
-from .backend import loop_threads
+from .backend import in_row_blocks, loop_threads
 
 try:
     import numba
@@ -589,11 +589,11 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store):
     return hs, (hs[:, T - 1].copy(), None), cache
 
 
-def layer_backward(dhs, cache, Wh):
+def layer_backward(dhs, cache, Wh, defer=None):
     """The fused twin of cells.layer_backward (same results)."""
     with loop_threads(2.0 * Wh.size * dhs.shape[2]):
         dXP, dh_next, dc = _layer_backward_loop(dhs, cache, Wh)
-    return _weight_grads(cache, Wh, dXP, dh_next, dc)
+    return _weight_grads(cache, Wh, dXP, dh_next, dc, defer)
 
 
 def transposed(W):
@@ -649,7 +649,9 @@ def _layer_backward_loop(dhs, cache, Wh):
     return dXP, dh_next, dc
 
 
-def _weight_grads(cache, Wh, dXP, dh_next, dc):
+def _weight_grads(cache, Wh, dXP, dh_next, dc, defer=None):
+    """dWh (and the GRU's dbhn) from the loop's results; with ``defer`` (backend.Deferred.put)
+    dWh is returned unfilled and its products are handed over as deferred pieces."""
     hs, h0 = cache["hs"], cache["h0"]
     H, T, N = hs.shape
     GH = dXP.shape[0]
@@ -658,7 +660,14 @@ def _weight_grads(cache, Wh, dXP, dh_next, dc):
         dbhn = dR[2 * H:].sum(axis=(1, 2))
     else:
         dR, dbhn = dXP, None
-    dWh = numpy.matmul(dR[:, 0], h0.T)
-    if T > 1:
-        dWh += dR.reshape(GH, T * N)[:, N:] @ hs.reshape(H, T * N)[:, : (T - 1) * N].T
+    dWh = numpy.empty((GH, H), dtype=dXP.dtype)
+    dR2 = dR.reshape(GH, T * N)
+    h_prev = hs.reshape(H, T * N)[:, : (T - 1) * N]
+
+    def rows(r):
+        numpy.matmul(dR[r, 0], h0.T, out=dWh[r])
+        if T > 1:
+            dWh[r] += dR2[r, N:] @ h_prev.T
+
+    in_row_blocks(defer, GH, rows, 2.0 * GH * H * T * N)
     return dXP, dWh, dbhn, dh_next, dc

@@ -36,6 +36,10 @@ CELLS = ("rnn", "lstm", "gru")
 # Threads that split a batch's streams (see LanguageModel.split_columns); CHARNN_THREADS=1 turns
 # the split off.
 THREADS = backend_mod.THREADS
+# From this many FLOPs of weight-gradient products per half batch, the halves share them at
+# their ends (backend.Deferred): (b), 20 GFLOP a half, 1.08-1.14x faster a step; (a), 0.1,
+# 5% slower (benchmarks/README.md).
+DEFER_FLOPS = 1e9
 
 
 def _join_states(xp, s0, s1) -> list:
@@ -340,11 +344,13 @@ class LanguageModel:
                                       cfg.class_bounds, targets.reshape(M), t_d, w_d, store, threads)
         return softmax_xent_forward(X, self.head_weight(), p["head.b"], t_d, w_d, store)
 
-    def backward(self, cache, sparse=False):
+    def backward(self, cache, sparse=False, defer=None):
         """Gradients of the loss of :meth:`forward` (called with targets and store=True).
 
         With ``sparse``, an untied embedding's gradient is an optim.RowGrad holding only the
-        rows of the tokens in the chunk (the optimizers update just those rows).
+        rows of the tokens in the chunk (the optimizers update just those rows). With
+        ``defer`` (backend.Deferred.put), the recurrent and input weight gradients' products
+        are handed over as deferred work: those gradients are complete only once it has run.
 
         Returns:
             (grads, dstate): grads a dict with the parameter names; dstate the gradient with
@@ -352,7 +358,7 @@ class LanguageModel:
         """
         grads = Grads()
         dX = self._head_backward(cache["head"], grads)
-        dstate = self._body_backward(dX, cache, grads, sparse)
+        dstate = self._body_backward(dX, cache, grads, sparse, defer)
         return grads, dstate
 
     def _head_loss_and_grads(self, X, targets, grads, threads):
@@ -388,9 +394,10 @@ class LanguageModel:
         if sq is not None and isinstance(grads, Grads):
             grads.known_sq[(name, "head.b")] = sq
 
-    def _body_backward(self, dX, cache, grads, sparse):
+    def _body_backward(self, dX, cache, grads, sparse, defer=None):
         """Backpropagate dX (H, M), the gradient of the top states, through the recurrent
-        layers and the input; adds their gradients to ``grads``; returns dstate."""
+        layers and the input; adds their gradients to ``grads``; returns dstate. ``defer``:
+        as in :meth:`backward`."""
         cfg, p = self.config, self.params
         T, N, ids_d = cache["T"], cache["N"], cache["ids"]
         M = T * N
@@ -403,27 +410,33 @@ class LanguageModel:
             if lc.get("rows"):
                 dXP, dWh, dbhn, dh0, dc0 = rowsplit.lstm_backward(dhs, lc, p[f"rnn.{layer}.Wh"])
             else:
-                dXP, dWh, dbhn, dh0, dc0 = cells.layer_backward(dhs, lc, p[f"rnn.{layer}.Wh"])
+                dXP, dWh, dbhn, dh0, dc0 = cells.layer_backward(dhs, lc, p[f"rnn.{layer}.Wh"], defer)
             grads[f"rnn.{layer}.Wh"] = dWh
             if dbhn is not None:
                 grads[f"rnn.{layer}.bhn"] = dbhn
             dstate[layer] = (dh0, dc0)
             dX = self._input_grads(layer, dXP.reshape(-1, M), cache["inputs"][layer], ids_d, grads,
-                                   cache.get("two", False))
+                                   cache.get("two", False), defer)
         self._embed_grad(ids_d, dX, grads, sparse)
         return dstate
 
-    def _input_grads(self, layer, dXP, X, ids_d, grads, two=False):
+    def _input_grads(self, layer, dXP, X, ids_d, grads, two=False, defer=None):
         """A layer's input-weight and bias gradients from dXP (G*H, M), the gradient of its
         input projections, and X (In, M) its input (None: one-hot ids_d), put into
         ``grads``; returns the gradient of X (None for one-hot input). ``two``: in two
-        threads, by rows (the caller holds the BLAS at one thread)."""
+        threads, by rows (the caller holds the BLAS at one thread). ``defer``: the weight
+        gradient's product, or the one-hot scatter, as deferred work (NumPy arrays only)."""
         xp, Wx = self.xp, self.params[f"rnn.{layer}.Wx"]
         GH = Wx.shape[0]
         if X is not None:
             if not two:
                 grads[f"rnn.{layer}.b"] = dXP.sum(axis=1)
-                grads[f"rnn.{layer}.Wx"] = dXP @ X.T
+                if defer is None:
+                    grads[f"rnn.{layer}.Wx"] = dXP @ X.T
+                else:
+                    dWx = grads[f"rnn.{layer}.Wx"] = numpy.empty(Wx.shape, dtype=self.dtype)
+                    backend_mod.in_row_blocks(defer, GH, lambda r: numpy.matmul(dXP[r], X.T, out=dWx[r]),
+                                              2.0 * dWx.size * dXP.shape[1])
                 return Wx.T @ dXP  # (In, M)
             db = numpy.empty(GH, dtype=self.dtype)
             dWx = numpy.empty(Wx.shape, dtype=self.dtype)
@@ -444,7 +457,10 @@ class LanguageModel:
         dWx = xp.zeros(Wx.shape, dtype=self.dtype)
         if kernels.use_fused(dXP):
             db = xp.zeros(GH, dtype=self.dtype)
-            _rows_in_two(lambda r: kernels.scatter_columns(dWx[r], db[r], ids_d, dXP[r]), GH, two)
+            if defer is not None and not two:
+                defer(lambda: kernels.scatter_columns(dWx, db, ids_d, dXP))
+            else:
+                _rows_in_two(lambda r: kernels.scatter_columns(dWx[r], db[r], ids_d, dXP[r]), GH, two)
         else:
             db = dXP.sum(axis=1)
             scatter_add_rows(dWx.T, ids_d, dXP.T)
@@ -521,14 +537,28 @@ class LanguageModel:
             with blas_threads(1, xp):
                 return self._split_shared_head(ids, targets, state, train, masks, parts, sparse)
 
+        # The weight gradients' products wait in a list both halves work off at their ends
+        # (backend.Deferred), so a core the machine slows hands part of them to the other;
+        # not where they are small (the waits cost more than they save).
+        tail = None
+        if self._weight_grad_flops(T, N // 2) >= DEFER_FLOPS and not backend_mod.in_worker():
+            tail = backend_mod.Deferred(len(parts))
+
         def work(a, b):
-            sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
-            m = None if masks is None else [mk[:, :, a:b] for mk in masks]
-            loss, cache, st = self.forward(ids[:, a:b], targets[:, a:b], sub, train=train, dropout_masks=m)
-            # Each half's loss is a mean over its own T x (b - a) tokens; dividing its gradient
-            # by all T x N tokens instead makes the two halves' gradients add up to the whole's.
-            cache["head"]["denom"] = float(T * N)
-            grads, _ = self.backward(cache, sparse)
+            try:
+                sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
+                m = None if masks is None else [mk[:, :, a:b] for mk in masks]
+                loss, cache, st = self.forward(ids[:, a:b], targets[:, a:b], sub, train=train, dropout_masks=m)
+                # Each half's loss is a mean over its own T x (b - a) tokens; dividing its gradient
+                # by all T x N tokens instead makes the two halves' gradients add up to the whole's.
+                cache["head"]["denom"] = float(T * N)
+                grads, _ = self.backward(cache, sparse, None if tail is None else tail.put)
+            except BaseException:
+                if tail is not None:
+                    tail.close(run=False)
+                raise
+            if tail is not None:
+                tail.close()
             return loss, grads, st, b - a
 
         results = self._run_split(parts, work)
@@ -537,6 +567,15 @@ class LanguageModel:
         loss = l0 * (n0 / N) + l1 * (n1 / N)
         new_state = _join_states(xp, s0, s1)
         return loss, g0, new_state
+
+    def _weight_grad_flops(self, T: int, N: int) -> float:
+        """FLOPs of the recurrent layers' weight-gradient products for T x N tokens."""
+        cfg = self.config
+        f = 0.0
+        for layer in range(cfg.layers):
+            In = cfg.hidden if layer else (cfg.embed or 0)  # one-hot input: a scatter
+            f += 2.0 * cfg.gates * cfg.hidden * (cfg.hidden + In) * T * N
+        return f
 
     def _row_split(self, N: int) -> bool:
         """Whether a chunk of N streams runs as one batch on two cores, each LSTM layer split
