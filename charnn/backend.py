@@ -232,6 +232,21 @@ class Deferred:
             fn()
 
 
+def with_tail(tail, fn):
+    """fn(defer) for one half of a batch split, ``defer`` being tail.put (None without a
+    tail); then this half closes the tail and runs what is left in it. On an exception it
+    closes without running anything, so the other half never waits for it."""
+    if tail is None:
+        return fn(None)
+    try:
+        result = fn(tail.put)
+    except BaseException:
+        tail.close(run=False)
+        raise
+    tail.close()
+    return result
+
+
 DEFER_BLOCK_FLOPS = 3e9  # the size of a deferred piece of a product (in_row_blocks)
 
 

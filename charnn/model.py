@@ -537,45 +537,39 @@ class LanguageModel:
             with blas_threads(1, xp):
                 return self._split_shared_head(ids, targets, state, train, masks, parts, sparse)
 
-        # The weight gradients' products wait in a list both halves work off at their ends
-        # (backend.Deferred), so a core the machine slows hands part of them to the other;
-        # not where they are small (the waits cost more than they save).
-        tail = None
-        if self._weight_grad_flops(T, N // 2) >= DEFER_FLOPS and not backend_mod.in_worker():
-            tail = backend_mod.Deferred(len(parts))
+        tail = self._shared_tail(T, N)
 
-        def work(a, b):
-            try:
-                sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
-                m = None if masks is None else [mk[:, :, a:b] for mk in masks]
-                loss, cache, st = self.forward(ids[:, a:b], targets[:, a:b], sub, train=train, dropout_masks=m)
-                # Each half's loss is a mean over its own T x (b - a) tokens; dividing its gradient
-                # by all T x N tokens instead makes the two halves' gradients add up to the whole's.
-                cache["head"]["denom"] = float(T * N)
-                grads, _ = self.backward(cache, sparse, None if tail is None else tail.put)
-            except BaseException:
-                if tail is not None:
-                    tail.close(run=False)
-                raise
-            if tail is not None:
-                tail.close()
+        def half(a, b, defer):
+            sub = [(h[:, a:b], None if c is None else c[:, a:b]) for h, c in state]
+            m = None if masks is None else [mk[:, :, a:b] for mk in masks]
+            loss, cache, st = self.forward(ids[:, a:b], targets[:, a:b], sub, train=train, dropout_masks=m)
+            # Each half's loss is a mean over its own T x (b - a) tokens; dividing its gradient
+            # by all T x N tokens instead makes the two halves' gradients add up to the whole's.
+            cache["head"]["denom"] = float(T * N)
+            grads, _ = self.backward(cache, sparse, defer)
             return loss, grads, st, b - a
 
-        results = self._run_split(parts, work)
+        results = self._run_split(parts, lambda a, b: backend_mod.with_tail(tail, lambda defer: half(a, b, defer)))
         (l0, g0, s0, n0), (l1, g1, s1, n1) = results
         _add_grads(g0, g1)
         loss = l0 * (n0 / N) + l1 * (n1 / N)
         new_state = _join_states(xp, s0, s1)
         return loss, g0, new_state
 
-    def _weight_grad_flops(self, T: int, N: int) -> float:
-        """FLOPs of the recurrent layers' weight-gradient products for T x N tokens."""
+    def _shared_tail(self, T: int, N: int):
+        """A backend.Deferred for the two halves of a batch split of N streams, or None: the
+        weight gradients' products wait in a list both halves work off at their ends, so a
+        core the machine slows hands part of them to the other; not where they are small (the
+        waits cost more than they save) nor from charnn's worker thread (the halves run one
+        after the other there)."""
         cfg = self.config
-        f = 0.0
+        flops = 0.0  # of the recurrent layers' weight-gradient products, for a half
         for layer in range(cfg.layers):
             In = cfg.hidden if layer else (cfg.embed or 0)  # one-hot input: a scatter
-            f += 2.0 * cfg.gates * cfg.hidden * (cfg.hidden + In) * T * N
-        return f
+            flops += 2.0 * cfg.gates * cfg.hidden * (cfg.hidden + In) * T * (N // 2)
+        if flops < DEFER_FLOPS or backend_mod.in_worker():
+            return None
+        return backend_mod.Deferred(2)
 
     def _row_split(self, N: int) -> bool:
         """Whether a chunk of N streams runs as one batch on two cores, each LSTM layer split
@@ -636,19 +630,21 @@ class LanguageModel:
             return self._body_forward(ids[:, a:b], sub, train, None, m, True)
 
         halves = self._run_split(parts, body_forward, blas=False)
+        tail = self._shared_tail(T, N)
         H = cfg.hidden
         X = xp.concatenate([Xh.reshape(H, T, b - a) for (Xh, _, _), (a, b) in zip(halves, parts)], axis=2)
         grads = Grads()
         loss, dX = self._head_loss_and_grads(X.reshape(H, T * N), targets, grads, THREADS)
         dX = dX.reshape(H, T, N)
 
-        def body_backward(k):
+        def body_backward(k, defer):
             (a, b), (_, cache, _) = parts[k], halves[k]
             g = Grads()
-            self._body_backward(xp.ascontiguousarray(dX[:, :, a:b]).reshape(H, T * (b - a)), cache, g, sparse)
+            self._body_backward(xp.ascontiguousarray(dX[:, :, a:b]).reshape(H, T * (b - a)), cache, g, sparse, defer)
             return g
 
-        for g in self._run_split([(0,), (1,)], body_backward, blas=False):
+        for g in self._run_split([(0,), (1,)], lambda k: backend_mod.with_tail(tail, lambda d: body_backward(k, d)),
+                                 blas=False):
             _add_grads(grads, g)
         new_state = _join_states(xp, halves[0][2], halves[1][2])
         return loss, grads, new_state

@@ -10,23 +10,18 @@ import pytest
 
 import charnn.backend as backend_mod
 import charnn.model as model_mod
-from charnn.backend import Deferred, in_row_blocks
+from charnn.backend import Deferred, in_row_blocks, with_tail
 from charnn.model import LanguageModel, ModelConfig
 
 
 def run_halves(halves, tail):
     """Run halves[0] and halves[1] in two threads, each closing ``tail`` at its end as the
-    model's batch split does; returns the exception each raised (or None)."""
+    model's batch split does (backend.with_tail); returns the exception each raised (or None)."""
     errors = [None, None]
 
     def body(k):
         try:
-            try:
-                halves[k]()
-            except BaseException:
-                tail.close(run=False)
-                raise
-            tail.close()
+            with_tail(tail, lambda put: halves[k]())
         except BaseException as e:  # noqa: BLE001 - checked by the test
             errors[k] = e
 
@@ -116,12 +111,14 @@ def test_row_blocks_cover_every_row_once(monkeypatch):
 
 
 @pytest.mark.skipif(backend_mod.THREADS < 2, reason="the batch split needs two threads")
-@pytest.mark.parametrize("cell,embed,layers", [("lstm", 0, 2), ("lstm", 6, 1), ("gru", 0, 2), ("rnn", 6, 2)])
-def test_training_step_with_deferred_weight_gradients_equals_without(monkeypatch, cell, embed, layers):
+@pytest.mark.parametrize("cell,embed,layers,classes", [("lstm", 0, 2, ()), ("lstm", 6, 1, ()), ("gru", 0, 2, ()),
+                                                       ("rnn", 6, 2, ()), ("lstm", 6, 2, (0, 2, 5, 11))])
+def test_training_step_with_deferred_weight_gradients_equals_without(monkeypatch, cell, embed, layers, classes):
     """The same split, the weight gradients deferred (in pieces, either thread) or not: the
     same loss, and the same gradients but for rounding (a product cut into row blocks may sum
-    in another order: OpenBLAS picks its kernels by size)."""
-    cfg = ModelConfig(vocab_size=11, cell=cell, layers=layers, hidden=24, embed=embed)
+    in another order: OpenBLAS picks its kernels by size). With a class-factored output
+    layer the split takes another path (the output layer once between the halves)."""
+    cfg = ModelConfig(vocab_size=11, cell=cell, layers=layers, hidden=24, embed=embed, class_bounds=classes)
     rng = numpy.random.default_rng(3)
     T, N = 7, 32  # halves of 16 streams: the batch split (thinner halves take the row split)
     ids = rng.integers(0, 11, (T, N))
