@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import numpy
 
@@ -42,16 +43,26 @@ from . import kernels, packed
 from .backend import THREADS, in_worker, run_in_two
 
 _blas = None  # (sgemm ctypes function, sched_yield ctypes function), or False
+_blas_lock = threading.Lock()
 
 
 def _find_blas():
-    """NumPy's CBLAS sgemm (a ctypes function) and libc's sched_yield, or False."""
+    """NumPy's CBLAS sgemm (a ctypes function) and libc's sched_yield, or False. Decided once,
+    under a lock: the two halves of a batch ask at once on their first step, and an answer
+    seen half-made (False) once sent one half down kernels.py's Python loop, whose products
+    round differently, so the first step after a start or a resume could differ from run to
+    run in its last bits."""
     global _blas
-    if _blas is not None:
-        return _blas
-    _blas = False
+    if _blas is None:
+        with _blas_lock:
+            if _blas is None:
+                _blas = _locate_blas()
+    return _blas
+
+
+def _locate_blas():
     if not kernels.available or os.environ.get("CHARNN_ROWSPLIT", "1") == "0":
-        return _blas
+        return False
     try:
         from threadpoolctl import threadpool_info
 
@@ -61,14 +72,14 @@ def _find_blas():
                 lib = ctypes.CDLL(info["filepath"])
                 break
         if lib is None:
-            return _blas
+            return False
         fn = None
         for name, wide in (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("scipy_cblas_sgemm", False), ("cblas_sgemm", False)):
             fn = getattr(lib, name, None)
             if fn is not None:
                 break
         if fn is None:
-            return _blas
+            return False
         I, S = ctypes.c_int, ctypes.c_size_t
         L = ctypes.c_int64 if wide else ctypes.c_int
         fn.restype = None
@@ -83,10 +94,10 @@ def _find_blas():
         C = numpy.zeros((7, 3), dtype=numpy.float32)
         fn(101, 111, 111, 7, 3, 5, 1.0, A.ctypes.data, 5, B.ctypes.data, 9, 0.0, C.ctypes.data, 3)
         if numpy.allclose(C, A @ B[:, :3], rtol=1e-5, atol=1e-5):
-            _blas = (fn, yld)
+            return (fn, yld)
     except (OSError, AttributeError, ImportError):
-        _blas = False
-    return _blas
+        pass
+    return False
 
 
 def compiled_loops() -> bool:

@@ -166,3 +166,26 @@ def test_not_from_the_worker_thread(monkeypatch):
     (w0, r0, u0), (w1, r1, u1) = backend.run_in_two(inner, 0, 1)
     assert (w0, w1) == (False, True) and r0 == r1 == [2, 4]
     assert u0 and not u1
+
+
+def test_the_blas_is_found_once_for_two_threads_asking_at_once(monkeypatch):
+    """The two halves of a batch ask on their first step at once; both must get the same
+    answer (an answer seen half-made once sent one half down another code path, and the
+    first step after a start or resume then differed from run to run in its last bits)."""
+    found = rowsplit._find_blas()
+    for _ in range(5):
+        monkeypatch.setattr(rowsplit, "_blas", None)
+        start = threading.Barrier(2)
+        answers = [None, None]
+
+        def ask(k):
+            start.wait()
+            answers[k] = rowsplit._find_blas()
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers[0] is answers[1]  # one answer, made once
+        assert bool(answers[0]) == bool(found)
