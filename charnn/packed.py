@@ -120,6 +120,13 @@ def _k_loop(emit, y, label: str, enter: str, K: int, accs, step):
     emit(f"{label}_store:")
 
 
+def _row_at(emit, y, name: str, base: str, k, stride) -> str:
+    """%name = base + k * stride floats (the start of row k); returns the pointer's name."""
+    emit(f"  {y(name + 'o')} = mul i64 {k}, {stride}")
+    emit(f"  {y(name)} = getelementptr float, ptr {base}, i64 {y(name + 'o')}")
+    return y(name)
+
+
 def _load_splat(emit, y, name: str, base: str, offset: int):
     """%name = a register of 16 copies of the float at base + offset."""
     emit(f"  {y(name + 'p')} = getelementptr float, ptr {base}, i64 {offset}")
@@ -146,15 +153,13 @@ def _body_rows(emit, M: int, K: int, N: int):
             y = lambda s: x(f"g{g}_{s}")  # noqa: E731
 
             def step(k):
-                emit(f"  {y('kw')} = mul i64 {k}, {PH}")
-                emit(f"  {y('wk')} = getelementptr float, ptr {x('w')}, i64 {y('kw')}")
+                wk = _row_at(emit, y, "wk", x('w'), k, PH)
                 for j in range(RV):
-                    emit(f"  {y(f'wp{j}')} = getelementptr float, ptr {y('wk')}, i64 {LANES * j}")
+                    emit(f"  {y(f'wp{j}')} = getelementptr float, ptr {wk}, i64 {LANES * j}")
                     emit(f"  {y(f'wv{j}')} = load {V}, ptr {y(f'wp{j}')}, align 4")
-                emit(f"  {y('boff')} = mul i64 {k}, %ldb")
-                emit(f"  {y('brow')} = getelementptr float, ptr %B, i64 {y('boff')}")
+                brow = _row_at(emit, y, "brow", "%B", k, "%ldb")
                 for n in range(nc):
-                    _load_splat(emit, y, f"b{n}", y('brow'), n0 + n)
+                    _load_splat(emit, y, f"b{n}", brow, n0 + n)
                     for j in range(RV):
                         emit(f"  {y(f'newacc{j}_{n}')} = call {V} @llvm.fma.v16f32({V} {y(f'wv{j}')}, {V} {y(f'b{n}')}, "
                              f"{V} {y(f'acc{j}_{n}')})")
@@ -188,15 +193,13 @@ def _body_cols(emit, M: int, K: int, N: int):
         x = lambda s: f"%{name}_{s}"  # noqa: E731
 
         def step(k):
-            emit(f"  {x('boff')} = mul i64 {k}, %ldb")
-            emit(f"  {x('brow')} = getelementptr float, ptr %B, i64 {x('boff')}")
+            brow = _row_at(emit, x, "brow", "%B", k, "%ldb")
             for v in range(NV):
-                emit(f"  {x(f'bp{v}')} = getelementptr float, ptr {x('brow')}, i64 {LANES * v}")
+                emit(f"  {x(f'bp{v}')} = getelementptr float, ptr {brow}, i64 {LANES * v}")
                 emit(f"  {x(f'b{v}')} = load {V}, ptr {x(f'bp{v}')}, align 4")
-            emit(f"  {x('kw')} = mul i64 {k}, {rows}")
-            emit(f"  {x('wk')} = getelementptr float, ptr {x('w')}, i64 {x('kw')}")
+            wk = _row_at(emit, x, "wk", x('w'), k, rows)
             for r in range(rows):
-                _load_splat(emit, x, f"w{r}", x('wk'), r)
+                _load_splat(emit, x, f"w{r}", wk, r)
                 for v in range(NV):
                     emit(f"  {x(f'newacc{r}_{v}')} = call {V} @llvm.fma.v16f32({V} {x(f'w{r}')}, {V} {x(f'b{v}')}, "
                          f"{V} {x(f'acc{r}_{v}')})")
