@@ -90,8 +90,8 @@ class CharnnSide:
     name = "charnn"
 
     def __init__(self, cfg, seed=0):
-        from charnn.model import LanguageModel, ModelConfig
-        from charnn.optim import make_optimizer
+        from charnn.nn.model import LanguageModel, ModelConfig
+        from charnn.nn.optim import make_optimizer
 
         level, cell, L, H, N, T, V, E = cfg
         self.model = LanguageModel.create(ModelConfig(vocab_size=V, cell=cell, layers=L, hidden=H, embed=E), seed)
@@ -99,7 +99,7 @@ class CharnnSide:
         self.state = None
 
     def train_step(self, x, y):
-        from charnn.optim import clip_scale, global_norm
+        from charnn.nn.optim import clip_scale, global_norm
 
         loss, grads, self.state = self.model.loss_and_grads(x, y, self.state, sparse=True)
         self.opt.step(grads, clip_scale(global_norm(grads), 5.0))
@@ -110,7 +110,7 @@ class CharnnSide:
         return float(nll.mean())
 
     def sampler(self):
-        from charnn.model import Stepper
+        from charnn.nn.model import Stepper
         from charnn.sample import sample_index
 
         st = Stepper(self.model, 1)

@@ -29,9 +29,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=30000)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    from charnn.functional import class_bounds
-    from charnn.model import LanguageModel, ModelConfig
-    from charnn.optim import clip_scale, global_norm, make_optimizer
+    from charnn.nn.functional import class_bounds
+    from charnn.nn.model import LanguageModel, ModelConfig
+    from charnn.nn.optim import clip_scale, global_norm, make_optimizer
 
     V, H, N, T = args.vocab, 200, 20, 35
     rng = numpy.random.default_rng(0)

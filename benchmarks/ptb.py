@@ -35,7 +35,7 @@ H, E, L, N, T, LR, CLIP = 200, 200, 2, 20, 35, 2e-3, 5.0
 
 
 def load(vocab=None):
-    from charnn.vocab import Vocab
+    from charnn.io.vocab import Vocab
 
     train_text = (SHARED / "ptb.valid.txt").read_text(encoding="utf-8")
     test_text = (SHARED / "ptb.test.txt").read_text(encoding="utf-8")
@@ -64,9 +64,9 @@ def batches(ids):
 
 
 def train_charnn(train_ids, held_ids, V, seconds, classes):
-    from charnn.functional import class_bounds
-    from charnn.model import LanguageModel, ModelConfig
-    from charnn.optim import clip_scale, global_norm, make_optimizer
+    from charnn.nn.functional import class_bounds
+    from charnn.nn.model import LanguageModel, ModelConfig
+    from charnn.nn.optim import clip_scale, global_norm, make_optimizer
     from charnn.train import evaluate
 
     bounds = class_bounds(numpy.bincount(train_ids, minlength=V), classes) if classes else ()

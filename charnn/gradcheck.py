@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy
 
 from .backend import get_backend, to_device, to_host
-from .model import LanguageModel, ModelConfig
+from .nn.model import LanguageModel, ModelConfig
 
 EPS = 4e-3
 EPS_RELU = 1e-4  # a relu's kink must not fall inside the stencil

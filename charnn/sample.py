@@ -12,10 +12,9 @@ from typing import Iterator
 
 import numpy
 
-from . import kernels
 from .backend import to_device, to_host
-from .model import LanguageModel, Stepper
-from .vocab import EOS, Vocab
+from .nn.model import LanguageModel
+from .io.vocab import EOS, Vocab
 
 
 class SampleError(ValueError):
@@ -88,7 +87,7 @@ def start_ids(vocab: Vocab, prime: str = "") -> numpy.ndarray:
 def warm_state(model: LanguageModel, ids: numpy.ndarray, N: int = 1) -> tuple:
     """A Stepper for ``N`` streams warmed on ``ids`` (all but the last run as one chunk), and
     the logits after feeding the last token."""
-    stepper = Stepper(model, N)
+    stepper = model.stepper(N)
     if len(ids) > 1:
         _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, None, store=False)
         if N > 1:
@@ -108,17 +107,15 @@ def draw(p: numpy.ndarray, rng: numpy.random.Generator) -> int:
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
-def sample_index(logits: numpy.ndarray, temperature: float, rng: numpy.random.Generator) -> int:
-    """draw(filter_probs(logits, temperature), rng) for temperature > 0 without top-k or
-    top-p, in three calls instead of a dozen where numba is present (compiled scaling and
-    drawing around NumPy's vectorised exp; the NumPy calls took about 100 us per token at
-    V = 10,000, a fifth of a word model's sampling step)."""
-    if not (kernels.available and temperature > 0):
+def sample_index(logits: numpy.ndarray, temperature: float, rng: numpy.random.Generator, ops=None) -> int:
+    """draw(filter_probs(logits, temperature), rng) without top-k or top-p, by the faster
+    route ``ops`` offers where it has one (the CPU engine: compiled scaling and drawing around
+    NumPy's vectorised exp; the NumPy calls took about 100 us per token at V = 10,000, a
+    fifth of a word model's sampling step)."""
+    index = None if ops is None else ops.draw_scaled(logits, temperature, rng)
+    if index is None:
         return draw(filter_probs(logits, temperature), rng)
-    z = numpy.empty(logits.shape[0])
-    kernels.scaled_logits(numpy.ascontiguousarray(logits), float(temperature), z)
-    numpy.exp(z, out=z)
-    return int(kernels.draw_unnormalised(z, rng.random()))
+    return index
 
 
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
@@ -134,7 +131,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
     at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
     for _ in range(length):
         if temperature > 0 and top_k is None and top_p is None:
-            tok = sample_index(to_host(logits)[0], temperature, rng)
+            tok = sample_index(to_host(logits)[0], temperature, rng, model.ops)
         else:
             p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
             tok = draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
@@ -144,7 +141,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
                 text = "\n"
                 at_line_start = True
             else:
-                from .vocab import detokenize
+                from .io.vocab import detokenize
 
                 text = detokenize([piece]) if at_line_start else detokenize(["x", piece])[1:]
                 at_line_start = False

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy
 
 from .backend import to_host
-from .data import EvalStreams
-from .model import LanguageModel
-from .vocab import EOS, Vocab
+from .io.data import EvalStreams
+from .nn.model import LanguageModel
+from .io.vocab import EOS, Vocab
 
 LN2 = math.log(2)
 

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy
 
-from . import checkpoint as ckpt_mod
+from .io import checkpoint as ckpt_mod
 from .backend import array_module, get_backend, to_device, to_float, to_host
-from .data import Batches, CorpusError, EvalStreams, read_text, split_tail
-from .functional import class_bounds
-from .model import LanguageModel, ModelConfig
-from .optim import clip_scale, global_norm, make_optimizer
-from .vocab import Vocab, VocabError
+from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
+from .nn.functional import class_bounds
+from .nn.model import LanguageModel, ModelConfig
+from .nn.optim import clip_scale, global_norm, make_optimizer
+from .io.vocab import Vocab, VocabError
 
 # Options that may change when resuming; every other one must match the checkpoint. The corpus
 # may be named by another path (run from another folder): its content is checked by digest.
@@ -170,7 +170,7 @@ def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None, cache_dir=None, d
 
     Returns (vocab, train_ids, val_ids) with ids as compact unsigned arrays.
     """
-    from . import corpus
+    from .io import corpus
 
     val_text = read_text(cfg.val, cfg.encoding, cfg.errors) if cfg.val else None
     if cfg.val and not val_text:
@@ -211,7 +211,7 @@ def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None, cache_dir=None, d
 
 
 def _build_vocab(cfg: TrainConfig, val_text: str | None) -> Vocab:
-    from . import corpus
+    from .io import corpus
 
     if cfg.level == "char":
         chars = set(val_text or "")
@@ -299,7 +299,7 @@ class Trainer:
             self.model = LanguageModel(mcfg, saved.params, self.backend)
         else:
             self.model = LanguageModel.create(mcfg, cfg.seed, self.backend)
-        self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr)
+        self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops)
         self.rng = numpy.random.default_rng(cfg.seed)
         p = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,
              "best_val": None, "best_saved": None, "bad_evals": 0, "last_train_loss": None, "last_val": None}
@@ -500,7 +500,7 @@ class Trainer:
                 x, y = batches.chunk(p["chunk"])
                 loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True)
                 self.state = self._reset_some(self.state)
-                self.opt.step(grads, clip_scale(global_norm(grads), cfg.clip))
+                self.opt.step(grads, clip_scale(global_norm(grads, self.model.ops), cfg.clip))
                 log_sum += loss
                 log_time += time.perf_counter() - t0
                 p["chunk"] += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy
 from click.testing import CliRunner
 
-from charnn import checkpoint
+from charnn.io import checkpoint
 from charnn.cli import cli
 
 WORDS = "the cat sat on a mat and dog ran far away with big red hat".split()

@@ -3,8 +3,6 @@
 import pytest
 
 from charnn import backend
-
-
 def pytest_collection_modifyitems(config, items):
     if backend.gpu_count() > 0:
         return

@@ -11,8 +11,7 @@ import os
 import numpy
 import pytest
 
-from charnn import checkpoint
-
+from charnn.io import checkpoint
 from cli_support import (TINY, check_error, check_ok, corpus_text, invoke, temp_files, time_limit, train,
                          write_corpus)
 

@@ -14,12 +14,17 @@ import math
 import numpy
 import pytest
 
-from charnn import cells
+from charnn.nn import cells
 from charnn.backend import get_backend, to_host
-from charnn.model import LanguageModel, ModelConfig, init_params
+from charnn.nn.model import LanguageModel, ModelConfig, init_params
 
 TOL = 1e-12
 F64 = get_backend("cpu", "float64")
+
+
+def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, activation="tanh", store=True):
+    """The registry's reference layer by the cell's name (bhn: the GRU's extra parameter)."""
+    return cells.get(cell).forward(XP, Wh, h0, c0, {} if bhn is None else {"bhn": bhn}, store, activation)
 
 
 # ----- the reference (PyTorch's equations, scalar loops) -----
@@ -94,7 +99,7 @@ def to_charnn(cell, w_ih, w_hh, b_ih, b_hh, xs):
 
 def random_layer(cell, In, H, T, N, seed, scale=0.8):
     rng = numpy.random.default_rng(seed)
-    G = cells.GATES[cell]
+    G = cells.get(cell).gates
     w_ih = rng.normal(0, scale, (G * H, In))
     w_hh = rng.normal(0, scale, (G * H, H))
     b_ih = rng.normal(0, 0.3, G * H)
@@ -109,7 +114,7 @@ def run_charnn(cell, w_ih, w_hh, b_ih, b_hh, xs, h0, c0, activation="tanh", stor
     XP, Wh, bhn = to_charnn(cell, w_ih, w_hh, b_ih, b_hh, xs)
     h0c = numpy.ascontiguousarray(h0.T)
     c0c = None if c0 is None else numpy.ascontiguousarray(c0.T)
-    hs, (h, c), _ = cells.layer_forward(cell, XP, Wh, h0c, c0c, bhn, activation, store)
+    hs, (h, c), _ = layer_forward(cell, XP, Wh, h0c, c0c, bhn, activation, store)
     return hs, h, c
 
 
@@ -129,7 +134,7 @@ def test_lstm_one_step_by_hand():
     b = numpy.array([0.0, 0.0, 0.0, ln3])
     x, h0, c0 = 2.0, numpy.array([[1.0]]), numpy.array([[2 * ln2 - 0.6]])
     XP = (Wx[:, 0] * x + b).reshape(4, 1, 1)
-    hs, (h, c), cache = cells.layer_forward("lstm", XP, Wh, h0, c0)
+    hs, (h, c), cache = layer_forward("lstm", XP, Wh, h0, c0)
     assert c[0, 0] == pytest.approx(ln2, abs=TOL)
     assert h[0, 0] == pytest.approx(0.45, abs=TOL)
     assert hs[0, 0, 0] == pytest.approx(0.45, abs=TOL)
@@ -147,7 +152,7 @@ def test_gru_one_step_by_hand():
     ln2, ln3 = math.log(2), math.log(3)
     XP = numpy.array([1.0, ln3, ln2 - 1]).reshape(3, 1, 1)
     Wh = numpy.array([[-2.0], [0.0], [2.0]])
-    hs, (h, c), _ = cells.layer_forward("gru", XP, Wh, numpy.array([[0.5]]), None, numpy.array([1.0]))
+    hs, (h, c), _ = layer_forward("gru", XP, Wh, numpy.array([[0.5]]), None, numpy.array([1.0]))
     assert c is None
     assert h[0, 0] == pytest.approx(0.525, abs=TOL)
 
@@ -158,11 +163,11 @@ def test_rnn_two_steps_by_hand():
     # step 2: a = XP_2 + Wh h1 = -0.3 + 0.5*0.6     = 0    -> h2 = 0
     ln2 = math.log(2)
     XP = numpy.array([[[ln2 - 0.5], [-0.3]]])  # (1, T=2, N=1)
-    hs, (h, _), _ = cells.layer_forward("rnn", XP, numpy.array([[0.5]]), numpy.array([[1.0]]))
+    hs, (h, _), _ = layer_forward("rnn", XP, numpy.array([[0.5]]), numpy.array([[1.0]]))
     numpy.testing.assert_allclose(hs[0, :, 0], [0.6, 0.0], rtol=0, atol=TOL)
     # relu, Wh = -1, h0 = 1: step 1: 0.7 + (-1)*1 = -0.3 -> 0; step 2: 0.25 + (-1)*0 = 0.25
     XP = numpy.array([[[0.7], [0.25]]])
-    hs, _, _ = cells.layer_forward("rnn", XP, numpy.array([[-1.0]]), numpy.array([[1.0]]), activation="relu")
+    hs, _, _ = layer_forward("rnn", XP, numpy.array([[-1.0]]), numpy.array([[1.0]]), activation="relu")
     numpy.testing.assert_allclose(hs[0, :, 0], [0.0, 0.25], rtol=0, atol=TOL)
 
 
@@ -208,11 +213,11 @@ def test_carried_state_equals_one_long_chunk(cell, activation):
     h0c = numpy.ascontiguousarray(h0.T)
     c0c = None if c0 is None else numpy.ascontiguousarray(c0.T)
     h0_before, c0_before = h0c.copy(), None if c0c is None else c0c.copy()
-    hs_full, (h_full, c_full), _ = cells.layer_forward(cell, XP, Wh, h0c, c0c, bhn, activation)
+    hs_full, (h_full, c_full), _ = layer_forward(cell, XP, Wh, h0c, c0c, bhn, activation)
     half = T // 2
     XP1, XP2 = numpy.ascontiguousarray(XP[:, :half]), numpy.ascontiguousarray(XP[:, half:])
-    hs1, (h1, c1), _ = cells.layer_forward(cell, XP1, Wh, h0c, c0c, bhn, activation, store=False)
-    hs2, (h2, c2), _ = cells.layer_forward(cell, XP2, Wh, h1, c1, bhn, activation)
+    hs1, (h1, c1), _ = layer_forward(cell, XP1, Wh, h0c, c0c, bhn, activation, store=False)
+    hs2, (h2, c2), _ = layer_forward(cell, XP2, Wh, h1, c1, bhn, activation)
     numpy.testing.assert_allclose(numpy.concatenate([hs1, hs2], axis=1), hs_full, rtol=0, atol=TOL)
     numpy.testing.assert_allclose(h2, h_full, rtol=0, atol=TOL)
     if cell == "lstm":
@@ -362,7 +367,7 @@ def test_step_equals_forward_one_token_at_a_time(cell, embed):
 
 
 def test_forward_rejects_out_of_range_ids():
-    from charnn.model import ModelError
+    from charnn.nn.model import ModelError
 
     config = ModelConfig(vocab_size=5, cell="rnn", layers=1, hidden=3)
     model = LanguageModel.create(config, 0, F64)

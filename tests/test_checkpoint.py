@@ -9,12 +9,12 @@ import os
 import numpy
 import pytest
 
-from charnn import checkpoint
+from charnn.io import checkpoint
 from charnn.backend import get_backend, to_float, to_host
-from charnn.checkpoint import Checkpoint, CheckpointError, load, load_model, save
-from charnn.model import LanguageModel, ModelConfig
-from charnn.optim import make_optimizer
-from charnn.vocab import Vocab
+from charnn.io.checkpoint import Checkpoint, CheckpointError, load, load_model, save
+from charnn.nn.model import LanguageModel, ModelConfig
+from charnn.nn.optim import make_optimizer
+from charnn.io.vocab import Vocab
 
 F64 = get_backend("cpu", "float64")
 TEXT = "hello world\n"

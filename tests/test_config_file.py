@@ -2,7 +2,7 @@
 
 from click.testing import CliRunner
 
-from charnn.checkpoint import load
+from charnn.io.checkpoint import load
 from charnn.cli import cli
 
 

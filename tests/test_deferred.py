@@ -1,4 +1,4 @@
-"""The batch split's shared tail (backend.Deferred): both halves' deferred work runs exactly
+"""The batch split's shared tail (engine/threads.py's Deferred): both halves' deferred work runs exactly
 once, a slow half's work is taken by the other, failures end without a hang, and training
 steps with the weight gradients deferred equal those without."""
 
@@ -8,15 +8,17 @@ import time
 import numpy
 import pytest
 
-import charnn.backend as backend_mod
-import charnn.model as model_mod
-from charnn.backend import Deferred, in_row_blocks, with_tail
-from charnn.model import LanguageModel, ModelConfig
+import charnn.engine.threads as threads_mod
+from charnn.backend import get_backend
+from charnn.engine import parallel
+from charnn.engine.settings import Settings
+from charnn.engine.threads import Deferred, in_row_blocks, with_tail
+from charnn.nn.model import LanguageModel, ModelConfig
 
 
 def run_halves(halves, tail):
     """Run halves[0] and halves[1] in two threads, each closing ``tail`` at its end as the
-    model's batch split does (backend.with_tail); returns the exception each raised (or None)."""
+    model's batch split does (threads.with_tail); returns the exception each raised (or None)."""
     errors = [None, None]
 
     def body(k):
@@ -94,7 +96,7 @@ def test_a_failing_piece_raises_in_the_thread_that_ran_it():
 
 
 def test_row_blocks_cover_every_row_once(monkeypatch):
-    monkeypatch.setattr(backend_mod, "DEFER_BLOCK_FLOPS", 10.0)
+    monkeypatch.setattr(threads_mod, "DEFER_BLOCK_FLOPS", 10.0)
     pieces = []
     seen = numpy.zeros(103, dtype=int)
 
@@ -110,7 +112,6 @@ def test_row_blocks_cover_every_row_once(monkeypatch):
     assert (seen == 2).all()
 
 
-@pytest.mark.skipif(backend_mod.THREADS < 2, reason="the batch split needs two threads")
 @pytest.mark.parametrize("cell,embed,layers,classes", [("lstm", 0, 2, ()), ("lstm", 6, 1, ()), ("gru", 0, 2, ()),
                                                        ("rnn", 6, 2, ()), ("lstm", 6, 2, (0, 2, 5, 11))])
 def test_training_step_with_deferred_weight_gradients_equals_without(monkeypatch, cell, embed, layers, classes):
@@ -123,13 +124,12 @@ def test_training_step_with_deferred_weight_gradients_equals_without(monkeypatch
     T, N = 7, 32  # halves of 16 streams: the batch split (thinner halves take the row split)
     ids = rng.integers(0, 11, (T, N))
     targets = rng.integers(0, 11, (T, N))
-    monkeypatch.setattr(model_mod, "THREADS", 2)
-    monkeypatch.setattr(backend_mod, "DEFER_BLOCK_FLOPS", 1e3)  # several pieces a product
+    monkeypatch.setattr(threads_mod, "DEFER_BLOCK_FLOPS", 1e3)  # several pieces a product
     out = {}
     real_put = Deferred.put
     for mode, threshold in (("deferred", 0.0), ("at once", float("inf"))):
-        monkeypatch.setattr(model_mod, "DEFER_FLOPS", threshold)
-        m = LanguageModel.create(cfg, seed=1, backend=backend_mod.get_backend("cpu", "float32"))
+        monkeypatch.setattr(parallel, "DEFER_FLOPS", threshold)
+        m = LanguageModel.create(cfg, seed=1, backend=get_backend("cpu", "float32", settings=Settings(threads=2)))
         puts = []
         monkeypatch.setattr(Deferred, "put", lambda self, fn, real=real_put: (puts.append(1), real(self, fn)))
         loss, grads, _ = m.loss_and_grads(ids, targets)

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charnn import checkpoint
+from charnn.io import checkpoint
 from charnn.backend import get_backend, to_host
-from charnn.checkpoint import Checkpoint, CheckpointError
-from charnn.model import LanguageModel, ModelConfig
-from charnn.optim import make_optimizer
-from charnn.vocab import Vocab
+from charnn.io.checkpoint import Checkpoint, CheckpointError
+from charnn.nn.model import LanguageModel, ModelConfig
+from charnn.nn.optim import make_optimizer
+from charnn.io.vocab import Vocab
 
 from cli_support import time_limit
 
@@ -188,7 +188,7 @@ def test_unconvertible_class_bounds_are_a_checkpoint_error(scratch, bounds):
 
 @pytest.mark.parametrize("bounds", [[""], [float("inf")]])
 def test_model_config_from_json_raises_model_error(bounds):
-    from charnn.model import ModelError
+    from charnn.nn.model import ModelError
 
     with pytest.raises(ModelError):
         ModelConfig.from_json({"vocab_size": 5, "class_bounds": bounds})

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from charnn import cells
+from charnn.nn import cells
 from charnn.gradcheck import check_config
-from charnn.model import ModelConfig
+from charnn.nn.model import ModelConfig
 
 VOCAB = {"char": 7, "word": 40}
 SMALL = dict(T=4, N=2, seed=0, max_elements=24)

@@ -4,18 +4,24 @@ Stepper, the two-thread batch split) against the straightforward ones."""
 import numpy
 import pytest
 
-import charnn.model as model_mod
-from charnn import kernels
 from charnn.backend import get_backend
-from charnn.model import LanguageModel, ModelConfig, Stepper
-from charnn.optim import make_optimizer
+from charnn.engine import kernels, parallel
+from charnn.engine.cpu import CpuOps
+from charnn.engine.settings import Settings
+from charnn.nn.model import LanguageModel, ModelConfig
+from charnn.nn.ops import Ops
+from charnn.nn.optim import make_optimizer
+
+
+def cpu(dtype="float32", **settings):
+    """A CPU backend with the engine's settings given here (the rest at their defaults)."""
+    return get_backend("cpu", dtype, settings=Settings(**settings))
 
 pytestmark = pytest.mark.skipif(not kernels.available, reason="numba is not installed")
 
 
 def run(monkeypatch, mode, cfg, ids, tg, state):
-    monkeypatch.setenv("CHARNN_KERNELS", mode)
-    m = LanguageModel.create(cfg, seed=1, backend=get_backend("cpu", "float32"))
+    m = LanguageModel.create(cfg, seed=1, backend=cpu(kernels=mode == "numba"))
     loss, cache, st = m.forward(ids, tg, state, train=True, rng=numpy.random.default_rng(5))
     grads, dstate = m.backward(cache)
     return float(loss), grads, st, dstate
@@ -42,12 +48,11 @@ def test_fused_layers_match_plain_float32(monkeypatch, cell, embed, N):
         numpy.testing.assert_allclose(h1, h2, atol=1e-6)
 
 
-def test_kernels_only_take_float32_numpy(monkeypatch):
-    monkeypatch.delenv("CHARNN_KERNELS", raising=False)
-    assert kernels.use_fused(numpy.zeros(3, numpy.float32))
-    assert not kernels.use_fused(numpy.zeros(3, numpy.float64))  # gradient checks stay exact
-    monkeypatch.setenv("CHARNN_KERNELS", "numpy")
-    assert not kernels.use_fused(numpy.zeros(3, numpy.float32))
+def test_kernels_only_take_float32_numpy():
+    on, off = CpuOps(Settings(kernels=True)), CpuOps(Settings(kernels=False))
+    assert on.fused(numpy.zeros(3, numpy.float32))
+    assert not on.fused(numpy.zeros(3, numpy.float64))  # gradient checks stay exact
+    assert not off.fused(numpy.zeros(3, numpy.float32))
 
 
 def test_rational_tanh_accuracy():
@@ -69,8 +74,6 @@ def test_exp_accuracy():
 @pytest.mark.parametrize("V", [3, 65, 1000])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fused_softmax_xent_matches_plain(monkeypatch, V, weighted):
-    from charnn.functional import softmax_xent_backward, softmax_xent_forward
-
     rng = numpy.random.default_rng(V)
     D, M = 8, 50
     X = rng.normal(0, 3, (D, M)).astype(numpy.float32)
@@ -80,12 +83,12 @@ def test_fused_softmax_xent_matches_plain(monkeypatch, V, weighted):
     targets = rng.integers(0, V, M)
     weights = rng.random(M).astype(numpy.float32) if weighted else None
     out = {}
-    for mode in ("numba", "numpy"):
-        monkeypatch.setenv("CHARNN_KERNELS", mode)
-        loss, nll, cache = softmax_xent_forward(X, W, b, targets, weights)
-        _, nll2, _ = softmax_xent_forward(X, W, b, targets, weights, store=False)
+    for mode, ops in (("numba", CpuOps(Settings())), ("numpy", Ops())):
+        loss, nll, cache = ops.softmax_xent_forward(X, W, b, targets, weights)
+        assert "rows" in cache
+        _, nll2, _ = ops.softmax_xent_forward(X, W, b, targets, weights, store=False)
         numpy.testing.assert_array_equal(nll, nll2)
-        out[mode] = (loss, nll, *softmax_xent_backward(cache, W))
+        out[mode] = (loss, nll, *ops.softmax_xent_backward(cache, W))
     for a, b_ in zip(out["numba"], out["numpy"]):
         numpy.testing.assert_allclose(a, b_, rtol=2e-5, atol=2e-5 * (numpy.abs(b_).max() + 1e-3))
 
@@ -109,11 +112,10 @@ def test_onehot_projection_and_scatter_match_numpy():
 
 def test_fused_adam_matches_plain(monkeypatch):
     out = {}
-    for mode in ("numba", "numpy"):
-        monkeypatch.setenv("CHARNN_KERNELS", mode)
+    for mode, ops in (("numba", CpuOps(Settings())), ("numpy", None)):
         rng = numpy.random.default_rng(0)
         p = {"w": rng.normal(size=(30, 20)).astype(numpy.float32)}
-        opt = make_optimizer("adam", p)
+        opt = make_optimizer("adam", p, ops=ops)
         for _ in range(5):
             opt.step({"w": rng.normal(size=(30, 20)).astype(numpy.float32)})
         out[mode] = p["w"]
@@ -127,7 +129,8 @@ def test_stepper_matches_model_step(cell, embed, dtype):
     m = LanguageModel.create(ModelConfig(vocab_size=11, cell=cell, layers=2, hidden=8, embed=embed), seed=2,
                              backend=get_backend("cpu", dtype))
     ids = numpy.random.default_rng(0).integers(0, 11, (9, 3))
-    stepper, state = Stepper(m, 3), None
+    stepper, state = m.stepper(3), None
+    assert type(stepper).__name__ == "FastStepper"
     for t in range(9):
         fast = stepper.step(ids[t]).copy()
         slow, state = m.step(ids[t], state)
@@ -139,13 +142,12 @@ def test_stepper_matches_model_step(cell, embed, dtype):
 def test_two_thread_split_equals_one_thread(monkeypatch, cell, bounds, N):
     """Also with unequal halves (N odd) and the class-factored head."""
     cfg = ModelConfig(vocab_size=13, cell=cell, layers=2, hidden=8, embed=6, dropout=0.2, class_bounds=bounds)
-    m = LanguageModel.create(cfg, backend=get_backend("cpu", "float64"))
     rng = numpy.random.default_rng(0)
     ids, tg = rng.integers(0, 13, (6, N)), rng.integers(0, 13, (6, N))
     res = []
     for threads in (1, 2):
-        monkeypatch.setattr(model_mod, "THREADS", threads)
-        assert len(m.split_columns(N)) == threads
+        m = LanguageModel.create(cfg, backend=cpu("float64", threads=threads))
+        assert len(parallel.split_columns(m.ops, m, N)) == threads
         loss, grads, state = m.loss_and_grads(ids, tg, None, rng=numpy.random.default_rng(5))
         nll, _ = m.nll(ids, tg)
         res.append((float(loss), grads, state, nll))
@@ -161,11 +163,10 @@ def test_two_thread_split_equals_one_thread(monkeypatch, cell, bounds, N):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch, threads, dtype):
-    from charnn.optim import RowGrad
+    from charnn.nn.optim import RowGrad
 
-    monkeypatch.setattr(model_mod, "THREADS", threads)
     cfg = ModelConfig(vocab_size=40, cell="lstm", layers=2, hidden=8, embed=6, class_bounds=(0, 5, 15, 40))
-    m = LanguageModel.create(cfg, backend=get_backend("cpu", dtype))
+    m = LanguageModel.create(cfg, backend=cpu(dtype, threads=threads))
     rng = numpy.random.default_rng(0)
     ids, tg = rng.integers(0, 12, (5, 10)), rng.integers(0, 40, (5, 10))  # ids use only 12 of 40 rows
     _, dense, _ = m.loss_and_grads(ids, tg, None)
@@ -199,17 +200,14 @@ def test_fused_class_softmax_matches_plain_float32(monkeypatch, weighted, thread
     and every gradient, with and without position weights (a zero weight drops a position),
     on one thread and split by class across two; one class has no targets (its rows of the
     word gradient must come out zero)."""
-    from charnn.functional import class_xent_backward, class_xent_forward
-
     rng, X, Wc, bc, W, b, bounds, t = class_head_case(0, refill=3)
     M = t.shape[0]
     w = (rng.random(M) > 0.3).astype(numpy.float32) if weighted else None
     out = {}
-    for mode in ("numba", "numpy"):
-        monkeypatch.setenv("CHARNN_KERNELS", mode)
-        loss, nll, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, w, threads=threads)
+    for mode, ops in (("numba", CpuOps(Settings(threads=threads), head_threads=threads)), ("numpy", Ops())):
+        loss, nll, cache = ops.class_xent_forward(X, Wc, bc, W, b, bounds, t, t, w)
         assert ("plan" in cache) == (mode == "numba")
-        out[mode] = (float(loss), nll.copy(), *class_xent_backward(cache, Wc, W))
+        out[mode] = (float(loss), nll.copy(), *ops.class_xent_backward(cache, Wc, W))
     fused, plain = out["numba"], out["numpy"]
     assert fused[0] == pytest.approx(plain[0], rel=1e-6)
     numpy.testing.assert_allclose(fused[1], plain[1], rtol=1e-5, atol=1e-5)
@@ -224,15 +222,13 @@ def test_two_thread_split_with_class_head_float32(monkeypatch, tie):
     """The split path of a class-factored model (recurrent layers on two halves, the output
     layer once on the whole batch, its compiled passes split by class) against one thread;
     tied, the halves' row gradients of the embedding are added into the output layer's."""
-    monkeypatch.delenv("CHARNN_KERNELS", raising=False)
     cfg = ModelConfig(vocab_size=60, cell="lstm", layers=2, hidden=16, embed=16 if tie else 8, dropout=0.2,
                       tie=tie, class_bounds=(0, 2, 5, 11, 25, 60))
-    m = LanguageModel.create(cfg, backend=get_backend("cpu", "float32"))
     rng = numpy.random.default_rng(0)
     ids, tg = rng.integers(0, 60, (6, 11)), rng.integers(0, 60, (6, 11))
     res = []
     for threads in (1, 2):
-        monkeypatch.setattr(model_mod, "THREADS", threads)
+        m = LanguageModel.create(cfg, backend=cpu(threads=threads))
         res.append(m.loss_and_grads(ids, tg, None, rng=numpy.random.default_rng(5), sparse=True))
     (l1, g1, s1), (l2, g2, s2) = res
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
@@ -250,13 +246,11 @@ def test_norm_summed_by_the_class_kernel_equals_the_recomputed_one(monkeypatch, 
     """The compiled class pass sums the squares of the word gradient it writes (optim.Grads);
     the global norm from that sum equals the one read back from the arrays. Tied, the input
     gradient is added into that array afterwards, so the sum must be dropped, not used."""
-    from charnn.optim import Grads, clip_global_norm, global_norm
+    from charnn.nn.optim import Grads, clip_global_norm, global_norm
 
-    monkeypatch.delenv("CHARNN_KERNELS", raising=False)
-    monkeypatch.setattr(model_mod, "THREADS", threads)
     cfg = ModelConfig(vocab_size=60, cell="lstm", layers=1, hidden=16, embed=16, tie=tie,
                       class_bounds=(0, 2, 5, 11, 25, 60))
-    m = LanguageModel.create(cfg, backend=get_backend("cpu", "float32"))
+    m = LanguageModel.create(cfg, backend=cpu(threads=threads))
     rng = numpy.random.default_rng(0)
     ids, tg = rng.integers(0, 60, (6, 11)), rng.integers(0, 60, (6, 11))
     _, grads, _ = m.loss_and_grads(ids, tg, None, sparse=True)
@@ -275,13 +269,11 @@ def test_class_softmax_forward_backward_in_one_equals_the_two_passes(monkeypatch
     """class_xent_forward_backward (each class's compiled passes back to back; the plain
     path without numba) against class_xent_forward then class_xent_backward; one class gets
     no targets."""
-    from charnn.functional import class_xent_backward, class_xent_forward, class_xent_forward_backward
-
-    monkeypatch.setenv("CHARNN_KERNELS", mode)
+    ops = CpuOps(Settings(threads=threads), head_threads=threads) if mode == "numba" else Ops()
     _, X, Wc, bc, W, b, bounds, t = class_head_case(1, refill=25)
-    loss1, nll1, cache = class_xent_forward(X, Wc, bc, W, b, bounds, t, t, None, True, threads)
-    grads1 = class_xent_backward(cache, Wc, W)
-    loss2, nll2, grads2, sq = class_xent_forward_backward(X, Wc, bc, W, b, bounds, t, threads)
+    loss1, nll1, cache = ops.class_xent_forward(X, Wc, bc, W, b, bounds, t, t, None, True)
+    grads1 = ops.class_xent_backward(cache, Wc, W)
+    loss2, nll2, grads2, sq = ops.class_xent_forward_backward(X, Wc, bc, W, b, bounds, t)
     assert float(loss2) == pytest.approx(float(loss1), rel=1e-6)
     numpy.testing.assert_allclose(nll2, nll1, rtol=1e-6, atol=1e-6)
     for a, p in zip(grads2, grads1):

@@ -7,7 +7,7 @@ import math
 import numpy
 import pytest
 
-from charnn.optim import DEFAULT_LR, OPTIMIZERS, Adam, clip_global_norm, make_optimizer
+from charnn.nn.optim import DEFAULT_LR, OPTIMIZERS, Adam, clip_global_norm, make_optimizer
 
 TARGET = {"w": numpy.array([[1.0, -2.0], [0.5, 3.0]]), "b": numpy.array([-1.0, 0.25, 2.0])}
 SCALE = {"w": numpy.array([[1.0, 4.0], [0.5, 2.0]]), "b": numpy.array([3.0, 1.0, 0.2])}
@@ -31,15 +31,15 @@ LRS = {"sgd": 0.1, "adagrad": 0.5, "rmsprop": 0.01, "adam": 0.05}
 def test_global_norm_of_large_gradients(monkeypatch, threads):
     """Above a million elements the sum of squares is shared by two threads (each takes half
     of every array, a RowGrad's values included): same norm as one thread, and as float64."""
-    import charnn.backend as backend_mod
-    from charnn.optim import RowGrad, global_norm
+    from charnn.engine.cpu import CpuOps
+    from charnn.engine.settings import Settings
+    from charnn.nn.optim import RowGrad, global_norm
 
-    monkeypatch.setattr(backend_mod, "THREADS", threads)
     rng = numpy.random.default_rng(0)
     grads = {"W": rng.normal(size=(3001, 400)).astype(numpy.float32), "b": rng.normal(size=7).astype(numpy.float32),
              "E": RowGrad(numpy.array([2, 5]), rng.normal(size=(2, 3)).astype(numpy.float32), (9, 3))}
     exact = math.sqrt(sum(float((a.astype(numpy.float64) ** 2).sum()) for a in (grads["W"], grads["b"], grads["E"].values)))
-    norm = global_norm(grads)
+    norm = global_norm(grads, CpuOps(Settings(threads=threads)))
     assert norm.dtype == numpy.float32
     assert float(norm) == pytest.approx(exact, rel=1e-5)
 
@@ -193,7 +193,7 @@ def test_adam_without_restored_step_count_differs():
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_step_with_a_clip_scale_equals_clipping_first(name):
     """opt.step(grads, clip_scale(global_norm(grads), c)) is clip_global_norm then step."""
-    from charnn.optim import clip_scale, global_norm
+    from charnn.nn.optim import clip_scale, global_norm
 
     rng = numpy.random.default_rng(1)
     shapes = {"big": (300, 400), "w": (7, 5), "b": (7,)}  # "big" takes the two-thread path
@@ -221,7 +221,9 @@ def test_fused_adam_in_two_threads_equals_one(monkeypatch):
     """The compiled Adam cuts large arrays in two and runs the halves in two threads: the same
     result, bit for bit, as with the threads off, and the plain NumPy update's to float32
     rounding."""
-    from charnn import backend, kernels
+    from charnn.engine import kernels
+    from charnn.engine.cpu import CpuOps
+    from charnn.engine.settings import Settings
 
     if not kernels.available:
         pytest.skip("numba not installed")
@@ -230,10 +232,8 @@ def test_fused_adam_in_two_threads_equals_one(monkeypatch):
     grads = [{k: rng.normal(size=v.shape).astype(numpy.float32) for k, v in init.items()} for _ in range(3)]
     results = []
     for threads, kern in ((2, "numba"), (1, "numba"), (2, "numpy")):
-        monkeypatch.setattr(backend, "THREADS", threads)
-        monkeypatch.setenv("CHARNN_KERNELS", kern)
         p = {k: v.copy() for k, v in init.items()}
-        opt = Adam(p, 0.01)
+        opt = Adam(p, 0.01, CpuOps(Settings(threads=threads, kernels=kern == "numba")))
         for g in grads:
             opt.step({k: v.copy() for k, v in g.items()}, numpy.float32(0.5))
         results.append(p)
@@ -245,7 +245,7 @@ def test_fused_adam_in_two_threads_equals_one(monkeypatch):
 # ----- row-sparse gradients (embedding tables) -----
 
 def test_rowgrad_from_ids_sums_duplicates_and_merges():
-    from charnn.optim import RowGrad
+    from charnn.nn.optim import RowGrad
 
     rng = numpy.random.default_rng(3)
     ids, src = numpy.array([2, 5, 2, 0]), rng.normal(size=(4, 3))
@@ -266,7 +266,7 @@ def test_rowgrad_updates_only_its_rows(name):
     """First step: the same as the dense gradient with zero rows (every optimizer leaves a
     zero-gradient row alone on its first step). Later steps are lazy: rows outside the
     gradient do not move, where dense Adam's momentum would still move them."""
-    from charnn.optim import RowGrad, clip_scale, global_norm
+    from charnn.nn.optim import RowGrad, clip_scale, global_norm
 
     rng = numpy.random.default_rng(4)
     W = rng.normal(size=(10, 4))

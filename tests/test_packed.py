@@ -4,13 +4,16 @@ against the loops with the BLAS."""
 import numpy
 import pytest
 
-from charnn import kernels, packed, rowsplit
+from charnn.engine import layers, packed
+from charnn.engine import loops as rowsplit
 
-pytestmark = pytest.mark.skipif(not packed.available(), reason="needs numba, llvmlite and an AVX-512 CPU")
+# Only what runs the generated code needs AVX-512; the layout and the settings do not.
+needs_avx512 = pytest.mark.skipif(not packed.available(), reason="needs numba, llvmlite and an AVX-512 CPU")
 
 
 @pytest.mark.parametrize("M,K,N", [(512, 128, 16), (37, 5, 1), (30, 7, 33), (200, 80, 10), (9, 3, 64), (28, 4, 16), (512, 64, 1), (70, 9, 3), (100, 30, 20),
                                    (56, 64, 17), (1, 1, 1), (29, 2, 48)])
+@needs_avx512
 def test_product_matches_numpy(M, K, N):
     rng = numpy.random.default_rng(M * K + N)
     W = rng.normal(size=(M, K)).astype(numpy.float32)
@@ -48,11 +51,13 @@ def test_packed_layout():
         numpy.testing.assert_array_equal(packed.packed(W.T, N), packed.packed(numpy.ascontiguousarray(W.T), N))
 
 
+@needs_avx512
 def test_usable_bounds():
     assert packed.usable(packed.MIN_N) and packed.usable(packed.MAX_N)
     assert not packed.usable(packed.MIN_N - 1) and not packed.usable(packed.MAX_N + 1)
 
 
+@needs_avx512
 def test_loops_get_packed_weights_where_available():
     W = numpy.ones((8, 4), numpy.float32)
     mm, Wp = rowsplit._packed_for(W, 16)
@@ -60,6 +65,7 @@ def test_loops_get_packed_weights_where_available():
     assert rowsplit._packed_for(W, packed.MAX_N + 1)[1].size == 0  # too wide: the BLAS
 
 
+@needs_avx512
 def test_compiled_from_two_threads_at_once():
     import threading
 
@@ -86,11 +92,8 @@ def test_compiled_from_two_threads_at_once():
     assert not errors
 
 
-def test_turned_off_by_environment(monkeypatch):
-    monkeypatch.setenv("CHARNN_PACKED", "0")
-    monkeypatch.setattr(packed, "_state", None)
-    assert not packed.available()
-    assert rowsplit._packed_for(numpy.zeros((8, 4), numpy.float32), 16)[1].size == 0
+def test_turned_off_by_settings():
+    assert rowsplit._packed_for(numpy.zeros((8, 4), numpy.float32), 16, False)[1].size == 0
 
 
 def lstm_inputs(H, N, T, seed=0):
@@ -100,6 +103,7 @@ def lstm_inputs(H, N, T, seed=0):
             rng.normal(0, 0.5, (H, N)).astype(f), rng.normal(0, 0.5, (H, N)).astype(f), rng.normal(0, 1, (H, T, N)).astype(f))
 
 
+@needs_avx512
 @pytest.mark.skipif(not rowsplit.compiled_loops(), reason="needs a CBLAS sgemm in NumPy's BLAS")
 @pytest.mark.parametrize("H,N,T", [(16, 6, 7), (40, 16, 9), (64, 20, 3), (32, 33, 4), (24, 1, 5)])
 @pytest.mark.parametrize("split", ["one core", "rows"])
@@ -111,10 +115,12 @@ def test_loops_with_packed_products_match_blas(monkeypatch, H, N, T, split):
         monkeypatch.setattr(packed, "_state", on if mode == "packed" else False)
         if split == "rows":
             hs, (h, c), cache = rowsplit.lstm_forward(XP, Wh, h0, c0)
-            grads = rowsplit.lstm_backward(dhs, cache, Wh)
+            dXP, dWh, _, dh0, dc0 = rowsplit.lstm_backward(dhs, cache, Wh)
+            grads = (dXP, dWh, dh0, dc0)
         else:
-            hs, (h, c), cache = kernels.layer_forward("lstm", XP, Wh, h0, c0)
-            grads = kernels.layer_backward(dhs, cache, Wh)
+            hs, (h, c), cache = layers.layer_forward("lstm", XP, Wh, h0, c0, None, True, True, True)
+            dXP, dWh, _, dh0, dc0 = layers.layer_backward("lstm", dhs, cache, Wh, None, True, True)
+            grads = (dXP, dWh, dh0, dc0)
         out[mode] = (hs, h, c, *grads)
     for a, b in zip(out["packed"], out["blas"]):
         if b is not None:

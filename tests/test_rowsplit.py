@@ -8,10 +8,15 @@ import time
 import numpy
 import pytest
 
-import charnn.model as model_mod
-from charnn import kernels, rowsplit
 from charnn.backend import get_backend
-from charnn.model import LanguageModel, ModelConfig
+from charnn.engine import kernels, layers, parallel, threads as threads_mod
+from charnn.engine import loops as rowsplit
+from charnn.engine.settings import Settings
+from charnn.nn.model import LanguageModel, ModelConfig
+
+# As on a machine with two cores, the kernels on (also under CHARNN_THREADS=1 or
+# CHARNN_KERNELS=numpy).
+TWO = Settings(threads=2, kernels=True, rowsplit=True)
 
 pytestmark = pytest.mark.skipif(not (kernels.available and rowsplit.compiled_loops()),
                                 reason="needs numba and a CBLAS sgemm in NumPy's BLAS")
@@ -38,22 +43,22 @@ def test_one_core_compiled_loop_matches_python_loop(monkeypatch, H, N, T):
     XP, Wh, h0, c0, dhs = layer_inputs(H, N, T)
     out = {}
     for mode in ("compiled", "python"):
-        monkeypatch.setattr(rowsplit, "_blas", None if mode == "compiled" else False)
-        hs, (h, c), cache = kernels.layer_forward("lstm", XP, Wh, h0, c0)
-        hs2, (_, c2), _ = kernels.layer_forward("lstm", XP, Wh, h0, c0, store=False)
+        loop = mode == "compiled"
+        hs, (h, c), cache = layers.layer_forward("lstm", XP, Wh, h0, c0, None, True, loop)
+        hs2, (_, c2), _ = layers.layer_forward("lstm", XP, Wh, h0, c0, None, False, loop)
         numpy.testing.assert_array_equal(hs, hs2)  # evaluation runs the same numbers
         numpy.testing.assert_array_equal(c, c2)
-        out[mode] = (hs, h, c, *kernels.layer_backward(dhs, cache, Wh))
+        dXP, dWh, _, dh0, dc0 = layers.layer_backward("lstm", dhs, cache, Wh, None, loop)
+        out[mode] = (hs, h, c, dXP, dWh, dh0, dc0)
     for a, b in zip(out["compiled"], out["python"]):
-        if b is not None:
-            close(a, b, 1e-6)
+        close(a, b, 1e-6)
 
 
 @pytest.mark.parametrize("H,N,T", [(16, 5, 7), (40, 16, 9), (64, 20, 3), (16, 2, 1)])
 @pytest.mark.parametrize("store", [True, False])
 def test_row_split_layer_matches_one_core(H, N, T, store):
     XP, Wh, h0, c0, dhs = layer_inputs(H, N, T)
-    hs1, (h1, c1), cache1 = kernels.layer_forward("lstm", XP, Wh, h0, c0, store=store)
+    hs1, (h1, c1), cache1 = layers.layer_forward("lstm", XP, Wh, h0, c0, None, store, True)
     hs2, (h2, c2), cache2 = rowsplit.lstm_forward(XP, Wh, h0, c0, store=store)
     for a, b in ((hs2, hs1), (h2, h1), (c2, c1)):
         close(a, b, 1e-6)
@@ -61,34 +66,34 @@ def test_row_split_layer_matches_one_core(H, N, T, store):
         assert cache2 is None
         return
     assert cache2["rows"]
-    one = kernels.layer_backward(dhs, cache1, Wh)
+    one = layers.layer_backward("lstm", dhs, cache1, Wh, None, True)
     two = rowsplit.lstm_backward(dhs, cache2, Wh)
-    for name, a, b in zip(("dXP", "dWh", "dbhn", "dh0", "dc0"), two, one):
-        if b is None:
-            assert a is None
+    for name, a, b in zip(("dXP", "dWh", "dextra", "dh0", "dc0"), two, one):
+        if name == "dextra":
+            assert a == b == {}
         else:
             close(a, b, 1e-5, name)
 
 
-def two_threads(monkeypatch):
-    """As on a machine with two cores, the kernels on (also under CHARNN_THREADS=1 or
-    CHARNN_KERNELS=numpy)."""
-    monkeypatch.delenv("CHARNN_KERNELS", raising=False)
-    monkeypatch.setattr(model_mod, "THREADS", 2)
-    monkeypatch.setattr(rowsplit, "THREADS", 2)
+def row_split(m, N):
+    return parallel.use_row_split(m.ops, m, N)
 
 
 def test_row_split_is_used_only_where_it_pays(monkeypatch):
-    two_threads(monkeypatch)
-    f32 = get_backend("cpu", "float32")
+    f32 = get_backend("cpu", "float32", settings=TWO)
     lstm = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=32), backend=f32)
-    assert lstm._row_split(20) and not lstm._row_split(32)  # thin half batches only
-    assert not LanguageModel.create(ModelConfig(vocab_size=10, cell="gru", hidden=32), backend=f32)._row_split(20)
-    assert not LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=31), backend=f32)._row_split(20)
-    f64 = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=32), backend=get_backend("cpu", "float64"))
-    assert not f64._row_split(20)
+    assert row_split(lstm, 20) and not row_split(lstm, 32)  # thin half batches only
+    assert not row_split(LanguageModel.create(ModelConfig(vocab_size=10, cell="gru", hidden=32), backend=f32), 20)
+    assert not row_split(LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=31), backend=f32), 20)
+    f64 = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=32),
+                               backend=get_backend("cpu", "float64", settings=TWO))
+    assert not row_split(f64, 20)
+    for off in (Settings(threads=1), Settings(rowsplit=False), Settings(kernels=False)):
+        m = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=32),
+                                 backend=get_backend("cpu", "float32", settings=off))
+        assert not row_split(m, 20), off
     monkeypatch.setattr(rowsplit, "_blas", False)  # no sgemm found: the batch split, as before
-    assert not lstm._row_split(20)
+    assert not row_split(lstm, 20)
 
 
 @pytest.mark.parametrize("embed,tie,bounds,dropout", [(0, False, (), 0.0), (8, False, (), 0.2),
@@ -97,20 +102,19 @@ def test_row_split_is_used_only_where_it_pays(monkeypatch):
 def test_row_split_training_step_matches_batch_split(monkeypatch, embed, tie, bounds, dropout):
     """Loss, every gradient (the sparse embedding's too) and the carried state; the head runs
     on two halves of the time steps (full softmax) or once, split by class."""
-    two_threads(monkeypatch)
     cfg = ModelConfig(vocab_size=60, cell="lstm", layers=2, hidden=16, embed=embed, tie=tie,
                       class_bounds=bounds, dropout=dropout)
-    m = LanguageModel.create(cfg, seed=3, backend=get_backend("cpu", "float32"))
+    m = LanguageModel.create(cfg, seed=3, backend=get_backend("cpu", "float32", settings=TWO))
     rng = numpy.random.default_rng(0)
     T, N = 7, 11
     ids, tg = rng.integers(0, 60, (T, N)), rng.integers(0, 60, (T, N))
     state = [(rng.normal(0, 0.5, (16, N)).astype(numpy.float32), rng.normal(0, 0.5, (16, N)).astype(numpy.float32))
              for _ in range(2)]
-    assert m._row_split(N)
+    assert row_split(m, N)
     out = {}
     for mode in ("rows", "batch"):
         if mode == "batch":
-            monkeypatch.setattr(LanguageModel, "_row_split", lambda self, n: False)
+            monkeypatch.setattr(parallel, "use_row_split", lambda ops, model, n: False)
         out[mode] = m.loss_and_grads(ids, tg, state, rng=numpy.random.default_rng(5), sparse=True)
     (l1, g1, s1), (l2, g2, s2) = out["rows"], out["batch"]
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
@@ -124,8 +128,8 @@ def test_row_split_training_step_matches_batch_split(monkeypatch, embed, tie, bo
 
 
 def test_model_with_threads_1_does_not_split(monkeypatch):
-    monkeypatch.setattr(model_mod, "THREADS", 1)
-    m = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=16), backend=get_backend("cpu", "float32"))
+    m = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=16),
+                             backend=get_backend("cpu", "float32", settings=Settings(threads=1)))
     calls = []
     monkeypatch.setattr(rowsplit, "lstm_forward", lambda *a, **k: calls.append(1))
     ids = numpy.zeros((3, 10), dtype=numpy.int64)
@@ -156,14 +160,10 @@ def test_a_failure_on_one_core_stops_the_other():
 def test_not_from_the_worker_thread(monkeypatch):
     """run_in_two from charnn's worker runs both halves there in turn; the row split, whose
     halves must run at once, is then not used."""
-    from charnn import backend
-
-    two_threads(monkeypatch)
     def inner(k):
-        f32 = numpy.zeros((4, 4), dtype=numpy.float32)
-        return backend.in_worker(), backend.run_in_two(lambda x: x * 2, 1, 2), rowsplit.usable(f32, 16)
+        return threads_mod.in_worker(), threads_mod.run_in_two(lambda x: x * 2, 1, 2), rowsplit.usable(16)
 
-    (w0, r0, u0), (w1, r1, u1) = backend.run_in_two(inner, 0, 1)
+    (w0, r0, u0), (w1, r1, u1) = threads_mod.run_in_two(inner, 0, 1)
     assert (w0, w1) == (False, True) and r0 == r1 == [2, 4]
     assert u0 and not u1
 

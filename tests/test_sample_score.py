@@ -12,7 +12,7 @@ import numpy
 import pytest
 
 from charnn.backend import get_backend, to_host
-from charnn.checkpoint import load_model
+from charnn.io.checkpoint import load_model
 from charnn.sample import beam_search, draw, filter_probs, generate, prime_ids
 from charnn.score import score_document, score_lines
 from charnn.train import TrainConfig, Trainer, evaluate
@@ -392,15 +392,18 @@ def test_table_shows_text_that_looks_like_markup_verbatim(char_model):
 def test_compiled_softmax_draw_matches_the_numpy_path(V, temperature):
     """sample_index (one compiled pass) picks what draw(filter_probs(...)) picks from the same
     generator state, for float32 logits of a model (and uses one uniform number per draw)."""
-    from charnn import kernels
+    from charnn.engine import kernels
+    from charnn.engine.cpu import CpuOps
+    from charnn.engine.settings import Settings
     from charnn.sample import sample_index
 
     if not kernels.available:
         pytest.skip("numba is not installed")
+    ops = CpuOps(Settings(kernels=True))
     rng = numpy.random.default_rng(V)
     for trial in range(200):
         logits = (rng.normal(size=V) * 3).astype(numpy.float32)
         a, b = numpy.random.default_rng(trial), numpy.random.default_rng(trial)
-        picks = [sample_index(logits, temperature, a) for _ in range(5)]
+        picks = [sample_index(logits, temperature, a, ops) for _ in range(5)]
         assert picks == [draw(filter_probs(logits, temperature), b) for _ in range(5)]
         assert a.random() == b.random()

@@ -14,12 +14,12 @@ from contextlib import nullcontext
 import numpy
 import pytest
 
-from charnn import checkpoint
+from charnn.io import checkpoint
 from charnn.backend import array_module, get_backend, to_device, to_float, to_host
 from charnn.gradcheck import check_model, random_chunk
-from charnn.model import LanguageModel, ModelConfig
-from charnn.optim import OPTIMIZERS, clip_global_norm, make_optimizer
-from charnn.vocab import Vocab
+from charnn.nn.model import LanguageModel, ModelConfig
+from charnn.nn.optim import OPTIMIZERS, clip_global_norm, make_optimizer
+from charnn.io.vocab import Vocab
 
 from standin import StrictArray, is_device, scalar_reads_forbidden, standin, standin_backend
 
@@ -230,7 +230,7 @@ def test_weighted_loss_on_the_device():
 
 def test_large_vocabulary_scatter_on_the_device():
     """Above ONE_HOT_SCATTER_MAX_V the one-hot gradient scatter uses xp.add.at instead of a GEMM."""
-    from charnn import functional
+    from charnn.nn import functional
 
     config = ModelConfig(vocab_size=9, cell="rnn", layers=1, hidden=3, embed=0)
     got_gemm, _ = run_pipeline(config, standin_backend())
@@ -291,7 +291,7 @@ def test_sparse_embedding_step_on_the_standin():
         with ctx:
             _, grads, _ = model.loss_and_grads(ids, tg, None, sparse=True)
             assert is_device(grads["embed.W"].values) == (backend.xp is standin)
-            from charnn.optim import clip_scale, global_norm
+            from charnn.nn.optim import clip_scale, global_norm
 
             opt.step(grads, clip_scale(global_norm(grads), 0.5))
         out.append({k: to_host(v) for k, v in model.params.items()})

@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 from standin import is_device, standin_backend
 
-import charnn.sample_cli
+import charnn.cli.sample
 import charnn.train
 from charnn.backend import get_backend
-from charnn.checkpoint import load
+from charnn.io.checkpoint import load
 from charnn.cli import cli
 
 TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 30
@@ -35,7 +35,7 @@ def use_backend(monkeypatch, make):
     def fake(device="auto", dtype="float32", announce=False):
         return make(getattr(numpy, dtype))
     monkeypatch.setattr(charnn.train, "get_backend", fake)
-    monkeypatch.setattr(charnn.sample_cli, "get_backend", fake)
+    monkeypatch.setattr(charnn.cli.sample, "get_backend", fake)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charnn.vocab import EOS, UNK, Vocab, VocabError, detokenize, iter_lines, tokenize_line
+from charnn.io.vocab import EOS, UNK, Vocab, VocabError, detokenize, iter_lines, tokenize_line
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 

@@ -34,13 +34,12 @@ LanguageModel._row_split).
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
 import numpy
 
 from . import kernels, packed
-from .backend import THREADS, in_worker, run_in_two
+from .threads import in_worker, run_in_two
 
 _blas = None  # (sgemm ctypes function, sched_yield ctypes function), or False
 _blas_lock = threading.Lock()
@@ -61,7 +60,7 @@ def _find_blas():
 
 
 def _locate_blas():
-    if not kernels.available or os.environ.get("CHARNN_ROWSPLIT", "1") == "0":
+    if not kernels.available:
         return False
     try:
         from threadpoolctl import threadpool_info
@@ -101,15 +100,15 @@ def _locate_blas():
 
 
 def compiled_loops() -> bool:
-    """Whether the compiled one-core LSTM loops (lstm_forward_one and friends) can run."""
+    """Whether the compiled one-core LSTM loops (lstm_forward_one and friends) can run here."""
     return bool(_find_blas())
 
 
-def usable(W, H: int) -> bool:
-    """Whether an LSTM layer of H units with weights like W may run row split (not from the
-    worker thread, whose two halves would run one after the other and wait forever)."""
-    return (THREADS >= 2 and H % 2 == 0 and H >= 16 and kernels.use_fused(W) and bool(_find_blas())
-            and not in_worker())
+def usable(H: int) -> bool:
+    """Whether an LSTM layer of H units can run row split here (not from the worker thread,
+    whose two halves would run one after the other and wait forever); the caller checks that
+    two threads and the compiled kernels are allowed."""
+    return H % 2 == 0 and H >= 16 and bool(_find_blas()) and not in_worker()
 
 
 if kernels.available:
@@ -230,10 +229,11 @@ if kernels.available:
         return True
 
 
-def _packed_for(W, N: int):
-    """(product, W packed) for the loops' products W @ (K, N) where packed.py can do them,
-    else (a stand-in never called, an empty array): the loops then call the BLAS."""
-    if packed.usable(N):
+def _packed_for(W, N: int, use_packed: bool):
+    """(product, W packed) for the loops' products W @ (K, N) where packed.py can do them and
+    ``use_packed`` allows, else (a stand-in never called, an empty array): the loops then call
+    the BLAS."""
+    if use_packed and packed.usable(N):
         return packed.product(W.shape[0], W.shape[1], N), packed.packed(W, N)
     return _NO_MM, _NO_PACK
 
@@ -267,8 +267,8 @@ def _in_two(work, flags):
         raise next((e for e in errors if not isinstance(e, _Failed)), errors[0])
 
 
-def lstm_forward(XP, Wh, h0, c0, store=True):
-    """kernels.layer_forward for an LSTM, row split (same arguments, results and cache
+def lstm_forward(XP, Wh, h0, c0, store=True, use_packed=True):
+    """layers.layer_forward for an LSTM, row split (same arguments, results and cache
     contents, plus what backward needs of the split)."""
     sgemm, yld = _find_blas()
     GH, T, N = XP.shape
@@ -291,7 +291,7 @@ def lstm_forward(XP, Wh, h0, c0, store=True):
         rows = perm[k * 2 * H:(k + 1) * 2 * H]
         Wk = Wh[rows]  # fancy indexing: a contiguous copy
         XPk = numpy.concatenate([XP[g * H + k * H2:g * H + (k + 1) * H2] for g in range(4)])
-        mm, Wkp = _packed_for(Wk, N)
+        mm, Wkp = _packed_for(Wk, N, use_packed)
         return lstm_rows_forward(k, sgemm, mm, yld, flags, Wk, Wkp, h0, XPk, A[k], c0[k * H2:(k + 1) * H2], cs[k], tcs[k],
                                  hs[k * H2:(k + 1) * H2], hbuf, flat, store, False)
 
@@ -300,13 +300,12 @@ def lstm_forward(XP, Wh, h0, c0, store=True):
     c = numpy.concatenate([cs[0][last], cs[1][last]])
     cache = None
     if store:
-        cache = {"cell": "lstm", "rows": True, "A": A, "cs": cs, "tcs": tcs, "hs": hs, "h0": h0, "c0": c0,
-                 "activation": "tanh"}
+        cache = {"rows": True, "A": A, "cs": cs, "tcs": tcs, "hs": hs, "h0": h0, "c0": c0}
     return hs, (hs[:, T - 1].copy(), c), cache
 
 
-def lstm_backward(dhs, cache, Wh):
-    """kernels.layer_backward for a cache of :func:`lstm_forward` (same results)."""
+def lstm_backward(dhs, cache, Wh, use_packed=True):
+    """layers.layer_backward for a cache of :func:`lstm_forward` (same results)."""
     sgemm, yld = _find_blas()
     hs, h0 = cache["hs"], cache["h0"]
     H, T, N = hs.shape
@@ -329,7 +328,7 @@ def lstm_backward(dhs, cache, Wh):
         units = slice(k * H2, (k + 1) * H2)
         WhTk = Wh[perm, units].T  # (H2, GH): its units' rows of Wh^T, permuted columns
         dXPk = dXPp[k * 2 * H:(k + 1) * 2 * H]
-        mm, WhTkp = _packed_for(WhTk, N)
+        mm, WhTkp = _packed_for(WhTk, N, use_packed)
         WhTk = numpy.ascontiguousarray(WhTk) if WhTkp.size == 0 else _NO_MATRIX
         if not lstm_rows_backward(k, sgemm, mm, yld, flags, WhTk, WhTkp, cache["A"][k], cache["cs"][k], c0[units],
                                   cache["tcs"][k], dhs[units], dh0[units], dc0[units], dXPk, dbuf, False):
@@ -348,11 +347,11 @@ def lstm_backward(dhs, cache, Wh):
         return True
 
     _in_two(work, flags)
-    return dXP, dWh, None, dh0, dc0
+    return dXP, dWh, {}, dh0, dc0
 
 
-def lstm_forward_one(XP, Wh, h0, c0, store=True):
-    """kernels.layer_forward for an LSTM on one core, its time loop one compiled call (the
+def lstm_forward_one(XP, Wh, h0, c0, store=True, use_packed=True):
+    """layers.layer_forward for an LSTM on one core, its time loop one compiled call (the
     product at each step from within it: no Python, no GIL per step)."""
     sgemm, yld = _find_blas()
     GH, T, N = XP.shape
@@ -366,17 +365,17 @@ def lstm_forward_one(XP, Wh, h0, c0, store=True):
     tcs = numpy.empty((S, H, N), dtype=dtype)
     h0c, c0c = numpy.ascontiguousarray(h0), numpy.ascontiguousarray(c0)
     Wh = numpy.ascontiguousarray(Wh)
-    mm, Whp = _packed_for(Wh, N)
+    mm, Whp = _packed_for(Wh, N, use_packed)
     hbuf = numpy.empty((2, H, N), dtype=dtype) if Whp.size else _NO_BUF
     lstm_rows_forward(0, sgemm, mm, yld, _NO_FLAGS, Wh, Whp, h0c, XP, A, c0c, cs, tcs, hs, hbuf,
                       N % 16 != 0, store, True)
     c = cs[T - 1 if store else (T - 1) % 2].copy()
-    cache = {"cell": "lstm", "A": A, "hs": hs, "h0": h0, "activation": "tanh", "cs": cs, "tcs": tcs, "c0": c0} if store else None
+    cache = {"A": A, "hs": hs, "h0": h0, "cs": cs, "tcs": tcs, "c0": c0} if store else None
     return hs, (hs[:, T - 1].copy(), c), cache
 
 
-def lstm_backward_loop_one(dhs, cache, Wh):
-    """kernels._layer_backward_loop for an LSTM on one core, one compiled call: (dXP, dh0, dc0)."""
+def lstm_backward_loop_one(dhs, cache, Wh, use_packed=True):
+    """layers._layer_backward_loop for an LSTM on one core, one compiled call: (dXP, dh0, dc0)."""
     sgemm, yld = _find_blas()
     A, hs, cs, tcs = cache["A"], cache["hs"], cache["cs"], cache["tcs"]
     H, T, N = hs.shape
@@ -385,7 +384,7 @@ def lstm_backward_loop_one(dhs, cache, Wh):
     dh = numpy.zeros((H, N), dtype=dtype)
     dc = numpy.zeros((H, N), dtype=dtype)
     # Packed straight from the view Wh.T; the BLAS gets a contiguous copy (about 13% faster).
-    mm, WhTp = _packed_for(Wh.T, N)
+    mm, WhTp = _packed_for(Wh.T, N, use_packed)
     WhT = kernels.transposed(Wh) if WhTp.size == 0 else _NO_MATRIX
     dbuf = numpy.empty((2, A.shape[1], N), dtype=dtype) if WhTp.size else _NO_BUF
     lstm_rows_backward(0, sgemm, mm, yld, _NO_FLAGS, WhT, WhTp, A, cs, numpy.ascontiguousarray(cache["c0"]), tcs,

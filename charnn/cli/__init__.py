@@ -10,10 +10,26 @@ import sys
 
 import click
 
-from . import __version__
-from .backend import DEVICES, DTYPES, BackendError, get_backend
+from .. import __version__
+from ..backend import DEVICES, DTYPES, BackendError, get_backend
+from ..nn import cells
 
-CELL_CHOICES = ("rnn", "lstm", "gru")
+
+class CellChoice(click.Choice):
+    """A choice among the registered cells (nn/cells.py), read when a command line is parsed,
+    so a cell registered after import is offered too; ``extra`` adds choices such as "all"."""
+
+    def __init__(self, extra=()):
+        self.extra = tuple(extra)
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self):
+        return tuple(cells.CELLS) + self.extra
+
+    @choices.setter
+    def choices(self, value):
+        pass
 
 
 def fail(message: str):
@@ -122,9 +138,9 @@ def cli():
     """
 
 
-@cli.command()
+@cli.command("gradcheck")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
-@click.option("--cell", type=click.Choice(CELL_CHOICES + ("all",)), default="all", show_default=True)
+@click.option("--cell", type=CellChoice(extra=("all",)), default="all", show_default=True)
 @click.option("--layers", callback=int_list, default="1,3", show_default=True, help="Layer counts to check (comma-separated).")
 @click.option("--hidden", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--embed", callback=int_list, default="0,4", show_default=True, help="Embedding sizes to check; 0 = one-hot input.")
@@ -144,7 +160,7 @@ def cli():
 @click.option("--max-elements", type=click.IntRange(min=1), default=None,
               help="Entries checked per parameter (default all up to 300; 40 with MODEL).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
-def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dropout, classes, text_path, seed,
+def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, level, dropout, classes, text_path, seed,
               tolerance, max_elements, device):
     """Compare the analytic gradients with numerical ones (float64, central differences).
 
@@ -152,9 +168,9 @@ def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dr
     (a model file or run folder), checks that architecture with its trained weights.
     Exits 0 when every parameter passes, 1 naming the ones that fail.
     """
-    from .gradcheck_cli import run_gradcheck
+    from .gradcheck import run_gradcheck
 
-    run_gradcheck(model=model, cells=CELL_CHOICES if cell == "all" else (cell,), layers=layers,
+    run_gradcheck(model=model, cells=tuple(cells.CELLS) if cell == "all" else (cell,), layers=layers,
                   hidden=hidden, embeds=embed, seq_len=seq_len, batch_size=batch_size,
                   levels=("char", "word") if level == "both" else (level,), dropout=dropout,
                   text_path=text_path, seed=seed, tolerance=tolerance, max_elements=max_elements,
@@ -162,10 +178,10 @@ def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dr
 
 
 
-@cli.command()
+@cli.command("train")
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
 @click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
-@click.option("--cell", type=click.Choice(CELL_CHOICES), default="lstm", show_default=True)
+@click.option("--cell", type=CellChoice(), default="lstm", show_default=True)
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
@@ -209,13 +225,13 @@ def gradcheck(model, cell, layers, hidden, embed, seq_len, batch_size, level, dr
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def train(ctx, corpus, val_path, out, resume, as_json, quiet, **opts):
+def train_command(ctx, corpus, val_path, out, resume, as_json, quiet, **opts):
     """Train a language model on CORPUS (a UTF-8 text file).
 
     Saves the best model by validation loss to OUT/model.npz and a full checkpoint (for
     --resume) to OUT/last.npz at every evaluation. Ctrl-C saves a checkpoint and exits 130.
     """
-    from .train_cli import run_train
+    from .train import run_train
 
     explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     run_train(corpus=corpus, val_path=val_path, out=out, resume=resume, as_json=as_json, quiet=quiet,
@@ -230,7 +246,7 @@ def unescape(ctx, param, value):
     return value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
 
 
-@cli.command()
+@cli.command("sample")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--length", "-n", type=click.IntRange(min=0), default=500, show_default=True, help="Tokens to generate (characters or words).")
 @click.option("--temperature", "-t", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 = greedy (always the most likely token).")
@@ -243,15 +259,15 @@ def unescape(ctx, param, value):
 @click.option("--beam-size", type=click.IntRange(min=1), default=None, help="Beam search for the most likely continuation instead of sampling.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample on stdout.")
-def sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json):
+def sample_command(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json):
     """Generate text from MODEL (a model file or run folder; default: the bundled
     Shakespeare model). Tokens stream to stdout as they are generated."""
-    from .sample_cli import run_sample
+    from .sample import run_sample
 
     run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json)
 
 
-@cli.command()
+@cli.command("score")
 @click.argument("args", nargs=-1, type=click.Path(allow_dash=True))
 @click.option("--document", is_flag=True, help="Score the whole input as one text with carried state.")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
@@ -263,11 +279,11 @@ def sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, s
 @click.option("--encoding", default="utf-8", show_default=True)
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-def score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device):
+def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device):
     """Score text: [MODEL] [FILE|-]. Each line of FILE (or stdin) is a sentence; prints its
     log-probability, tokens, nats and bits per token and perplexity, then a summary.
     MODEL defaults to the bundled Shakespeare model."""
-    from .score_cli import run_score
+    from .score import run_score
 
     if len(args) > 2:
         raise click.UsageError("expected at most MODEL and FILE")

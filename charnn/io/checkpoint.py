@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy
 
 from .fileio import atomic_write_bytes  # noqa: F401  (re-exported: train.py and tests use it)
-from .model import LanguageModel, ModelConfig, ModelError
+from ..nn import cells
+from ..nn.model import LanguageModel, ModelConfig, ModelError
 from .vocab import Vocab, VocabError
 
 FORMAT = "charnn-model"
@@ -184,7 +185,7 @@ def _parse(p: Path, arrays: dict) -> Checkpoint:
             h = state_parts.get(f"{layer}/h")
             c = state_parts.get(f"{layer}/c")
             ok = h is not None and h.ndim == 2 and h.shape[0] == config.hidden
-            ok = ok and (c is not None and c.shape == h.shape if config.cell == "lstm" else c is None)
+            ok = ok and (c is not None and c.shape == h.shape if cells.get(config.cell).has_c else c is None)
             ok = ok and (not state or h.shape == state[0][0].shape)
             if not ok:
                 raise CheckpointError(f"{p}: the saved hidden state of layer {layer} is malformed")

@@ -24,7 +24,6 @@ CHARNN_PACKED=0 turns them off.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
 import numpy
@@ -273,7 +272,7 @@ def _setup():
 
 
 def _new_state():
-    if not kernels.available or os.environ.get("CHARNN_PACKED", "1") == "0":
+    if not kernels.available:
         return False
     try:
         import llvmlite.binding as llvm

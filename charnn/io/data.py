@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import numpy
 
-
-class CorpusError(ValueError):
-    """A corpus cannot be read or is unusable; the message names the path and the problem."""
+from .corpus import CorpusError, iter_text  # noqa: F401  (CorpusError re-exported for callers)
 
 
 def read_text(path, encoding: str = "utf-8", errors: str = "strict") -> str:
@@ -27,8 +25,6 @@ def read_text(path, encoding: str = "utf-8", errors: str = "strict") -> str:
         CorpusError: missing path, a directory, a binary file (NUL bytes), undecodable bytes
             (with the byte offset and line), or an unknown encoding.
     """
-    from .corpus import iter_text
-
     return "".join(iter_text(path, encoding, errors))
 
 

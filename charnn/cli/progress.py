@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from .train import Reporter
+from ..train import Reporter
 
 
 class ConsoleReporter(Reporter):

@@ -7,12 +7,8 @@ save it and a resumed run continue exactly.
 
 from __future__ import annotations
 
-import numpy
 
-from . import backend as backend_mod
-from . import kernels
-from .backend import (array_module, blas_threads, run_in_two, share_in_two, to_device,
-                      to_host)
+from ..backend import array_module, to_device, to_host
 from .functional import scatter_add_rows
 
 OPTIMIZERS = ("adam", "adagrad", "rmsprop", "sgd")
@@ -29,18 +25,23 @@ class RowGrad:
         self.rows, self.values, self.shape = rows, values, tuple(shape)
 
     @classmethod
-    def from_ids(cls, ids, src, shape):
-        """The gradient of ``table[ids]`` given ``src`` (M, D), the gradient of that gather."""
+    def from_ids(cls, ids, src, shape, scatter=scatter_add_rows):
+        """The gradient of ``table[ids]`` given ``src`` (M, D), the gradient of that gather;
+        ``scatter``: the scatter-add to use (an engine's ops.scatter_add_rows), kept for +=."""
         xp = array_module(src)
         rows, inverse = xp.unique(ids, return_inverse=True)
         values = xp.zeros((rows.shape[0], src.shape[1]), dtype=src.dtype)
-        scatter_add_rows(values, inverse.reshape(-1), src)
-        return cls(rows, values, shape)
+        scatter(values, inverse.reshape(-1), src)
+        grad = cls(rows, values, shape)
+        grad.scatter = scatter
+        return grad
+
+    scatter = staticmethod(scatter_add_rows)
 
     def __iadd__(self, other: "RowGrad"):
         xp = array_module(self.values)
         merged = RowGrad.from_ids(xp.concatenate([self.rows, other.rows]),
-                                  xp.concatenate([self.values, other.values]), self.shape)
+                                  xp.concatenate([self.values, other.values]), self.shape, self.scatter)
         self.rows, self.values = merged.rows, merged.values
         return self
 
@@ -72,12 +73,26 @@ class Grads(dict):
         self.known_sq = {} if name is None else {k: v for k, v in self.known_sq.items() if name not in k}
 
 
-def global_norm(grads: dict):
-    """The L2 norm of all gradients together, a 0-d array on their device (no host sync).
-    On a multi-core CPU, large gradients are summed by two threads (backend.share_in_two cuts
-    the large arrays in half; a sum of squares is memory bound: 2.1 ms on one core for
-    30,000 x 200 float32, 0.9 ms on two). Sums a :class:`Grads` already knows are used as
-    they are."""
+def add_grads(grads: dict, more: dict, ops=None):
+    """grads += more, name by name, in place (a name only in ``more`` is taken over); a row
+    gradient added to a dense one (a tied embedding) is scattered into it (with ``ops``'s
+    scatter-add where given)."""
+    for k, v in more.items():
+        if k not in grads:
+            grads[k] = v
+            continue
+        if isinstance(grads, Grads):
+            grads.changed(k)
+        if isinstance(v, RowGrad) and not isinstance(grads[k], RowGrad):
+            (ops.scatter_add_rows if ops is not None else scatter_add_rows)(grads[k], v.rows, v.values)
+        else:
+            grads[k] += v
+
+
+def global_norm(grads: dict, ops=None):
+    """The L2 norm of all gradients together, a 0-d array on their device (no host sync),
+    the squares summed by ``ops.sum_squares`` (an engine may use two threads). Sums a
+    :class:`Grads` already knows are used as they are."""
     known = getattr(grads, "known_sq", {})
     skip = {name for names in known for name in names}
     arrays = [g.values if isinstance(g, RowGrad) else g for k, g in grads.items() if k not in skip]
@@ -87,15 +102,11 @@ def global_norm(grads: dict):
     total = xp.zeros((), dtype=first.dtype)
     for v in known.values():
         total += v
-    if xp is numpy and backend_mod.THREADS >= 2 and sum(a.size for a in arrays) >= 1 << 20:
-        groups = share_in_two([(a.reshape(-1),) for a in arrays])
-        with blas_threads(1):
-            parts = run_in_two(lambda part: sum(float(numpy.dot(f, f)) for (f,) in part), *groups)
-        total += sum(parts)
-        return xp.sqrt(total)
-    for g in arrays:
-        total += xp.vdot(g.ravel(), g.ravel()) if g.ndim else g * g
-    return xp.sqrt(total)
+    if ops is None:
+        from .ops import Ops
+
+        ops = Ops()
+    return xp.sqrt(ops.sum_squares(arrays, total))
 
 
 def clip_scale(norm, max_norm: float):
@@ -129,9 +140,10 @@ class Optimizer:
 
     slots: tuple = ()  # names of the per-parameter state arrays
 
-    def __init__(self, params: dict, lr: float):
+    def __init__(self, params: dict, lr: float, ops=None):
         self.params = params
         self.lr = lr
+        self.ops = ops
         self.t = 0
         self.state: dict = {}
 
@@ -238,28 +250,8 @@ class Adam(Optimizer):
     b1, b2, eps = 0.9, 0.999, 1e-8
 
     def _fused_update(self, grads: dict, scale) -> set:
-        # One compiled pass per array that also applies the clipping scale, large arrays cut
-        # in two and the pieces shared between two threads (the kernel releases the GIL);
-        # Optimizer.step updates the rest (row gradients, other devices) the plain way.
-        fused = [(n, p) for n, p in self.params.items()
-                 if kernels.use_fused(p) and not isinstance(grads[n], RowGrad) and p.flags.c_contiguous
-                 and grads[n].flags.c_contiguous]
-        if not fused:
-            return set()
-        F = numpy.float32
-        step, gscale = F(self._step_size()), F(1.0) if scale is None else F(to_host(scale))
-        groups = share_in_two([(p.reshape(-1), grads[name].reshape(-1), self._buf(f"{name}.m", p).reshape(-1),
-                                self._buf(f"{name}.v", p).reshape(-1)) for name, p in fused])
-
-        def run(part):
-            for p, g, m, v in part:
-                kernels.adam_update(p, g, m, v, step, F(self.b1), F(self.b2), F(self.eps), gscale)
-
-        if backend_mod.THREADS >= 2 and sum(len(q[0]) for q in groups[1]) >= 1 << 16:
-            run_in_two(run, *groups)
-        else:
-            run(groups[0] + groups[1])
-        return {n for n, _ in fused}
+        # The operations may update some arrays in one compiled pass (engine/cpu.py).
+        return set() if self.ops is None else self.ops.adam_update(self, grads, scale)
 
     def _step_size(self):
         return self.lr * (1 - self.b2 ** self.t) ** 0.5 / (1 - self.b1 ** self.t)
@@ -282,8 +274,9 @@ class Adam(Optimizer):
         p -= denom
 
 
-def make_optimizer(name: str, params: dict, lr: float | None = None) -> Optimizer:
+def make_optimizer(name: str, params: dict, lr: float | None = None, ops=None) -> Optimizer:
+    """An optimizer by name; ``ops``: the model's operations (an engine's may fuse updates)."""
     cls = {"adam": Adam, "adagrad": Adagrad, "rmsprop": RMSprop, "sgd": SGD}.get(name)
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}: choose {', '.join(OPTIMIZERS)}")
-    return cls(params, DEFAULT_LR[name] if lr is None else lr)
+    return cls(params, DEFAULT_LR[name] if lr is None else lr, ops)

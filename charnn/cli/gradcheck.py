@@ -7,12 +7,12 @@ import numpy
 from rich.console import Console
 from rich.table import Table
 
-from .backend import BackendError, get_backend
-from .checkpoint import CheckpointError, load_model
-from .data import CorpusError, read_text
-from .functional import class_bounds
-from .gradcheck import check_config, check_model, random_chunk
-from .model import LanguageModel, ModelConfig
+from ..backend import BackendError, get_backend
+from ..io.checkpoint import CheckpointError, load_model
+from ..io.data import CorpusError, read_text
+from ..nn.functional import class_bounds
+from ..gradcheck import check_config, check_model, random_chunk
+from ..nn.model import LanguageModel, ModelConfig
 
 VOCAB_SIZES = {"char": 7, "word": 40}
 

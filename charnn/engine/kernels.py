@@ -25,11 +25,8 @@ Set CHARNN_KERNELS=numpy to turn them off.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy
-
-from .backend import in_row_blocks, loop_threads
 
 try:
     import numba
@@ -45,12 +42,6 @@ P0, P1, P2, P3, P4 = F(0.9999999794124377), F(0.13381036211073452), F(0.00349560
 Q1, Q2, Q3, Q4 = F(0.4671435179101006), F(0.02587703075773743), F(0.0003285657655929101), F(7.776707121887352e-07)
 CLAMP = F(9.0)
 ONE, HALF = F(1.0), F(0.5)
-
-
-def use_fused(a) -> bool:
-    """Whether the fused kernels apply to array ``a`` (float32 NumPy, numba present, not disabled)."""
-    return (available and type(a) is numpy.ndarray and a.dtype == numpy.float32
-            and os.environ.get("CHARNN_KERNELS", "numba") != "numpy")
 
 
 if available:
@@ -532,70 +523,6 @@ if available:
         sq[0] += total
 
 
-def layer_forward(cell, XP, Wh, h0, c0=None, bhn=None, store=True):
-    """The fused twin of cells.layer_forward for "lstm", "gru" and tanh "rnn" (same arguments
-    and results)."""
-    with loop_threads(2.0 * Wh.size * XP.shape[2]):
-        return _layer_forward(cell, XP, Wh, h0, c0, bhn, store)
-
-
-def _layer_forward(cell, XP, Wh, h0, c0, bhn, store):
-    GH, T, N = XP.shape
-    H = Wh.shape[1]
-    dtype = XP.dtype
-    XP = numpy.ascontiguousarray(XP)
-    hs = numpy.empty((H, T, N), dtype=dtype)
-    S = T if store else 1
-    A = numpy.empty((S, GH, N), dtype=dtype)
-    h, c = numpy.ascontiguousarray(h0), None if c0 is None else numpy.ascontiguousarray(c0)
-    if cell == "lstm" and dtype == numpy.float32:
-        from . import rowsplit
-
-        if rowsplit.compiled_loops():
-            return rowsplit.lstm_forward_one(XP, Wh, h0, c0, store)
-    if cell == "lstm":
-        # Without store, two cell-state buffers take turns: c_prev and c must not be one
-        # buffer, or LLVM's alias check sends the step kernel down its scalar path (3x slower).
-        cs = numpy.empty((T if store else 2, H, N), dtype=dtype)
-        tcs = numpy.empty((S, H, N), dtype=dtype)
-        step = lstm_step_forward_for(N)
-        for t in range(T):
-            s = t if store else 0
-            ct = cs[t if store else t % 2]
-            numpy.matmul(Wh, h, out=A[s])
-            step(t, A[s], XP, c, ct, tcs[s], hs)
-            h = hs[:, t]
-            c = ct
-        cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh", "cs": cs, "tcs": tcs, "c0": c0} if store else None
-        return hs, (hs[:, T - 1].copy(), c.copy()), cache
-    if cell == "rnn":
-        for t in range(T):
-            s = t if store else 0
-            numpy.matmul(Wh, h, out=A[s])
-            rnn_step_forward(t, A[s], XP, hs)
-            h = hs[:, t]
-        cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh"} if store else None
-        return hs, (hs[:, T - 1].copy(), None), cache
-    HN = numpy.empty((S, H, N), dtype=dtype)
-    hp = numpy.empty((GH, N), dtype=dtype)
-    h_prev = h
-    step = gru_step_forward_for(N)
-    for t in range(T):
-        s = t if store else 0
-        numpy.matmul(Wh, h_prev, out=hp)
-        step(t, A[s], hp, XP, bhn, h_prev, HN[s], hs)
-        h_prev = hs[:, t]
-    cache = {"cell": cell, "A": A, "hs": hs, "h0": h0, "activation": "tanh", "HN": HN} if store else None
-    return hs, (hs[:, T - 1].copy(), None), cache
-
-
-def layer_backward(dhs, cache, Wh, defer=None):
-    """The fused twin of cells.layer_backward (same results)."""
-    with loop_threads(2.0 * Wh.size * dhs.shape[2]):
-        dXP, dh_next, dc = _layer_backward_loop(dhs, cache, Wh)
-    return _weight_grads(cache, Wh, dXP, dh_next, dc, defer)
-
-
 def transposed(W):
     """A C-contiguous copy of W.T. NumPy's copy of a tall matrix with rows of a power-of-two
     length is slow (cache-set conflicts: 10.4 ms for 2048 x 512); a blocked copy takes 2.6."""
@@ -604,70 +531,3 @@ def transposed(W):
     out = numpy.empty((W.shape[1], W.shape[0]), dtype=W.dtype)
     _transpose_blocked(W, out)
     return out
-
-
-def _layer_backward_loop(dhs, cache, Wh):
-    cell, A, hs, h0 = cache["cell"], cache["A"], cache["hs"], cache["h0"]
-    H, T, N = hs.shape
-    GH = A.shape[1]
-    dtype = hs.dtype
-    dhs = numpy.ascontiguousarray(dhs)
-    if cell == "lstm" and dtype == numpy.float32:
-        from . import rowsplit
-
-        if rowsplit.compiled_loops():
-            return rowsplit.lstm_backward_loop_one(dhs, cache, Wh)
-    # (G*H, T, N): the kernels write each step's column block; it is the layout of the
-    # chunk-wide weight-gradient GEMMs, and BLAS takes the strided block dXP[:, t] as it is.
-    dXP = numpy.empty((GH, T, N), dtype=dtype)
-    dh_next = numpy.zeros((H, N), dtype=dtype)
-    WhT = transposed(Wh)  # a contiguous copy multiplies about 13% faster than the view
-    if cell == "lstm":
-        cs, tcs, c0 = cache["cs"], cache["tcs"], numpy.ascontiguousarray(cache["c0"])
-        dc = numpy.zeros((H, N), dtype=dtype)
-        for t in reversed(range(T)):
-            c_prev = cs[t - 1] if t > 0 else c0
-            lstm_step_backward(t, A[t], c_prev, tcs[t], dhs, dh_next, dc, dXP)
-            numpy.matmul(WhT, dXP[:, t], out=dh_next)
-    elif cell == "rnn":
-        dc = None
-        for t in reversed(range(T)):
-            rnn_step_backward(t, hs, dhs, dh_next, dXP)
-            numpy.matmul(WhT, dXP[:, t], out=dh_next)
-    else:
-        HN = cache["HN"]
-        h0c = numpy.ascontiguousarray(h0)
-        dHP = numpy.empty((GH, T, N), dtype=dtype)
-        tmp = numpy.empty((H, N), dtype=dtype)
-        for t in reversed(range(T)):
-            h_prev = hs[:, t - 1] if t > 0 else h0c
-            gru_step_backward(t, A[t], HN[t], h_prev, dhs, dh_next, dXP, dHP)
-            numpy.matmul(WhT, dHP[:, t], out=tmp)
-            dh_next += tmp
-        cache["dHP"] = dHP
-        dc = None
-    return dXP, dh_next, dc
-
-
-def _weight_grads(cache, Wh, dXP, dh_next, dc, defer=None):
-    """dWh (and the GRU's dbhn) from the loop's results; with ``defer`` (backend.Deferred.put)
-    dWh is returned unfilled and its products are handed over as deferred pieces."""
-    hs, h0 = cache["hs"], cache["h0"]
-    H, T, N = hs.shape
-    GH = dXP.shape[0]
-    if cache["cell"] == "gru":
-        dR = cache.pop("dHP")
-        dbhn = dR[2 * H:].sum(axis=(1, 2))
-    else:
-        dR, dbhn = dXP, None
-    dWh = numpy.empty((GH, H), dtype=dXP.dtype)
-    dR2 = dR.reshape(GH, T * N)
-    h_prev = hs.reshape(H, T * N)[:, : (T - 1) * N]
-
-    def rows(r):
-        numpy.matmul(dR[r, 0], h0.T, out=dWh[r])
-        if T > 1:
-            dWh[r] += dR2[r, N:] @ h_prev.T
-
-    in_row_blocks(defer, GH, rows, 2.0 * GH * H * T * N)
-    return dXP, dWh, dbhn, dh_next, dc

@@ -8,9 +8,9 @@ import sys
 import click
 import numpy
 
-from .backend import BackendError, get_backend
-from .checkpoint import CheckpointError, default_model_path, load_model
-from .sample import SampleError, beam_search, generate, prime_ids
+from ..backend import BackendError, get_backend
+from ..io.checkpoint import CheckpointError, default_model_path, load_model
+from ..sample import SampleError, beam_search, generate, prime_ids
 
 
 def load_for_use(model, device):

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .data import CorpusError, read_text
-from .sample_cli import load_for_use
-from .score import ScoreError, score_document, score_lines, summarize, unknown_report
-from .vocab import iter_lines
+from ..io.data import CorpusError, read_text
+from .sample import load_for_use
+from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
+from ..io.vocab import iter_lines
 
 # Surprisal (bits) -> background colour, from "expected" to "very surprised".
 HEAT = [(1, None), (2, "#3a3a00"), (4, "#5f5f00"), (6, "#875f00"), (8, "#af5f00"), (11, "#d75f00"), (float("inf"), "#ff0000")]

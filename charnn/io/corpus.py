@@ -20,9 +20,14 @@ from typing import Iterator
 
 import numpy
 
-from .data import CorpusError
 from .fileio import atomic_open
 from .vocab import EOS, Vocab, tokenize_line
+
+
+
+class CorpusError(ValueError):
+    """A corpus cannot be read or is unusable; the message names the path and the problem."""
+
 
 BLOCK = 1 << 22  # 4 MiB of bytes per block (encoding one holds a few times that)
 

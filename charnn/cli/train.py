@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 
-from .backend import BackendError
-from .checkpoint import CheckpointError
-from .data import CorpusError
-from .model import ModelError
-from .train import TrainConfig, Trainer, TrainError
-from .vocab import VocabError
+from ..backend import BackendError
+from ..io.checkpoint import CheckpointError
+from ..io.data import CorpusError
+from ..nn.model import ModelError
+from ..train import TrainConfig, Trainer, TrainError
+from ..io.vocab import VocabError
 
 
 def default_out(corpus: str, opts: dict) -> Path:

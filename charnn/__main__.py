@@ -1,0 +1,5 @@
+"""``python -m charnn``: the command line."""
+
+from .cli import main
+
+main()

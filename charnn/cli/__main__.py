@@ -1,0 +1,5 @@
+"""``python -m charnn.cli``: the command line."""
+
+from . import main
+
+main()

@@ -1,0 +1,234 @@
+"""The CPU engine's operations: nn/ops.py's reference, with the pieces this engine speeds up.
+
+:class:`CpuOps` subclasses the reference :class:`~charnn.nn.ops.Ops` and overrides the
+operations named in ``accelerated``; each override runs its compiled or threaded twin where
+its settings and the arrays allow (float32 NumPy arrays and the compiled kernels on, for the
+numba passes), and the reference otherwise. Which path runs is decided here and nowhere else,
+from one :class:`~charnn.engine.settings.Settings`.
+
+An instance may carry what a parallel strategy (parallel.py) asks of the maths it runs:
+``two`` (a layer's loop and products on two cores, the row split), ``defer`` (the weight
+gradients' products handed to a shared tail, the batch split) and ``head_threads`` (the
+class-factored head's passes on two threads). The strategies derive such instances with
+:meth:`CpuOps.derive`; the model passes them through without knowing what they carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy
+
+from ..nn.ops import Ops
+from ..nn.optim import RowGrad
+from . import heads, kernels, layers, loops, parallel
+from .settings import Settings
+from .threads import blas_threads, in_row_blocks, loop_threads, run_in_two, share_in_two
+
+
+def _rows_in_two(fn, rows: int, two: bool):
+    """fn(slice) over rows [0, rows): two halves in two threads with ``two``, else at once."""
+    if not two:
+        fn(slice(0, rows))
+        return
+    run_in_two(fn, slice(0, rows // 2), slice(rows // 2, rows))
+
+
+@dataclass(frozen=True)
+class CpuOps(Ops):
+    settings: Settings = Settings()
+    two: bool = False
+    defer: Callable | None = None
+    head_threads: int = 1
+
+    name = "cpu"
+    accelerated = frozenset({
+        "layer_forward", "layer_backward", "input_projection", "input_grads", "scatter_add_rows",
+        "softmax_xent_forward", "softmax_xent_backward", "class_xent_forward", "class_xent_backward",
+        "class_xent_forward_backward", "sum_squares", "adam_update", "draw_scaled", "stepper",
+        "loss_and_grads", "nll"})
+
+    def derive(self, **changes) -> "CpuOps":
+        return replace(self, **changes)
+
+    def fused(self, *arrays) -> bool:
+        """Whether the compiled kernels take these arrays: float32 NumPy, kernels on."""
+        return (self.settings.kernels and kernels.available
+                and all(type(a) is numpy.ndarray and a.dtype == numpy.float32 for a in arrays))
+
+    def compiled_loop(self, cell: str, a) -> bool:
+        """Whether an LSTM layer's whole time loop runs as one compiled call (loops.py)."""
+        return cell == "lstm" and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
+
+    # ----- recurrent layers -----
+    def _fusable(self, cell, a, activation):
+        return cell in layers.FUSED and (cell != "rnn" or activation == "tanh") and self.fused(a)
+
+    def layer_forward(self, cell, XP, Wh, h0, c0, extra, store, activation="tanh"):
+        if self.two:  # the row split (parallel.py chose it: a float32 LSTM, loops available)
+            return loops.lstm_forward(XP, Wh, h0, c0, store, self.settings.packed)
+        if self._fusable(cell, XP, activation):
+            return layers.layer_forward(cell, XP, Wh, h0, c0, extra.get("bhn"), store,
+                                        self.compiled_loop(cell, XP), self.settings.packed)
+        with loop_threads(2.0 * Wh.size * XP.shape[2]):
+            return super().layer_forward(cell, XP, Wh, h0, c0, extra, store, activation)
+
+    def layer_backward(self, cell, dhs, cache, Wh):
+        if cache.get("rows"):
+            return loops.lstm_backward(dhs, cache, Wh, self.settings.packed)
+        if self._fusable(cell, dhs, cache.get("activation", "tanh")):
+            return layers.layer_backward(cell, dhs, cache, Wh, self.defer, self.compiled_loop(cell, dhs),
+                                         self.settings.packed)
+        with loop_threads(2.0 * Wh.size * dhs.shape[2]):
+            return super().layer_backward(cell, dhs, cache, Wh)
+
+    # ----- a layer's input -----
+    def input_projection(self, Wx, b, X, ids):
+        # With ``two``, halves of the rows in two threads (the caller holds the BLAS at one).
+        if X is None and self.fused(Wx):
+            XP = numpy.empty((Wx.shape[0], ids.shape[0]), dtype=Wx.dtype)
+            _rows_in_two(lambda r: kernels.onehot_projection(Wx[r], b[r], ids, XP[r]), Wx.shape[0], self.two)
+            return XP
+        if X is not None and self.two:
+            XP = numpy.empty((Wx.shape[0], X.shape[1]), dtype=Wx.dtype)
+            _rows_in_two(lambda r: numpy.matmul(Wx[r], X, out=XP[r]), Wx.shape[0], True)
+            XP += b[:, None]
+            return XP
+        return super().input_projection(Wx, b, X, ids)
+
+    def input_grads(self, Wx, dXP, X, ids):
+        # ``two``: in two threads by rows; ``defer``: the weight gradient's product, or the
+        # one-hot scatter, as deferred work.
+        GH = Wx.shape[0]
+        dtype = dXP.dtype
+        if X is not None and self.two:
+            db = numpy.empty(GH, dtype=dtype)
+            dWx = numpy.empty(Wx.shape, dtype=dtype)
+            dX = numpy.empty((Wx.shape[1], dXP.shape[1]), dtype=dtype)
+
+            def part(k):
+                r = slice(k * GH // 2, (k + 1) * GH // 2)
+                numpy.sum(dXP[r], axis=1, out=db[r])
+                numpy.matmul(dXP[r], X.T, out=dWx[r])
+                c = slice(k * dX.shape[0] // 2, (k + 1) * dX.shape[0] // 2)
+                numpy.matmul(Wx[:, c].T, dXP, out=dX[c])
+
+            run_in_two(part, 0, 1)
+            return dWx, db, dX
+        if X is not None and self.defer is not None:
+            db = dXP.sum(axis=1)
+            dWx = numpy.empty(Wx.shape, dtype=dtype)
+            in_row_blocks(self.defer, GH, lambda r: numpy.matmul(dXP[r], X.T, out=dWx[r]), 2.0 * dWx.size * dXP.shape[1])
+            return dWx, db, Wx.T @ dXP
+        if X is None and self.fused(dXP):
+            dWx = numpy.zeros(Wx.shape, dtype=dtype)
+            db = numpy.zeros(GH, dtype=dtype)
+            if self.defer is not None and not self.two:
+                self.defer(lambda: kernels.scatter_columns(dWx, db, ids, dXP))
+            else:
+                _rows_in_two(lambda r: kernels.scatter_columns(dWx[r], db[r], ids, dXP[r]), GH, self.two)
+            return dWx, db, None
+        return super().input_grads(Wx, dXP, X, ids)
+
+    def scatter_add_rows(self, dst, ids, src):
+        if self.fused(dst) and dst.flags.c_contiguous:
+            kernels.scatter_rows(dst, ids, src)
+            return dst
+        return super().scatter_add_rows(dst, ids, src)
+
+    # ----- the output layer -----
+    def softmax_xent_forward(self, X, W, b, targets, weights=None, store=True):
+        if self.fused(X, W):
+            return heads.softmax_xent_forward(X, W, b, targets, weights, store)
+        return super().softmax_xent_forward(X, W, b, targets, weights, store)
+
+    def softmax_xent_backward(self, cache, W):
+        if self.fused(cache["P"]):
+            return heads.softmax_xent_backward(cache, W)
+        return super().softmax_xent_backward(cache, W)
+
+    def _words_fused(self, X, W, b):
+        return self.fused(X, W) and heads.words_fusable(X, W, b)
+
+    def class_xent_forward(self, X, Wc, bc, W, b, bounds, targets_host, targets, weights=None, store=True):
+        if self._words_fused(X, W, b):
+            return heads.class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, weights, store, self.head_threads)
+        from ..nn.functional import class_xent_forward
+
+        return class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights, store,
+                                  xent=self.softmax_xent_forward)
+
+    def class_xent_backward(self, cache, Wc, W):
+        if "plan" in cache:
+            return heads.class_xent_backward(cache, Wc, W)
+        from ..nn.functional import class_xent_backward
+
+        return class_xent_backward(cache, Wc, W, xent_backward=self.softmax_xent_backward)
+
+    def class_xent_forward_backward(self, X, Wc, bc, W, b, bounds, targets_host):
+        if self._words_fused(X, W, b):
+            return heads.class_xent_forward_backward(X, Wc, bc, W, b, bounds, targets_host, self.head_threads)
+        return super().class_xent_forward_backward(X, Wc, bc, W, b, bounds, targets_host)
+
+    # ----- optimizers -----
+    def sum_squares(self, arrays, total):
+        # A sum of squares is memory bound: 2.1 ms on one core for 30,000 x 200 float32, 0.9
+        # on two; large gradients are cut in half and summed by two threads.
+        if self.settings.threads >= 2 and sum(a.size for a in arrays) >= 1 << 20:
+            groups = share_in_two([(a.reshape(-1),) for a in arrays])
+            with blas_threads(1):
+                parts = run_in_two(lambda part: sum(float(numpy.dot(f, f)) for (f,) in part), *groups)
+            total += sum(parts)
+            return total
+        return super().sum_squares(arrays, total)
+
+    def adam_update(self, opt, grads, scale) -> set:
+        # One compiled pass per array that also applies the clipping scale, large arrays cut
+        # in two and the pieces shared between two threads (the kernel releases the GIL);
+        # Optimizer.step updates the rest (row gradients, other dtypes) the plain way.
+        fused = [(n, p) for n, p in opt.params.items()
+                 if self.fused(p) and not isinstance(grads[n], RowGrad) and p.flags.c_contiguous
+                 and grads[n].flags.c_contiguous]
+        if not fused:
+            return set()
+        F = numpy.float32
+        step = F(opt._step_size())
+        gscale = F(1.0) if scale is None else F(float(numpy.asarray(scale)))
+        groups = share_in_two([(p.reshape(-1), grads[name].reshape(-1), opt._buf(f"{name}.m", p).reshape(-1),
+                                opt._buf(f"{name}.v", p).reshape(-1)) for name, p in fused])
+
+        def run(part):
+            for p, g, m, v in part:
+                kernels.adam_update(p, g, m, v, step, F(opt.b1), F(opt.b2), F(opt.eps), gscale)
+
+        if self.settings.threads >= 2 and sum(len(q[0]) for q in groups[1]) >= 1 << 16:
+            run_in_two(run, *groups)
+        else:
+            run(groups[0] + groups[1])
+        return {n for n, _ in fused}
+
+    # ----- sampling -----
+    def draw_scaled(self, logits, temperature, rng):
+        # Compiled scaling and drawing around NumPy's vectorised exp: three calls instead of
+        # a dozen (the NumPy calls took about 100 us per token at V = 10,000).
+        if not (self.settings.kernels and kernels.available and temperature > 0):
+            return None
+        z = numpy.empty(logits.shape[0])
+        kernels.scaled_logits(numpy.ascontiguousarray(logits), float(temperature), z)
+        numpy.exp(z, out=z)
+        return int(kernels.draw_unnormalised(z, rng.random()))
+
+    def stepper(self, model, N=1):
+        from .stepper import FastStepper
+
+        if model.config.cell in FastStepper.CELLS and model.xp is numpy:
+            return FastStepper(model, N, self)
+        return super().stepper(model, N)
+
+    # ----- whole training steps: the parallel strategies -----
+    def loss_and_grads(self, model, ids, targets, state, masks, train, sparse):
+        return parallel.loss_and_grads(self, model, ids, targets, state, masks, train, sparse)
+
+    def nll(self, model, ids, targets, state, weights):
+        return parallel.nll(self, model, ids, targets, state, weights)

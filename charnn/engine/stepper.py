@@ -1,0 +1,201 @@
+"""Sampling's step: one token at a time for N streams, with preallocated buffers.
+
+The reference (nn/model.py's Stepper) runs the model's forward over a chunk of one step; this
+twin concatenates each layer's input and recurrent weights once, so a step is one
+matrix-vector product per layer, then the gate math in place (the compiled step kernels on
+float32), and chooses the BLAS's thread count by timing (ThreadTuner).
+tests/test_engine.py compares the two.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy
+
+from ..backend import to_device
+from ..nn.cells import lstm_step_forward, sigmoid_
+from . import kernels
+from .threads import SMALL_GEMM_FLOPS, blas_threads
+
+
+class FastStepper:
+    """Advances N streams one token at a time with preallocated buffers (for sampling): the
+    engine's twin of model.Stepper, for the built-in cells on NumPy.
+
+    Each layer's input and recurrent weights are concatenated once, W = [Wx Wh] (G*H, In+H),
+    so a step is one matrix-vector product per layer on [x; h] (one-hot layer 0: a column of
+    Wx plus Wh @ h), then the gate math in place. The state lives in the buffers; ``state()``
+    returns it in the model's layout and ``set_state`` loads one.
+    """
+
+    CELLS = ("rnn", "lstm", "gru")
+
+    def __init__(self, model, N: int = 1, ops=None):
+        self.model, self.N = model, N
+        cfg, p, xp = model.config, model.params, model.xp
+        self.xp = xp
+        H, dt = cfg.hidden, model.dtype
+        self.onehot = not cfg.embed
+        self.W, self.xh, self.a, self.bias, self.c, self.c_next, self.tc = [], [], [], [], [], [], []
+        for layer in range(cfg.layers):
+            Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
+            In = Wx.shape[1]
+            GH = Wx.shape[0]
+            if layer == 0 and self.onehot:
+                self.W.append(Wh)
+                self.xh.append(xp.zeros((H, N), dtype=dt))
+            else:
+                self.W.append(xp.ascontiguousarray(xp.concatenate([Wx, Wh], axis=1)))
+                self.xh.append(xp.zeros((In + H, N), dtype=dt))
+            self.a.append(xp.empty((GH, N), dtype=dt))
+            self.bias.append(xp.ascontiguousarray(xp.broadcast_to(p[f"rnn.{layer}.b"][:, None, None], (GH, 1, N))))
+            self.c.append(xp.zeros((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+            # The fused step writes the new cell state to a second buffer (the two then swap):
+            # one buffer for both would send its loop down the scalar path (see kernels).
+            self.c_next.append(xp.empty((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+            self.tc.append(xp.empty((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+        # Layer 0's one-hot input weights by token (rows), so a step reads one contiguous row
+        # instead of gathering a column of Wx (35 us per token at 2048 x 65).
+        self.WxT0 = xp.ascontiguousarray(p["rnn.0.Wx"].T) if self.onehot else None
+        self.hs = [self._h(layer).reshape(H, 1, N) for layer in range(cfg.layers)]  # views for the kernels
+        self.hp = xp.empty((cfg.gates * H, N), dtype=dt)
+        self.head_W = model.head_weight()
+        self.logits = xp.empty((N, cfg.vocab_size), dtype=dt)
+        self.fused = ops is not None and ops.fused(self.a[0]) and cfg.cell != "rnn"
+        small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
+        self._tuner = ThreadTuner() if xp is numpy and small else None
+
+    def _h(self, layer):
+        """This layer's hidden state: the tail of its [x; h] buffer."""
+        return self.xh[layer][-self.model.config.hidden:]
+
+    def state(self) -> list:
+        return [(self._h(l).copy(), None if c is None else c.copy()) for l, c in enumerate(self.c)]
+
+    def set_state(self, state):
+        for layer, (h, c) in enumerate(state):
+            self._h(layer)[...] = h
+            if c is not None:
+                self.c[layer][...] = c
+
+    def step(self, ids):
+        """Feed ``ids`` (N,) host ints; returns the next-token logits (N, V) (a reused buffer).
+
+        Matrix-vector products are memory bound: on a quiet machine two BLAS threads run them
+        about twice as fast as one, but OpenBLAS's threads slow down tenfold when another
+        process holds a core. So the Stepper times both settings as it goes (a few steps of
+        each at the start and every 512 steps) and uses the faster."""
+        mode = self._tuner.pick() if self._tuner else None
+        t0 = time.perf_counter()
+        with blas_threads(mode, self.xp):
+            out = self._step(ids)
+        if self._tuner:
+            self._tuner.record(mode, time.perf_counter() - t0)
+        return out
+
+    def _step(self, ids):
+        cfg, p, xp = self.model.config, self.model.params, self.xp
+        ids = self.model.check_ids(numpy.asarray(ids).reshape(-1))
+        H = cfg.hidden
+        x = None
+        for layer in range(cfg.layers):
+            xh, a = self.xh[layer], self.a[layer]
+            if layer > 0:
+                xh[:H] = x
+            elif not self.onehot:
+                xh[: cfg.embed] = p["embed.W"][to_device(ids, xp)].T
+            a_cat = a
+            if cfg.cell == "gru":
+                a_cat = self.hp  # GRU keeps the hidden product apart (the reset gate acts on it)
+            if cfg.cell == "gru" and not (layer == 0 and self.onehot):
+                In = xh.shape[0] - H
+                Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
+                xp.matmul(Wh, xh[In:], out=self.hp)
+                xin = Wx @ xh[:In]
+            else:
+                xp.matmul(self.W[layer], xh, out=a_cat)
+                xin = None
+            if layer == 0 and self.onehot:
+                col = self.WxT0[int(ids[0])][:, None] if self.N == 1 else self.WxT0[to_device(ids, xp)].T  # (G*H, N)
+                if cfg.cell == "gru":
+                    xin = col
+                else:
+                    a += col
+            x = self._cell(layer, xin)
+        if cfg.class_bounds:
+            return self.model.logits(x)
+        logits = self.logits
+        xp.matmul(x.T, self.head_W.T, out=logits)
+        logits += p["head.b"]
+        return logits
+
+    def _cell(self, layer, xin):
+        """Gate math for one step; returns the new h (a view of this layer's buffer)."""
+        cfg, p, xp = self.model.config, self.model.params, self.xp
+        a, bias, hs = self.a[layer], self.bias[layer], self.hs[layer]
+        h = hs[:, 0]
+        if cfg.cell == "lstm":
+            if self.fused:
+                c_prev, c = self.c[layer], self.c_next[layer]
+                kernels.lstm_step_forward_for(self.N)(0, a, bias, c_prev, c, self.tc[layer], hs)
+                self.c[layer], self.c_next[layer] = c, c_prev
+            else:
+                a += bias[:, 0]
+                lstm_step_forward(a, self.c[layer], self.c[layer], self.tc[layer], h, xp)
+            return h
+        if cfg.cell == "gru":
+            XPt = (xin + bias[:, 0]).reshape(-1, 1, self.N)
+            bhn = p[f"rnn.{layer}.bhn"]
+            if self.fused:
+                h_prev = h.copy()
+                kernels.gru_step_forward_for(self.N)(0, a, self.hp, numpy.ascontiguousarray(XPt), bhn, h_prev, self.tc_gru(layer), hs)
+            else:
+                H = h.shape[0]
+                a[: 2 * H] = XPt[: 2 * H, 0] + self.hp[: 2 * H]
+                sigmoid_(a[: 2 * H], xp)
+                hn = self.hp[2 * H:] + bhn[:, None]
+                n = xp.tanh(XPt[2 * H:, 0] + a[:H] * hn)
+                h[...] = n + a[H: 2 * H] * (h - n)
+            return h
+        a += bias[:, 0]
+        if cfg.activation == "relu":
+            xp.maximum(a, 0, out=h)
+        else:
+            xp.tanh(a, out=h)
+        return h
+
+    def tc_gru(self, layer):
+        if self.tc[layer] is None:
+            self.tc[layer] = self.xp.empty_like(self._h(layer))
+        return self.tc[layer]
+
+
+class ThreadTuner:
+    """Chooses between one BLAS thread and the library default by timing both: ``trial`` steps
+    of each at the start and again every ``period`` steps, the faster median in between."""
+
+    MODES = (1, None)
+
+    def __init__(self, trial: int = 6, period: int = 512):
+        self.trial, self.period = trial, period
+        self.n = 0
+        self.times = {m: [] for m in self.MODES}
+        self.best = self.chosen = None
+
+    def pick(self):
+        phase = self.n % self.period
+        if phase < 2 * self.trial:
+            return self.MODES[phase % 2]
+        if not self.chosen or phase == 2 * self.trial:
+            self.chosen = True
+            self.best = min(self.MODES, key=lambda m: sorted(self.times[m])[len(self.times[m]) // 2])
+        return self.best
+
+    def record(self, mode, seconds: float):
+        phase = self.n % self.period
+        if phase == 0:
+            self.times = {m: [] for m in self.MODES}
+        if phase < 2 * self.trial:
+            self.times[mode].append(seconds)
+        self.n += 1
