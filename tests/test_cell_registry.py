@@ -19,7 +19,7 @@ from charnn.backend import array_module
 from charnn.nn import cells
 from charnn.nn.model import LanguageModel, ModelConfig
 
-from cli_support import check_error, check_ok, invoke, train, write_corpus
+from cli_support import check_ok, invoke, train, write_corpus
 
 
 def leaky_forward(XP, Wh, h0, c0=None, extra=None, store=True, activation="tanh"):

@@ -21,7 +21,7 @@ import numpy
 import pytest
 
 from charnn.backend import get_backend
-from charnn.engine import kernels, layers, loops, packed, parallel
+from charnn.engine import kernels, loops, packed, parallel
 from charnn.engine.cpu import CpuOps
 from charnn.engine.settings import Settings
 from charnn.nn import cells
