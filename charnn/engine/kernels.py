@@ -1,25 +1,25 @@
-"""Fused CPU kernels (numba) for the per-step gate math of LSTM and GRU layers, float32.
+"""Compiled CPU kernels (numba), float32: the engine's elementwise passes.
 
-cells.py holds the plain array version of every layer; this module holds a twin of the LSTM
-and GRU loops whose elementwise work per time step is one compiled pass instead of a dozen
-NumPy calls (each a separate sweep over memory with its own call overhead, which dominates
-small models). The notation is that of cells.py, and the caches are the same, so either
-backward can follow either forward. For float32 LSTMs the time loop itself is compiled too
-(rowsplit.py: one call per chunk, the product at each step packed.py's or the BLAS's); the
-loops here are the fallback where that cannot run.
+nn/cells.py holds the reference of every layer; the step kernels here do one time step's gate
+math of an RNN, LSTM or GRU in one compiled pass instead of a dozen NumPy calls (each a
+separate sweep over memory with its own call overhead, which dominates small models), in
+cells.py's notation. layers.py runs them in time loops; loops.py compiles whole LSTM time
+loops around them. Beside them: the one-hot input projection and its gradient's scatter,
+Adam's update, sampling's scaled draw, and the output layer's passes (heads.py runs those).
 
 Numerics: a compiled loop calling libm's tanh per element is slower than NumPy's vectorised
 tanh, so these kernels use a rational approximation, tanh(x) ~ x P(x²) / Q(x²) on |x| <= 9
 (clamped to ±1 beyond, where float32 tanh rounds to ±1 anyway), fitted by
 benchmarks/fit_tanh.py: max error 2e-8 in exact arithmetic, about 3.6e-7 (3 ulp) evaluated in
 float32. That is right for float32 training and wrong for float64 gradient checks, so the
-kernels are used for float32 NumPy arrays only; float64 always takes the plain path.
+engine (cpu.py) uses them for float32 NumPy arrays only; float64 always runs the reference.
 
 The full-vocabulary softmax cross-entropy has compiled passes here too (softmax_xent_rows,
 softmax_xent_grad_rows), with an exp of its own that LLVM vectorises (libm's it does not);
 the class-factored head's are class_words_*.
 
-Set CHARNN_KERNELS=numpy to turn them off.
+Whether they run is the engine's choice (cpu.CpuOps.fused, from settings.py; CHARNN_KERNELS=numpy
+turns them off); this module only says whether numba is here (``available``).
 """
 
 from __future__ import annotations

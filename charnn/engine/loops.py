@@ -1,6 +1,6 @@
 """An LSTM layer's time loop shared by two cores by hidden units ("row split"), float32.
 
-The batch split (model.LanguageModel.split_columns) gives each core half of the streams and
+The batch split (parallel.split_columns) gives each core half of the streams and
 the whole recurrent matrix: every step, each core multiplies all G*H rows of Wh by N/2
 columns. OpenBLAS repacks Wh at every call, so a product with few columns costs nearly as much
 as one with twice as many: (800x200)@(200x10) took 83 us, (400x200)@(200x20) 49 us on one
@@ -12,11 +12,11 @@ that calls the BLAS itself, so the GIL is not taken once per step. Measured on t
 loop alone (2 cores): H=200, N=20, T=35 2.95 ms against 4.6 with the batch split; whole
 training steps in benchmarks/README.md.
 
-The kernels are those of kernels.py, run on a "sub-layer" of H/2 units: the gate rows are
+The step kernels are kernels.py's, run on a "sub-layer" of H/2 units: the gate rows are
 permuted so that each core's rows (its units' i, f, g, o) are one contiguous block, so the
 results are those of the one-core loop (the forward bit for bit here; the backward's
 products sum in another order). The same compiled loops also run a whole layer on one core
-(``solo``; lstm_forward_one and lstm_backward_loop_one), which kernels.py uses for every
+(``solo``; lstm_forward_one and lstm_backward_loop_one), which layers.py uses for every
 float32 LSTM: no Python and no GIL per time step there either.
 
 Each step's product is packed.py's where it runs (AVX-512; Wh packed once per call of a
@@ -25,10 +25,10 @@ else OpenBLAS's sgemm. With packed products both splits measured alike again for
 and the row split slower for (a) (benchmarks/README.md); the rule below is unchanged.
 
 Used when numba is present and NumPy's BLAS exposes a CBLAS sgemm charnn can find and check
-(OpenBLAS as NumPy's wheels ship it); otherwise kernels.py's Python loops run as before.
-CHARNN_ROWSPLIT=0 turns both off. The model picks the row split for LSTMs with an even
-hidden size, two threads allowed (CHARNN_THREADS) and thin half batches (see
-LanguageModel._row_split).
+(OpenBLAS as NumPy's wheels ship it); otherwise layers.py's Python loops run. The settings'
+``rowsplit`` (CHARNN_ROWSPLIT=0) turns both off (cpu.CpuOps.compiled_loop), ``packed`` the
+packed products. parallel.use_row_split picks the row split for LSTMs with an even hidden
+size, two threads allowed and thin half batches.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _blas_lock = threading.Lock()
 def _find_blas():
     """NumPy's CBLAS sgemm (a ctypes function) and libc's sched_yield, or False. Decided once,
     under a lock: the two halves of a batch ask at once on their first step, and an answer
-    seen half-made (False) once sent one half down kernels.py's Python loop, whose products
+    seen half-made (False) once sent one half down layers.py's Python loop, whose products
     round differently, so the first step after a start or a resume could differ from run to
     run in its last bits."""
     global _blas

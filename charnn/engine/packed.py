@@ -17,8 +17,8 @@ The functions are written in LLVM IR here and compiled by llvmlite (numba's own 
 generator, so no new dependency) for the host CPU, one per (M, K, N), on first use. They are
 used only where the CPU has AVX-512, the only kind they were measured on (elsewhere LLVM
 would split each vector into narrower ones), and after a product checked against NumPy's. The
-compiled LSTM loops (rowsplit.py) call them through a ctypes pointer, as they call sgemm.
-CHARNN_PACKED=0 turns them off.
+compiled LSTM loops (loops.py) call them through a ctypes pointer, as they call sgemm.
+Whether the loops use them is the engine's choice (settings.py; CHARNN_PACKED=0 turns them off).
 """
 
 from __future__ import annotations
