@@ -296,10 +296,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, m
 
 
 def test_absurd_learning_rate_diverges_before_any_checkpoint(tmp_path, corpus):
+    """Nothing good to keep: say so, and leave a folder that the plain command trains afresh."""
     out = tmp_path / "run"
     check_error(train(corpus, out, "--max-steps", 40, "--lr", "1e6", "--clip", "0", "--log-every", "1"), 1,
-                "diverged", "no checkpoint")
+                "diverged", "no good checkpoint exists yet", "starts a fresh run")
     assert not (out / "last.npz").exists() and not (out / "model.npz").exists()
+    check_error(resume(out), 1, "nothing to resume")
+    check_ok(train(corpus, out, "--max-steps", 4, "--log-every", "1"))
+    assert sorted(train_losses(out)) == [1, 2, 3, 4]  # the diverged run's metric lines are gone
 
 
 # ----- files -----
