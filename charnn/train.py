@@ -402,8 +402,12 @@ class Trainer:
                         f"Try a lower --lr or --clip")
 
     def _metric(self, m: dict):
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(m) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(m) + "\n")
+        except OSError as e:  # a torn line is dropped by the next start's _trim_metrics
+            raise TrainError(f"cannot write {path}: {e.strerror or e}") from None
 
     def _trim_metrics(self, step: int):
         """On resume, drop metric lines written after the checkpoint (they will be redone)."""
