@@ -393,13 +393,15 @@ class Trainer:
         return evaluate(self.model, b.streams.reshape(-1)[: b.N * b.T + 1], b.N, b.T)
 
     def _diverged(self, why: str) -> Diverged:
+        # --lr and --clip cannot change on --resume (it would not be exact): a retry with lower
+        # ones needs another folder, unless nothing was saved.
         if self.saved_step is not None:
-            kept = f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}"
+            kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}. "
+                    f"Try a lower --lr or --clip in another --out")
         else:
             kept = (f"no good checkpoint exists yet, so nothing was saved and {self.out} starts a fresh run "
-                    f"when trained again")
-        return Diverged(f"training diverged at step {self.progress['step']} ({why}); {kept}. "
-                        f"Try a lower --lr or --clip")
+                    f"when trained again. Try a lower --lr or --clip")
+        return Diverged(f"training diverged at step {self.progress['step']} ({why}); {kept}")
 
     def _metric(self, m: dict):
         path = self.out / "metrics.jsonl"
