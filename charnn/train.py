@@ -441,6 +441,9 @@ class Trainer:
     def evaluate_and_save(self, sample: bool = True, scheduled: bool = True):
         """Evaluate, save model.npz if the model is the best so far, and save last.npz.
 
+        A model that fails the check before saving (see the module docstring) raises
+        :class:`Diverged` and nothing is written.
+
         Args:
             sample: show a generated sample with the result.
             scheduled: an evaluation of the eval_every schedule; only these decay the learning
