@@ -617,7 +617,9 @@ class Trainer:
 
     def _check_loss(self, loss: float, what: str):
         limit = loss_limit(len(self.vocab))
-        if not math.isfinite(loss) or loss > limit:
+        if not math.isfinite(loss):
+            raise self._diverged(f"{what} {loss}")
+        if loss > limit:
             raise self._diverged(f"{what} {loss:.4g} nats/token, above the limit {limit:.3g} = 2 ln V")
 
     def result(self, reason: str | None) -> dict:
