@@ -18,6 +18,20 @@ evaluations in a row, training stops early (0 = never). Only the scheduled evalu
 ``eval_every`` steps) count: the extra one at the end of a run that stops between them (at
 --max-steps or --time-limit) is reported and may save model.npz, but leaves the schedule alone,
 so a run stopped there and resumed takes exactly the steps of a run never stopped.
+
+Divergence: nothing non-finite or exploding is ever written. Before every save the model is
+checked: its loss (the validation loss, or without validation data its loss on the first chunk
+of the training text) must be finite and at most twice a uniform guess, 2 ln V nats per token
+(a fresh model scores about ln V, a learning one below it), and its parameters, optimizer state
+and carried hidden state must be finite. Training losses are held to the same limit at every
+log interval. A model that fails stops the run with :class:`Diverged`, and the files of the
+last save that passed are left as they were; before any save has passed there are none, and
+the folder starts a fresh run.
+
+Folder states: saves write last.npz before model.npz until last.npz exists, and model.npz
+before last.npz after that, so whatever step a save fails or is killed at, the folder holds
+either no model.npz and no last.npz (a fresh run starts) or a last.npz (--resume continues
+exactly); a run resumed without model.npz writes it at its next evaluation.
 """
 
 from __future__ import annotations
@@ -53,6 +67,12 @@ class TrainError(RuntimeError):
 
 class Diverged(TrainError):
     """The loss became NaN, infinite or exploded."""
+
+
+def loss_limit(vocab_size: int) -> float:
+    """The loss (nats per token) above which a model counts as exploding: twice a uniform
+    guess's ln V. A model there predicts worse than guessing blindly by a factor of V."""
+    return 2.0 * math.log(vocab_size)
 
 
 @dataclass
@@ -335,9 +355,61 @@ class Trainer:
         ckpt = ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), self._meta())
         ckpt_mod.save(self.out / ckpt_mod.BEST_NAME, ckpt)
 
+    def _save(self, best: bool):
+        """Save last.npz, and model.npz too when ``best``, in the order that leaves no dead end.
+
+        Until last.npz exists it is written first: a save that fails or is killed after it
+        leaves a run that resumes (and writes model.npz at its next evaluation), one that fails
+        before it leaves no model file at all, and a fresh run starts. model.npz alone, which
+        neither a fresh run nor --resume accepts, never appears. Later, model.npz is written
+        first, so last.npz never promises a better model.npz than the one on disk."""
+        if best and (self.out / ckpt_mod.LAST_NAME).exists():
+            self.save_best()
+            self.save_last()
+        else:
+            self.save_last()
+            if best:
+                self.save_best()
+        self.saved_step = self.progress["step"]
+
+    def _check_model(self, loss: float, what: str):
+        """Raise :class:`Diverged` unless the model may be saved: ``loss`` (its ``what``) finite
+        and within :func:`loss_limit`, and its parameters, optimizer state and carried state
+        finite (a model can be finite while its Adam moments overflowed to inf)."""
+        self._check_loss(loss, what)
+        xp = self.backend.xp
+        groups = [("parameter", self.model.params.items()), ("optimizer state", self.opt.state.items()),
+                  ("hidden state", ((f"{layer}/{k}", a) for layer, hc in enumerate(self.state)
+                                    for k, a in zip("hc", hc) if a is not None))]
+        for kind, arrays in groups:
+            for name, a in arrays:
+                if not bool(xp.isfinite(a).all()):
+                    raise self._diverged(f"{kind} {name} holds NaN or infinite values")
+
+    def _train_sample_loss(self) -> float:
+        """The model's loss on the first chunk of the training text (N x T predictions, a cold
+        start, no dropout): what a save without validation data checks the model by."""
+        b = self.batches
+        return evaluate(self.model, b.streams.reshape(-1)[: b.N * b.T + 1], b.N, b.T)
+
+    def _diverged(self, why: str) -> Diverged:
+        # --lr and --clip cannot change on --resume (it would not be exact): a retry with lower
+        # ones needs another folder, unless nothing was saved.
+        if self.saved_step is not None:
+            kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out}. "
+                    f"Try a lower --lr or --clip in another --out")
+        else:
+            kept = (f"no good checkpoint exists yet, so nothing was saved and {self.out} starts a fresh run "
+                    f"when trained again. Try a lower --lr or --clip")
+        return Diverged(f"training diverged at step {self.progress['step']} ({why}); {kept}")
+
     def _metric(self, m: dict):
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(m) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(m) + "\n")
+        except OSError as e:  # a torn line is dropped by the next start's _trim_metrics
+            raise TrainError(f"cannot write {path}: {e.strerror or e}") from None
 
     def _trim_metrics(self, step: int):
         """On resume, drop metric lines written after the checkpoint (they will be redone)."""
@@ -369,6 +441,9 @@ class Trainer:
     def evaluate_and_save(self, sample: bool = True, scheduled: bool = True):
         """Evaluate, save model.npz if the model is the best so far, and save last.npz.
 
+        A model that fails the check before saving (see the module docstring) raises
+        :class:`Diverged` and nothing is written.
+
         Args:
             sample: show a generated sample with the result.
             scheduled: an evaluation of the eval_every schedule; only these decay the learning
@@ -378,12 +453,11 @@ class Trainer:
         """
         p, cfg = self.progress, self.cfg
         if self.val_ids is None:
-            self.save_best()
-            self.save_last()
+            self._check_model(self._train_sample_loss(), "training loss")
+            self._save(best=True)
             return None
         val = evaluate(self.model, self.val_ids, cfg.batch_size, cfg.seq_len)
-        if not math.isfinite(val):
-            raise Diverged(f"validation loss is {val} at step {p['step']}")
+        self._check_model(val, "validation loss")
         if scheduled:
             if p["best_val"] is None or val < p["best_val"]:
                 p["best_val"] = val
@@ -392,7 +466,8 @@ class Trainer:
                 p["bad_evals"] += 1
                 if cfg.lr_decay != 1.0:
                     self.opt.lr *= cfg.lr_decay
-        improved = p["best_saved"] is None or val < p["best_saved"]
+        # model.npz missing (a resumed run whose first save failed before writing it): write it
+        improved = p["best_saved"] is None or val < p["best_saved"] or not (self.out / ckpt_mod.BEST_NAME).exists()
         if improved:
             p["best_saved"] = val
         p["last_val"] = val
@@ -405,9 +480,7 @@ class Trainer:
 
             text = "".join(generate(self.model, self.vocab, cfg.sample_length, temperature=0.8,
                                     rng=numpy.random.default_rng(p["step"])))
-        if improved:
-            self.save_best()
-        self.save_last()
+        self._save(best=improved)
         self.reporter.evaluation(m, text)
         return val
 
@@ -468,6 +541,7 @@ class Trainer:
         cfg, p, model, batches = self.cfg, self.progress, self.model, self.batches
         xp = self.backend.xp
         self._trim_metrics(p["step"])
+        self.saved_step = p["step"] if self.resume else None  # the step of the checkpoint on disk
         started = time.perf_counter()
         self.reporter.start({"vocab_size": len(self.vocab), "params": model.config.n_params(),
                              "train_tokens": len(batches.streams.reshape(-1)), "chunks_per_epoch": len(batches),
@@ -510,7 +584,7 @@ class Trainer:
                 log_tokens += y.size
                 if log_n >= cfg.log_every or p["step"] == cfg.max_steps:
                     train_loss = to_float(log_sum) / log_n
-                    self._check_loss(train_loss)
+                    self._check_loss(train_loss, "training loss")
                     p["train_seconds"] += log_time
                     p["last_train_loss"] = train_loss
                     m = {"step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(batches), "train_loss": train_loss,
@@ -529,10 +603,11 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
         if log_n:
             train_loss = to_float(log_sum) / log_n
-            self._check_loss(train_loss)
+            self._check_loss(train_loss, "training loss")
             p["train_seconds"] += log_time
             p["last_train_loss"] = train_loss
         if reason == "interrupted":
+            self._check_model(self._train_sample_loss(), "training loss")
             self.save_last()
         elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0):
             # Stopped between scheduled evaluations (early stopping always stops right after one).
@@ -540,13 +615,12 @@ class Trainer:
         self.reporter.end()
         return self.result(reason)
 
-    def _check_loss(self, loss: float):
-        limit = max(10.0, 3.0 * math.log(len(self.vocab)))
-        if not math.isfinite(loss) or loss > limit:
-            kept = (f"the last good checkpoint in {self.out} is kept" if (self.out / ckpt_mod.LAST_NAME).exists()
-                    else "no checkpoint was saved")
-            raise Diverged(f"training diverged at step {self.progress['step']} (loss {loss:.4g}); {kept}. "
-                           f"Try a lower --lr or --clip")
+    def _check_loss(self, loss: float, what: str):
+        limit = loss_limit(len(self.vocab))
+        if not math.isfinite(loss):
+            raise self._diverged(f"{what} {loss}")
+        if loss > limit:
+            raise self._diverged(f"{what} {loss:.4g} nats/token, above the limit {limit:.3g} = 2 ln V")
 
     def result(self, reason: str | None) -> dict:
         p = self.progress

@@ -296,10 +296,117 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, m
 
 
 def test_absurd_learning_rate_diverges_before_any_checkpoint(tmp_path, corpus):
+    """Nothing good to keep: say so, and leave a folder that the plain command trains afresh."""
     out = tmp_path / "run"
     check_error(train(corpus, out, "--max-steps", 40, "--lr", "1e6", "--clip", "0", "--log-every", "1"), 1,
-                "diverged", "no checkpoint")
+                "diverged", "no good checkpoint exists yet", "starts a fresh run")
     assert not (out / "last.npz").exists() and not (out / "model.npz").exists()
+    check_error(resume(out), 1, "nothing to resume")
+    check_ok(train(corpus, out, "--max-steps", 4, "--log-every", "1"))
+    assert sorted(train_losses(out)) == [1, 2, 3, 4]  # the diverged run's metric lines are gone
+
+
+def blow_up_after(monkeypatch, step, lr=1e6, interrupt_at=None):
+    """From the step after ``step`` the learning rate is ``lr``: a run that learned, then diverges
+    with finite but exploding weights (or NaN); ``interrupt_at``: Ctrl-C during the step after it."""
+    real = train_mod.Trainer._reset_some
+
+    def reset_some(self, state):
+        if self.progress["step"] == step:
+            self.opt.lr = lr
+        if self.progress["step"] == interrupt_at:
+            self.stop_requested = True
+        return real(self, state)
+
+    monkeypatch.setattr(train_mod.Trainer, "_reset_some", reset_some)
+
+
+def assert_saved_models_beat_a_uniform_guess(corpus, out, step):
+    """Both files load, hold the checkpoint of ``step``, and score below ln V nats per token."""
+    uniform = math.log(19)
+    for name in ("model.npz", "last.npz"):
+        assert progress(out / name)["step"] == step
+        r = check_ok(invoke("score", out / name, corpus, "--document", "--format", "jsonl", "--device", "cpu"))
+        assert json.loads(r.stdout.splitlines()[-1])["nats_per_token"] < uniform
+
+
+@pytest.mark.parametrize("val", ["0.1", "0"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rmsprop", "adam"])
+def test_divergence_between_log_lines_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch, optimizer, val):
+    """The learning rate jumps to 1e6 after step 12; the next evaluation (step 15) comes before the
+    next log line, so only the check before saving sees the exploded model (which once was saved
+    with a validation loss of millions of nats, and without validation data unchecked)."""
+    blow_up_after(monkeypatch, 12)
+    out = tmp_path / "run"
+    check_error(train(corpus, out, "--optimizer", optimizer, "--clip", "0", "--val-fraction", val, "--eval-every", "5",
+                      "--log-every", "100", "--max-steps", "40"), 1,
+                "diverged at step 15", "validation loss" if val != "0" else "training loss",
+                f"the last good checkpoint (step 10) is kept in {out}")
+    assert_saved_models_beat_a_uniform_guess(corpus, out, 10)
+    assert temp_files(out) == []
+
+
+@pytest.mark.parametrize("optimizer, val, lr, clip, eval_every", [
+    ("sgd", "0", "1e38", "0", "5"), ("sgd", "0.1", "1e6", "0", "10"),
+    ("adagrad", "0", "1e6", "5", "1"), ("adagrad", "0.1", "1e38", "0", "3"),
+    ("rmsprop", "0", "1e6", "0", "10"), ("rmsprop", "0.1", "1e6", "5", "1"),
+    ("adam", "0", "1e6", "5", "3"), ("adam", "0.1", "1e38", "0", "5")])
+def test_divergence_before_any_good_checkpoint_starts_afresh(tmp_path, corpus, optimizer, val, lr, clip, eval_every):
+    """The issue's commands: an absurd learning rate from the first step, for every optimizer,
+    with and without validation, clipped or not. Nothing is written, the message says so, and
+    the plain command then trains in the same folder."""
+    out = tmp_path / "run"
+    args = ["--optimizer", optimizer, "--val-fraction", val, "--eval-every", eval_every, "--max-steps", "30"]
+    check_error(train(corpus, out, *args, "--lr", lr, "--clip", clip), 1,
+                "diverged", "no good checkpoint exists yet", str(out))
+    assert not (out / "model.npz").exists() and not (out / "last.npz").exists()
+    check_ok(train(corpus, out, *args))
+    checkpoint.load(out / "model.npz")
+    assert progress(out / "last.npz")["step"] == 30
+
+
+@pytest.mark.parametrize("optimizer, why", [("adagrad", "optimizer state"), ("rmsprop", "optimizer state"),
+                                            ("adam", "validation loss nan")])
+def test_overflowed_optimizer_state_is_not_saved(tmp_path, corpus, monkeypatch, optimizer, why):
+    """Gradients of 1e25 from step 11 on: their squares overflow float32, so the optimizer's
+    second moments become inf. Adagrad's and RMSprop's weights stay finite (the update is
+    g / sqrt(inf) = 0) and so does the loss: such a last.npz would never load, and it is not
+    written. (Adam's compiled update turns the weights to NaN as well.)"""
+    real_norm = train_mod.global_norm
+    calls = []
+
+    def huge(grads):
+        calls.append(1)
+        if len(calls) > 10:
+            for k in grads:
+                grads[k] *= 1e25
+            grads.changed()
+        return real_norm(grads)
+
+    monkeypatch.setattr(train_mod, "global_norm", huge)
+    out = tmp_path / "run"
+    check_error(train(corpus, out, "--optimizer", optimizer, "--clip", "0", "--eval-every", "5", "--max-steps", "30"), 1,
+                "diverged at step 15", why, "(step 10) is kept")
+    assert_saved_models_beat_a_uniform_guess(corpus, out, 10)
+
+
+def test_divergence_with_evaluation_only_at_the_end(tmp_path, corpus, monkeypatch):
+    """No scheduled evaluation before --max-steps: the only save is at the end, and it is refused."""
+    blow_up_after(monkeypatch, 12)
+    out = tmp_path / "run"
+    check_error(train(corpus, out, "--eval-every", "1000", "--log-every", "100", "--max-steps", "20"), 1,
+                "diverged at step 20", "no good checkpoint exists yet")
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".npz") == []
+
+
+def test_ctrl_c_after_divergence_saves_nothing(tmp_path, corpus, monkeypatch):
+    """Ctrl-C's checkpoint is checked like any other save: Ctrl-C in step 13, the one that
+    explodes the weights (its own loss, computed before the update, is fine)."""
+    blow_up_after(monkeypatch, 12, interrupt_at=12)
+    out = tmp_path / "run"
+    check_error(train(corpus, out, "--eval-every", "5", "--log-every", "100", "--max-steps", "40"), 1,
+                "diverged at step 13", "training loss", "(step 10) is kept")
+    assert_saved_models_beat_a_uniform_guess(corpus, out, 10)
 
 
 # ----- files -----
