@@ -18,7 +18,7 @@ import numpy
 import pytest
 
 import charnn.train as train_mod
-from charnn import checkpoint
+from charnn.io import checkpoint
 
 from cli_support import TINY, assert_same_params, check_error, check_ok, invoke, temp_files, train, train_losses, write_corpus
 
