@@ -95,14 +95,14 @@ class CharnnSide:
 
         level, cell, L, H, N, T, V, E = cfg
         self.model = LanguageModel.create(ModelConfig(vocab_size=V, cell=cell, layers=L, hidden=H, embed=E), seed)
-        self.opt = make_optimizer("adam", self.model.params, 2e-3)
+        self.opt = make_optimizer("adam", self.model.params, 2e-3, self.model.ops)
         self.state = None
 
     def train_step(self, x, y):
         from charnn.nn.optim import clip_scale, global_norm
 
         loss, grads, self.state = self.model.loss_and_grads(x, y, self.state, sparse=True)
-        self.opt.step(grads, clip_scale(global_norm(grads), 5.0))
+        self.opt.step(grads, clip_scale(global_norm(grads, self.model.ops), 5.0))
         return float(loss)
 
     def score(self, x, y):
@@ -110,15 +110,14 @@ class CharnnSide:
         return float(nll.mean())
 
     def sampler(self):
-        from charnn.nn.model import Stepper
         from charnn.sample import sample_index
 
-        st = Stepper(self.model, 1)
+        st = self.model.stepper(1)
         rng = numpy.random.default_rng(0)
         tok = numpy.zeros(1, dtype=numpy.int64)
 
         def step():
-            tok[0] = sample_index(st.step(tok)[0], 1.0, rng)  # what `charnn sample` does
+            tok[0] = sample_index(st.step(tok)[0], 1.0, rng, self.model.ops)  # what `charnn sample` does
         return step
 
 

@@ -43,13 +43,13 @@ def main():
     runs = {}
     for label, bounds in heads.items():
         m = LanguageModel.create(ModelConfig(vocab_size=V, cell="lstm", layers=2, hidden=H, embed=H, class_bounds=bounds))
-        runs[label] = {"model": m, "opt": make_optimizer("adam", m.params), "state": None, "times": []}
+        runs[label] = {"model": m, "opt": make_optimizer("adam", m.params, ops=m.ops), "state": None, "times": []}
     # The two models take turns, step by step, so a busy spell on the machine hits both.
     for k in range(args.steps + 2):
         for r in runs.values():
             t = time.perf_counter()
             loss, grads, r["state"] = r["model"].loss_and_grads(data[k, :-1], data[k, 1:], r["state"], sparse=True)
-            r["opt"].step(grads, clip_scale(global_norm(grads), 5.0))
+            r["opt"].step(grads, clip_scale(global_norm(grads, r["model"].ops), 5.0))
             r["times"].append(time.perf_counter() - t)
     results = {}
     for label, r in runs.items():

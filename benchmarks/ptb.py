@@ -72,7 +72,7 @@ def train_charnn(train_ids, held_ids, V, seconds, classes):
     bounds = class_bounds(numpy.bincount(train_ids, minlength=V), classes) if classes else ()
     model = LanguageModel.create(ModelConfig(vocab_size=V, cell="lstm", layers=L, hidden=H, embed=E,
                                              class_bounds=tuple(bounds)), seed=0)
-    opt = make_optimizer("adam", model.params, LR)
+    opt = make_optimizer("adam", model.params, LR, model.ops)
     state, steps, spent = None, 0, 0.0
     best = (float("inf"), None, 0)
     for b in batches(train_ids):
@@ -88,7 +88,7 @@ def train_charnn(train_ids, held_ids, V, seconds, classes):
             continue  # finish the epoch's bookkeeping only
         t = time.perf_counter()
         loss, grads, state = model.loss_and_grads(b[0], b[1], state, sparse=True)
-        opt.step(grads, clip_scale(global_norm(grads), CLIP))
+        opt.step(grads, clip_scale(global_norm(grads, model.ops), CLIP))
         spent += time.perf_counter() - t
         steps += 1
     model = LanguageModel(model.config, best[1], model.backend)

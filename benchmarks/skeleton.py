@@ -31,8 +31,8 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import CONFIGS, CharnnSide, flops_per_token, sgemm_peak, token_stream  # noqa: E402
 
-from charnn import packed  # noqa: E402
-from charnn.backend import run_in_two  # noqa: E402
+from charnn.engine import packed  # noqa: E402
+from charnn.engine.threads import run_in_two  # noqa: E402
 
 
 class Skeleton:
