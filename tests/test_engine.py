@@ -201,3 +201,24 @@ def test_split_choice_follows_the_settings():
     for settings, parts in ((Settings(threads=1), 1), (Settings(threads=2), 2)):
         m = LanguageModel.create(cfg, backend=get_backend("cpu", settings=settings))
         assert len(parallel.split_columns(m.ops, m, 40)) == parts
+
+
+def test_the_compiled_cache_is_keyed_by_every_engine_source(monkeypatch):
+    """numba reuses a cached function when its own file is unchanged; the engine's cache folder
+    is named for all engine sources, so an edit to kernels.py also retires loops.py's cached
+    loops (which inline its kernels)."""
+    from pathlib import Path
+
+    import charnn.engine as engine
+
+    before = engine._cache_dir()
+    for name in ("kernels.py", "loops.py", "layers.py"):
+        real = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda self, real=real, name=name: real(self) + (b"#" if self.name == name else b""))
+        assert engine._cache_dir() != before, name
+        monkeypatch.undo()
+    assert engine._cache_dir() == before
+    if kernels.available and not __import__("os").environ.get("NUMBA_CACHE_DIR"):
+        from numba.core import config
+
+        assert config.CACHE_DIR == str(before)
