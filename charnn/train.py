@@ -11,6 +11,8 @@ A run lives in one folder:
 
 Resuming loads last.npz and continues from the same step with the same data chunk, hidden
 state, optimizer state and dropout RNG, so the losses equal those of a run never interrupted.
+What it cannot restore exactly (a missing or malformed option, progress field, optimizer slot,
+carried state, RNG state or corpus digest) it refuses (resume_config, check_resume_state).
 
 Learning-rate schedule: after each evaluation whose validation loss is not lower than the best
 so far, the learning rate is multiplied by ``lr_decay`` (1 = constant); after ``patience`` such
