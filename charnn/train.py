@@ -11,6 +11,8 @@ A run lives in one folder:
 
 Resuming loads last.npz and continues from the same step with the same data chunk, hidden
 state, optimizer state and dropout RNG, so the losses equal those of a run never interrupted.
+What it cannot restore exactly (a missing or malformed option, progress field, optimizer slot,
+carried state, RNG state or corpus digest) it refuses (resume_config, check_resume_state).
 
 Learning-rate schedule: after each evaluation whose validation loss is not lower than the best
 so far, the learning rate is multiplied by ``lr_decay`` (1 = constant); after ``patience`` such
@@ -48,11 +50,11 @@ from pathlib import Path
 import numpy
 
 from .io import checkpoint as ckpt_mod
-from .backend import array_module, get_backend, to_device, to_float, to_host
+from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_float, to_host
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .nn.functional import class_bounds
 from .nn.model import LanguageModel, ModelConfig
-from .nn.optim import clip_scale, global_norm, make_optimizer
+from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
 from .io.vocab import Vocab, VocabError
 
 # Options that may change when resuming; every other one must match the checkpoint. The corpus
@@ -260,6 +262,121 @@ def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int) -> float:
     return to_float(total) / streams.predictions
 
 
+# What a resume needs from last.npz's progress, and the type of each. A value that is missing,
+# of another type or out of range would make the resumed run take other steps than the
+# uninterrupted one (or fail in the middle of the maths), so resume refuses it.
+_PROGRESS = {"step": "count", "epoch": "count", "chunk": "count", "tokens": "count", "opt_t": "count",
+             "bad_evals": "count", "lr": "positive", "best_val": "loss"}
+_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss"}
+# TrainConfig fields that must be at least 1 (the others that are numbers at least 0).
+_AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
+                 "max_epochs", "eval_every"}
+_BELOW_ONE = {"dropout", "val_fraction"}  # in [0, 1)
+_CHOICES = {"level": ("char", "word"), "cell": ("rnn", "lstm", "gru"), "activation": ("tanh", "relu"),
+            "tokenizer": ("regex", "whitespace"), "optimizer": OPTIMIZERS, "device": DEVICES, "dtype": DTYPES,
+            "errors": ("strict", "replace", "ignore")}
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0  # noqa: E721  (not bool)
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _progress_problem(kind: str, v) -> bool:
+    if kind == "count":
+        return not _is_count(v)
+    if kind == "positive":
+        return not (_is_number(v) and v > 0)
+    if kind == "seconds":
+        return not (_is_number(v) and v >= 0)
+    return v is not None and not _is_number(v)  # a loss: None before the first one
+
+
+def _train_field_ok(name: str, annotation: str, v) -> bool:
+    """A TrainConfig value of the annotated type (``int``, ``float | None``, ...) and range."""
+    if v is None:
+        return "None" in annotation
+    if "bool" in annotation:
+        return type(v) is bool
+    if "int" in annotation:
+        ok = type(v) is int and (v >= 1 if name in _AT_LEAST_ONE else v >= -1 if name == "classes" else v >= 0)  # noqa: E721
+    elif "float" in annotation:
+        ok = _is_number(v) and v >= 0 and (v < 1 if name in _BELOW_ONE else v <= 1 if name == "state_reset" else True)
+        ok = ok and (v > 0 if name in ("lr", "lr_decay") else True)
+    else:
+        ok = isinstance(v, str) and v in _CHOICES.get(name, (v,))
+    return ok
+
+
+def resume_config(path: Path, saved) -> TrainConfig:
+    """The training configuration of a last.npz, checked field by field.
+
+    Raises:
+        TrainError: the file holds no training state, or a field of it is missing, of the wrong
+            type or out of range (one line naming the file and the field).
+    """
+    meta = saved.meta
+    train_meta = meta.get("train")
+    if not (isinstance(train_meta, dict) and "corpus" in train_meta
+            and isinstance(meta.get("progress"), dict) and "rng" in meta):
+        raise TrainError(f"{path}: holds a model but no training state (not a checkpoint of charnn train); cannot resume")
+    for f in fields(TrainConfig):
+        if f.name in train_meta and not _train_field_ok(f.name, str(f.type), train_meta[f.name]):
+            raise TrainError(f"{path}: the saved training option {f.name} is {_shown(train_meta[f.name])}, "
+                             f"not a valid value; cannot resume")
+    progress = meta["progress"]
+    for key, kind in (_PROGRESS | _PROGRESS_OPTIONAL).items():
+        if key not in progress:
+            if key in _PROGRESS:
+                raise TrainError(f"{path}: the saved progress has no {key}; cannot resume exactly")
+        elif _progress_problem(kind, progress[key]):
+            raise TrainError(f"{path}: the saved progress field {key} is {_shown(progress[key])}, "
+                             f"not a valid value; cannot resume")
+    digest = meta.get("corpus_sha256")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise TrainError(f"{path}: holds no valid corpus digest, so an unchanged corpus cannot be checked; cannot resume exactly")
+    return TrainConfig.from_json(train_meta)
+
+
+def check_resume_state(path: Path, saved, cfg: TrainConfig, chunks: int, opt) -> None:
+    """What resume restores besides the weights: the data position, the optimizer state (every
+    slot of every parameter once a step was taken), the carried hidden state and the RNG.
+
+    Raises:
+        TrainError: naming the file and what is missing or malformed.
+    """
+    progress = saved.meta["progress"]
+    if progress["chunk"] > chunks:
+        raise TrainError(f"{path}: the saved data position (chunk {progress['chunk']}) is past the "
+                         f"{chunks} chunks of an epoch; cannot resume exactly")
+    want = {f"{name}.{slot}" for name in opt.params for slot in opt.slots} if progress["opt_t"] else set()
+    if set(saved.optim) != want:
+        missing = sorted(want - set(saved.optim))
+        what = f"lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") if missing else \
+            f"has arrays a {cfg.optimizer} optimizer does not use ({sorted(set(saved.optim) - want)[0]})"
+        raise TrainError(f"{path}: the saved optimizer state {what}; cannot resume exactly")
+    H, N = cfg.hidden, cfg.batch_size
+    if saved.state is None or len(saved.state) != cfg.layers or any(h.shape != (H, N) for h, _ in saved.state):
+        raise TrainError(f"{path}: holds no carried hidden state of shape ({H}, {N}) for each of the {cfg.layers} "
+                         f"layers; cannot resume exactly")
+    rng = numpy.random.default_rng(0).bit_generator
+    try:
+        rng.state = saved.meta["rng"]
+        same = rng.state == saved.meta["rng"]  # floats and out-of-range ints are taken, altered
+    except (TypeError, ValueError, KeyError, OverflowError):
+        same = False
+    if not same:
+        raise TrainError(f"{path}: the saved random generator state is malformed; cannot resume exactly")
+
+
+def _shown(v) -> str:
+    text = json.dumps(v) if not isinstance(v, float) or math.isfinite(v) else str(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class Trainer:
     """One training run. Build it, then call :meth:`run`."""
 
@@ -279,11 +396,7 @@ class Trainer:
             if not last_path.exists():
                 raise TrainError(f"{self.out}: nothing to resume (no {ckpt_mod.LAST_NAME})")
             saved = ckpt_mod.load(last_path)
-            train_meta = saved.meta.get("train")
-            if not (isinstance(train_meta, dict) and "corpus" in train_meta
-                    and isinstance(saved.meta.get("progress"), dict) and "rng" in saved.meta):
-                raise TrainError(f"{last_path}: holds a model but no training state (not a checkpoint of charnn train); cannot resume")
-            saved_cfg = TrainConfig.from_json(train_meta)
+            saved_cfg = resume_config(last_path, saved)
             for key, value in self.overrides.items():
                 if key in RESUMABLE:
                     setattr(saved_cfg, key, value)
@@ -321,6 +434,8 @@ class Trainer:
             self.model = LanguageModel.create(mcfg, cfg.seed, self.backend)
         self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops)
         self.rng = numpy.random.default_rng(cfg.seed)
+        if saved:
+            check_resume_state(last_path, saved, cfg, len(self.batches), self.opt)
         p = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,
              "best_val": None, "best_saved": None, "bad_evals": 0, "last_train_loss": None, "last_val": None}
         self.state = None

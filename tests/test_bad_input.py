@@ -12,6 +12,8 @@ import numpy
 import pytest
 
 from charnn.io import checkpoint
+
+from archive_support import BOMB_BYTES, Member, npy, npy_header, zip_bytes
 from cli_support import (TINY, check_error, check_ok, corpus_text, invoke, temp_files, time_limit, train,
                          write_corpus)
 
@@ -235,6 +237,86 @@ def test_member_that_is_not_an_array(tmp_path, model):
         for name in src.namelist():
             dst.writestr(name, src.read(name) if name != "param/head.b.npy" else b"not an array")
     use_model(path, "param/head.b")
+
+
+def model_parts(model):
+    """(meta, members) of the model file ``model``, as archive_support members."""
+    with numpy.load(model) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
+    return meta, [Member(f"{k}.npy", npy(v)) for k, v in arrays.items()]
+
+
+def with_meta(raw: bytes) -> Member:
+    return Member("meta.npy", npy_header("|u1", (len(raw),)) + raw)
+
+
+def version(v):
+    def edit(meta, members):
+        meta["version"] = v
+        return [with_meta(json.dumps(meta).encode())] + members
+    return edit
+
+
+def meta_tail(tail: str):
+    def edit(meta, members):
+        return [with_meta((json.dumps(meta)[:-1] + ", " + tail + "}").encode())] + members
+    return edit
+
+
+def huge_head_w(meta, members):
+    head = npy_header("<f4", (meta["config"]["vocab_size"], 2**28))
+    return [with_meta(json.dumps(meta).encode())] + [
+        Member.bomb(m.name, head, size=len(head) + 4 * meta["config"]["vocab_size"] * 2**28)
+        if m.name == "param/head.W.npy" else m for m in members]
+
+
+def extra_member(name):
+    def edit(meta, members):
+        return [with_meta(json.dumps(meta).encode())] + members + [
+            Member.bomb(name, npy_header("<f8", (2**28,)), size=2**31)]
+    return edit
+
+
+def huge_meta(meta, members):
+    head = json.dumps(meta)[:-1] + ', "notes": "'
+    return [Member.bomb("meta.npy", npy_header("|u1", (len(head) + BOMB_BYTES,)) + head.encode())] + members
+
+
+def bzip2_member(meta, members):
+    first = Member(members[0].name, members[0].data, 12)  # data as stored: plain
+    return [with_meta(json.dumps(meta).encode()), first] + members[1:]
+
+
+BAD_FILES = [
+    ("version 0", version(0), ["unknown model format version 0"]),
+    ("version -1", version(-1), ["unknown model format version -1"]),
+    ("version true", version(True), ["format version is true"]),
+    ("5,000-digit integer", meta_tail('"step": ' + "7" * 5000), ["malformed metadata"]),
+    ("deep nesting", meta_tail('"x": ' + "[" * 100_000 + "]" * 100_000), ["malformed metadata"]),
+    ("head.W inflating to GiBs", huge_head_w, ["head.W", "shape"]),
+    ("unknown 2 GiB member", extra_member("blob.npy"), ["unexpected member", "blob.npy"]),
+    ("path traversal", extra_member("../../escape.npy"), ["unexpected member", "escape.npy"]),
+    ("256 MiB of metadata", huge_meta, ["malformed metadata"]),
+    ("bzip2 member", bzip2_member, ["compression"]),
+]
+
+
+@pytest.mark.parametrize("make, needles", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_crafted_model_files(tmp_path, model, make, needles):
+    """sample, score, gradcheck and a run folder holding the file: exit 1, one line, quickly."""
+    meta, members = model_parts(model)
+    path = tmp_path / "crafted.npz"
+    path.write_bytes(zip_bytes(make(meta, members)))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "model.npz").write_bytes(path.read_bytes())
+    with time_limit(60):
+        use_model(path, *needles)
+        check_error(invoke("gradcheck", path, "--device", "cpu"), 1, str(path), *needles)
+        r = invoke("sample", folder, "-n", 5, "--device", "cpu")
+        check_error(r, 1, str(folder / "model.npz"), *needles)
+        assert r.stdout == ""
 
 
 # ----- option values (usage errors, exit 2) -----

@@ -47,7 +47,7 @@ def eval_loss(model):
 def saved(tmp_path, name="model.npz", **kw):
     model, vocab, opt, state = trained(**kw)
     path = tmp_path / name
-    save(path, make_checkpoint(model, vocab, opt, state, {"step": 7, "train": {"lr": 0.002}}))
+    save(path, make_checkpoint(model, vocab, opt, state, {"step": 7, "train": {"lr": 0.002, "batch_size": 3}}))
     return path, model, vocab, opt, state
 
 
@@ -80,7 +80,7 @@ def test_round_trip(tmp_path, cell):
     ckpt = load(path)
     assert ckpt.config == model.config
     assert ckpt.vocab.tokens == vocab.tokens and ckpt.vocab.level == "char"
-    assert ckpt.meta == {"step": 7, "train": {"lr": 0.002}, "format": checkpoint.FORMAT,
+    assert ckpt.meta == {"step": 7, "train": {"lr": 0.002, "batch_size": 3}, "format": checkpoint.FORMAT,
                          "version": checkpoint.VERSION}
     assert ckpt.params.keys() == model.params.keys()
     for k, v in model.host_params().items():
@@ -130,7 +130,7 @@ def test_minimal_checkpoint_and_run_folder(tmp_path):
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     path, *_ = saved(tmp_path)
     model, vocab, opt, state = trained(seed=1)
-    save(path, make_checkpoint(model, vocab, opt, state))  # overwrite
+    save(path, make_checkpoint(model, vocab, opt, state, {"train": {"batch_size": 3}}))  # overwrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
     assert eval_loss(load_model(path, F64)[0]) == eval_loss(model)
 

@@ -40,7 +40,7 @@ def make_file(cell: str) -> bytes:
     opt = make_optimizer("adam", model.params)
     opt.step(grads)
     host_state = [(to_host(h), None if c is None else to_host(c)) for h, c in state]
-    ckpt = Checkpoint(config, vocab, model.host_params(), {"progress": {"step": 1}}, opt.state_arrays(), host_state)
+    ckpt = Checkpoint(config, vocab, model.host_params(), {"progress": {"step": 1}, "train": {"batch_size": 3}}, opt.state_arrays(), host_state)
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save(Path(d) / "m.npz", ckpt)
         return (Path(d) / "m.npz").read_bytes()

@@ -264,7 +264,7 @@ def test_checkpoint_round_trip_onto_the_device(tmp_path):
     model, opt = dev["model"], dev["opt"]
     state = [(to_host(h), None if c is None else to_host(c)) for h, c in dev["state"]]
     path = tmp_path / "m.npz"
-    checkpoint.save(path, checkpoint.Checkpoint(config, vocab, model.host_params(), {"step": 1},
+    checkpoint.save(path, checkpoint.Checkpoint(config, vocab, model.host_params(), {"step": 1, "train": {"batch_size": 3}},
                                                 opt.state_arrays(), state))
     loaded, _, ckpt = checkpoint.load_model(path, standin_backend())
     assert all(is_device(p) for p in loaded.params.values())

@@ -15,6 +15,7 @@ import pytest
 
 import charnn.train as train_mod
 from charnn.io import checkpoint
+from charnn.io import corpus as corpus_mod
 from charnn.backend import to_host
 from charnn.io.checkpoint import Checkpoint
 from charnn.io.data import Batches
@@ -426,7 +427,7 @@ def test_run_folder_files(tmp_path, corpus):
     assert [n for n in names if n not in caches] == [".lock", "last.npz", "metrics.jsonl", "model.npz"]
     # the encoded corpus: one compact token per character, memory-mapped by the trainer
     assert len(caches) == 1 and caches[0].endswith(".uint8")
-    assert (out / caches[0]).stat().st_size == len(corpus.read_text(encoding="utf-8"))
+    assert (out / caches[0]).stat().st_size == len(corpus.read_text(encoding="utf-8")) + corpus_mod.TRAILER
 
 
 def test_word_level_end_to_end(tmp_path, corpus):

@@ -6,6 +6,12 @@ boundaries. Encoding writes the token ids to a cache file of the smallest unsign
 holds the vocabulary (uint8, uint16 or uint32) and maps it back with numpy.memmap, so training
 on a corpus of several GB keeps only the token array (on disk, paged in as needed) and one block
 of text in memory.
+
+A cache file ends with a trailer: ``CACHE_MAGIC``, the token count (uint64, little-endian) and
+the SHA-256 of the id bytes before it. A cache found in a run folder is used only if its size and
+hash agree with its trailer; otherwise it is rebuilt from the corpus when the corpus is the one it
+was made from (same digest), and refused when it is not, so a truncated or altered cache never
+trains (or validates) on other tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class CorpusError(ValueError):
 
 
 BLOCK = 1 << 22  # 4 MiB of bytes per block (encoding one holds a few times that)
+CACHE_MAGIC = b"CHARNNT1"
+TRAILER = len(CACHE_MAGIC) + 8 + 32
 
 
 def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int = BLOCK) -> Iterator[str]:
@@ -123,14 +131,16 @@ def iter_lines(path, encoding="utf-8", errors="strict") -> Iterator[str]:
 
 def encode_to_file(path, vocab: Vocab, out_path, encoding="utf-8", errors="strict") -> int:
     """Encode ``path`` with ``vocab`` into the raw id file ``out_path`` (written to a temporary
-    name and renamed). Returns the number of tokens.
+    name and renamed), followed by the trailer (see the module docstring). Returns the number
+    of tokens.
 
     Raises:
         CorpusError: a character outside a char vocabulary (with its position).
     """
     dtype = vocab.dtype()
     n = 0
-    with atomic_open(out_path) as out:
+    with atomic_open(out_path) as f:
+        out = _Hashed(f)
         if vocab.level == "char":
             for piece in iter_text(path, encoding, errors):
                 ids = vocab.encode(piece)
@@ -150,7 +160,44 @@ def encode_to_file(path, vocab: Vocab, out_path, encoding="utf-8", errors="stric
                     buf = []
             out.write(numpy.asarray(buf, dtype=dtype).tobytes())
             n += len(buf)
+        f.write(CACHE_MAGIC + n.to_bytes(8, "little") + out.hash.digest())
     return n
+
+
+class _Hashed:
+    """Writes through to ``f`` and hashes what it writes."""
+
+    def __init__(self, f):
+        self.f, self.hash = f, hashlib.sha256()
+
+    def write(self, data: bytes):
+        self.hash.update(data)
+        self.f.write(data)
+
+
+def cache_count(cache: Path, dtype) -> int | None:
+    """The token count of a cache file whose size and hash agree with its trailer, else None."""
+    try:
+        with open(cache, "rb") as f:
+            size = f.seek(0, 2)
+            if size < TRAILER:
+                return None
+            f.seek(size - TRAILER)
+            trailer = f.read(TRAILER)
+            n = int.from_bytes(trailer[len(CACHE_MAGIC): len(CACHE_MAGIC) + 8], "little")
+            if trailer[: len(CACHE_MAGIC)] != CACHE_MAGIC or n * numpy.dtype(dtype).itemsize != size - TRAILER:
+                return None
+            f.seek(0)
+            h, left = hashlib.sha256(), size - TRAILER
+            while left:
+                block = f.read(min(BLOCK, left))
+                if not block:
+                    return None
+                h.update(block)
+                left -= len(block)
+    except OSError:
+        return None
+    return n if h.digest() == trailer[-32:] else None
 
 
 def vocab_key(vocab: Vocab) -> str:
@@ -178,14 +225,34 @@ def count_words(path, tokenizer: str, limit: int | None = None, encoding="utf-8"
 def cached_ids(path, vocab: Vocab, cache_dir, corpus_digest: str, encoding="utf-8", errors="strict") -> numpy.ndarray:
     """The token ids of ``path`` as a read-only memory map, encoded once into ``cache_dir``
     (named by the corpus digest, vocabulary and dtype, so a changed corpus or vocabulary never
-    reuses a stale cache)."""
+    reuses a stale cache).
+
+    Raises:
+        CorpusError: the cache is damaged (truncated, altered, or written by an older charnn)
+            and the corpus it was made from is not there to rebuild it.
+    """
     dtype = numpy.dtype(vocab.dtype())
     cache = Path(cache_dir) / f"tokens-{corpus_digest[:16]}-{vocab_key(vocab)}.{dtype.name}"
-    if not cache.exists():
-        encode_to_file(path, vocab, cache, encoding, errors)
-    if cache.stat().st_size == 0:
+    n = cache_count(cache, dtype) if cache.exists() else None
+    if n is None:
+        if cache.exists() and not _has_digest(path, corpus_digest):
+            raise CorpusError(f"{cache}: the token cache is damaged (truncated or altered) and the corpus it was made "
+                              f"from ({path}) is missing or changed, so it cannot be rebuilt; cannot resume exactly")
+        n = encode_to_file(path, vocab, cache, encoding, errors)
+    if n == 0:
         return numpy.zeros(0, dtype=dtype)
-    return numpy.memmap(cache, dtype=dtype, mode="r")
+    return numpy.memmap(cache, dtype=dtype, mode="r", shape=(n,))
+
+
+def _has_digest(path, digest: str) -> bool:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(BLOCK), b""):
+                h.update(block)
+    except OSError:
+        return False
+    return h.hexdigest() == digest
 
 
 def encode_ids(path, vocab: Vocab, encoding="utf-8", errors="strict") -> numpy.ndarray:
