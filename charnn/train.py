@@ -406,6 +406,9 @@ class Trainer:
             digest = saved.meta.get("corpus_sha256")
             if digest and Path(cfg.corpus).exists() and file_digest(cfg.corpus) != digest:
                 raise TrainError(f"{cfg.corpus}: the corpus changed since the checkpoint; cannot resume exactly")
+            val_digest = saved.meta.get("val_sha256")  # absent in runs saved before it was kept
+            if cfg.val and isinstance(val_digest, str) and Path(cfg.val).is_file() and file_digest(cfg.val) != val_digest:
+                raise TrainError(f"{cfg.val}: the validation file changed since the checkpoint; cannot resume exactly")
         elif last_path.exists() or (self.out / ckpt_mod.BEST_NAME).exists():
             raise TrainError(f"{self.out}: already holds a run; pass --resume to continue it, or choose another --out")
 
@@ -419,6 +422,7 @@ class Trainer:
             raise CorpusError(f"{cfg.corpus}: {e}") from None
         self.val_ids = val_ids
         self.corpus_digest = saved.meta.get("corpus_sha256") if saved else file_digest(cfg.corpus)
+        self.val_digest = file_digest(cfg.val) if cfg.val else None
         n_classes = cfg.auto_classes(len(vocab))
         bounds = ()
         if saved:
@@ -457,8 +461,11 @@ class Trainer:
     # ----- checkpoints -----
     def _meta(self) -> dict:
         p = dict(self.progress, opt_t=self.opt.t, lr=self.opt.lr)
-        return {"train": self.cfg.to_json(), "progress": p, "rng": self.rng.bit_generator.state,
+        meta = {"train": self.cfg.to_json(), "progress": p, "rng": self.rng.bit_generator.state,
                 "corpus_sha256": self.corpus_digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.val_digest:
+            meta["val_sha256"] = self.val_digest
+        return meta
 
     def save_last(self):
         state = [(to_host(h), None if c is None else to_host(c)) for h, c in self.state]

@@ -196,3 +196,13 @@ def test_new_run_with_a_damaged_leftover_cache(tmp_path, run):
     cache.write_bytes(good[:100])
     check_ok(train(corpus, out, *ARGS, "--max-steps", 4))
     assert cache.read_bytes() == good
+
+
+def test_changed_validation_file_is_refused_on_resume(tmp_path):
+    corpus = write_corpus(tmp_path)
+    val = write_corpus(tmp_path, "val.txt", lines=20, seed=5)
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, *ARGS, "--val", val, "--max-steps", 4))
+    check_ok(train(corpus, out, "--resume", "--max-steps", 6))  # unchanged: resumes
+    val.write_text(val.read_text(encoding="utf-8") + "the cat sat\n", encoding="utf-8")
+    check_error(train(corpus, out, "--resume", "--max-steps", 8), 1, "validation file changed", str(val))
