@@ -12,6 +12,9 @@ time, so the hidden state carried from one chunk to the next is the state of the
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy
 
 
@@ -19,17 +22,36 @@ class CorpusError(ValueError):
     """A corpus cannot be read or is unusable; the message names the path and the problem."""
 
 
-def read_text(path, encoding: str = "utf-8", errors: str = "strict") -> str:
+def file_kind(path) -> str | None:
+    """None for a regular file, a directory or a missing path; else what it is ("a FIFO (named
+    pipe)", "a socket", ...): open() may wait forever on a FIFO without a writer, and none of
+    them can be read twice."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def read_text(path, encoding: str = "utf-8", errors: str = "strict", pipes: bool = False) -> str:
     """Read a text file ("-" for stdin), normalising line endings to "\\n" and dropping a
-    byte-order mark (the whole text at once; corpus.iter_text streams it).
+    byte-order mark (the whole text at once; corpus.iter_text streams it). ``pipes``: also
+    read a FIFO or device once, as a stream (score's FILE, e.g. ``<(cat lines.txt)``).
 
     Raises:
-        CorpusError: missing path, a directory, a binary file (NUL bytes), undecodable bytes
-            (with the byte offset and line), or an unknown encoding.
+        CorpusError: missing path, a directory, a FIFO or device (unless ``pipes``), a binary
+            file (NUL bytes), undecodable bytes (with the byte offset and line), or an unknown
+            encoding.
     """
     from .corpus import iter_text
 
-    return "".join(iter_text(path, encoding, errors))
+    return "".join(iter_text(path, encoding, errors, pipes=pipes))
 
 
 def split_tail(ids: numpy.ndarray, fraction: float):
