@@ -2,7 +2,8 @@
 
 A :class:`Backend` names the array module, the dtype and the operations (``ops``) the model
 computes with: the CPU engine's (engine/cpu.py, built from the run's settings) on the CPU, the
-reference's (nn/ops.py) elsewhere. :func:`get_backend` is the one place that choice is made.
+reference's (nn/ops.py) elsewhere. :func:`get_backend` is the one place that choice is made;
+it imports no engine: engines register themselves (:func:`register_engine`).
 
 This is the only module that imports cupy. Everything else receives an array module ``xp``
 (from :func:`get_backend` or :func:`array_module`) and does its math through it, so the same
@@ -12,6 +13,7 @@ code runs on either device. Arrays cross between host and device only here, thro
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass, field
 
@@ -82,14 +84,23 @@ def get_backend(device: str = "auto", dtype: str = "float32", announce: bool = F
             print(f"charnn: using {'the GPU (CuPy)' if chosen == 'gpu' else 'the CPU (NumPy)'}", file=sys.stderr)
     else:
         chosen = "cpu"
-    if chosen == "gpu":
-        from .nn.ops import Ops
+    if chosen not in ENGINES and chosen in ENGINE_MODULES:
+        importlib.import_module(ENGINE_MODULES[chosen])  # registers itself
+    engine = ENGINES.get(chosen)
+    return Backend(xp=cupy if chosen == "gpu" else numpy, dtype=getattr(numpy, dtype), device=chosen,
+                   ops=None if engine is None else engine(settings))
 
-        return Backend(xp=cupy, dtype=getattr(numpy, dtype), device=chosen, ops=Ops())
-    from .engine.cpu import CpuOps
-    from .engine.settings import default_settings
 
-    return Backend(xp=numpy, dtype=getattr(numpy, dtype), device=chosen, ops=CpuOps(settings or default_settings()))
+# device -> a function of the settings (or None: the process's) that builds the operations for
+# it; an engine registers itself here when its module is imported. get_backend imports the
+# module named in ENGINE_MODULES on first use (a plug-in, loaded by name: the backend knows no
+# engine's code). A device without one computes with the reference operations (nn/ops.py).
+ENGINES: dict = {}
+ENGINE_MODULES = {"cpu": "charnn.engine.cpu"}
+
+
+def register_engine(device: str, make_ops):
+    ENGINES[device] = make_ops
 
 
 def array_module(*arrays):

@@ -52,6 +52,7 @@ import numpy
 from .io import checkpoint as ckpt_mod
 from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_float, to_host
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
+from .io.fileio import file_kind
 from .nn.functional import class_bounds
 from .nn.model import LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
@@ -538,13 +539,25 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
+        if file_kind(path):
+            raise TrainError(f"{path}: is {file_kind(path)}, not a regular file; cannot resume")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise TrainError(f"{path}: not valid UTF-8 at byte {e.start} (charnn writes JSON lines); "
+                             f"move it away to resume") from None
         keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for n, line in enumerate(lines, 1):
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                m = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill
+            at = m.get("step", 0) if isinstance(m, dict) else None
+            if isinstance(at, bool) or not isinstance(at, (int, float)):
+                raise TrainError(f"{path}: line {n} is not a JSON object with a numeric step (charnn writes those); "
+                                 f"move the file away to resume")
+            if at <= step:
+                keep.append(line)
         ckpt_mod.atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode("utf-8"))
 
     # ----- the loop -----

@@ -87,7 +87,7 @@ def assert_same_params(a, b):
 def charnn_process(*args, **kw) -> subprocess.Popen:
     """charnn as a real process (for signals, kills and pipes)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "charnn.cli", *map(str, args)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "charnn", *map(str, args)], env=env,
                             stdout=kw.pop("stdout", subprocess.PIPE), stderr=kw.pop("stderr", subprocess.PIPE), **kw)
 
 

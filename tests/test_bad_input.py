@@ -7,6 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy
 import pytest
@@ -103,7 +107,7 @@ def test_invalid_utf8_says_where_and_what_to_do(tmp_path):
 
 def test_unknown_encoding(tmp_path):
     corpus = write_corpus(tmp_path)
-    refuse_train(tmp_path, corpus, "unknown encoding", "klingon", extra=("--encoding", "klingon"))
+    refuse_train(tmp_path, corpus, "--encoding", "unknown encoding", "klingon", code=2, extra=("--encoding", "klingon"))
 
 
 def test_byte_order_mark_is_stripped(tmp_path):
@@ -415,3 +419,259 @@ def test_full_disk_during_save(tmp_path, monkeypatch):
     for name in ("model.npz", "last.npz"):
         assert checkpoint.load(out / name).meta["progress"]["step"] == 5
     assert temp_files(out) == []
+
+
+# ----- the catalogue: everything a user types or pipes in (issue 17, classes 3, 7 and 8) -----
+
+def one_message(result, code: int, *needles: str):
+    """check_error, stricter: besides click's usage lines (exit 2), stderr holds exactly one
+    line, the "Error:" line, and nothing went to stdout."""
+    msg = check_error(result, code, *needles)
+    other = [line for line in result.stderr.splitlines()
+             if line.strip() and line != msg and not line.startswith(("Usage:", "Try "))]
+    assert other == [], result.stderr
+    assert result.stdout == ""
+    return msg
+
+
+FIFO, UTF8_BAD = "FIFO", b"hidden = 8\n# caf\xe9\n"
+# (command line, files to create {placeholder: bytes, or FIFO}, exit code, needles of the message).
+# C: a corpus, M: the model, F: a text file; other placeholders are created from the table.
+CATALOGUE = [
+    # 3. hangs: FIFOs where a file is read more than once or by np.load; NaN and infinities
+    (["train", "P"], {"P": FIFO}, 1, ["P", "FIFO", "not a regular file"]),
+    (["train", "C", "--val", "P"], {"P": FIFO}, 1, ["P", "FIFO"]),
+    (["train", "C", "--config", "P"], {"P": FIFO}, 2, ["--config", "FIFO"]),
+    (["sample", "P"], {"P": FIFO}, 1, ["P", "FIFO", "model file"]),
+    (["score", "P", "F"], {"P": FIFO}, 1, ["P", "FIFO", "model file"]),
+    (["gradcheck", "P"], {"P": FIFO}, 1, ["P", "FIFO", "model file"]),
+    (["gradcheck", "M", "--text", "P"], {"P": FIFO}, 1, ["P", "FIFO"]),
+    (["train", "C", "--time-limit", "nan"], {}, 2, ["--time-limit", "finite"]),
+    (["train", "C", "--time-limit", "inf"], {}, 2, ["--time-limit", "finite"]),
+    (["train", "C", "--lr", "nan"], {}, 2, ["--lr", "finite"]),
+    (["train", "C", "--lr", "inf"], {}, 2, ["--lr", "finite"]),
+    (["train", "C", "--lr-decay", "nan"], {}, 2, ["--lr-decay", "finite"]),
+    (["train", "C", "--clip", "nan"], {}, 2, ["--clip", "finite"]),
+    (["train", "C", "--clip", "inf"], {}, 2, ["--clip", "finite"]),
+    (["train", "C", "--dropout", "nan"], {}, 2, ["--dropout", "finite"]),
+    (["train", "C", "--state-reset", "nan"], {}, 2, ["--state-reset", "finite"]),
+    (["train", "C", "--val-fraction", "nan"], {}, 2, ["--val-fraction", "finite"]),
+    (["train", "C", "--val-fraction", "-inf"], {}, 2, ["--val-fraction"]),
+    (["sample", "M", "--temperature", "nan"], {}, 2, ["--temperature", "finite"]),
+    (["sample", "M", "--temperature", "inf"], {}, 2, ["--temperature", "finite"]),
+    (["sample", "M", "--top-p", "nan"], {}, 2, ["--top-p", "finite"]),
+    (["gradcheck", "--dropout", "nan"], {}, 2, ["--dropout", "finite"]),
+    (["gradcheck", "--tolerance", "nan"], {}, 2, ["--tolerance", "finite"]),
+    (["gradcheck", "--tolerance", "inf"], {}, 2, ["--tolerance", "finite"]),
+    # 7. tracebacks: seeds, escapes, codecs, config files
+    (["train", "C", "--seed", "-1"], {}, 2, ["--seed"]),
+    (["sample", "M", "--seed", "-1"], {}, 2, ["--seed"]),
+    (["gradcheck", "--seed", "-1"], {}, 2, ["--seed"]),
+    (["sample", "M", "--prime", "\\"], {}, 2, ["--prime", "malformed escape"]),
+    (["sample", "M", "--stop-at", "\\"], {}, 2, ["--stop-at", "malformed escape"]),
+    (["sample", "M", "--prime", "ab\\x4"], {}, 2, ["--prime", "malformed escape"]),
+    (["sample", "M", "--stop-at", "\\N{NO SUCH NAME}"], {}, 2, ["--stop-at", "malformed escape"]),
+    (["sample", "M", "--prime", "\\ud800"], {}, 2, ["--prime", "not valid text"]),
+    (["sample", "M", "--prime", "\udcff"], {}, 2, ["--prime", "not valid text"]),  # undecodable argv bytes
+    (["train", "C", "--encoding", "rot13"], {}, 2, ["--encoding", "not a text encoding"]),
+    (["train", "C", "--encoding", "base64"], {}, 2, ["--encoding", "not a text encoding"]),
+    (["score", "M", "F", "--encoding", "zlib"], {}, 2, ["--encoding", "not a text encoding"]),
+    (["score", "M", "F", "--encoding", "klingon"], {}, 2, ["--encoding", "unknown encoding"]),
+    (["train", "C", "--config", "T"], {"T": UTF8_BAD}, 2, ["--config", "not valid UTF-8", "byte 16"]),
+    (["train", "C", "--config", "T"], {"T": b"lr = nan\n"}, 2, ["--lr", "finite"]),
+    (["train", "C", "--config", "T"], {"T": b"eval-every = 0\n"}, 2, ["--eval-every"]),
+    (["train", "C", "--config", "T"], {"T": b"[train]\nseed = -1\n"}, 2, ["--seed"]),
+    (["train", "C", "--config", "T"], {"T": b"hidden = \"big\"\n"}, 2, ["hidden must be an integer", "string"]),
+    (["train", "C", "--config", "T"], {"T": b"hidden = [16]\n"}, 2, ["hidden must be an integer", "array"]),
+    (["train", "C", "--config", "T"], {"T": b"out = 5\n"}, 2, ["out must be a string"]),
+    (["train", "C", "--config", "T"], {"T": b"cell = \"transformer\"\n"}, 2, ["--cell"]),
+    # 8. silent coercion
+    (["train", "C", "--config", "T"], {"T": b"hidden = 16.5\n"}, 2, ["hidden must be an integer", "float"]),
+    (["train", "C", "--config", "T"], {"T": b"layers = true\n"}, 2, ["layers must be an integer", "boolean"]),
+    (["train", "C", "--config", "T"], {"T": b"tie = 1\n"}, 2, ["tie must be true or false"]),
+    (["train", "C", "--classes", "-5"], {}, 2, ["--classes"]),
+]
+
+
+@pytest.mark.parametrize("args, files, code, needles", CATALOGUE,
+                         ids=[" ".join(a) for a, *_ in CATALOGUE])
+def test_catalogue(tmp_path, model, args, files, code, needles):
+    corpus = write_corpus(tmp_path)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the cat\n")
+    paths = {"C": corpus, "M": model, "F": lines}
+    for key, content in files.items():
+        paths[key] = tmp_path / f"{key.lower()}.in"
+        if content == FIFO:
+            os.mkfifo(paths[key])
+        else:
+            paths[key].write_bytes(content)
+    argv = [paths.get(a, a) for a in args]
+    if args[0] == "train":
+        argv += ["--out", tmp_path / "out", *TINY, "--max-steps", 2]
+    elif args[0] in ("sample", "score", "gradcheck"):
+        argv += ["--device", "cpu"]
+    with time_limit(30):  # a FIFO opened by mistake would wait forever
+        result = invoke(*argv)
+    needles = [str(paths[n]) if n in files else n for n in needles]
+    one_message(result, code, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_values_of_the_right_kind_still_work(tmp_path):
+    """Integers where a float is wanted are numbers; the run uses the config's values."""
+    corpus = write_corpus(tmp_path)
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text("[train]\nhidden = 12\nlr = 1\nclip = 0\ntie = false\nout = \"%s\"\n" % (tmp_path / "run"))
+    check_ok(invoke("train", corpus, "--config", cfg, "--layers", "1", "--seq-len", "8", "--batch-size", "4",
+                    "--device", "cpu", "-q", "--max-steps", "2"))
+    ckpt = checkpoint.load(tmp_path / "run" / "model.npz")
+    assert ckpt.config.hidden == 12 and ckpt.meta["train"]["lr"] == 1.0
+
+
+def test_escapes_are_decoded_one_by_one():
+    """Python's escapes mean what they do in Python; other characters (and unknown escapes)
+    stay as typed: "é" was mangled into "Ã©" by decoding all the text as unicode_escape."""
+    from charnn.cli import unescape
+
+    assert unescape(None, None, "é\\n") == "é\n"
+    assert unescape(None, None, "a\\tb\\\\c\\x41\\u00e9\\N{BULLET}\\d") == "a\tb\\cAé•\\d"
+    assert unescape(None, None, "plain") == "plain"
+
+
+def test_library_refuses_fifo_and_non_text_codecs(tmp_path):
+    from charnn.io.data import CorpusError, read_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with time_limit(20):
+        with pytest.raises(CorpusError, match="FIFO"):
+            read_text(fifo)
+        # As a stream (score's FILE), a FIFO without a writer is found empty instead of waited on.
+        with pytest.raises(CorpusError, match="nothing to read"):
+            read_text(fifo, pipes=True)
+    text = write_corpus(tmp_path)
+    for codec in ("rot13", "hex"):
+        with pytest.raises(CorpusError, match="not a text encoding"):
+            read_text(text, codec)
+
+
+# ----- metrics.jsonl on resume -----
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"step": 1}\n\xff\xfe\n', "not valid UTF-8"),
+    (b'{"step": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+    (b'{"step": "one"}\n', "line 1"),
+])
+def test_resume_with_a_damaged_metrics_file(tmp_path, content, needle):
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 2))
+    (out / "metrics.jsonl").write_bytes(content)
+    one_message(invoke("train", "--resume", "--out", out, "--max-steps", 4, "-q", "--device", "cpu"), 1,
+                str(out / "metrics.jsonl"), needle)
+    assert (out / "metrics.jsonl").read_bytes() == content  # nothing was trimmed away
+
+
+# ----- odd outputs -----
+
+def test_score_jsonl_is_json_even_for_a_model_with_huge_weights(tmp_path, model):
+    """Every line parses as strict JSON (non-finite numbers would be written as null: json.dumps
+    writes Infinity, which is not JSON)."""
+    def edit(arrays, meta):
+        for k in arrays:
+            if k.startswith("param/"):
+                arrays[k] = arrays[k] * numpy.float32(1e30)
+    huge = rewrite(model, tmp_path / "huge.npz", edit)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the cat sat\na dog ran\n")
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+    for extra in ([], ["--document"]):
+        r = check_ok(invoke("score", huge, lines, "--format", "jsonl", "--tokens", "--device", "cpu", *extra))
+        objs = [json.loads(line, parse_constant=no_constants) for line in r.stdout.splitlines()]
+        assert objs[-1]["summary"]
+
+
+def test_json_lines_write_null_for_numbers_json_lacks():
+    from charnn.cli.common import json_line
+
+    line = json_line({"logprob": float("-inf"), "bits": [["a", float("nan")], ["b", 1.5]], "n": 3})
+    assert line == '{"logprob": null, "bits": [["a", null], ["b", 1.5]], "n": 3}\n'
+
+
+# ----- real processes: pipes, FIFOs, Ctrl-C -----
+
+def charnn_main(*args, **kw):
+    """charnn as the installed command runs it (charnn/__main__.py, whose guard covers the imports)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "charnn", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def finish(proc, timeout=120):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"charnn still running after {timeout} s")
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_fifo_model_and_corpus_do_not_hang(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for args in (["train", fifo, "--out", tmp_path / "out"], ["sample", fifo], ["score", fifo, fifo]):
+        code, out, err = finish(charnn_main(*args, "--device", "cpu"), timeout=60)
+        assert code == 1 and "FIFO" in err and "Traceback" not in err, (args, code, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_score_reads_a_pipe_given_as_its_only_argument(tmp_path, model):
+    """`charnn score <(cat lines.txt)`: deciding whether /dev/fd/N is a model must not read it."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the cat\na dog\nthe end\n")
+    env = dict(os.environ, CHARNN_DEFAULT_MODEL=str(model))
+    for script in ('"$0" -m charnn score <(cat "$1") --format jsonl --device cpu',
+                   'cat "$1" | "$0" -m charnn score /dev/stdin --format jsonl --device cpu',
+                   'cat "$1" | "$0" -m charnn score - --format jsonl --device cpu'):
+        proc = subprocess.run(["bash", "-c", script, sys.executable, str(lines)], capture_output=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        summary = json.loads(proc.stdout.decode().splitlines()[-1])
+        assert summary["lines"] == 3, (script, summary)
+
+
+@pytest.mark.parametrize("command", [
+    ["score", "M", "F", "--format", "jsonl"],
+    ["score", "M", "F"],
+    ["score", "M", "F", "--tokens"],
+    ["gradcheck", "--cell", "rnn", "--layers", "1", "--embed", "0", "--level", "char"],
+    ["sample", "M", "-n", "3000"],
+    ["--help"],
+])
+def test_broken_pipe_exits_0_quietly(tmp_path, model, command):
+    """`charnn ... | head -n 1`: every command ends quietly with status 0, as sample did."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text(corpus_text(2000))
+    args = [{"M": model, "F": lines}.get(a, a) for a in command] + (["--device", "cpu"] if command[0] != "--help" else [])
+    proc = charnn_main(*args)
+    proc.stdout.close()  # the reader went away before the first write
+    code, _, err = finish(proc)
+    assert code == 0 and err == "", (code, err)
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.6, 1.0, 2.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, delay):
+    """Ctrl-C during the imports, the setup or training: no traceback and no "Aborted!", status 130
+    (or death by SIGINT, which shells also show as 130, when it comes before Python's handler)."""
+    corpus = write_corpus(tmp_path, lines=2000)
+    proc = charnn_main("train", corpus, "--out", tmp_path / "out", *TINY, "--max-steps", 10**6)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc, timeout=120)
+    assert code in (130, -signal.SIGINT), (code, err)
+    assert "Traceback" not in err and "Aborted" not in err, err
+    assert len(err.strip().splitlines()) <= 1, err

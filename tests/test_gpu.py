@@ -8,7 +8,8 @@ import numpy
 import pytest
 
 from charnn.backend import get_backend, to_host
-from charnn.nn.model import LanguageModel, ModelConfig, Stepper
+from charnn.nn.model import LanguageModel, ModelConfig
+from charnn.nn.stepper import Stepper
 from charnn.nn.optim import clip_global_norm, make_optimizer
 
 pytestmark = pytest.mark.gpu

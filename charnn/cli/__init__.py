@@ -6,6 +6,8 @@ Every user-facing error is a click.ClickException (exit 1) or click.BadParameter
 
 from __future__ import annotations
 
+import codecs
+import re
 import sys
 
 import click
@@ -13,6 +15,8 @@ import click
 from .. import __version__
 from ..backend import DEVICES, DTYPES, BackendError, get_backend
 from ..nn import cells
+from ..io.fileio import file_kind
+from .common import Finite, fail, text_encoding
 
 
 class CellChoice(click.Choice):
@@ -30,10 +34,6 @@ class CellChoice(click.Choice):
     @choices.setter
     def choices(self, value):
         pass
-
-
-def fail(message: str):
-    raise click.ClickException(message)
 
 
 def device_options(f):
@@ -66,16 +66,27 @@ def int_list(ctx, param, value):
 
 def load_config(ctx, param, value):
     """Read a TOML file into the command's defaults (click's default_map), so the command line
-    still overrides each value. Keys are option names, with dashes or underscores."""
+    still overrides each value. Keys are option names, with dashes or underscores. A value must
+    be of the option's kind (16.5 or true is not an integer); click then checks its range."""
     if not value:
         return value
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
 
+    kind = file_kind(value)
+    if kind:
+        raise click.BadParameter(f"{value}: is {kind}, not a regular file")
     try:
         with open(value, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except OSError as e:
         raise click.BadParameter(f"{value}: cannot read: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{value}: not valid UTF-8 at byte {e.start} (TOML files are UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{value}: not valid TOML: {e}") from None
     table = data.get(ctx.info_name, data)
@@ -91,18 +102,59 @@ def load_config(ctx, param, value):
         name = names.get(str(key).replace("-", "_"))
         if name is None or name in ("config", "resume"):
             raise click.BadParameter(f"{value}: unknown option {key!r}")
+        param_of = next(p for p in ctx.command.params if p.name == name)
+        wanted = _config_kind(param_of)
+        if not _is_kind(v, wanted):
+            raise click.BadParameter(f"{value}: {key} must be {wanted}, not {_toml_kind(v)} ({v!r})")
         defaults[name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
 
+def _config_kind(param) -> str:
+    if getattr(param, "is_flag", False):
+        return "true or false"
+    if isinstance(param.type, (click.types.IntParamType, click.IntRange)):
+        return "an integer"
+    if isinstance(param.type, (click.types.FloatParamType, click.FloatRange)):
+        return "a number"
+    return "a string"
+
+
+def _is_kind(v, wanted: str) -> bool:
+    if wanted == "true or false":
+        return isinstance(v, bool)
+    if wanted == "an integer":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if wanted == "a number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, str)
+
+
+def _toml_kind(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
 class Group(click.Group):
-    """Turns a broken pipe on stdout into a quiet exit, as Unix tools do."""
+    """Turns a broken pipe on stdout into a quiet exit, as Unix tools do, and Ctrl-C into one
+    line and status 130 (train's own handler saves a checkpoint first)."""
 
     def invoke(self, ctx):
-        # Caught here, inside click's main: click's own handler would exit with status 1.
+        # Caught here, inside click's main: click's own handlers would exit with status 1
+        # ("Aborted!" for Ctrl-C).
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
+            sys.stdout.flush()  # a broken pipe here, not at exit (where Python reports it and exits 120)
+            return rv
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        except KeyboardInterrupt:
+            interrupted()
+
+    def parse_args(self, ctx, args):
+        try:  # --help and --version print here, outside invoke
+            return super().parse_args(ctx, args)
         except BrokenPipeError:
             _quiet_broken_pipe()
 
@@ -111,6 +163,15 @@ class Group(click.Group):
             return super().main(*args, **kwargs)
         except BrokenPipeError:
             _quiet_broken_pipe()
+
+
+def interrupted():
+    """Ctrl-C outside training's loop: one line, status 130 (128 + SIGINT) as shells use."""
+    try:
+        click.echo("Error: interrupted", err=True)
+    except Exception:
+        pass
+    sys.exit(130)
 
 
 def _quiet_broken_pipe():
@@ -148,14 +209,14 @@ def cli():
 @click.option("--batch-size", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--level", type=click.Choice(["char", "word", "both"]), default="both", show_default=True,
               help="char: a 7-token vocabulary, full softmax; word: 40 tokens, class-factored softmax.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, show_default=True,
               help="Check with dropout on (the masks are fixed per check).")
 @click.option("--classes", type=click.IntRange(min=0), default=6, show_default=True,
               help="Word level: classes of the class-factored softmax; 0 = full softmax.")
 @click.option("--text", "text_path", type=click.Path(exists=True, dir_okay=False),
               help="With MODEL: the text sample to check on (default: random tokens).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--tolerance", type=Finite(min=0, min_open=True), default=1e-6, show_default=True,
               help="Largest max relative error that passes.")
 @click.option("--max-elements", type=click.IntRange(min=1), default=None,
               help="Entries checked per parameter (default all up to 300; 40 with MODEL).")
@@ -185,12 +246,12 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--state-reset", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+@click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--state-reset", type=Finite(0, 1), default=0.01, show_default=True,
               help="Chance per stream and chunk that its carried state restarts from zero, so the model learns to start cold anywhere.")
 @click.option("--activation", type=click.Choice(["tanh", "relu"]), default="tanh", show_default=True, help="Vanilla RNN only.")
 @click.option("--tie/--no-tie", default=False, show_default=True, help="Tie output weights to the embedding (needs --embed = --hidden).")
-@click.option("--classes", type=int, default=-1, show_default=True,
+@click.option("--classes", type=click.IntRange(min=-1), default=-1, show_default=True,
               help="Classes of a class-factored softmax (faster with large vocabularies); 0 = full softmax; -1 = about sqrt(V) for word vocabularies over 1,000 words.")
 @click.option("--tokenizer", type=click.Choice(["regex", "whitespace"]), default="regex", show_default=True, help="Word level only.")
 @click.option("--vocab-size", type=click.IntRange(min=3), default=None, help="Word level: keep the most frequent words (others become <unk>).")
@@ -198,22 +259,22 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
 @click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True, help="Steps of backpropagation through time.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Parallel streams.")
 @click.option("--optimizer", type=click.Choice(["adam", "adagrad", "rmsprop", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate [adam 3e-3, rmsprop 2e-3, adagrad 0.1, sgd 1].")
-@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Learning rate [adam 3e-3, rmsprop 2e-3, adagrad 0.1, sgd 1].")
+@click.option("--lr-decay", type=Finite(0, 1, min_open=True), default=1.0, show_default=True,
               help="Multiply the learning rate by this after each evaluation that does not improve on the best.")
-@click.option("--clip", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")
+@click.option("--clip", type=Finite(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")
 @click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Stop after this many epochs of the whole run [10 unless --max-steps or --time-limit].")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps of the whole run.")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many seconds (this process).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+@click.option("--time-limit", type=Finite(min=0, min_open=True), default=None, help="Stop after this many seconds (this process).")
+@click.option("--val-fraction", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
               help="Hold out the last fraction of the corpus for validation.")
 @click.option("--val", "val_path", type=click.Path(dir_okay=True), default=None, help="A separate validation file (instead of --val-fraction).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=500, show_default=True, help="Steps between evaluations and checkpoints.")
 @click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True, help="Steps between progress lines and metrics.")
 @click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True, help="Stop after this many evaluations without improvement; 0 = never.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @device_options
-@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus.")
+@click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding, help="Text encoding of the corpus.")
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True,
               help="What to do with bytes the encoding cannot decode.")
 @click.option("--sample-length", type=click.IntRange(min=0), default=200, show_default=True, help="Tokens sampled at each evaluation.")
@@ -239,21 +300,42 @@ def train_command(ctx, corpus, val_path, out, resume, as_json, quiet, **opts):
 
 
 
+# Python's string escapes; any other backslash stays as typed ("\d" is a backslash and a d).
+ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]*\}|[0-7]{1,3}|[\\'\"abfnrtv]|[xuUN]|$)")
+
+
 def unescape(ctx, param, value):
-    """Let "\n" and "\t" typed on a command line mean a newline and a tab."""
+    """Let "\\n" and "\\t" typed on a command line mean a newline and a tab (Python's escapes,
+    decoded one by one so other characters stay as typed); a malformed escape ("\\" at the end,
+    "\\x4") is a usage error, as is text that is not valid Unicode (a lone surrogate)."""
     if value is None:
         return None
-    return value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
+
+    def one(m):
+        seq = m.group(0)
+        if seq in ("\\", "\\x", "\\u", "\\U", "\\N"):
+            raise click.BadParameter(f"{value!r}: malformed escape {seq!r} (write \\\\ for a backslash)")
+        try:
+            return codecs.decode(seq, "unicode_escape")
+        except UnicodeDecodeError as e:
+            raise click.BadParameter(f"{value!r}: malformed escape {seq!r} ({e.reason})") from None
+
+    out = ESCAPE.sub(one, value) if "\\" in value else value
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.BadParameter(f"{value!r} is not valid text (a lone surrogate or undecodable bytes)") from None
+    return out
 
 
 @cli.command("sample")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--length", "-n", type=click.IntRange(min=0), default=500, show_default=True, help="Tokens to generate (characters or words).")
-@click.option("--temperature", "-t", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 = greedy (always the most likely token).")
+@click.option("--temperature", "-t", type=Finite(min=0), default=1.0, show_default=True, help="0 = greedy (always the most likely token).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k most likely tokens only.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Sample from the smallest set of tokens holding probability p.")
+@click.option("--top-p", type=Finite(0, 1, min_open=True), default=None, help="Sample from the smallest set of tokens holding probability p.")
 @click.option("--prime", default="", help="Text to warm the state on; generation continues it.", callback=unescape)
-@click.option("--seed", type=int, default=None, help="Same seed, same text [random].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Same seed, same text [random].")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--stop-at", default=None, callback=unescape, help='Stop a sample when it ends with this text, e.g. "\\n" or ".".')
 @click.option("--beam-size", type=click.IntRange(min=1), default=None, help="Beam search for the most likely continuation instead of sampling.")
@@ -276,7 +358,7 @@ def sample_command(model, length, temperature, top_k, top_p, prime, seed, num_sa
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Lines scored together.")
 @click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
               help="--document: score this many pieces side by side (faster, slightly less context).")
-@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device):
@@ -291,6 +373,7 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
 
 
 def main():
+    """The entry point without charnn/__main__.py's guard around the imports above."""
     cli(prog_name="charnn")
 
 

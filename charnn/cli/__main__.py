@@ -1,5 +1,5 @@
-"""``python -m charnn.cli``: the command line."""
+"""``python -m charnn.cli``: the command line, as ``python -m charnn``."""
 
-from . import main
+from charnn.__main__ import main
 
 main()

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import click
 import numpy
-from rich.console import Console
 from rich.table import Table
 
 from ..backend import BackendError, get_backend
-from ..io.checkpoint import CheckpointError, load_model
+from ..io.checkpoint import CheckpointError, load_model, resolve
 from ..io.data import CorpusError, read_text
 from ..nn.functional import class_bounds
 from ..gradcheck import check_config, check_model, random_chunk
 from ..nn.model import LanguageModel, ModelConfig
+from .common import StdoutConsole, regular_file
 
 VOCAB_SIZES = {"char": 7, "word": 40}
 
 
 def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
                   text_path, seed, tolerance, max_elements, device, classes=6):
-    console = Console(stderr=False)
+    console = StdoutConsole()
     try:
         get_backend(device, "float64")
     except BackendError as e:
@@ -69,12 +69,14 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
 
 def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device):
     try:
+        regular_file(resolve(path), "model file")
         trained, vocab, ckpt = load_model(path)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     model = LanguageModel(ckpt.config, ckpt.params, get_backend(device, "float64"))
     T, N = seq_len, batch_size
     if text_path:
+        regular_file(text_path)
         try:
             text = read_text(text_path)
         except CorpusError as e:

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 import numpy
 
 from ..backend import BackendError, get_backend
-from ..io.checkpoint import CheckpointError, default_model_path, load_model
+from ..io.checkpoint import CheckpointError, default_model_path, load_model, resolve
 from ..sample import SampleError, beam_search, generate, prime_ids
+from .common import json_line, regular_file
 
 
 def load_for_use(model, device):
     """(model, vocab, path) for sample/score: MODEL or the bundled default, on ``device``."""
     try:
         path = model if model is not None else default_model_path()
+        regular_file(resolve(path), "model file")  # np.load would wait on a FIFO forever
         backend = get_backend(device, "float32", announce=False)
         lm, vocab, ckpt = load_model(path, backend)
     except (CheckpointError, BackendError) as e:
@@ -59,7 +60,7 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
             obj = {"sample": k, "seed": seed, "prime": prime, "text": text, "model": str(path)}
             if logprob is not None:
                 obj["logprob"] = logprob
-            out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            out.write(json_line(obj))
         else:
             if not (prime + text).endswith("\n"):
                 out.write("\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,18 +11,24 @@ from rich.table import Table
 from rich.text import Text
 
 from ..io.data import CorpusError, read_text
+from ..io.fileio import file_kind
 from .sample import load_for_use
 from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
 from ..io.vocab import iter_lines
+from .common import StdoutConsole, json_line
 
 # Surprisal (bits) -> background colour, from "expected" to "very surprised".
 HEAT = [(1, None), (2, "#3a3a00"), (4, "#5f5f00"), (6, "#875f00"), (8, "#af5f00"), (11, "#d75f00"), (float("inf"), "#ff0000")]
 
 
 def _looks_like_model(arg: str) -> bool:
+    """A folder, or a regular file that starts as a zip does. Anything else (a pipe from
+    ``<(...)``, a FIFO, /dev/stdin) is never opened here: reading it would consume the text."""
     p = Path(arg)
     if p.is_dir():
         return True
+    if file_kind(p) or not p.is_file():
+        return False
     try:
         with open(p, "rb") as f:
             return f.read(4) == b"PK\x03\x04"
@@ -53,7 +58,7 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
             file_arg = args[0]
     lm, vocab, path = load_for_use(model_arg, device)
     try:
-        text = read_text(file_arg, encoding, errors)
+        text = read_text(file_arg, encoding, errors, pipes=True)
     except CorpusError as e:
         raise click.ClickException(str(e)) from None
     err = Console(stderr=True)
@@ -82,12 +87,12 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
             obj["index"] = n
             if show_tokens:
                 obj["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(s.token_strings, s.surprisal)]
-            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            sys.stdout.write(json_line(obj))
         if document and show_tokens:
             summary["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(items[0].token_strings, items[0].surprisal)]
-        sys.stdout.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        sys.stdout.write(json_line(summary))
         return
-    out = Console(highlight=False)
+    out = StdoutConsole(highlight=False)
     if show_tokens:
         for s in items:
             out.print(heat_text(s.token_strings, s.surprisal, vocab.level))

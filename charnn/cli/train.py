@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from ..io.data import CorpusError
 from ..nn.model import ModelError
 from ..train import TrainConfig, Trainer, TrainError
 from ..io.vocab import VocabError
+from .common import json_line, regular_file
 
 
 def default_out(corpus: str, opts: dict) -> Path:
@@ -28,6 +28,9 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
         raise click.UsageError("--resume needs --out (the run folder) or the CORPUS of a default run folder")
     if opts["tie"] and opts["embed"] != opts["hidden"]:
         raise click.BadParameter("--tie needs --embed equal to --hidden", param_hint="--tie")
+    for path in (corpus, val_path):
+        if path is not None:
+            regular_file(path)  # a FIFO would be opened by the corpus digest and wait for a writer
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
         opts["max_epochs"] = 10
     out_dir = Path(out) if out else default_out(corpus, opts)
@@ -56,8 +59,12 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
         if reporter:
             reporter.end()
         raise click.ClickException(f"{out_dir}: {e.strerror or e}") from None
+    except KeyboardInterrupt:  # before the loop's own handler (cli.Group exits 130)
+        if reporter:
+            reporter.end()
+        raise
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json_line(result), nl=False)
     elif not quiet and result["stopped"] != "interrupted":
         val, best = result["val_loss"], result["best_val_loss"]
         if best is not None and val is not None and best < val:

@@ -20,10 +20,11 @@ from typing import Callable
 
 import numpy
 
+from ..backend import register_engine
 from ..nn.ops import Ops
 from ..nn.optim import RowGrad
 from . import heads, kernels, layers, loops, parallel
-from .settings import Settings
+from .settings import Settings, default_settings
 from .threads import blas_threads, in_row_blocks, loop_threads, run_in_two, share_in_two
 
 
@@ -232,3 +233,6 @@ class CpuOps(Ops):
 
     def nll(self, model, ids, targets, state, weights):
         return parallel.nll(self, model, ids, targets, state, weights)
+
+
+register_engine("cpu", lambda settings=None: CpuOps(settings or default_settings()))

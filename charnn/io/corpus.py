@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Iterator
 
 import numpy
 
-from .fileio import atomic_open
+from .fileio import atomic_open, file_kind
 from .vocab import EOS, Vocab, tokenize_line
 
 
@@ -40,12 +41,17 @@ CACHE_MAGIC = b"CHARNNT1"
 TRAILER = len(CACHE_MAGIC) + 8 + 32
 
 
-def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int = BLOCK) -> Iterator[str]:
+def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int = BLOCK,
+              pipes: bool = False) -> Iterator[str]:
     """Decoded text of ``path`` in pieces, with newlines normalised and a BOM dropped.
 
+    Args:
+        pipes: read a FIFO or device too (once, as a stream); otherwise only regular files and
+            "-" (stdin), so a named pipe without a writer cannot make the caller wait forever.
+
     Raises:
-        CorpusError: missing file, directory, NUL bytes (binary), undecodable bytes (with the
-            byte offset), unknown encoding.
+        CorpusError: missing file, directory, FIFO or device, NUL bytes (binary), undecodable
+            bytes (with the byte offset), unknown or non-text encoding.
     """
     p = Path(path)
     stdin = str(path) == "-"
@@ -55,23 +61,30 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
         raise CorpusError(f"{p}: no such file")
     elif p.is_dir():
         raise CorpusError(f"{p}: is a directory, not a text file")
+    elif not pipes and file_kind(p):
+        raise CorpusError(f"{p}: is {file_kind(p)}, not a regular file")
     try:
+        if not getattr(codecs.lookup(encoding), "_is_text_encoding", True):
+            raise CorpusError(f"{encoding!r} is not a text encoding")
         decoder = codecs.getincrementaldecoder(encoding)(errors)
-    except LookupError:
+    except (LookupError, TypeError):
         raise CorpusError(f"unknown encoding {encoding!r}") from None
     wide = codecs.lookup(encoding).name.replace("-", "").startswith(("utf16", "utf32"))
     offset = 0
     lines = 0  # newlines in the blocks before this one
     first = True
     pending_cr = False
+    fifo = not stdin and file_kind(p) == "a FIFO (named pipe)"
     try:
-        f = contextlib.nullcontext(sys.stdin.buffer) if stdin else open(p, "rb")
+        f = contextlib.nullcontext(sys.stdin.buffer) if stdin else _open_stream(p) if fifo else open(p, "rb")
     except OSError as e:
         raise CorpusError(f"{p}: cannot read: {e.strerror or e}") from None
     with f as f:
         while True:
             data = f.read(block)
             final = not data
+            if final and fifo and offset == 0:
+                raise CorpusError(f"{p}: nothing to read (a FIFO without a writer, or an empty pipe)")
             if not wide and data:
                 nul = data.find(b"\x00")
                 if nul >= 0:
@@ -84,6 +97,8 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
                 line = lines + (bytes(held) + data).count(b"\n", 0, e.start) + 1
                 raise CorpusError(f"{p}: not valid {encoding} at byte {offset - len(held) + e.start} (line {line}); "
                                   f"pass --encoding (e.g. latin-1) or --errors replace") from None
+            except UnicodeError as e:  # a codec that cannot decode at all ("undefined")
+                raise CorpusError(f"{p}: cannot decode with {encoding!r}: {e}") from None
             offset += len(data)
             lines += data.count(b"\n")
             if first and text:
@@ -100,6 +115,14 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
                 yield text
             if final:
                 break
+
+
+def _open_stream(p):
+    """A FIFO opened without waiting for a writer (a plain open() waits until one comes, maybe
+    never); reads then block as usual while a writer is there, and find the end when none is."""
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 def build_vocab(path, level: str = "char", tokenizer: str = "regex", max_size=None, min_count: int = 1,

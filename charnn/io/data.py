@@ -17,15 +17,17 @@ import numpy
 from .corpus import CorpusError, iter_text  # noqa: F401  (CorpusError re-exported for callers)
 
 
-def read_text(path, encoding: str = "utf-8", errors: str = "strict") -> str:
+def read_text(path, encoding: str = "utf-8", errors: str = "strict", pipes: bool = False) -> str:
     """Read a text file ("-" for stdin), normalising line endings to "\\n" and dropping a
-    byte-order mark (the whole text at once; corpus.iter_text streams it).
+    byte-order mark (the whole text at once; corpus.iter_text streams it). ``pipes``: also
+    read a FIFO or device once, as a stream (score's FILE, e.g. ``<(cat lines.txt)``).
 
     Raises:
-        CorpusError: missing path, a directory, a binary file (NUL bytes), undecodable bytes
-            (with the byte offset and line), or an unknown encoding.
+        CorpusError: missing path, a directory, a FIFO or device (unless ``pipes``), a binary
+            file (NUL bytes), undecodable bytes (with the byte offset and line), or an unknown
+            encoding.
     """
-    return "".join(iter_text(path, encoding, errors))
+    return "".join(iter_text(path, encoding, errors, pipes=pipes))
 
 
 def split_tail(ids: numpy.ndarray, fraction: float):

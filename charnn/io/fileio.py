@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -58,3 +59,20 @@ def atomic_write_bytes(path, data: bytes):
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path) as f:
         f.write(data)
+
+
+def file_kind(path) -> str | None:
+    """None for a regular file, a directory or a missing path; else what it is ("a FIFO (named
+    pipe)", "a socket", ...): open() may wait forever on a FIFO without a writer, and none of
+    them can be read twice."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"

@@ -447,23 +447,3 @@ class LanguageModel:
         logits = X.T @ self.head_weight().T
         logits += p["head.b"]
         return logits
-
-
-class Stepper:
-    """Advances N streams one token at a time (for sampling): the reference, a forward pass
-    over a chunk of one step. ``state()`` returns the state, ``set_state`` loads one."""
-
-    def __init__(self, model: LanguageModel, N: int = 1):
-        self.model, self.N = model, N
-        self._state = model.initial_state(N)
-
-    def state(self) -> list:
-        return [(h.copy(), None if c is None else c.copy()) for h, c in self._state]
-
-    def set_state(self, state):
-        self._state = [(h.copy(), None if c is None else c.copy()) for h, c in state]
-
-    def step(self, ids):
-        """Feed ``ids`` (N,) host ints; returns the next-token logits (N, V)."""
-        logits, self._state = self.model.step(numpy.asarray(ids).reshape(-1), self._state)
-        return logits

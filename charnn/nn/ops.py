@@ -17,6 +17,7 @@ from . import cells
 from .functional import (class_xent_backward, class_xent_forward, scatter_add_rows, softmax_xent_backward,
                          softmax_xent_forward)
 from ..backend import array_module
+from .stepper import Stepper
 
 
 class Ops:
@@ -101,8 +102,6 @@ class Ops:
 
     def stepper(self, model, N: int = 1):
         """An object that advances N streams a token at a time (see model.Stepper)."""
-        from .model import Stepper
-
         return Stepper(model, N)
 
     # ----- whole training steps -----
