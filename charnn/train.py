@@ -148,6 +148,11 @@ class Reporter:
 
 
 def file_digest(path) -> str:
+    """The SHA-256 of a regular file (a FIFO or device is refused: opening one may wait forever,
+    and it could not be read again for training)."""
+    kind = file_kind(path)
+    if kind:
+        raise CorpusError(f"{path}: is {kind}, not a regular file")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -206,3 +206,17 @@ def test_changed_validation_file_is_refused_on_resume(tmp_path):
     check_ok(train(corpus, out, "--resume", "--max-steps", 6))  # unchanged: resumes
     val.write_text(val.read_text(encoding="utf-8") + "the cat sat\n", encoding="utf-8")
     check_error(train(corpus, out, "--resume", "--max-steps", 8), 1, "validation file changed", str(val))
+
+
+def test_resume_whose_corpus_became_a_fifo_is_refused_not_a_hang(tmp_path):
+    import os
+
+    from cli_support import time_limit
+
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, *ARGS, "--max-steps", 4))
+    corpus.unlink()
+    os.mkfifo(corpus)
+    with time_limit(30):
+        check_error(invoke("train", "--resume", "--out", out, "-q"), 1, "FIFO", str(corpus))
