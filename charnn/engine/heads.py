@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy
 
 from . import kernels
-from ..nn.functional import class_part_backward, weighted_mean
+from ..nn.functional import class_part_backward, weighted_mean, xent_result
 from .threads import run_in_two
 
 
@@ -26,11 +26,7 @@ def softmax_xent_forward(X, W, b, targets, weights=None, store=True):
     rows = numpy.arange(M)
     nll = numpy.empty(M, dtype=logits.dtype)
     kernels.softmax_xent_rows(logits, logits.max(axis=1), targets, nll, store)
-    loss, denom = weighted_mean(nll, weights)
-    cache = None
-    if store:
-        cache = {"P": logits, "X": X, "targets": targets, "weights": weights, "denom": denom, "rows": rows}
-    return loss, nll, cache
+    return xent_result(logits, X, targets, weights, nll, rows, store)
 
 
 def softmax_xent_backward(cache, W):

@@ -87,10 +87,16 @@ def softmax_xent_forward(X, W, b, targets, weights=None, store=True):
     nll = xp.log(Z) - picked
     if store:
         logits /= Z[:, None]  # probabilities
+    return xent_result(logits, X, targets, weights, nll, rows, store)
+
+
+def xent_result(P, X, targets, weights, nll, rows, store):
+    """(loss, nll, cache) of a softmax cross-entropy from its per-position ``nll``; the cache
+    (with store) keeps P, the probabilities, and what the backward pass needs besides."""
     loss, denom = weighted_mean(nll, weights)
     cache = None
     if store:
-        cache = {"P": logits, "X": X, "targets": targets, "weights": weights, "denom": denom, "rows": rows}
+        cache = {"P": P, "X": X, "targets": targets, "weights": weights, "denom": denom, "rows": rows}
     return loss, nll, cache
 
 
