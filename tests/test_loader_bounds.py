@@ -334,3 +334,21 @@ def test_state_batch_must_match_the_metadata(scratch, batch):
     meta["train"]["batch_size"] = batch
     members[0] = meta_member(meta)
     refused_cheaply(scratch, zip_bytes(members), "state", limit=MiB)
+
+
+def test_metadata_of_many_empty_containers_is_refused_before_parsing(scratch):
+    """300,000 empty lists (900 KB of JSON, within the size cap for this file; a few KB
+    deflated) would take about 20 MB as Python objects: their number is capped before
+    json.loads builds them. Brackets inside strings (a vocabulary of "[" and "{" tokens) do
+    not count."""
+    _, meta, members, _ = small_model()
+    raw = (json.dumps(meta)[:-1] + ', "x": [' + "[]," * 300_000 + "[]]}").encode()
+    members[0] = Member("meta.npy", npy_header("|u1", (len(raw),)) + raw, 8)
+    _, peak = load_measured(scratch, zip_bytes(members))
+    assert peak < 3 * len(raw) + SLACK
+    refused_cheaply(scratch, zip_bytes(members), "lists and objects")
+    _, meta, members, _ = small_model()
+    meta["notes"] = ["[{" * 20_000]  # inside a string: not containers
+    members[0] = meta_member(meta)
+    ckpt, _ = load_measured(scratch, zip_bytes(members))
+    assert ckpt is not None

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,10 @@ def load(path) -> Checkpoint:
 # vocabulary (a million words take about 10 MB of JSON).
 MAX_DIRECTORY = 1 << 20  # bytes of zip central directory (about 15,000 members)
 MAX_HEADER = 4096  # bytes of one .npy header (NumPy writes 128)
+MAX_META_CONTAINERS = 10_000  # lists and objects in the metadata JSON (see _parse_meta)
+# A JSON string literal, as an unrolled loop: (?:[^"\\]|\\.)* kept a backtracking frame per
+# character (80 MB for a 512 KB string); this consumes runs of plain characters at once.
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 MAX_META = 64 << 20  # bytes of metadata JSON, and at most 1 MiB more than 16x the file's size
 OPTIM_SLOTS = frozenset(s for cls in (Adagrad, Adam, RMSprop) for s in cls.slots)
 _CHUNK = 1 << 20  # bytes read (and inflated) at a time
@@ -302,7 +307,16 @@ def _describe(name: str) -> str:
 
 def _parse_meta(p: Path, raw: numpy.ndarray) -> dict:
     try:
-        meta = json.loads(codecs.utf_8_decode(raw, "strict", True)[0])
+        text = codecs.utf_8_decode(raw, "strict", True)[0]
+        # An empty list costs Python about 60 bytes for its two characters: metadata of
+        # "[[],[],...]" would take 30 times its size in memory. A model file's metadata holds a
+        # few dozen lists and objects (the bundled model's: 9), so their number is capped
+        # before parsing (counted outside string literals).
+        bare = _STRINGS.sub("", text)
+        containers = bare.count("[") + bare.count("{")
+        if containers > MAX_META_CONTAINERS:
+            raise ValueError(f"{containers:,} lists and objects, more than a model file's metadata holds")
+        meta = json.loads(text)
     except (ValueError, RecursionError) as e:
         # ValueError: not UTF-8, not JSON, or an integer of more than 4,300 digits;
         # RecursionError: nesting deeper than the parser's stack.
