@@ -400,6 +400,10 @@ class Trainer:
         saved = None
         if self.resume:
             if not last_path.exists():
+                if (self.out / ckpt_mod.BEST_NAME).exists():
+                    raise TrainError(f"{self.out}: holds {ckpt_mod.BEST_NAME} but no {ckpt_mod.LAST_NAME}, the full checkpoint a "
+                                     f"resume needs, so it cannot continue exactly; train in another --out, or move "
+                                     f"{ckpt_mod.BEST_NAME} away to start afresh here")
                 raise TrainError(f"{self.out}: nothing to resume (no {ckpt_mod.LAST_NAME})")
             saved = ckpt_mod.load(last_path)
             saved_cfg = resume_config(last_path, saved)
@@ -415,8 +419,11 @@ class Trainer:
             val_digest = saved.meta.get("val_sha256")  # absent in runs saved before it was kept
             if cfg.val and isinstance(val_digest, str) and Path(cfg.val).is_file() and file_digest(cfg.val) != val_digest:
                 raise TrainError(f"{cfg.val}: the validation file changed since the checkpoint; cannot resume exactly")
-        elif last_path.exists() or (self.out / ckpt_mod.BEST_NAME).exists():
+        elif last_path.exists():
             raise TrainError(f"{self.out}: already holds a run; pass --resume to continue it, or choose another --out")
+        elif (self.out / ckpt_mod.BEST_NAME).exists():
+            raise TrainError(f"{self.out}: already holds a {ckpt_mod.BEST_NAME} (with no {ckpt_mod.LAST_NAME} to resume from); "
+                             f"choose another --out, or move {ckpt_mod.BEST_NAME} away to start afresh here")
 
         self.backend = get_backend(cfg.device, cfg.dtype, announce=True)
         digest = saved.meta.get("corpus_sha256") if saved else None

@@ -220,3 +220,14 @@ def test_resume_whose_corpus_became_a_fifo_is_refused_not_a_hang(tmp_path):
     os.mkfifo(corpus)
     with time_limit(30):
         check_error(invoke("train", "--resume", "--out", out, "-q"), 1, "FIFO", str(corpus))
+
+
+def test_a_folder_with_a_model_but_no_checkpoint_says_how_to_go_on(tmp_path):
+    """Older charnn could leave model.npz without last.npz (a disk full at the first save):
+    neither command may then answer with the other's advice."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, *ARGS, "--max-steps", 4))
+    (out / "last.npz").unlink()
+    check_error(train(corpus, out, "--max-steps", 4), 1, "no last.npz", "another --out")
+    check_error(train(corpus, out, "--resume"), 1, "no last.npz", "cannot continue exactly", "another --out")
