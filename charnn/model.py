@@ -40,6 +40,8 @@ THREADS = backend_mod.THREADS
 # their ends (backend.Deferred): (b), 20 GFLOP a half, 1.08-1.14x faster a step; (a), 0.1,
 # 5% slower (benchmarks/README.md).
 DEFER_FLOPS = 1e9
+# The LSTM forget gate's initial bias (init_params); runs saved before it was an option used 1.
+FORGET_BIAS = 1.0
 
 
 def _join_states(xp, s0, s1) -> list:
@@ -156,15 +158,17 @@ class ModelConfig:
         return sum(math.prod(s) for s in self.param_shapes().values())
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> dict:
+def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_BIAS) -> dict:
     """Host (float64 NumPy) parameters: recurrent and head weights U(-1/sqrt(H), 1/sqrt(H)) as
-    PyTorch does, LSTM forget-gate bias 1, other biases 0; embeddings N(0, 1) as PyTorch's
-    nn.Embedding (U(-0.1, 0.1) when tied to the output layer, where unit-scale weights would
-    start with very large logits).
+    PyTorch does, LSTM forget-gate bias ``forget_bias`` (rows H:2H of each rnn.L.b), other
+    biases 0; embeddings N(0, 1) as PyTorch's nn.Embedding (U(-0.1, 0.1) when tied to the
+    output layer, where unit-scale weights would start with very large logits).
 
     The embedding scale matters: on PTB (benchmarks/ptb.py's model, 6 epochs) N(0, 1) gave a
     test perplexity of 250 against 275 with U(-0.1, 0.1), which leaves the input's share of
     the gate pre-activations (about 0.03 against 0.6) too small to learn from quickly."""
+    if not math.isfinite(forget_bias):
+        raise ModelError(f"forget_bias must be a finite number, got {forget_bias}")
     rng = numpy.random.default_rng(seed)
     k = 1.0 / math.sqrt(config.hidden)
     params = {}
@@ -180,7 +184,7 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
     if config.cell == "lstm":
         H = config.hidden
         for layer in range(config.layers):
-            params[f"rnn.{layer}.b"][H: 2 * H] = 1.0
+            params[f"rnn.{layer}.b"][H: 2 * H] = forget_bias
     return params
 
 
@@ -209,8 +213,9 @@ class LanguageModel:
         self.params = {k: to_device(numpy.array(to_host(v), dtype=self.backend.dtype), self.xp) for k, v in params.items()}
 
     @classmethod
-    def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None) -> "LanguageModel":
-        return cls(config, init_params(config, seed), backend)
+    def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None,
+               forget_bias: float = FORGET_BIAS) -> "LanguageModel":
+        return cls(config, init_params(config, seed, forget_bias), backend)
 
     @property
     def dtype(self):

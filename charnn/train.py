@@ -37,7 +37,7 @@ from . import checkpoint as ckpt_mod
 from .backend import array_module, get_backend, to_device, to_float, to_host
 from .data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .functional import class_bounds
-from .model import LanguageModel, ModelConfig
+from .model import FORGET_BIAS, LanguageModel, ModelConfig
 from .optim import clip_scale, global_norm, make_optimizer
 from .vocab import Vocab, VocabError
 
@@ -65,6 +65,7 @@ class TrainConfig:
     embed: int = 0
     dropout: float = 0.0
     state_reset: float = 0.01  # chance per stream and chunk that its carried state restarts from zero
+    forget_bias: float = FORGET_BIAS  # LSTM: the forget gate's initial bias
     activation: str = "tanh"
     tie: bool = False
     classes: int = -1  # class-factored softmax classes; 0 = full softmax; -1 = auto (see auto_classes)
@@ -96,10 +97,14 @@ class TrainConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    # Fields added after runs were saved without them, with the value those runs used (not
+    # today's default), so an old run resumes exactly as it would have.
+    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0}
+
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**cls.LEGACY, **{k: v for k, v in d.items() if k in known}})
 
     def model_config(self, vocab_size: int, class_bounds=()) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, layers=self.layers, hidden=self.hidden,
@@ -298,7 +303,7 @@ class Trainer:
                 raise TrainError("cannot resume: the checkpoint's architecture differs from the options given")
             self.model = LanguageModel(mcfg, saved.params, self.backend)
         else:
-            self.model = LanguageModel.create(mcfg, cfg.seed, self.backend)
+            self.model = LanguageModel.create(mcfg, cfg.seed, self.backend, forget_bias=cfg.forget_bias)
         self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr)
         self.rng = numpy.random.default_rng(cfg.seed)
         p = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,

@@ -11,7 +11,7 @@ import click
 from .backend import BackendError
 from .checkpoint import CheckpointError
 from .data import CorpusError
-from .model import ModelError
+from .model import FORGET_BIAS, ModelError
 from .train import TrainConfig, Trainer, TrainError
 from .vocab import VocabError
 
@@ -28,6 +28,8 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
         raise click.UsageError("--resume needs --out (the run folder) or the CORPUS of a default run folder")
     if opts["tie"] and opts["embed"] != opts["hidden"]:
         raise click.BadParameter("--tie needs --embed equal to --hidden", param_hint="--tie")
+    if opts["cell"] != "lstm" and opts["forget_bias"] != FORGET_BIAS:
+        raise click.BadParameter("applies to --cell lstm only", param_hint="--forget-bias")
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
         opts["max_epochs"] = 10
     out_dir = Path(out) if out else default_out(corpus, opts)
