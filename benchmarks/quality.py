@@ -17,7 +17,11 @@ charnn's side is the real trainer (train.Trainer, what `charnn train` runs, eval
 gcd(--checkpoints) steps) with the variant's --forget-bias and --state-reset. PyTorch's side is
 nn.LSTM as a user would write it: one-hot input (F.one_hot), nn.LSTM with its own
 initialisation (forget bias near 0), an nn.Linear decoder, torch.optim.Adam, global-norm
-clipping (clip_grad_norm_), no state resets. Both are deterministic for a seed, so the losses
+clipping (clip_grad_norm_), no state resets. Three diagnostic variants start nn.LSTM from other
+parameters: pytorch-zero-bias (every bias 0), pytorch-single-bias (b_hh held at 0: one bias
+vector per layer, as charnn has; nn.LSTM's two otherwise each take a full Adam step, so its
+bias learns twice as fast) and pytorch-charnn (charnn's initial parameters, forget bias 0,
+mapped 1:1). Both sides are deterministic for a seed, so the losses
 after a fixed number of steps can be compared whatever else runs on the machine; wall-clock
 time is not measured here (bench.py does that).
 
@@ -53,15 +57,20 @@ VARIANTS = {
     "fb0-sr0": (0.0, 0.0),
     "defaults": None,
     "pytorch": "pytorch",
+    # diagnostics: nn.LSTM started from other initial parameters
+    "pytorch-zero-bias": "pytorch",
+    "pytorch-charnn": "pytorch",
+    "pytorch-single-bias": "pytorch",
 }
 
 
 class Collect(Reporter):
-    def __init__(self):
-        self.val = {}
+    def __init__(self, label: str):
+        self.val, self.label = {}, label
 
     def evaluation(self, m, sample):
         self.val[m["step"]] = m["val_loss"]
+        print(f"  {self.label}: step {m['step']} {m['val_loss']:.4f}", file=sys.stderr, flush=True)
 
 
 def base_config(args, corpus: Path, seed: int, out: str | None = None, **kw) -> TrainConfig:
@@ -75,12 +84,12 @@ def run_charnn(args, corpus: Path, seed: int, variant) -> dict:
     kw = {} if variant is None else {"forget_bias": variant[0], "state_reset": variant[1]}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = base_config(args, corpus, seed, out=tmp + "/run", **kw)
-        reporter = Collect()
+        reporter = Collect(f"charnn {kw or 'defaults'}, {corpus.name}, seed {seed}")
         Trainer(cfg, Path(cfg.out), reporter=reporter).run()
     return {s: reporter.val[s] for s in args.checkpoints}
 
 
-def run_pytorch(args, corpus: Path, seed: int) -> dict:
+def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -91,6 +100,27 @@ def run_pytorch(args, corpus: Path, seed: int) -> dict:
     torch.manual_seed(seed)
     lstm = torch.nn.LSTM(V, H, args.layers)
     head = torch.nn.Linear(H, V)
+    if init == "zero-bias":  # PyTorch's weights, every bias 0 (as charnn's, forget gate included)
+        with torch.no_grad():
+            for name, p in list(lstm.named_parameters()) + [("bias", head.bias)]:
+                if "bias" in name:
+                    p.zero_()
+    elif init == "single-bias":  # PyTorch's init, but one bias vector per layer (b_hh held at 0), as charnn has
+        with torch.no_grad():
+            for layer in range(args.layers):
+                getattr(lstm, f"bias_hh_l{layer}").zero_().requires_grad_(False)
+    elif init == "charnn":  # charnn's initial parameters for this seed (forget bias 0), mapped 1:1
+        from charnn.model import init_params
+
+        cp = init_params(cfg.model_config(V), seed, forget_bias=0.0)
+        with torch.no_grad():
+            for layer in range(args.layers):
+                getattr(lstm, f"weight_ih_l{layer}").copy_(torch.from_numpy(cp[f"rnn.{layer}.Wx"]))
+                getattr(lstm, f"weight_hh_l{layer}").copy_(torch.from_numpy(cp[f"rnn.{layer}.Wh"]))
+                getattr(lstm, f"bias_ih_l{layer}").copy_(torch.from_numpy(cp[f"rnn.{layer}.b"]))
+                getattr(lstm, f"bias_hh_l{layer}").zero_()
+            head.weight.copy_(torch.from_numpy(cp["head.W"]))
+            head.bias.copy_(torch.from_numpy(cp["head.b"]))
     params = list(lstm.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=args.lr)
 
@@ -124,6 +154,7 @@ def run_pytorch(args, corpus: Path, seed: int) -> dict:
         opt.step()
         if step in args.checkpoints:
             val[step] = evaluate()
+            print(f"  pytorch ({init} init), {corpus.name}, seed {seed}: step {step} {val[step]:.4f}", file=sys.stderr, flush=True)
     return val
 
 
@@ -166,7 +197,7 @@ def main(argv=None):
                 corpora.append(c)
             elif not c.exists():
                 print(f"skipped (absent): {c}", file=sys.stderr)
-    if "pytorch" in args.variants:
+    if any(v.startswith("pytorch") for v in args.variants):
         import torch
 
         torch.set_num_threads(args.threads)
@@ -178,7 +209,8 @@ def main(argv=None):
         for seed in args.seeds:
             for name in args.variants:
                 v = VARIANTS[name]
-                val = run_pytorch(args, corpus, seed) if v == "pytorch" else run_charnn(args, corpus, seed, v)
+                val = (run_pytorch(args, corpus, seed, name.partition("-")[2] or "torch") if v == "pytorch"
+                       else run_charnn(args, corpus, seed, v))
                 print(f"| {corpus.name} | {seed} | {name} | " + " | ".join(f"{val[s]:.4f}" for s in args.checkpoints) + " |",
                       flush=True)
                 if args.json:
