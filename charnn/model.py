@@ -164,6 +164,9 @@ def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_
     biases 0; embeddings N(0, 1) as PyTorch's nn.Embedding (U(-0.1, 0.1) when tied to the
     output layer, where unit-scale weights would start with very large logits).
 
+    The forget bias is 1 by default; PyTorch's 0 learned no better per step (benchmarks/README.md,
+    "Per-step learning against PyTorch").
+
     The embedding scale matters: on PTB (benchmarks/ptb.py's model, 6 epochs) N(0, 1) gave a
     test perplexity of 250 against 275 with U(-0.1, 0.1), which leaves the input's share of
     the gate pre-activations (about 0.03 against 0.6) too small to learn from quickly."""
