@@ -54,7 +54,7 @@ from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_f
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .io.fileio import file_kind
 from .nn.functional import class_bounds
-from .nn.model import LanguageModel, ModelConfig
+from .nn.model import FORGET_BIAS, LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
 from .io.vocab import Vocab, VocabError
 
@@ -88,6 +88,7 @@ class TrainConfig:
     embed: int = 0
     dropout: float = 0.0
     state_reset: float = 0.01  # chance per stream and chunk that its carried state restarts from zero
+    forget_bias: float = FORGET_BIAS  # LSTM: the forget gate's initial bias
     activation: str = "tanh"
     tie: bool = False
     classes: int = -1  # class-factored softmax classes; 0 = full softmax; -1 = auto (see auto_classes)
@@ -119,10 +120,14 @@ class TrainConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    # Fields added after runs were saved without them, with the value those runs used (not
+    # today's default), so an old run resumes exactly as it would have.
+    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0}
+
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**cls.LEGACY, **{k: v for k, v in d.items() if k in known}})
 
     def model_config(self, vocab_size: int, class_bounds=()) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, layers=self.layers, hidden=self.hidden,
@@ -448,7 +453,7 @@ class Trainer:
                 raise TrainError("cannot resume: the checkpoint's architecture differs from the options given")
             self.model = LanguageModel(mcfg, saved.params, self.backend)
         else:
-            self.model = LanguageModel.create(mcfg, cfg.seed, self.backend)
+            self.model = LanguageModel.create(mcfg, cfg.seed, self.backend, forget_bias=cfg.forget_bias)
         self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops)
         self.rng = numpy.random.default_rng(cfg.seed)
         if saved:

@@ -102,6 +102,49 @@ def test_state_reset_zeroes_a_random_fraction_of_streams(tmp_path, corpus):
     assert trainer._reset_some(state) is state
 
 
+# ----- the forget gate's initial bias -----
+
+def test_forget_bias_option_reaches_the_parameters(tmp_path, corpus):
+    check_ok(train(corpus, tmp_path / "r", "--forget-bias", "0.5", "--max-steps", 1, "--lr", "1e-12"))
+    saved = checkpoint.load(tmp_path / "r" / "last.npz")
+    assert saved.meta["train"]["forget_bias"] == 0.5
+    b, H = saved.params["rnn.0.b"], 16
+    numpy.testing.assert_allclose(b[H: 2 * H], 0.5, atol=1e-6)
+    numpy.testing.assert_allclose(numpy.delete(b, numpy.s_[H: 2 * H]), 0.0, atol=1e-6)
+
+
+def test_forget_bias_default(tmp_path, corpus):
+    assert TrainConfig(corpus="c").forget_bias == 1.0
+    check_ok(train(corpus, tmp_path / "r", "--max-steps", 1))
+    assert checkpoint.load(tmp_path / "r" / "last.npz").meta["train"]["forget_bias"] == 1.0
+
+
+@pytest.mark.parametrize("extra, needle", [(["--forget-bias", "nan"], "--forget-bias"),
+                                           (["--forget-bias", "inf"], "--forget-bias"),
+                                           (["--cell", "gru", "--forget-bias", "0.5"], "--forget-bias")])
+def test_forget_bias_is_validated(tmp_path, corpus, extra, needle):
+    check_error(train(corpus, tmp_path / "r", *extra), 2, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_saved_before_forget_bias_and_state_reset_resumes_with_their_old_values(tmp_path, corpus):
+    """A checkpoint whose config lacks forget_bias (or state_reset) was made when they were 1
+    and 0: it resumes with those, exactly as a run never stopped, whatever today's defaults."""
+    args = ["--forget-bias", "1", "--state-reset", "0", "--log-every", "1", "--eval-every", "4", "--seed", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_ok(train(corpus, a, *args, "--max-steps", 10))
+    check_ok(train(corpus, b, *args, "--max-steps", 4))
+    old = checkpoint.load(b / "last.npz")
+    del old.meta["train"]["forget_bias"], old.meta["train"]["state_reset"]
+    checkpoint.save(b / "last.npz", old)
+    check_ok(resume(b, "--max-steps", 10))
+    assert train_losses(a) == train_losses(b)
+    assert_same_params(a / "last.npz", b / "last.npz")
+    resumed = checkpoint.load(b / "last.npz").meta["train"]
+    assert (resumed["forget_bias"], resumed["state_reset"]) == (1.0, 0.0)
+    check_error(resume(b, "--max-steps", 12, "--forget-bias", "0"), 1, "--forget-bias", "1.0")
+
+
 @pytest.mark.parametrize("stop_offset", [-2, 0, 1])
 def test_resume_across_an_epoch_boundary(tmp_path, corpus, stop_offset):
     """Stopped just before, exactly at, or just after the end of the first epoch."""

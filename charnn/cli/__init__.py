@@ -64,6 +64,15 @@ def int_list(ctx, param, value):
     return out
 
 
+def finite(ctx, param, value):
+    """Refuse nan and inf, which float() accepts."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
 def load_config(ctx, param, value):
     """Read a TOML file into the command's defaults (click's default_map), so the command line
     still overrides each value. Keys are option names, with dashes or underscores. A value must
@@ -249,6 +258,8 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
 @click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--state-reset", type=Finite(0, 1), default=0.01, show_default=True,
               help="Chance per stream and chunk that its carried state restarts from zero, so the model learns to start cold anywhere.")
+@click.option("--forget-bias", type=float, default=1.0, show_default=True, callback=finite,
+              help="LSTM only: the forget gate's initial bias.")
 @click.option("--activation", type=click.Choice(["tanh", "relu"]), default="tanh", show_default=True, help="Vanilla RNN only.")
 @click.option("--tie/--no-tie", default=False, show_default=True, help="Tie output weights to the embedding (needs --embed = --hidden).")
 @click.option("--classes", type=click.IntRange(min=-1), default=-1, show_default=True,

@@ -10,7 +10,7 @@ import click
 from ..backend import BackendError
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
-from ..nn.model import ModelError
+from ..nn.model import FORGET_BIAS, ModelError
 from ..train import TrainConfig, Trainer, TrainError
 from ..io.vocab import VocabError
 from .common import json_line, regular_file
@@ -31,6 +31,8 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
     for path in (corpus, val_path):
         if path is not None:
             regular_file(path)  # a FIFO would be opened by the corpus digest and wait for a writer
+    if opts["cell"] != "lstm" and opts["forget_bias"] != FORGET_BIAS:
+        raise click.BadParameter("applies to --cell lstm only", param_hint="--forget-bias")
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
         opts["max_epochs"] = 10
     out_dir = Path(out) if out else default_out(corpus, opts)

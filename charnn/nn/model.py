@@ -37,6 +37,10 @@ from .ops import Ops
 from .optim import Grads, RowGrad
 
 
+# The LSTM forget gate's initial bias (init_params); runs saved before it was an option used 1.
+FORGET_BIAS = 1.0
+
+
 def join_states(xp, s0, s1) -> list:
     """The state of two column halves, joined back along the stream axis."""
     return [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
@@ -128,15 +132,21 @@ class ModelConfig:
         return sum(math.prod(s) for s in self.param_shapes().values())
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> dict:
+def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_BIAS) -> dict:
     """Host (float64 NumPy) parameters: recurrent and head weights U(-1/sqrt(H), 1/sqrt(H)) as
-    PyTorch does, LSTM forget-gate bias 1 (the cell's init_bias), other biases 0; embeddings N(0, 1) as PyTorch's
+    PyTorch does, other biases 0 but for what the cell's init_bias sets (the LSTM's forget gate
+    to ``forget_bias``, rows H:2H of each rnn.L.b); embeddings N(0, 1) as PyTorch's
     nn.Embedding (U(-0.1, 0.1) when tied to the output layer, where unit-scale weights would
     start with very large logits).
+
+    The forget bias is 1 by default; PyTorch's 0 learned no better per step (benchmarks/README.md,
+    "Per-step learning against PyTorch").
 
     The embedding scale matters: on PTB (benchmarks/ptb.py's model, 6 epochs) N(0, 1) gave a
     test perplexity of 250 against 275 with U(-0.1, 0.1), which leaves the input's share of
     the gate pre-activations (about 0.03 against 0.6) too small to learn from quickly."""
+    if not math.isfinite(forget_bias):
+        raise ModelError(f"forget_bias must be a finite number, got {forget_bias}")
     rng = numpy.random.default_rng(seed)
     k = 1.0 / math.sqrt(config.hidden)
     params = {}
@@ -150,7 +160,7 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
     init_bias = cells.get(config.cell).init_bias
     if init_bias is not None:
         for layer in range(config.layers):
-            init_bias(params[f"rnn.{layer}.b"], config.hidden, 1.0)
+            init_bias(params[f"rnn.{layer}.b"], config.hidden, forget_bias)
     return params
 
 
@@ -180,8 +190,9 @@ class LanguageModel:
         self.params = {k: to_device(numpy.array(to_host(v), dtype=self.backend.dtype), self.xp) for k, v in params.items()}
 
     @classmethod
-    def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None) -> "LanguageModel":
-        return cls(config, init_params(config, seed), backend)
+    def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None,
+               forget_bias: float = FORGET_BIAS) -> "LanguageModel":
+        return cls(config, init_params(config, seed, forget_bias), backend)
 
     @property
     def dtype(self):
