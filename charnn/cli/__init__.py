@@ -372,6 +372,26 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
     run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device)
 
 
+@cli.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", default="loss.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The image file: .png or .svg.")
+@click.option("--x", "x", type=click.Choice(["steps", "tokens", "seconds"]), default="steps", show_default=True,
+              help="The horizontal axis: training steps, tokens seen, or elapsed seconds (resumes included).")
+@click.option("--title", default=None, help="The plot's title [charnn training].")
+def plot_command(runs, out, x, title):
+    """Plot training and validation loss of RUN [RUN...] (run folders or their metrics.jsonl),
+    overlaid, the best validation point of each starred. Needs matplotlib: pip install 'charnn[plot]'.
+
+    \b
+      charnn plot models/default                       loss.png
+      charnn plot runs/a runs/b --x seconds -o ab.svg  two runs against time
+    """
+    from .plot import run_plot
+
+    run_plot(runs, out, x, title)
+
+
 def main():
     """The entry point without charnn/__main__.py's guard around the imports above."""
     cli(prog_name="charnn")
