@@ -392,6 +392,23 @@ def plot_command(runs, out, x, title):
     run_plot(runs, out, x, title)
 
 
+@cli.command("info")
+@click.argument("model", required=False, type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (null where a field is unknown).")
+def info_command(model, as_json):
+    """Show what MODEL holds (a model file, run folder or .safetensors; default: the bundled
+    Shakespeare model): architecture, parameter count, file size, vocabulary, the training
+    corpus's digest, steps, tokens, validation loss and when it was saved.
+
+    \b
+      charnn info                      the bundled model
+      charnn info models/run --json    for programs
+    """
+    from .info import run_info
+
+    run_info(model, as_json)
+
+
 def main():
     """The entry point without charnn/__main__.py's guard around the imports above."""
     cli(prog_name="charnn")
