@@ -409,6 +409,24 @@ def info_command(model, as_json):
     run_info(model, as_json)
 
 
+@cli.command("export")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("out", type=click.Path(dir_okay=False))
+def export_command(model, out):
+    """Write MODEL (a model file or run folder) to OUT as a safetensors file under PyTorch's names
+    (embedding.weight, rnn.weight_ih_l0, ..., decoder.weight), for nn.Embedding, nn.RNN/LSTM/GRU
+    and nn.Linear; the vocabulary and configuration go in its metadata. charnn sample and
+    score read such files too.
+
+    \b
+      charnn export models/default shakespeare.safetensors
+      charnn sample shakespeare.safetensors -n 100
+    """
+    from .export import run_export
+
+    run_export(model, out)
+
+
 def main():
     """The entry point without charnn/__main__.py's guard around the imports above."""
     cli(prog_name="charnn")
