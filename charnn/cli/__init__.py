@@ -196,6 +196,9 @@ def cli():
       charnn sample --temperature 0.8  generate text
       charnn score sentences.txt       log-probability and perplexity of each line
       charnn gradcheck                 check the hand-written gradients
+      charnn plot models/run           loss curves as a PNG or SVG
+      charnn info models/run           what a model file holds
+      charnn export MODEL m.safetensors  the weights under PyTorch's names
     """
 
 
