@@ -5,7 +5,9 @@ A run lives in one folder:
     model.npz       the best model so far by validation loss (the last one without validation)
     last.npz        the latest checkpoint: model, optimizer state, carried hidden state, data
                     position, RNG state and schedule, everything a resume needs
-    metrics.jsonl   one JSON object per log interval and per evaluation
+    metrics.jsonl   one JSON object per log interval ("type": "train") and per evaluation
+                    ("type": "eval"), each with the step, the epoch as a fraction, the tokens
+                    seen and the elapsed seconds, counted across resumes (charnn plot reads it)
     tokens-*.uintN  the corpus encoded once (see corpus.py), memory-mapped while training
     .lock           held while a trainer runs, so two trainers cannot share the folder
 
@@ -278,7 +280,7 @@ def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int) -> float:
 # uninterrupted one (or fail in the middle of the maths), so resume refuses it.
 _PROGRESS = {"step": "count", "epoch": "count", "chunk": "count", "tokens": "count", "opt_t": "count",
              "bad_evals": "count", "lr": "positive", "best_val": "loss"}
-_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss"}
+_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss"}
 # TrainConfig fields that must be at least 1 (the others that are numbers at least 0).
 _AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
                  "max_epochs", "eval_every"}
@@ -397,6 +399,8 @@ class Trainer:
         self.resume = resume
         self.overrides = overrides or {}
         self.stop_requested = False
+        self.elapsed_before = 0.0  # seconds of the runs this one resumes
+        self.started = time.perf_counter()
 
     # ----- setup -----
     def _setup(self):
@@ -463,6 +467,8 @@ class Trainer:
         self.state = None
         if saved:
             p.update(saved.meta["progress"])
+            # Files saved before "elapsed" was kept: their compute time is the closest count.
+            self.elapsed_before = p.pop("elapsed", p["train_seconds"])
             if "best_saved" not in saved.meta["progress"]:
                 p["best_saved"] = p["best_val"]
             self.opt.load_state_arrays(saved.optim, p["opt_t"])
@@ -478,7 +484,7 @@ class Trainer:
 
     # ----- checkpoints -----
     def _meta(self) -> dict:
-        p = dict(self.progress, opt_t=self.opt.t, lr=self.opt.lr)
+        p = dict(self.progress, opt_t=self.opt.t, lr=self.opt.lr, elapsed=self._elapsed())
         meta = {"train": self.cfg.to_json(), "progress": p, "rng": self.rng.bit_generator.state,
                 "corpus_sha256": self.corpus_digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if self.val_digest:
@@ -542,6 +548,10 @@ class Trainer:
             kept = (f"no good checkpoint exists yet, so nothing was saved and {self.out} starts a fresh run "
                     f"when trained again. Try a lower --lr or --clip")
         return Diverged(f"training diverged at step {self.progress['step']} ({why}); {kept}")
+
+    def _elapsed(self) -> float:
+        """Seconds of the whole run: this process's, and those of the runs it resumed."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
     def _metric(self, m: dict):
         path = self.out / "metrics.jsonl"
@@ -623,7 +633,8 @@ class Trainer:
         if improved:
             p["best_saved"] = val
         p["last_val"] = val
-        m = {"step": p["step"], "epoch": p["epoch"], "val_loss": val, "val_bits_per_token": val / math.log(2),
+        m = {"type": "eval", "step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(self.batches),
+             "tokens": p["tokens"], "elapsed": self._elapsed(), "val_loss": val, "val_bits_per_token": val / math.log(2),
              "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_saved"], "lr": self.opt.lr}
         self._metric(m)
         text = None
@@ -694,7 +705,7 @@ class Trainer:
         xp = self.backend.xp
         self._trim_metrics(p["step"])
         self.saved_step = p["step"] if self.resume else None  # the step of the checkpoint on disk
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         self.reporter.start({"vocab_size": len(self.vocab), "params": model.config.n_params(),
                              "train_tokens": len(batches.streams.reshape(-1)), "chunks_per_epoch": len(batches),
                              "val_tokens": 0 if self.val_ids is None else len(self.val_ids), "step": p["step"],
@@ -739,9 +750,10 @@ class Trainer:
                     self._check_loss(train_loss, "training loss")
                     p["train_seconds"] += log_time
                     p["last_train_loss"] = train_loss
-                    m = {"step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(batches), "train_loss": train_loss,
-                         "tokens": p["tokens"], "tokens_per_second": log_tokens / max(log_time, 1e-9),
-                         "lr": self.opt.lr, "elapsed": time.perf_counter() - started}
+                    m = {"type": "train", "step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(batches),
+                         "train_loss": train_loss, "tokens": p["tokens"],
+                         "tokens_per_second": log_tokens / max(log_time, 1e-9), "lr": self.opt.lr,
+                         "elapsed": self._elapsed()}
                     self._metric(m)
                     self.reporter.log(m)
                     log_sum[...] = 0

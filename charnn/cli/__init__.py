@@ -205,6 +205,9 @@ def cli():
       charnn sample --temperature 0.8  generate text
       charnn score sentences.txt       log-probability and perplexity of each line
       charnn gradcheck                 check the hand-written gradients
+      charnn plot models/run           loss curves as a PNG or SVG
+      charnn info models/run           what a model file holds
+      charnn export MODEL m.safetensors  the weights under PyTorch's names
     """
 
 
@@ -381,6 +384,61 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
     if len(args) > 2:
         raise click.UsageError("expected at most MODEL and FILE")
     run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device)
+
+
+@cli.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", default="loss.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The image file: .png or .svg.")
+@click.option("--x", "x", type=click.Choice(["steps", "tokens", "seconds"]), default="steps", show_default=True,
+              help="The horizontal axis: training steps, tokens seen, or elapsed seconds (resumes included).")
+@click.option("--title", default=None, help="The plot's title [charnn training].")
+def plot_command(runs, out, x, title):
+    """Plot training and validation loss of RUN [RUN...] (run folders or their metrics.jsonl),
+    overlaid, the best validation point of each starred. Needs matplotlib: pip install 'charnn[plot]'.
+
+    \b
+      charnn plot models/default                       loss.png
+      charnn plot runs/a runs/b --x seconds -o ab.svg  two runs against time
+    """
+    from .plot import run_plot
+
+    run_plot(runs, out, x, title)
+
+
+@cli.command("info")
+@click.argument("model", required=False, type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (null where a field is unknown).")
+def info_command(model, as_json):
+    """Show what MODEL holds (a model file, run folder or .safetensors; default: the bundled
+    Shakespeare model): architecture, parameter count, file size, vocabulary, the training
+    corpus's digest, steps, tokens, validation loss and when it was saved.
+
+    \b
+      charnn info                      the bundled model
+      charnn info models/run --json    for programs
+    """
+    from .info import run_info
+
+    run_info(model, as_json)
+
+
+@cli.command("export")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("out", type=click.Path(dir_okay=False))
+def export_command(model, out):
+    """Write MODEL (a model file or run folder) to OUT as a safetensors file under PyTorch's names
+    (embedding.weight, rnn.weight_ih_l0, ..., decoder.weight), for nn.Embedding, nn.RNN/LSTM/GRU
+    and nn.Linear; the vocabulary and configuration go in its metadata. charnn sample and
+    score read such files too.
+
+    \b
+      charnn export models/default shakespeare.safetensors
+      charnn sample shakespeare.safetensors -n 100
+    """
+    from .export import run_export
+
+    run_export(model, out)
 
 
 def main():

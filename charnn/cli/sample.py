@@ -13,11 +13,18 @@ from ..sample import SampleError, beam_search, generate, prime_ids
 from .common import json_line, regular_file
 
 
+def model_path(model):
+    """MODEL (a model file or run folder) or the bundled default, refused (CheckpointError, or
+    exit 1) unless it resolves to a regular file: np.load would wait on a FIFO forever."""
+    path = model if model is not None else default_model_path()
+    regular_file(resolve(path), "model file")
+    return path
+
+
 def load_for_use(model, device):
     """(model, vocab, path) for sample/score: MODEL or the bundled default, on ``device``."""
     try:
-        path = model if model is not None else default_model_path()
-        regular_file(resolve(path), "model file")  # np.load would wait on a FIFO forever
+        path = model_path(model)
         backend = get_backend(device, "float32", announce=False)
         lm, vocab, ckpt = load_model(path, backend)
     except (CheckpointError, BackendError) as e:

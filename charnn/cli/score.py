@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..io.checkpoint import looks_like_model
 from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
 from .sample import load_for_use
@@ -22,18 +23,14 @@ HEAT = [(1, None), (2, "#3a3a00"), (4, "#5f5f00"), (6, "#875f00"), (8, "#af5f00"
 
 
 def _looks_like_model(arg: str) -> bool:
-    """A folder, or a regular file that starts as a zip does. Anything else (a pipe from
+    """A folder, or a regular file that starts as a model file does (a zip or safetensors). Anything else (a pipe from
     ``<(...)``, a FIFO, /dev/stdin) is never opened here: reading it would consume the text."""
     p = Path(arg)
     if p.is_dir():
         return True
     if file_kind(p) or not p.is_file():
         return False
-    try:
-        with open(p, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
-    except OSError:
-        return False
+    return looks_like_model(p)
 
 
 def heat_text(tokens, surprisal, level: str) -> Text:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy
 from numpy.lib import format as npy_format
 
+from . import safetensors_file
 from .fileio import atomic_write_bytes  # noqa: F401  (re-exported: train.py and tests use it)
 from ..nn import cells
 from ..nn.model import LanguageModel, ModelConfig, ModelError
@@ -124,7 +125,10 @@ def load(path) -> Checkpoint:
         raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
     with f:
         try:
-            if f.read(4) != b"PK\x03\x04":
+            head = f.read(9)
+            if head[:4] != b"PK\x03\x04":
+                if safetensors_file.looks_like(head):
+                    return _read_safetensors(p)
                 raise CheckpointError(f"{p}: not a charnn model file")
             f.seek(0)
             f.cap = MAX_DIRECTORY
@@ -299,6 +303,47 @@ def _read(p: Path, z: zipfile.ZipFile, file_size: int) -> Checkpoint:
     return _assemble(p, config, vocab, meta, arrays)
 
 
+def _read_safetensors(p: Path) -> Checkpoint:
+    """A model exported by charnn export (or made elsewhere under the same names): see
+    safetensors_file.py. Held to the same checks as a model file: configuration, vocabulary,
+    each tensor's name and shape, finite values."""
+    try:
+        meta, tensors = safetensors_file.read(p)
+    except ImportError:
+        raise CheckpointError(f"{p}: reading safetensors files needs the safetensors package: "
+                              f"pip install safetensors") from None
+    except safetensors_file.SafetensorsFileError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    config, vocab = _config(p, meta)
+    expected = safetensors_file.torch_shapes(config)
+    for name in expected:
+        if name not in tensors:
+            raise CheckpointError(f"{p}: tensor {name} is missing (a {config.cell} of {config.layers} layers)")
+    extra = set(tensors) - set(expected)
+    if extra:
+        raise CheckpointError(f"{p}: unexpected tensors: {', '.join(sorted(extra))}")
+    for name, a in tensors.items():
+        if a.shape != expected[name]:
+            raise CheckpointError(f"{p}: tensor {name} has shape {a.shape}, expected {expected[name]}")
+        if not numpy.isfinite(a).all():
+            raise CheckpointError(f"{p}: tensor {name} holds NaN or infinite values")
+    try:
+        params = safetensors_file.from_torch(config, tensors)
+    except safetensors_file.SafetensorsFileError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    return Checkpoint(config=config, vocab=vocab, params=params, meta=meta)
+
+
+def looks_like_model(path) -> bool:
+    """Whether a regular file starts as a model file does (a zip, or a safetensors header)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return head[:4] == b"PK\x03\x04" or safetensors_file.looks_like(head)
+
+
 def _describe(name: str) -> str:
     kind, _, rest = name.partition("/")
     return {"param": f"parameter {rest}", "optim": f"optimizer state {rest}",
@@ -424,7 +469,7 @@ def default_model_path() -> Path:
     env = os.environ.get(DEFAULT_ENV)
     if env:
         return Path(env)
-    candidates = [Path(__file__).resolve().parent.parent / DEFAULT_REL,
+    candidates = [Path(__file__).resolve().parents[2] / DEFAULT_REL,  # charnn/io/checkpoint.py -> the checkout
                   Path(sys.prefix) / "share" / "charnn" / DEFAULT_REL]
     for c in candidates:
         if c.is_file():
