@@ -39,8 +39,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy
 import pytest
 
-from charnn.io import checkpoint, safetensors_file
+from charnn.io import checkpoint
 from charnn.io.checkpoint import Checkpoint
 from charnn.io.vocab import Vocab
 from charnn.nn.model import ModelConfig, init_params

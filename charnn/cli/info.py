@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 import sys
 
-import click
-
 from ..io.checkpoint import CheckpointError, load, resolve
 from .common import fail, json_line
 from .sample import model_path
