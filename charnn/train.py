@@ -161,7 +161,15 @@ def file_digest(path) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a run folder (fcntl), so a second trainer is refused, not mixed in."""
+    """An exclusive lock on a run folder (fcntl), so a second trainer is refused, not mixed in.
+
+    The lock file is removed on exit while the lock is still held, so a clean exit leaves no
+    ``.lock`` behind. That opens one race, closed on the acquiring side: a trainer that opened
+    the file just before the holder removed it can lock the removed file once the holder lets
+    go, while a third trainer creates and locks a new one. So after locking, a trainer checks
+    that the path still names the file it locked (same device and inode) and otherwise starts
+    over with the file now there. Any file that the path names is then only ever locked by
+    one trainer at a time, and a trainer only holds the lock on the file the path names."""
 
     NAME = ".lock"
 
@@ -169,24 +177,40 @@ class RunLock:
         self.path = folder / self.NAME
         self.fd = None
 
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
     def __enter__(self):
         import fcntl
 
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise TrainError(f"{self.path.parent}: another charnn train is using this folder") from None
-        return self
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise TrainError(f"{self.path.parent}: another charnn train is using this folder") from None
+            try:
+                named = os.stat(self.path)
+            except FileNotFoundError:
+                named = None
+            held = os.fstat(fd)
+            if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                self.fd = fd
+                return self
+            os.close(fd)  # the holder removed this file while we opened it: try the one there now
 
     def __exit__(self, *exc):
         import fcntl
 
         if self.fd is not None:
+            try:
+                self.path.unlink()  # still locked: no other trainer holds this file
+            except OSError:
+                pass
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
+            self.fd = None
 
 
 def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None, cache_dir=None, digest: str | None = None):
