@@ -72,6 +72,11 @@ class Diverged(TrainError):
     """The loss became NaN, infinite or exploded."""
 
 
+class Finished(Exception):
+    """A resumed run has already reached its limits: nothing to do, nothing changed (not an
+    error: the command says so and exits 0)."""
+
+
 def loss_limit(vocab_size: int) -> float:
     """The loss (nats per token) above which a model counts as exploding: twice a uniform
     guess's ln V. A model there predicts worse than guessing blindly by a factor of V."""
@@ -411,11 +416,19 @@ class Trainer:
     """One training run. Build it, then call :meth:`run`."""
 
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, reporter: Reporter | None = None,
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, init=None, corpus_stream=None, announce: bool = True):
+        """Args:
+            init: a finetune.InitFrom: start from that model's weights and vocabulary.
+            corpus_stream: a binary stream (stdin) whose bytes are the corpus: read once into
+                ``cfg.corpus`` (a file in the run folder) after the folder is locked.
+            announce: say on stderr which device ``--device auto`` chose.
+        """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
         self.resume = resume
         self.overrides = overrides or {}
         self.stop_requested = False
+        self.init, self.corpus_stream, self.announce = init, corpus_stream, announce
+        self.init_record = None
 
     # ----- setup -----
     def _setup(self):
@@ -433,6 +446,8 @@ class Trainer:
                 elif getattr(saved_cfg, key) != value:
                     raise TrainError(f"cannot resume with --{key.replace('_', '-')} {value}: the checkpoint was trained with {getattr(saved_cfg, key)}")
             cfg = self.cfg = saved_cfg
+            self._check_unfinished(saved.meta["progress"])
+            self.init_record = saved.meta.get("init_from")
             digest = saved.meta.get("corpus_sha256")
             if digest and Path(cfg.corpus).exists() and file_digest(cfg.corpus) != digest:
                 raise TrainError(f"{cfg.corpus}: the corpus changed since the checkpoint; cannot resume exactly")
@@ -442,9 +457,14 @@ class Trainer:
         elif last_path.exists() or (self.out / ckpt_mod.BEST_NAME).exists():
             raise TrainError(f"{self.out}: already holds a run; pass --resume to continue it, or choose another --out")
 
-        self.backend = get_backend(cfg.device, cfg.dtype, announce=True)
         digest = saved.meta.get("corpus_sha256") if saved else None
-        vocab, train_ids, val_ids = prepare_data(cfg, saved.vocab if saved else None, self.out, digest)
+        vocab, start_config, start_params = (saved.vocab if saved else None), None, None
+        if self.init is not None:
+            vocab, start_config, start_params = self.init.prepare(cfg)
+            self.init_record = self.init.record()
+        vocab, train_ids, val_ids = prepare_data(cfg, vocab, self.out, digest)
+        # Announced once the inputs are known to be good (a missing corpus is said first).
+        self.backend = get_backend(cfg.device, cfg.dtype, announce=self.announce)
         self.vocab = vocab
         try:
             self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
@@ -459,8 +479,10 @@ class Trainer:
             bounds = saved.config.class_bounds
         elif n_classes:
             bounds = class_bounds(numpy.bincount(train_ids, minlength=len(vocab)), n_classes)
-        mcfg = cfg.model_config(len(vocab), bounds)
-        if saved:
+        mcfg = start_config or cfg.model_config(len(vocab), bounds)
+        if start_params is not None:
+            self.model = LanguageModel(mcfg, start_params, self.backend)  # a fresh optimizer below
+        elif saved:
             if saved.config != mcfg:
                 raise TrainError("cannot resume: the checkpoint's architecture differs from the options given")
             self.model = LanguageModel(mcfg, saved.params, self.backend)
@@ -488,6 +510,32 @@ class Trainer:
         if self.state is None:
             self.state = self.model.initial_state(cfg.batch_size)
 
+    def _check_unfinished(self, progress: dict):
+        """Raise :class:`Finished` when a resumed run has nothing left to do: its step or epoch
+        limit is reached (the time limit counts each process afresh, so it never is)."""
+        cfg = self.cfg
+        why = None
+        if cfg.max_steps is not None and progress["step"] >= cfg.max_steps:
+            why = f"--max-steps {cfg.max_steps}", "--max-steps"
+        elif cfg.max_epochs is not None and progress["epoch"] >= cfg.max_epochs:
+            why = f"--max-epochs {cfg.max_epochs}", "--max-epochs"
+        if why:
+            step = progress["step"]
+            raise Finished(f"{self.out}: the run already finished ({step:,} {'step' if step == 1 else 'steps'}, "
+                           f"its limit {why[0]}); nothing was trained or changed. To train further, resume it with "
+                           f"a larger {why[1]}")
+
+    def _read_stream(self):
+        """Copy the corpus stream (stdin) into cfg.corpus in the run folder, once, so digests,
+        token caches and --resume read a regular file."""
+        path = Path(self.cfg.corpus)
+        data = self.corpus_stream.read()
+        try:
+            ckpt_mod.atomic_write_bytes(path, data)
+        except OSError as e:
+            raise TrainError(f"cannot write {path}: {e.strerror or e}") from None
+        return path
+
     # ----- checkpoints -----
     def _meta(self) -> dict:
         p = dict(self.progress, opt_t=self.opt.t, lr=self.opt.lr)
@@ -495,6 +543,8 @@ class Trainer:
                 "corpus_sha256": self.corpus_digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if self.val_digest:
             meta["val_sha256"] = self.val_digest
+        if self.init_record:
+            meta["init_from"] = self.init_record
         return meta
 
     def save_last(self):
@@ -657,13 +707,19 @@ class Trainer:
         lock_existed = (self.out / RunLock.NAME).exists()
         caches_before = set(self.out.glob("tokens-*"))
         with RunLock(self.out):
+            stdin_copy = None
             try:
+                holds_run = (self.out / ckpt_mod.LAST_NAME).exists() or (self.out / ckpt_mod.BEST_NAME).exists()
+                if self.corpus_stream is not None and not holds_run:  # (else _setup refuses the folder)
+                    stdin_copy = self._read_stream()
                 self._setup()
             except BaseException:
-                # Nothing of the run was written yet: leave no token cache, lock file or empty
-                # run folder behind.
+                # Nothing of the run was written yet: leave no token cache, lock file, corpus
+                # copy or empty run folder behind.
                 for cache in set(self.out.glob("tokens-*")) - caches_before:
                     cache.unlink(missing_ok=True)
+                if stdin_copy is not None:
+                    stdin_copy.unlink(missing_ok=True)
                 if not lock_existed:
                     (self.out / RunLock.NAME).unlink(missing_ok=True)
                 if created:

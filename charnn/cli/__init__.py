@@ -283,20 +283,29 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
               help="A TOML file of option values (its [train] table, or top level), e.g. hidden = 512; "
                    "options on the command line override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--init-from", type=click.Path(dir_okay=True), default=None,
+              help="Fine-tune: start from this model file or run folder (its model.npz): its weights, vocabulary "
+                   "and architecture, with a fresh optimizer.")
+@click.option("--extend-vocab", is_flag=True,
+              help="With --init-from: add the corpus's characters or words the model never saw (new rows "
+                   "initialised as a new model's) instead of refusing them.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def train_command(ctx, corpus, val_path, out, resume, as_json, quiet, **opts):
-    """Train a language model on CORPUS (a UTF-8 text file).
+def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, as_json, quiet, **opts):
+    """Train a language model on CORPUS (a UTF-8 text file, or - for stdin: read once into
+    the run folder as corpus-stdin.txt, which --resume then reads).
 
     Saves the best model by validation loss to OUT/model.npz and a full checkpoint (for
     --resume) to OUT/last.npz at every evaluation. Ctrl-C saves a checkpoint and exits 130.
     """
     from .train import run_train
 
-    explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    source = click.core.ParameterSource
+    explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == source.COMMANDLINE}
+    given = {k for k in opts if ctx.get_parameter_source(k) in (source.COMMANDLINE, source.DEFAULT_MAP)}
     run_train(corpus=corpus, val_path=val_path, out=out, resume=resume, as_json=as_json, quiet=quiet,
-              explicit=explicit, opts=opts)
+              explicit=explicit, opts=opts, init_from=init_from, extend_vocab=extend_vocab, given=given)
 
 
 
