@@ -33,6 +33,7 @@ import numpy
 from .io import checkpoint as ckpt_mod
 from .io.vocab import Vocab, tokenize_line
 from .nn.model import ModelConfig, init_params
+from .wording import plural
 
 # TrainConfig fields fixed by the model, and how each is read from a checkpoint.
 ARCH = ("level", "tokenizer", "cell", "layers", "hidden", "embed", "activation", "tie", "classes")
@@ -92,7 +93,7 @@ def _arch_text(key: str, value) -> str:
     if key == "tie":
         return "tied weights" if value else "untied weights"
     if key == "classes":
-        return f"{value} classes" if value else "a full softmax"
+        return plural(value, "class") if value else "a full softmax"
     return f"{key} {value}"
 
 

@@ -57,6 +57,7 @@ from .nn.functional import class_bounds
 from .nn.model import LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
 from .io.vocab import Vocab, VocabError
+from .wording import plural
 
 # Options that may change when resuming; every other one must match the checkpoint. The corpus
 # may be named by another path (run from another folder): its content is checked by digest.
@@ -386,7 +387,7 @@ def check_resume_state(path: Path, saved, cfg: TrainConfig, chunks: int, opt) ->
     progress = saved.meta["progress"]
     if progress["chunk"] > chunks:
         raise TrainError(f"{path}: the saved data position (chunk {progress['chunk']}) is past the "
-                         f"{chunks} chunks of an epoch; cannot resume exactly")
+                         f"{plural(chunks, 'chunk')} of an epoch; cannot resume exactly")
     want = {f"{name}.{slot}" for name in opt.params for slot in opt.slots} if progress["opt_t"] else set()
     if set(saved.optim) != want:
         missing = sorted(want - set(saved.optim))

@@ -15,6 +15,7 @@ from ..finetune import FineTuneError, InitFrom, merge_options
 from ..train import Finished, TrainConfig, Trainer, TrainError
 from ..io.vocab import VocabError
 from .common import fail, json_line, regular_file
+from ..wording import plural
 
 STDIN_NAME = "corpus-stdin.txt"  # where a corpus read from stdin is kept in the run folder
 
@@ -101,7 +102,7 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
             said = f", best validation loss {best:.4f} nats/token (the last evaluation {val:.4f})"
         else:
             said = f", validation loss {val:.4f} nats/token" if val is not None else ""
-        click.echo(f"saved {result['model']} after {result['steps']} steps ({result['tokens_per_second']:,.0f} tokens/s)"
+        click.echo(f"saved {result['model']} after {plural(result['steps'], 'step')} ({result['tokens_per_second']:,.0f} tokens/s)"
                    + said, err=True)
     if result["stopped"] == "interrupted":
         click.echo(f"interrupted: checkpoint saved to {result['checkpoint']}; continue with --resume --out {out_dir}", err=True)
