@@ -411,7 +411,7 @@ def default_model_path() -> Path:
     env = os.environ.get(DEFAULT_ENV)
     if env:
         return Path(env)
-    candidates = [Path(__file__).resolve().parent.parent / DEFAULT_REL,
+    candidates = [Path(__file__).resolve().parents[2] / DEFAULT_REL,  # charnn/io/ -> the checkout
                   Path(sys.prefix) / "share" / "charnn" / DEFAULT_REL]
     for c in candidates:
         if c.is_file():
