@@ -348,14 +348,32 @@ def unescape(ctx, param, value):
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--stop-at", default=None, callback=unescape, help='Stop a sample when it ends with this text, e.g. "\\n" or ".".')
 @click.option("--beam-size", type=click.IntRange(min=1), default=None, help="Beam search for the most likely continuation instead of sampling.")
+@click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
+              help="--beam-size: no n-gram of this many tokens twice in the text [8 characters, 3 words; 0 = off].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample on stdout.")
-def sample_command(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json):
+@click.pass_context
+def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size,
+                   no_repeat_ngram, device, as_json):
     """Generate text from MODEL (a model file or run folder; default: the bundled
     Shakespeare model). Tokens stream to stdout as they are generated."""
     from .sample import run_sample
 
-    run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json)
+    source = click.core.ParameterSource
+    given = {p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) in (source.COMMANDLINE, source.ENVIRONMENT)}
+    if beam_size is not None:
+        # Beam search is deterministic: sampling's options would be silently ignored.
+        clash = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p", "seed") if n in given]
+        if num_samples > 1:
+            clash.append(f"--num-samples {num_samples} (beam search gives one text)")
+        if clash:
+            raise click.UsageError(f"--beam-size searches for the most likely text and does not sample: "
+                                   f"it cannot be used with {', '.join(clash)}")
+    elif no_repeat_ngram is not None:
+        raise click.UsageError("--no-repeat-ngram applies to --beam-size only")
+    run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,
+               no_repeat=no_repeat_ngram)
 
 
 @cli.command("score")
