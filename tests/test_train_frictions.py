@@ -78,3 +78,10 @@ def test_device_is_not_announced_under_quiet_or_before_an_input_error(tmp_path):
     r = invoke("train", tmp_path / "missing.txt", "--out", tmp_path / "c", *args)
     check_error(r, 1, "missing.txt: no such file")
     assert "charnn: using" not in r.stderr
+
+
+def test_every_command_of_this_package_has_examples_in_its_help():
+    for command in ("train", "sample", "score", "gradcheck"):
+        r = check_ok(invoke(command, "--help"))
+        examples = r.output.split("Examples:", 1)[1]
+        assert examples.count(f"charnn {command}") >= 2, command

@@ -199,7 +199,11 @@ def cli():
     """
 
 
-@cli.command("gradcheck")
+@cli.command("gradcheck", epilog="""\b
+Examples:
+  charnn gradcheck                                  every cell, 1 and 3 layers, char and word
+  charnn gradcheck --cell gru --layers 2 --dropout 0.3
+  charnn gradcheck models/default --text corpora/shakespeare.txt""")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--cell", type=CellChoice(extra=("all",)), default="all", show_default=True)
 @click.option("--layers", callback=int_list, default="1,3", show_default=True, help="Layer counts to check (comma-separated).")
@@ -239,7 +243,13 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
 
 
 
-@cli.command("train")
+@cli.command("train", epilog="""\b
+Examples:
+  charnn train corpora/shakespeare.txt --time-limit 900
+  charnn train ptb.train.txt --level word --tokenizer whitespace --embed 200 --hidden 200
+  head -c 50000 corpus.txt | charnn train - --out runs/small --max-steps 500
+  charnn train --resume --out runs/small --max-steps 1000      train a run further
+  charnn train new.txt --init-from models/default --extend-vocab --max-steps 300""")
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
 @click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
 @click.option("--cell", type=CellChoice(), default="lstm", show_default=True)
@@ -337,7 +347,11 @@ def unescape(ctx, param, value):
     return out
 
 
-@cli.command("sample")
+@cli.command("sample", epilog="""\b
+Examples:
+  charnn sample --prime "ROMEO:" --temperature 0.8 --length 300 --seed 1
+  charnn sample runs/small --top-p 0.9 --num-samples 3 --stop-at "\\n\\n"
+  charnn sample --beam-size 5 --length 80 --prime "ROMEO:"    the most likely text""")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--length", "-n", type=click.IntRange(min=0), default=500, show_default=True, help="Tokens to generate (characters or words).")
 @click.option("--temperature", "-t", type=Finite(min=0), default=1.0, show_default=True, help="0 = greedy (always the most likely token).")
@@ -376,7 +390,11 @@ def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, n
                no_repeat=no_repeat_ngram)
 
 
-@cli.command("score")
+@cli.command("score", epilog="""\b
+Examples:
+  echo "To be, or not to be, that is the question." | charnn score -
+  charnn score runs/small sentences.txt --format jsonl
+  charnn score val.txt --document --streams 8       held-out loss of a whole text""")
 @click.argument("args", nargs=-1, type=click.Path(allow_dash=True))
 @click.option("--document", is_flag=True, help="Score the whole input as one text with carried state.")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
