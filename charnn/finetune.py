@@ -115,7 +115,7 @@ def unknown_tokens(vocab: Vocab, paths, tokenizer: str | None, encoding: str, er
 
 
 def describe_unknown(unknown: Counter, what: str) -> str:
-    top = unknown.most_common(SHOWN)
+    top = sorted(unknown.items(), key=lambda tn: (-tn[1], tn[0]))[:SHOWN]  # ties in a fixed order
     shown = ", ".join(f"{t!r} ({n:,} {'time' if n == 1 else 'times'})" for t, n in top)
     more = f" and {len(unknown) - SHOWN:,} more" if len(unknown) > SHOWN else ""
     count = f"{len(unknown):,} {what if len(unknown) == 1 else what + 's'}"
