@@ -153,19 +153,50 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
         logits = stepper.step(numpy.array([tok]))
 
 
-def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int, prime: str = ""):
-    """The most likely continuation of ``length`` tokens found by beam search.
+# Beam search's repetition guard: no n-gram of this many tokens appears twice in a beam's text
+# (prime included). Without it a character model's most likely continuation is a loop (the
+# bundled model continued "ROMEO:" with 80 spaces); see beam_search.
+NO_REPEAT = {"char": 8, "word": 3}
+
+
+def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int, prime: str = "",
+                no_repeat: int | None = None):
+    """The most likely continuation of ``length`` tokens found by beam search, among those in
+    which no ``no_repeat``-gram of tokens occurs twice (default NO_REPEAT: 8 characters or 3
+    words; 0 turns the guard off).
+
+    Maximising probability alone favours loops: once a sequence repeats, a recurrent model
+    grows more sure of the next repeat, so the likeliest text is a repetition (for the bundled
+    model, a run of spaces). Blocking repeated n-grams (Paulus et al. 2017; fairseq's and
+    Hugging Face's ``no_repeat_ngram_size``) removes these. Length normalisation is not needed:
+    every beam has the same length. Eight characters is about a word and a half: words recur
+    freely, phrases do not.
 
     Returns (tokens as text, total log-probability in nats)."""
-    stepper, logits = warm_state(model, start_ids(vocab, prime), beam_size)
+    n = NO_REPEAT[vocab.level] if no_repeat is None else no_repeat
+    ids = start_ids(vocab, prime)
+    stepper, logits = warm_state(model, ids, beam_size)
     xp = model.xp
-    beams = [([], 0.0)]
+    history = [int(t) for t in ids] if prime else []
+    # Each beam: (tokens, score, seen) with seen mapping an (n-1)-gram to the tokens that
+    # followed it in the beam's text.
+    beams = [([], 0.0, _ngrams(history, n))]
     logp = _log_softmax_host(to_host(logits)[:1])  # all rows are the same before the first choice
     for _ in range(length):
+        if n:
+            for r, (toks, _, seen) in enumerate(beams):
+                text = history + toks
+                if len(text) >= n - 1:
+                    banned = seen.get(tuple(text[len(text) - (n - 1):]))
+                    if banned:
+                        logp[r, list(banned)] = -numpy.inf
         scores = numpy.array([b[1] for b in beams])[:, None] + logp  # (B, V)
         flat = numpy.argsort(-scores, axis=None, kind="stable")[:beam_size]
+        flat = flat[numpy.isfinite(scores.reshape(-1)[flat])]
+        if len(flat) == 0:
+            break  # every continuation repeats an n-gram: stop here
         rows, toks = numpy.unravel_index(flat, scores.shape)
-        beams = [(beams[r][0] + [int(t)], float(scores[r, t])) for r, t in zip(rows, toks)]
+        beams = [_extend_beam(beams[r], int(t), float(scores[r, t]), history, n) for r, t in zip(rows, toks)]
         # Reorder the state so stream k continues beam k (unused streams repeat beam 0).
         pick = numpy.zeros(beam_size, dtype=numpy.int64)
         pick[: len(rows)] = rows
@@ -174,8 +205,29 @@ def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int,
         feed = numpy.array([b[0][-1] for b in beams] + [beams[0][0][-1]] * (beam_size - len(beams)))
         logits = stepper.step(feed)
         logp = _log_softmax_host(to_host(logits)[: len(beams)])
-    tokens, score = beams[0]
+    tokens, score, _ = beams[0]
     return vocab.decode(tokens), score
+
+
+def _ngrams(tokens: list, n: int) -> dict:
+    """(n-1)-gram -> the set of tokens that followed it in ``tokens``."""
+    seen: dict = {}
+    if n:
+        for i in range(len(tokens) - n + 1):
+            seen.setdefault(tuple(tokens[i:i + n - 1]), set()).add(tokens[i + n - 1])
+    return seen
+
+
+def _extend_beam(beam, tok: int, score: float, history: list, n: int):
+    toks, _, seen = beam
+    toks = toks + [tok]
+    if n:
+        text = history + toks
+        if len(text) >= n:
+            key = tuple(text[len(text) - n:len(text) - 1])
+            seen = dict(seen)
+            seen[key] = seen.get(key, set()) | {tok}
+    return toks, score, seen
 
 
 def _log_softmax_host(logits: numpy.ndarray) -> numpy.ndarray:

@@ -59,6 +59,7 @@ from .nn.functional import class_bounds
 from .nn.model import FORGET_BIAS, LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
 from .io.vocab import Vocab, VocabError
+from .wording import plural
 
 # Options that may change when resuming; every other one must match the checkpoint. The corpus
 # may be named by another path (run from another folder): its content is checked by digest.
@@ -72,6 +73,11 @@ class TrainError(RuntimeError):
 
 class Diverged(TrainError):
     """The loss became NaN, infinite or exploded."""
+
+
+class Finished(Exception):
+    """A resumed run has already reached its limits: nothing to do, nothing changed (not an
+    error: the command says so and exits 0)."""
 
 
 def loss_limit(vocab_size: int) -> float:
@@ -168,7 +174,15 @@ def file_digest(path) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a run folder (fcntl), so a second trainer is refused, not mixed in."""
+    """An exclusive lock on a run folder (fcntl), so a second trainer is refused, not mixed in.
+
+    The lock file is removed on exit while the lock is still held, so a clean exit leaves no
+    ``.lock`` behind. That opens one race, closed on the acquiring side: a trainer that opened
+    the file just before the holder removed it can lock the removed file once the holder lets
+    go, while a third trainer creates and locks a new one. So after locking, a trainer checks
+    that the path still names the file it locked (same device and inode) and otherwise starts
+    over with the file now there. Any file that the path names is then only ever locked by
+    one trainer at a time, and a trainer only holds the lock on the file the path names."""
 
     NAME = ".lock"
 
@@ -176,24 +190,40 @@ class RunLock:
         self.path = folder / self.NAME
         self.fd = None
 
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
     def __enter__(self):
         import fcntl
 
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise TrainError(f"{self.path.parent}: another charnn train is using this folder") from None
-        return self
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise TrainError(f"{self.path.parent}: another charnn train is using this folder") from None
+            try:
+                named = os.stat(self.path)
+            except FileNotFoundError:
+                named = None
+            held = os.fstat(fd)
+            if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                self.fd = fd
+                return self
+            os.close(fd)  # the holder removed this file while we opened it: try the one there now
 
     def __exit__(self, *exc):
         import fcntl
 
         if self.fd is not None:
+            try:
+                self.path.unlink()  # still locked: no other trainer holds this file
+            except OSError:
+                pass
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
+            self.fd = None
 
 
 def prepare_data(cfg: TrainConfig, vocab: Vocab | None = None, cache_dir=None, digest: str | None = None):
@@ -364,7 +394,7 @@ def check_resume_state(path: Path, saved, cfg: TrainConfig, chunks: int, opt) ->
     progress = saved.meta["progress"]
     if progress["chunk"] > chunks:
         raise TrainError(f"{path}: the saved data position (chunk {progress['chunk']}) is past the "
-                         f"{chunks} chunks of an epoch; cannot resume exactly")
+                         f"{plural(chunks, 'chunk')} of an epoch; cannot resume exactly")
     want = {f"{name}.{slot}" for name in opt.params for slot in opt.slots} if progress["opt_t"] else set()
     if set(saved.optim) != want:
         missing = sorted(want - set(saved.optim))
@@ -394,13 +424,21 @@ class Trainer:
     """One training run. Build it, then call :meth:`run`."""
 
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, reporter: Reporter | None = None,
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, init=None, corpus_stream=None, announce: bool = True):
+        """Args:
+            init: a finetune.InitFrom: start from that model's weights and vocabulary.
+            corpus_stream: a binary stream (stdin) whose bytes are the corpus: read once into
+                ``cfg.corpus`` (a file in the run folder) after the folder is locked.
+            announce: say on stderr which device ``--device auto`` chose.
+        """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
         self.resume = resume
         self.overrides = overrides or {}
         self.stop_requested = False
         self.elapsed_before = 0.0  # seconds of the runs this one resumes
         self.started = time.perf_counter()
+        self.init, self.corpus_stream, self.announce = init, corpus_stream, announce
+        self.init_record = None
 
     # ----- setup -----
     def _setup(self):
@@ -422,6 +460,8 @@ class Trainer:
                 elif getattr(saved_cfg, key) != value:
                     raise TrainError(f"cannot resume with --{key.replace('_', '-')} {value}: the checkpoint was trained with {getattr(saved_cfg, key)}")
             cfg = self.cfg = saved_cfg
+            self._check_unfinished(saved.meta["progress"])
+            self.init_record = saved.meta.get("init_from")
             digest = saved.meta.get("corpus_sha256")
             if digest and Path(cfg.corpus).exists() and file_digest(cfg.corpus) != digest:
                 raise TrainError(f"{cfg.corpus}: the corpus changed since the checkpoint; cannot resume exactly")
@@ -434,9 +474,14 @@ class Trainer:
             raise TrainError(f"{self.out}: already holds a {ckpt_mod.BEST_NAME} (with no {ckpt_mod.LAST_NAME} to resume from); "
                              f"choose another --out, or move {ckpt_mod.BEST_NAME} away to start afresh here")
 
-        self.backend = get_backend(cfg.device, cfg.dtype, announce=True)
         digest = saved.meta.get("corpus_sha256") if saved else None
-        vocab, train_ids, val_ids = prepare_data(cfg, saved.vocab if saved else None, self.out, digest)
+        vocab, start_config, start_params = (saved.vocab if saved else None), None, None
+        if self.init is not None:
+            vocab, start_config, start_params = self.init.prepare(cfg)
+            self.init_record = self.init.record()
+        vocab, train_ids, val_ids = prepare_data(cfg, vocab, self.out, digest)
+        # Announced once the inputs are known to be good (a missing corpus is said first).
+        self.backend = get_backend(cfg.device, cfg.dtype, announce=self.announce)
         self.vocab = vocab
         try:
             self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
@@ -451,8 +496,10 @@ class Trainer:
             bounds = saved.config.class_bounds
         elif n_classes:
             bounds = class_bounds(numpy.bincount(train_ids, minlength=len(vocab)), n_classes)
-        mcfg = cfg.model_config(len(vocab), bounds)
-        if saved:
+        mcfg = start_config or cfg.model_config(len(vocab), bounds)
+        if start_params is not None:
+            self.model = LanguageModel(mcfg, start_params, self.backend)  # a fresh optimizer below
+        elif saved:
             if saved.config != mcfg:
                 raise TrainError("cannot resume: the checkpoint's architecture differs from the options given")
             self.model = LanguageModel(mcfg, saved.params, self.backend)
@@ -482,6 +529,32 @@ class Trainer:
         if self.state is None:
             self.state = self.model.initial_state(cfg.batch_size)
 
+    def _check_unfinished(self, progress: dict):
+        """Raise :class:`Finished` when a resumed run has nothing left to do: its step or epoch
+        limit is reached (the time limit counts each process afresh, so it never is)."""
+        cfg = self.cfg
+        why = None
+        if cfg.max_steps is not None and progress["step"] >= cfg.max_steps:
+            why = f"--max-steps {cfg.max_steps}", "--max-steps"
+        elif cfg.max_epochs is not None and progress["epoch"] >= cfg.max_epochs:
+            why = f"--max-epochs {cfg.max_epochs}", "--max-epochs"
+        if why:
+            step = progress["step"]
+            raise Finished(f"{self.out}: the run already finished ({step:,} {'step' if step == 1 else 'steps'}, "
+                           f"its limit {why[0]}); nothing was trained or changed. To train further, resume it with "
+                           f"a larger {why[1]}")
+
+    def _read_stream(self):
+        """Copy the corpus stream (stdin) into cfg.corpus in the run folder, once, so digests,
+        token caches and --resume read a regular file."""
+        path = Path(self.cfg.corpus)
+        data = self.corpus_stream.read()
+        try:
+            ckpt_mod.atomic_write_bytes(path, data)
+        except OSError as e:
+            raise TrainError(f"cannot write {path}: {e.strerror or e}") from None
+        return path
+
     # ----- checkpoints -----
     def _meta(self) -> dict:
         p = dict(self.progress, opt_t=self.opt.t, lr=self.opt.lr, elapsed=self._elapsed())
@@ -489,6 +562,8 @@ class Trainer:
                 "corpus_sha256": self.corpus_digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if self.val_digest:
             meta["val_sha256"] = self.val_digest
+        if self.init_record:
+            meta["init_from"] = self.init_record
         return meta
 
     def save_last(self):
@@ -656,13 +731,19 @@ class Trainer:
         lock_existed = (self.out / RunLock.NAME).exists()
         caches_before = set(self.out.glob("tokens-*"))
         with RunLock(self.out):
+            stdin_copy = None
             try:
+                holds_run = (self.out / ckpt_mod.LAST_NAME).exists() or (self.out / ckpt_mod.BEST_NAME).exists()
+                if self.corpus_stream is not None and not holds_run:  # (else _setup refuses the folder)
+                    stdin_copy = self._read_stream()
                 self._setup()
             except BaseException:
-                # Nothing of the run was written yet: leave no token cache, lock file or empty
-                # run folder behind.
+                # Nothing of the run was written yet: leave no token cache, lock file, corpus
+                # copy or empty run folder behind.
                 for cache in set(self.out.glob("tokens-*")) - caches_before:
                     cache.unlink(missing_ok=True)
+                if stdin_copy is not None:
+                    stdin_copy.unlink(missing_ok=True)
                 if not lock_existed:
                     (self.out / RunLock.NAME).unlink(missing_ok=True)
                 if created:

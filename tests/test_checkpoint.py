@@ -307,3 +307,17 @@ def test_saved_file_is_a_plain_npz(tmp_path):
     buf = io.BytesIO(path.read_bytes())
     assert buf.read(4) == b"PK\x03\x04"
     assert os.path.getsize(path) > 0
+
+
+def test_the_bundled_model_is_found_in_a_source_checkout(monkeypatch):
+    """models/default/model.npz beside the package (it was looked for under charnn/ after
+    checkpoint.py moved into charnn/io/, so `charnn sample` without MODEL failed)."""
+    from pathlib import Path
+
+    from charnn.io.checkpoint import DEFAULT_ENV, default_model_path
+
+    monkeypatch.delenv(DEFAULT_ENV, raising=False)
+    bundled = Path(__file__).resolve().parent.parent / "models" / "default" / "model.npz"
+    if not bundled.is_file():
+        pytest.skip("no bundled model in this checkout")
+    assert default_model_path() == bundled

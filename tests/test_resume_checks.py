@@ -51,9 +51,9 @@ def edit_last(out, edit):
     numpy.savez(path, **arrays)
 
 
-def resume(out, corpus=None):
+def resume(out, corpus=None, steps=12):
     extra = [] if corpus is None else [corpus]
-    return invoke("train", *extra, "--resume", "--out", out, "-q", "--max-steps", 12)
+    return invoke("train", *extra, "--resume", "--out", out, "-q", "--max-steps", steps)
 
 
 def progress(key, value):
@@ -178,10 +178,11 @@ def test_damaged_token_cache_without_its_corpus_is_refused(tmp_path, run, damage
         data[500] ^= 1
     cache.write_bytes(bytes(data))
     before = (out / "last.npz").read_bytes()
-    check_error(resume(out), 1, cache.name, "damaged", "cannot be rebuilt")
+    # (a larger --max-steps: a resume of a finished run stops before it reads anything)
+    check_error(resume(out, steps=16), 1, cache.name, "damaged", "cannot be rebuilt")
     assert (out / "last.npz").read_bytes() == before
     corpus.write_text("other text entirely\n" * 200)  # a corpus by that name, but not the one
-    check_error(resume(out), 1, "corpus changed")
+    check_error(resume(out, steps=16), 1, "corpus changed")
 
 
 def test_new_run_with_a_damaged_leftover_cache(tmp_path, run):
@@ -219,7 +220,7 @@ def test_resume_whose_corpus_became_a_fifo_is_refused_not_a_hang(tmp_path):
     corpus.unlink()
     os.mkfifo(corpus)
     with time_limit(30):
-        check_error(invoke("train", "--resume", "--out", out, "-q"), 1, "FIFO", str(corpus))
+        check_error(invoke("train", "--resume", "--out", out, "-q", "--max-steps", 8), 1, "FIFO", str(corpus))
 
 
 def test_a_folder_with_a_model_but_no_checkpoint_says_how_to_go_on(tmp_path):

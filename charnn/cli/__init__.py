@@ -211,7 +211,11 @@ def cli():
     """
 
 
-@cli.command("gradcheck")
+@cli.command("gradcheck", epilog="""\b
+Examples:
+  charnn gradcheck                                  every cell, 1 and 3 layers, char and word
+  charnn gradcheck --cell gru --layers 2 --dropout 0.3
+  charnn gradcheck models/default --text corpora/shakespeare.txt""")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--cell", type=CellChoice(extra=("all",)), default="all", show_default=True)
 @click.option("--layers", callback=int_list, default="1,3", show_default=True, help="Layer counts to check (comma-separated).")
@@ -251,7 +255,13 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
 
 
 
-@cli.command("train")
+@cli.command("train", epilog="""\b
+Examples:
+  charnn train corpora/shakespeare.txt --time-limit 900
+  charnn train ptb.train.txt --level word --tokenizer whitespace --embed 200 --hidden 200
+  head -c 50000 corpus.txt | charnn train - --out runs/small --max-steps 500
+  charnn train --resume --out runs/small --max-steps 1000      train a run further
+  charnn train new.txt --init-from models/default --extend-vocab --max-steps 300""")
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
 @click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
 @click.option("--cell", type=CellChoice(), default="lstm", show_default=True)
@@ -297,20 +307,29 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
               help="A TOML file of option values (its [train] table, or top level), e.g. hidden = 512; "
                    "options on the command line override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--init-from", type=click.Path(dir_okay=True), default=None,
+              help="Fine-tune: start from this model file or run folder (its model.npz): its weights, vocabulary "
+                   "and architecture, with a fresh optimizer.")
+@click.option("--extend-vocab", is_flag=True,
+              help="With --init-from: add the corpus's characters or words the model never saw (new rows "
+                   "initialised as a new model's) instead of refusing them.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def train_command(ctx, corpus, val_path, out, resume, as_json, quiet, **opts):
-    """Train a language model on CORPUS (a UTF-8 text file).
+def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, as_json, quiet, **opts):
+    """Train a language model on CORPUS (a UTF-8 text file, or - for stdin: read once into
+    the run folder as corpus-stdin.txt, which --resume then reads).
 
     Saves the best model by validation loss to OUT/model.npz and a full checkpoint (for
     --resume) to OUT/last.npz at every evaluation. Ctrl-C saves a checkpoint and exits 130.
     """
     from .train import run_train
 
-    explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    source = click.core.ParameterSource
+    explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == source.COMMANDLINE}
+    given = {k for k in opts if ctx.get_parameter_source(k) in (source.COMMANDLINE, source.DEFAULT_MAP)}
     run_train(corpus=corpus, val_path=val_path, out=out, resume=resume, as_json=as_json, quiet=quiet,
-              explicit=explicit, opts=opts)
+              explicit=explicit, opts=opts, init_from=init_from, extend_vocab=extend_vocab, given=given)
 
 
 
@@ -342,7 +361,11 @@ def unescape(ctx, param, value):
     return out
 
 
-@cli.command("sample")
+@cli.command("sample", epilog="""\b
+Examples:
+  charnn sample --prime "ROMEO:" --temperature 0.8 --length 300 --seed 1
+  charnn sample runs/small --top-p 0.9 --num-samples 3 --stop-at "\\n\\n"
+  charnn sample --beam-size 5 --length 80 --prime "ROMEO:"    the most likely text""")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--length", "-n", type=click.IntRange(min=0), default=500, show_default=True, help="Tokens to generate (characters or words).")
 @click.option("--temperature", "-t", type=Finite(min=0), default=1.0, show_default=True, help="0 = greedy (always the most likely token).")
@@ -353,17 +376,39 @@ def unescape(ctx, param, value):
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--stop-at", default=None, callback=unescape, help='Stop a sample when it ends with this text, e.g. "\\n" or ".".')
 @click.option("--beam-size", type=click.IntRange(min=1), default=None, help="Beam search for the most likely continuation instead of sampling.")
+@click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
+              help="--beam-size: no n-gram of this many tokens twice in the text [8 characters, 3 words; 0 = off].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample on stdout.")
-def sample_command(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json):
+@click.pass_context
+def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size,
+                   no_repeat_ngram, device, as_json):
     """Generate text from MODEL (a model file or run folder; default: the bundled
     Shakespeare model). Tokens stream to stdout as they are generated."""
     from .sample import run_sample
 
-    run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json)
+    source = click.core.ParameterSource
+    given = {p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) in (source.COMMANDLINE, source.ENVIRONMENT)}
+    if beam_size is not None:
+        # Beam search is deterministic: sampling's options would be silently ignored.
+        clash = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p", "seed") if n in given]
+        if num_samples > 1:
+            clash.append(f"--num-samples {num_samples} (beam search gives one text)")
+        if clash:
+            raise click.UsageError(f"--beam-size searches for the most likely text and does not sample: "
+                                   f"it cannot be used with {', '.join(clash)}")
+    elif no_repeat_ngram is not None:
+        raise click.UsageError("--no-repeat-ngram applies to --beam-size only")
+    run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,
+               no_repeat=no_repeat_ngram)
 
 
-@cli.command("score")
+@cli.command("score", epilog="""\b
+Examples:
+  echo "To be, or not to be, that is the question." | charnn score -
+  charnn score runs/small sentences.txt --format jsonl
+  charnn score val.txt --document --streams 8       held-out loss of a whole text""")
 @click.argument("args", nargs=-1, type=click.Path(allow_dash=True))
 @click.option("--document", is_flag=True, help="Score the whole input as one text with carried state.")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)

@@ -11,6 +11,7 @@ from ..io.checkpoint import CheckpointError, load_model, resolve
 from ..io.data import CorpusError, read_text
 from ..nn.functional import class_bounds
 from ..gradcheck import check_config, check_model, random_chunk
+from ..wording import plural
 from ..nn.model import LanguageModel, ModelConfig
 from .common import StdoutConsole, regular_file
 
@@ -43,7 +44,7 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
                         cfg = ModelConfig(vocab_size=V, cell=cell, layers=n_layers, hidden=hidden, embed=embed,
                                           dropout=dropout, class_bounds=bounds)
                         label = (f"{cell} {n_layers}x{hidden} {'one-hot' if embed == 0 else f'embed {embed}'} {level}"
-                                 + (f" {len(bounds) - 1} classes" if bounds else ""))
+                                 + (f" {plural(len(bounds) - 1, 'class')}" if bounds else ""))
                         runs.append((label, check_config(cfg, T=seq_len, N=batch_size, seed=seed,
                                                          tolerance=tolerance, device=device,
                                                          max_elements=max_elements or 300)))

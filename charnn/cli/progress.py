@@ -10,6 +10,7 @@ from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
 from ..train import Reporter
+from ..wording import plural
 
 
 class ConsoleReporter(Reporter):
@@ -32,9 +33,9 @@ class ConsoleReporter(Reporter):
         if self.quiet:
             return
         self.console.print(
-            f"charnn train: {cfg.cell} {cfg.layers}x{cfg.hidden}, {info['params']:,} parameters, "
-            f"vocabulary {info['vocab_size']:,} {cfg.level}s, {info['train_tokens']:,} training and "
-            f"{info['val_tokens']:,} validation tokens, {info['chunks_per_epoch']:,} steps per epoch, "
+            f"charnn train: {cfg.cell} {cfg.layers}x{cfg.hidden}, {plural(info['params'], 'parameter')}, "
+            f"vocabulary {plural(info['vocab_size'], cfg.level)}, {info['train_tokens']:,} training and "
+            f"{plural(info['val_tokens'], 'validation token')}, {plural(info['chunks_per_epoch'], 'step')} per epoch, "
             f"{info['device']}, run folder {info['out']}"
             + (f", resuming at step {info['step']}" if info["step"] else ""), highlight=False, markup=False, soft_wrap=True)
         if self.live:

@@ -32,7 +32,8 @@ def load_for_use(model, device):
     return lm, vocab, path
 
 
-def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json):
+def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,
+               no_repeat=None):
     lm, vocab, path = load_for_use(model, device)
     try:
         prime_ids(vocab, prime)  # a bad prime is an error before anything is written to stdout
@@ -47,7 +48,7 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
         made = []
         try:
             if beam_size:
-                text, logprob = beam_search(lm, vocab, length, beam_size, prime)
+                text, logprob = beam_search(lm, vocab, length, beam_size, prime, no_repeat)
                 pieces = [text]
             else:
                 pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=None)
@@ -65,6 +66,9 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
         text = "".join(made)
         if as_json:
             obj = {"sample": k, "seed": seed, "prime": prime, "text": text, "model": str(path)}
+            if beam_size:
+                del obj["seed"]  # beam search draws nothing
+                obj["beam_size"] = beam_size
             if logprob is not None:
                 obj["logprob"] = logprob
             out.write(json_line(obj))

@@ -17,6 +17,7 @@ from .sample import load_for_use
 from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
 from ..io.vocab import iter_lines
 from .common import StdoutConsole, json_line
+from ..wording import plural
 
 # Surprisal (bits) -> background colour, from "expected" to "very surprised".
 HEAT = [(1, None), (2, "#3a3a00"), (4, "#5f5f00"), (6, "#875f00"), (8, "#af5f00"), (11, "#d75f00"), (float("inf"), "#ff0000")]
@@ -54,6 +55,10 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         else:
             file_arg = args[0]
     lm, vocab, path = load_for_use(model_arg, device)
+    if file_arg == "-" and sys.stdin.isatty():
+        # Otherwise it would wait for text with nothing on the screen to say so.
+        click.echo("charnn score: reading sentences from the terminal, one a line; end with Ctrl-D "
+                   "(or pass a FILE, or pipe text in)", err=True)
     try:
         text = read_text(file_arg, encoding, errors, pipes=True)
     except CorpusError as e:
@@ -65,8 +70,8 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         shown = ", ".join(f"{c!r} (line {n}, column {col})" for n, col, c in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         if strict:
-            raise click.ClickException(f"{len(unknown)} characters are not in the model's vocabulary: {shown}{more}")
-        err.print(f"note: {len(unknown)} characters not in the model's vocabulary were left out of the score: {shown}{more}",
+            raise click.ClickException(f"{plural(len(unknown), 'character')} {'is' if len(unknown) == 1 else 'are'} not in the model's vocabulary: {shown}{more}")
+        err.print(f"note: {plural(len(unknown), 'character')} not in the model's vocabulary {'was' if len(unknown) == 1 else 'were'} left out of the score: {shown}{more}",
                   highlight=False, markup=False, soft_wrap=True)
     try:
         if document:
@@ -94,7 +99,7 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         for s in items:
             out.print(heat_text(s.token_strings, s.surprisal, vocab.level))
             if not document:
-                out.print(f"  {s.tokens} tokens, {s.logprob:.2f} nats, {s.bits_per_token:.3f} bits/token", style="dim")
+                out.print(f"  {plural(s.tokens, 'token')}, {s.logprob:.2f} nats, {s.bits_per_token:.3f} bits/token", style="dim")
         out.print("surprisal colours: none < 1 bit, then 2, 4, 6, 8, 11 bits, red above", style="dim")
     if not document:
         # Text objects, not str: rich would read "[...]" in a line or a path as markup.
@@ -109,10 +114,10 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
                           f"{s.bits_per_token:.3f}", f"{s.perplexity:.2f}", Text(s.text))
         table.add_section()
         table.add_row("all", str(summary["tokens"]), f"{summary['logprob']:.2f}", f"{summary['nats_per_token']:.3f}",
-                      f"{summary['bits_per_token']:.3f}", f"{summary['perplexity']:.2f}", f"{summary['lines']} lines")
+                      f"{summary['bits_per_token']:.3f}", f"{summary['perplexity']:.2f}", plural(summary["lines"], "line"))
         out.print(table)
     else:
         out.print(f"tokens {summary['tokens']}  nats/token {summary['nats_per_token']:.4f}  "
                   f"bits/token {summary['bits_per_token']:.4f}  perplexity {summary['perplexity']:.3f}")
     if summary["excluded"]:
-        out.print(f"{summary['excluded']} unknown characters left out", style="dim")
+        out.print(f"{plural(summary['excluded'], 'unknown character')} left out", style="dim")

@@ -11,32 +11,56 @@ from ..backend import BackendError
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
 from ..nn.model import FORGET_BIAS, ModelError
-from ..train import TrainConfig, Trainer, TrainError
+from ..finetune import FineTuneError, InitFrom, merge_options
+from ..train import Finished, TrainConfig, Trainer, TrainError
 from ..io.vocab import VocabError
-from .common import json_line, regular_file
+from .common import fail, json_line, regular_file
+from ..wording import plural
+
+STDIN_NAME = "corpus-stdin.txt"  # where a corpus read from stdin is kept in the run folder
 
 
 def default_out(corpus: str, opts: dict) -> Path:
-    stem = Path(corpus).stem or "corpus"
+    stem = "stdin" if corpus == "-" else Path(corpus).stem or "corpus"
     return Path("models") / f"{stem}-{opts['cell']}-{opts['layers']}x{opts['hidden']}"
 
 
-def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
+def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from=None, extend_vocab=False,
+              given=None):
     if corpus is None and not resume:
         raise click.UsageError("missing CORPUS (a text file to train on)")
     if resume and out is None and corpus is None:
         raise click.UsageError("--resume needs --out (the run folder) or the CORPUS of a default run folder")
+    if init_from is not None and resume:
+        raise click.UsageError("--init-from starts a new run and --resume continues one; use one of them")
+    if extend_vocab and init_from is None:
+        raise click.UsageError("--extend-vocab extends the vocabulary of --init-from's model; give --init-from")
+    stdin = corpus == "-"
+    if stdin:
+        if resume:
+            raise click.UsageError("--resume reads the corpus the run kept (its corpus-stdin.txt); leave out -")
+        if sys.stdin.isatty():
+            fail("the corpus is to come from stdin (-), which is a terminal; pipe text in, "
+                 "e.g. head -c 50000 corpus.txt | charnn train -")
+    init = None
+    if init_from is not None:
+        try:
+            init = InitFrom(init_from, extend_vocab)
+            merge_options(opts, explicit | (given or set()), init.ckpt, init.path)
+        except FineTuneError as e:
+            raise click.ClickException(str(e)) from None
     if opts["tie"] and opts["embed"] != opts["hidden"]:
         raise click.BadParameter("--tie needs --embed equal to --hidden", param_hint="--tie")
     for path in (corpus, val_path):
-        if path is not None:
+        if path is not None and not (stdin and path is corpus):
             regular_file(path)  # a FIFO would be opened by the corpus digest and wait for a writer
     if opts["cell"] != "lstm" and opts["forget_bias"] != FORGET_BIAS:
         raise click.BadParameter("applies to --cell lstm only", param_hint="--forget-bias")
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
         opts["max_epochs"] = 10
     out_dir = Path(out) if out else default_out(corpus, opts)
-    cfg = TrainConfig(corpus=str(corpus) if corpus else "", val=val_path, out=str(out_dir), **opts)
+    corpus_path = str(out_dir / STDIN_NAME) if stdin else str(corpus) if corpus else ""
+    cfg = TrainConfig(corpus=corpus_path, val=val_path, out=str(out_dir), **opts)
     overrides = {}
     if resume:
         # Only what the user typed is compared with (or overrides) the checkpoint's settings.
@@ -50,10 +74,16 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
         from .progress import ConsoleReporter
 
         reporter = ConsoleReporter()
-    trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides)
+    trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides, init=init,
+                      corpus_stream=sys.stdin.buffer if stdin else None, announce=not quiet)
     try:
         result = trainer.run()
-    except (TrainError, CorpusError, CheckpointError, BackendError, ModelError, VocabError) as e:
+    except Finished as e:
+        if reporter:
+            reporter.end()
+        click.echo(str(e), err=True)
+        return
+    except (TrainError, CorpusError, CheckpointError, BackendError, ModelError, VocabError, FineTuneError) as e:
         if reporter:
             reporter.end()
         raise click.ClickException(str(e)) from None
@@ -74,7 +104,7 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts):
             said = f", best validation loss {best:.4f} nats/token (the last evaluation {val:.4f})"
         else:
             said = f", validation loss {val:.4f} nats/token" if val is not None else ""
-        click.echo(f"saved {result['model']} after {result['steps']} steps ({result['tokens_per_second']:,.0f} tokens/s)"
+        click.echo(f"saved {result['model']} after {plural(result['steps'], 'step')} ({result['tokens_per_second']:,.0f} tokens/s)"
                    + said, err=True)
     if result["stopped"] == "interrupted":
         click.echo(f"interrupted: checkpoint saved to {result['checkpoint']}; continue with --resume --out {out_dir}", err=True)

@@ -41,6 +41,7 @@ from ..nn import cells
 from ..nn.model import LanguageModel, ModelConfig, ModelError
 from ..nn.optim import Adagrad, Adam, RMSprop
 from .vocab import Vocab, VocabError
+from ..wording import plural
 
 FORMAT = "charnn-model"
 VERSION = 1  # the version save() writes
@@ -390,7 +391,7 @@ def _config(p: Path, meta: dict):
         # conversions (int("") or int(inf) in ModelConfig's class_bounds).
         raise CheckpointError(f"{p}: malformed metadata ({_one_line(e)})") from None
     if len(vocab) != config.vocab_size:
-        raise CheckpointError(f"{p}: the vocabulary has {len(vocab)} tokens but the weights expect {config.vocab_size}")
+        raise CheckpointError(f"{p}: the vocabulary has {plural(len(vocab), 'token')} but the weights expect {config.vocab_size}")
     return config, vocab
 
 
@@ -401,7 +402,7 @@ def _expected_shapes(p: Path, config: ModelConfig, meta: dict, headers: dict) ->
     if config.layers > len(params):
         # Checked before param_shapes(), which loops over the layers: a crafted layer count
         # (say 10**12) must not make loading hang.
-        raise CheckpointError(f"{p}: the config has {config.layers} layers but the file holds only {len(params)} parameters")
+        raise CheckpointError(f"{p}: the config has {plural(config.layers, 'layer')} but the file holds only {plural(len(params), 'parameter')}")
     expected = config.param_shapes()
     for name in expected:
         if f"param/{name}" not in headers:
@@ -469,7 +470,7 @@ def default_model_path() -> Path:
     env = os.environ.get(DEFAULT_ENV)
     if env:
         return Path(env)
-    candidates = [Path(__file__).resolve().parents[2] / DEFAULT_REL,  # charnn/io/checkpoint.py -> the checkout
+    candidates = [Path(__file__).resolve().parents[2] / DEFAULT_REL,  # charnn/io/ -> the checkout
                   Path(sys.prefix) / "share" / "charnn" / DEFAULT_REL]
     for c in candidates:
         if c.is_file():

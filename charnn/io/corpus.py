@@ -79,9 +79,14 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
         f = contextlib.nullcontext(sys.stdin.buffer) if stdin else _open_stream(p) if fifo else open(p, "rb")
     except OSError as e:
         raise CorpusError(f"{p}: cannot read: {e.strerror or e}") from None
+    # A buffered read returns short only at the end of input. On a terminal each Ctrl-D ends
+    # one read, so reading again after a short read would wait for a second Ctrl-D.
+    tty = stdin and sys.stdin.isatty()
+    ended = False
     with f as f:
         while True:
-            data = f.read(block)
+            data = b"" if ended else f.read(block)
+            ended = tty and len(data) < block
             final = not data
             if final and fifo and offset == 0:
                 raise CorpusError(f"{p}: nothing to read (a FIFO without a writer, or an empty pipe)")

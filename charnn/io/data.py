@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy
 
 from .corpus import CorpusError, iter_text  # noqa: F401  (CorpusError re-exported for callers)
+from ..wording import plural
 
 
 def read_text(path, encoding: str = "utf-8", errors: str = "strict", pipes: bool = False) -> str:
@@ -34,7 +35,7 @@ def split_tail(ids: numpy.ndarray, fraction: float):
     """(train, val): the last ``fraction`` of the tokens is validation (nanoGPT's split)."""
     n_val = int(round(len(ids) * fraction))
     if fraction > 0 and n_val < 2:
-        raise CorpusError(f"the corpus ({len(ids)} tokens) is too short to hold out {fraction:g} for validation")
+        raise CorpusError(f"the corpus ({plural(len(ids), 'token')}) is too short to hold out {fraction:g} for validation")
     return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
 
 
@@ -53,7 +54,7 @@ class Batches:
         self.N, self.T = batch_size, seq_len
         self.S = L // batch_size  # tokens per stream
         if self.S < 2 or (drop_last and self.S - 1 < seq_len):
-            raise CorpusError(f"{L} tokens are too few for --batch-size {batch_size} x --seq-len {seq_len} "
+            raise CorpusError(f"{plural(L, 'token')} {'is' if L == 1 else 'are'} too few for --batch-size {batch_size} x --seq-len {seq_len} "
                               f"(need at least {batch_size * (seq_len + 1)}); use smaller values or more text")
         self.streams = numpy.asarray(ids[: batch_size * self.S]).reshape(batch_size, self.S)
         steps = self.S - 1
