@@ -54,7 +54,7 @@ def worker():
             opt = make_optimizer("adam", model.params, 2e-3, model.ops) if new else make_optimizer("adam", model.params, 2e-3)
             data = numpy.random.default_rng(1).integers(0, V, (8, T + 1, N))
             stepper = model.stepper(1) if new else Stepper(model, 1)
-            state, k = None, 0
+            state, k, tok[0] = None, 0, 0
             out = {"file": charnn.__file__}
         elif cmd["cmd"] == "train":
             times = []
