@@ -37,8 +37,9 @@ TESTS = ["tests/test_engine.py", "tests/test_cells.py", "tests/test_gradcheck.py
 MODULES = ["nn/cells.py", "nn/functional.py", "nn/optim.py", "nn/model.py", "engine/kernels.py", "engine/layers.py",
            "engine/heads.py", "engine/cpu.py", "engine/loops.py"]
 
-# (file under charnn/, the exact text, its replacement, what the bug is). The issue-21 classes:
-# biases dropped, a wrong scale, a state not carried, a state of the wrong step.
+# (file under charnn/, the exact text, its replacement, what the bug is[, the tests to run
+# instead of TESTS]). The issue-21 classes: biases dropped, a wrong scale, a state not carried,
+# a state of the wrong step, saves that are not atomic.
 CURATED = [
     ("engine/kernels.py", "                hn[j, n] = hp[2 * H + j, n] + bhn[j]", "                hn[j, n] = hp[2 * H + j, n]",
      "GRU kernel (flat) drops bhn"),
@@ -66,6 +67,9 @@ CURATED = [
     ("nn/model.py", "                hs = hs * mask", "                hs = hs", "dropout mask not applied in forward"),
     ("nn/functional.py", "    return to_device(keep.astype(dtype) / (1.0 - p), xp)", "    return to_device(keep.astype(dtype), xp)",
      "dropout not inverted (no 1/(1-p))"),
+    ("io/fileio.py", '    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
+     "    fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), str(path)",
+     "saves written in place, not atomically", ["tests/test_train_saves.py::test_kill_inside_a_save"]),
 ]
 
 SWAPS = {ast.Add: (" + ", " - "), ast.Sub: (" - ", " + "), ast.Mult: (" * ", " / "), ast.Div: (" / ", " * ")}
@@ -134,15 +138,15 @@ def main():
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    mutants = [(rel, None, old, new, what) for rel, old, new, what in CURATED]
+    mutants = [(rel, None, old, new, what, *tests) for rel, old, new, what, *tests in CURATED]
     modules = [args.only] if args.only else MODULES
     per = -(-args.random // len(modules)) if args.random else 0
     for rel in modules:
         mutants += random_mutants(rel, rng, per)
     mutants = mutants[:len(CURATED) + args.random]
     survivors = []
-    for k, (rel, lineno, old, new, what) in enumerate(mutants, 1):
-        verdict, detail = run_mutant(rel, old, new, TESTS, args.timeout)
+    for k, (rel, lineno, old, new, what, *tests) in enumerate(mutants, 1):
+        verdict, detail = run_mutant(rel, old, new, tests[0] if tests else TESTS, args.timeout)
         where = f"{rel}:{lineno}" if lineno else rel
         print(f"{k:3} {verdict:11} {where:24} {what:48} {detail}", flush=True)
         if verdict == "survived":
