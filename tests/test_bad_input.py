@@ -675,3 +675,21 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, delay):
     assert code in (130, -signal.SIGINT), (code, err)
     assert "Traceback" not in err and "Aborted" not in err, err
     assert len(err.strip().splitlines()) <= 1, err
+
+
+def test_ctrl_c_while_the_command_line_is_parsed_is_130(monkeypatch):
+    """Ctrl-C can land while click parses the arguments (a few milliseconds): the same one
+    line and status 130 as later, not click's "Aborted!" and 1."""
+    import click
+    from click.testing import CliRunner
+
+    from charnn.cli import Group, cli
+
+    def interrupt(self, ctx, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(click.Group, "parse_args", interrupt)
+    result = CliRunner().invoke(cli, ["sample", "--length", "1"])
+    assert result.exit_code == 130, (result.exit_code, result.output)
+    assert "Aborted" not in result.output and "interrupted" in result.stderr
+    assert Group.parse_args is not click.Group.parse_args

@@ -166,6 +166,8 @@ class Group(click.Group):
             return super().parse_args(ctx, args)
         except BrokenPipeError:
             _quiet_broken_pipe()
+        except KeyboardInterrupt:  # click's main would say "Aborted!" and exit 1
+            interrupted()
 
     def main(self, *args, **kwargs):
         try:
