@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_engine.py", "tests/test_cells.py", "tests/test_gradcheck.py", "tests/test_optim.py",
          "tests/test_kernels.py", "tests/test_state_carry.py", "tests/test_rowsplit.py", "tests/test_deferred.py",
-         "tests/test_cell_registry.py"]
+         "tests/test_cell_registry.py", "tests/test_functional.py"]
 MODULES = ["nn/cells.py", "nn/functional.py", "nn/optim.py", "nn/model.py", "engine/kernels.py", "engine/layers.py",
            "engine/heads.py", "engine/cpu.py", "engine/loops.py"]
 
