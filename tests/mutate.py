@@ -109,15 +109,22 @@ def random_mutants(rel: str, rng: random.Random, n: int) -> list:
     return found[:n]
 
 
-def run_mutant(rel: str, old: str, new: str, tests: list, timeout: float) -> tuple:
+def run_mutant(rel: str, old: str, new: str, tests: list, timeout: float, lineno: int | None = None) -> tuple:
     with tempfile.TemporaryDirectory(prefix="charnn-mutant-") as tmp:
         shutil.copytree(ROOT / "charnn", Path(tmp) / "charnn", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "tests", Path(tmp) / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         target = Path(tmp) / "charnn" / rel
         src = target.read_text(encoding="utf-8")
-        if src.count(old) != 1:
+        if lineno is not None:  # a random mutant: that line only
+            lines = src.split("\n")
+            if lines[lineno - 1] != old:
+                return "not applied", "the line changed"
+            lines[lineno - 1] = new
+            target.write_text("\n".join(lines), encoding="utf-8")
+        elif src.count(old) != 1:
             return "not applied", f"the text occurs {src.count(old)} times"
-        target.write_text(src.replace(old, new), encoding="utf-8")
+        else:
+            target.write_text(src.replace(old, new), encoding="utf-8")
         env = dict(os.environ, PYTHONPATH=tmp, XDG_CACHE_HOME=os.path.join(tmp, "cache"))
         t = time.monotonic()
         try:
@@ -146,7 +153,7 @@ def main():
     mutants = mutants[:len(CURATED) + args.random]
     survivors = []
     for k, (rel, lineno, old, new, what, *tests) in enumerate(mutants, 1):
-        verdict, detail = run_mutant(rel, old, new, tests[0] if tests else TESTS, args.timeout)
+        verdict, detail = run_mutant(rel, old, new, tests[0] if tests else TESTS, args.timeout, lineno)
         where = f"{rel}:{lineno}" if lineno else rel
         print(f"{k:3} {verdict:11} {where:24} {what:48} {detail}", flush=True)
         if verdict == "survived":
