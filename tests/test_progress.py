@@ -1,6 +1,6 @@
 """Progress on stderr: training's line and header fit the terminal's width; score and gradcheck
 report lines, tokens or checks done through the library's progress callbacks, shown only on a
-terminal and not under --quiet."""
+terminal and not under --quiet; the first run says that it compiles."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import pytest
 from rich.console import Console
 
 from charnn.backend import get_backend
+from charnn.cli.common import COMPILING, compile_notice
 from charnn.cli.progress import ConsoleReporter, WorkProgress
+from charnn.engine import compiles_first
+from charnn.engine.settings import Settings
 from charnn.gradcheck import check_config, count_checks
 from charnn.io.checkpoint import load_model
 from charnn.nn import cells
@@ -207,3 +210,30 @@ def test_gradcheck_quiet(tmp_path):
     quiet = check_ok(invoke(*args, "-q"))
     assert "all 7 gradient checks passed" in plain.stdout and plain.stdout == quiet.stdout
     assert plain.stderr == "" and quiet.stderr == ""
+
+
+# ----- "compiling kernels (first run only)" -----
+
+def test_compiles_first_reads_the_cache_folder(tmp_path):
+    on = Settings(threads=1)
+    assert compiles_first(on, folder=tmp_path / "missing")
+    (tmp_path / "empty" / "engine_abc").mkdir(parents=True)  # numba makes its folders on import
+    assert compiles_first(on, folder=tmp_path / "empty")
+    (tmp_path / "empty" / "engine_abc" / "kernels.f-1.py311.nbi").write_bytes(b"x")
+    assert not compiles_first(on, folder=tmp_path / "empty")
+    assert not compiles_first(Settings.reference(), folder=tmp_path / "missing")  # no kernels, no compiling
+
+
+@pytest.mark.parametrize("device,quiet,tty,cold,said", [
+    ("cpu", False, True, True, True),
+    ("cpu", False, True, False, False),
+    ("cpu", True, True, True, False),
+    ("cpu", False, False, True, False),
+    ("gpu", False, True, True, False),
+])
+def test_compile_notice(device, quiet, tty, cold, said):
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=tty, color_system=None)
+    assert compile_notice(device, quiet, console=console, cold=cold) is said
+    assert (buf.getvalue() == COMPILING + "\n") if said else buf.getvalue() == ""
+    assert COMPILING == "charnn: compiling kernels (first run only)..."

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from ..train import Reporter
 from ..wording import plural
+from .common import compile_notice
 
 BAR_WIDTH = 24
 MIN_BAR_WIDTH = 8
@@ -95,6 +96,7 @@ class ConsoleReporter(Reporter):
             + (f", resuming at step {info['step']}" if info["step"] else ""), highlight=False, markup=False,
             soft_wrap=not self.live)
         if self.live:
+            compile_notice(str(info["device"]).split()[0], console=self.console)
             self.progress = FittedProgress(*training_layouts(), console=self.console, transient=False)
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.total, completed=info["step"], epoch=0.0,

@@ -55,7 +55,7 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
             model_arg = args[0]
         else:
             file_arg = args[0]
-    lm, vocab, path = load_for_use(model_arg, device)
+    lm, vocab, path = load_for_use(model_arg, device, quiet)
     if file_arg == "-" and sys.stdin.isatty():
         # Otherwise it would wait for text with nothing on the screen to say so.
         click.echo("charnn score: reading sentences from the terminal, one a line; end with Ctrl-D "
