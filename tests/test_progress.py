@@ -44,10 +44,11 @@ def screen_lines(text: str) -> list[str]:
     return [line for line in out if line.strip()]
 
 
-def train_display(width: int, level: str = "char") -> tuple[list[str], str]:
+def train_display(width: int, level: str = "char", time_limit=None, max_epochs=10) -> tuple[list[str], str]:
     console, buf = terminal(width)
     reporter = ConsoleReporter(console=console)
-    cfg = SimpleNamespace(level=level, max_steps=None, max_epochs=10, cell="lstm", layers=2, hidden=256)
+    cfg = SimpleNamespace(level=level, max_steps=None, max_epochs=max_epochs, cell="lstm", layers=2, hidden=256,
+                          time_limit=time_limit)
     reporter.start({"config": cfg, **HEADER_INFO})
     reporter.log({"step": 3765, "epoch": 0.6, "train_loss": 1.523, "tokens_per_second": 175100.0, "lr": 3e-3})
     reporter.evaluation({"step": 3765, "val_loss": 1.6012, "best_val_loss": 1.6012}, None)
@@ -71,6 +72,12 @@ def test_the_training_line_fits_and_keeps_step_loss_and_eta(width, level):
         assert "━" in last and "val 1.601" in last, last
 
 
+def test_a_time_limit_gives_the_eta():
+    lines, _ = train_display(100, time_limit=3600, max_epochs=None)  # no step total: only the limit
+    last = [line for line in lines if line.startswith("step")][-1]
+    assert re.search(r"ETA 0:59:[0-5]\d", last), last
+
+
 @pytest.mark.parametrize("width", [80, 160])
 def test_the_header_wraps_at_word_boundaries(width):
     lines, _ = train_display(width)
@@ -90,7 +97,8 @@ def test_the_header_wraps_at_word_boundaries(width):
 def test_the_header_stays_one_line_off_a_terminal():
     buf = io.StringIO()
     reporter = ConsoleReporter(console=Console(file=buf, width=80))
-    cfg = SimpleNamespace(level="char", max_steps=None, max_epochs=10, cell="lstm", layers=2, hidden=256)
+    cfg = SimpleNamespace(level="char", max_steps=None, max_epochs=10, cell="lstm", layers=2, hidden=256,
+                          time_limit=None)
     reporter.start({"config": cfg, **HEADER_INFO})
     reporter.end()
     assert len(buf.getvalue().splitlines()) == 1 and "run folder models/shakespeare-lstm-2x256" in buf.getvalue()

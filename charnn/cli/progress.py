@@ -26,10 +26,18 @@ MIN_BAR_WIDTH = 8
 
 
 class EtaColumn(TimeRemainingColumn):
-    """"ETA 0:01:23" (rich's remaining time, named)."""
+    """"ETA 0:01:23": rich's remaining time, or the time left before the task's ``deadline``
+    field (a time.perf_counter() value: training's --time-limit) when that comes sooner."""
 
     def render(self, task) -> Text:
-        return Text("ETA ", style="progress.remaining") + super().render(task)
+        text = super().render(task)
+        deadline = task.fields.get("deadline")
+        if deadline is not None:
+            left = max(0.0, deadline - time.perf_counter())
+            if task.total is None or task.time_remaining is None or left < task.time_remaining:
+                minutes, seconds = divmod(int(left), 60)
+                text = Text(f"{minutes // 60:d}:{minutes % 60:02d}:{seconds:02d}", style="progress.remaining")
+        return Text("ETA ", style="progress.remaining") + text
 
 
 class FittedProgress(Progress):
@@ -99,8 +107,12 @@ class ConsoleReporter(Reporter):
             compile_notice(str(info["device"]).split()[0], console=self.console)
             self.progress = FittedProgress(*training_layouts(), console=self.console, transient=False)
             self.progress.start()
+            # The time limit counts this process, from about now (Trainer.run starts its clock
+            # just before calling start).
+            deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit
             self.task = self.progress.add_task("train", total=self.total, completed=info["step"], epoch=0.0,
-                                               train="-", val="-", train_short="-", val_short="-", speed="-")
+                                               train="-", val="-", train_short="-", val_short="-", speed="-",
+                                               deadline=deadline)
 
     def _loss_text(self, loss: float | None, short: bool = False) -> str:
         if loss is None:
