@@ -13,10 +13,12 @@ fixed random sample of them (always including the largest-gradient entry).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy
 
 from .backend import get_backend, to_device, to_host
+from .nn import cells
 from .nn.model import LanguageModel, ModelConfig
 
 EPS = 4e-3
@@ -40,8 +42,15 @@ def _loss(model, ids, targets, state, dropout_seed):
     return float(to_host(loss))
 
 
+def count_checks(config: ModelConfig) -> int:
+    """How many CheckResults check_model returns for a model of ``config``: one per parameter,
+    one per layer's h, and one per layer's c for a cell that carries one."""
+    return len(config.param_shapes()) + config.layers * (2 if cells.get(config.cell).has_c else 1)
+
+
 def check_model(model: LanguageModel, ids, targets, state=None, tolerance: float = 1e-6,
-                max_elements: int = 300, seed: int = 0) -> list[CheckResult]:
+                max_elements: int = 300, seed: int = 0,
+                progress: Optional[Callable[[int, int], None]] = None) -> list[CheckResult]:
     """Compare analytic and numerical gradients of the mean loss on one chunk.
 
     Args:
@@ -51,6 +60,8 @@ def check_model(model: LanguageModel, ids, targets, state=None, tolerance: float
         tolerance: the largest max relative error that passes.
         max_elements: check at most this many entries of each array.
         seed: for the initial state, the dropout masks and the entry sample.
+        progress: called with (arrays checked, arrays to check) before the first check and
+            after each one (for a display; it must not raise).
 
     Returns:
         One CheckResult per parameter, then one per state array ("state.L.h", "state.L.c").
@@ -76,6 +87,8 @@ def check_model(model: LanguageModel, ids, targets, state=None, tolerance: float
 
     eps = EPS_RELU if model.config.cell == "rnn" and model.config.activation == "relu" else EPS
     results = []
+    if progress:
+        progress(0, len(arrays))
     for name, arr, grad in arrays:
         g = to_host(grad).reshape(-1)
         flat = arr.reshape(-1)  # a view: perturbing it perturbs the model
@@ -100,6 +113,8 @@ def check_model(model: LanguageModel, ids, targets, state=None, tolerance: float
         max_rel = float(rel.max()) if len(rel) else 0.0
         results.append(CheckResult(name, tuple(arr.shape), len(idx), max_rel,
                                    float(abs_err.max()) if len(abs_err) else 0.0, max_rel < tolerance))
+        if progress:
+            progress(len(results), len(arrays))
     return results
 
 
@@ -111,8 +126,10 @@ def random_chunk(vocab_size: int, T: int, N: int, seed: int = 0):
 
 
 def check_config(config: ModelConfig, T: int = 5, N: int = 3, seed: int = 0, tolerance: float = 1e-6,
-                 device: str = "cpu", max_elements: int = 300) -> list[CheckResult]:
-    """Build a float64 model with ``config`` and check it on a random chunk."""
+                 device: str = "cpu", max_elements: int = 300,
+                 progress: Optional[Callable[[int, int], None]] = None) -> list[CheckResult]:
+    """Build a float64 model with ``config`` and check it on a random chunk (``progress``: as
+    check_model's)."""
     model = LanguageModel.create(config, seed=seed, backend=get_backend(device, "float64"))
     # Random biases too, so no gradient is trivially zero.
     rng = numpy.random.default_rng(seed + 7)
@@ -120,4 +137,5 @@ def check_config(config: ModelConfig, T: int = 5, N: int = 3, seed: int = 0, tol
         if name.endswith((".b", ".bhn", "head.b")):
             p[...] = to_device(rng.normal(0, 0.1, p.shape), model.xp)
     ids, targets = random_chunk(config.vocab_size, T, N, seed)
-    return check_model(model, ids, targets, tolerance=tolerance, seed=seed, max_elements=max_elements)
+    return check_model(model, ids, targets, tolerance=tolerance, seed=seed, max_elements=max_elements,
+                       progress=progress)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy
 
@@ -25,6 +26,10 @@ from .nn.model import LanguageModel
 from .io.vocab import EOS, Vocab
 
 LN2 = math.log(2)
+
+# progress(done, total): called as the work goes (lines for score_lines, predicted tokens for
+# score_document), first with done = 0; for a display, so it must not raise.
+Progress = Optional[Callable[[int, int], None]]
 
 
 class ScoreError(ValueError):
@@ -109,8 +114,13 @@ def unknown_report(vocab: Vocab, lines: list[str]) -> list[tuple[int, int, str]]
 
 
 def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size: int = 64,
-                strict: bool = False, with_tokens: bool = False) -> list[Scored]:
-    """Score each line as a sentence (see the module docstring). Blank lines are skipped."""
+                strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> list[Scored]:
+    """Score each line as a sentence (see the module docstring). Blank lines are skipped.
+
+    Args:
+        progress: called with (lines scored, lines to score) before the first batch and after
+            each one; blank lines are not counted.
+    """
     sep = separator_id(vocab)
     items = []
     for n, line in enumerate(lines, 1):
@@ -125,6 +135,8 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
     # Longest first, so each batch is padded little; results return in input order.
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
     results: list[Scored | None] = [None] * len(items)
+    if progress:
+        progress(0, len(items))
     for start in range(0, len(order), batch_size):
         batch = order[start: start + batch_size]
         T = len(items[batch[0]][1])
@@ -149,17 +161,22 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
                 s.token_strings = toks
                 s.surprisal = list(nll[:L, j] / LN2)
             results[i] = s
+        if progress:
+            progress(start + N, len(items))
     return results
 
 
 def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int = 1, seq_len: int = 200,
-                   strict: bool = False, with_tokens: bool = False) -> Scored:
+                   strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> Scored:
     """Score ``text`` as one token stream with carried state, every token predicted once, the
     first from the separator (newline or <eos>) as context.
 
     With ``streams`` > 1 the text is cut into that many contiguous pieces scored side by side
     (faster; each piece starts from a zero state but with its preceding token as context), as
-    training's validation does (data.EvalStreams)."""
+    training's validation does (data.EvalStreams).
+
+    ``progress`` is called with (tokens predicted, tokens to predict) before the first chunk and
+    after each one."""
     ids, toks, excluded = encode_known(vocab, text, strict)
     start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
     seq = numpy.concatenate([[start], ids]).astype(numpy.int64)
@@ -168,10 +185,16 @@ def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int =
     es = EvalStreams(seq, streams, seq_len)
     nll_all = numpy.zeros((es.N, es.S))
     state = None
+    done = 0
+    if progress:
+        progress(0, es.predictions)
     for k in range(len(es)):
         x, y, w = es.chunk(k)
         nll, state = model.nll(x, y, state)
         nll_all[:, k * es.T: k * es.T + x.shape[0]] = (to_host(nll).astype(numpy.float64) * w).T
+        if progress:
+            done += int(w.sum())
+            progress(done, es.predictions)
     flat = nll_all.reshape(-1)[: es.predictions]  # stream-major order is text order
     s = Scored(text=text, tokens=es.predictions, logprob=-float(flat.sum()), excluded=excluded)
     if with_tokens:

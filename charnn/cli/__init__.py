@@ -239,8 +239,9 @@ Examples:
 @click.option("--max-elements", type=click.IntRange(min=1), default=None,
               help="Entries checked per parameter (default all up to 300; 40 with MODEL).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
 def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, level, dropout, classes, text_path, seed,
-              tolerance, max_elements, device):
+              tolerance, max_elements, device, quiet):
     """Compare the analytic gradients with numerical ones (float64, central differences).
 
     Without MODEL, builds small models for every combination of the options; with MODEL
@@ -253,7 +254,7 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
                   hidden=hidden, embeds=embed, seq_len=seq_len, batch_size=batch_size,
                   levels=("char", "word") if level == "both" else (level,), dropout=dropout,
                   text_path=text_path, seed=seed, tolerance=tolerance, max_elements=max_elements,
-                  device=device, classes=classes)
+                  device=device, classes=classes, quiet=quiet)
 
 
 
@@ -422,7 +423,8 @@ Examples:
 @click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
+def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet):
     """Score text: [MODEL] [FILE|-]. Each line of FILE (or stdin) is a sentence; prints its
     log-probability, tokens, nats and bits per token and perplexity, then a summary.
     MODEL defaults to the bundled Shakespeare model."""
@@ -430,7 +432,7 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
 
     if len(args) > 2:
         raise click.UsageError("expected at most MODEL and FILE")
-    run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device)
+    run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet)
 
 
 @cli.command("plot")

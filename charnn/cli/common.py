@@ -47,6 +47,26 @@ def text_encoding(ctx, param, value):
     return value
 
 
+COMPILING = "charnn: compiling kernels (first run only)..."
+
+
+def compile_notice(device: str, quiet: bool = False, console: Console | None = None, cold: bool | None = None) -> bool:
+    """Say on stderr that the CPU engine compiles its kernels first (a few seconds of silence
+    otherwise), when it will (``cold``, default engine.compiles_first()) and ``device`` is
+    "cpu"; not under ``quiet``, nor when stderr is not a terminal. Returns whether it said it."""
+    console = console or Console(stderr=True)
+    if quiet or device != "cpu" or not console.is_terminal:
+        return False
+    if cold is None:
+        from ..engine import compiles_first
+
+        cold = compiles_first()
+    if not cold:
+        return False
+    console.print(COMPILING, highlight=False, markup=False)
+    return True
+
+
 def json_line(obj) -> str:
     """One JSON object as a line; floats that are not finite (JSON has no Infinity or NaN)
     become null."""

@@ -10,16 +10,17 @@ from ..backend import BackendError, get_backend
 from ..io.checkpoint import CheckpointError, load_model, resolve
 from ..io.data import CorpusError, read_text
 from ..nn.functional import class_bounds
-from ..gradcheck import check_config, check_model, random_chunk
+from ..gradcheck import check_config, check_model, count_checks, random_chunk
 from ..wording import plural
 from ..nn.model import LanguageModel, ModelConfig
 from .common import StdoutConsole, regular_file
+from .progress import WorkProgress
 
 VOCAB_SIZES = {"char": 7, "word": 40}
 
 
 def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
-                  text_path, seed, tolerance, max_elements, device, classes=6):
+                  text_path, seed, tolerance, max_elements, device, classes=6, quiet=False):
     console = StdoutConsole()
     try:
         get_backend(device, "float64")
@@ -27,9 +28,11 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
         raise click.ClickException(str(e)) from None
     runs = []  # (label, results)
     if model is not None:
-        runs.append(_check_trained(model, text_path, seq_len, batch_size, seed, tolerance,
-                                   max_elements or 40, device))
+        with WorkProgress("checking", "checks", quiet=quiet) as progress:
+            runs.append(_check_trained(model, text_path, seq_len, batch_size, seed, tolerance,
+                                       max_elements or 40, device, progress))
     else:
+        planned = []  # (label, config)
         for cell in cells:
             for n_layers in layers:
                 for embed in embeds:
@@ -45,9 +48,16 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
                                           dropout=dropout, class_bounds=bounds)
                         label = (f"{cell} {n_layers}x{hidden} {'one-hot' if embed == 0 else f'embed {embed}'} {level}"
                                  + (f" {plural(len(bounds) - 1, 'class')}" if bounds else ""))
-                        runs.append((label, check_config(cfg, T=seq_len, N=batch_size, seed=seed,
-                                                         tolerance=tolerance, device=device,
-                                                         max_elements=max_elements or 300)))
+                        planned.append((label, cfg))
+        total = sum(count_checks(cfg) for _, cfg in planned)
+        with WorkProgress("checking", "checks", quiet=quiet) as progress:
+            done = 0
+            for label, cfg in planned:
+                def step(k, _n, label=label, done=done):
+                    progress(done + k, total, description=label)
+                runs.append((label, check_config(cfg, T=seq_len, N=batch_size, seed=seed, tolerance=tolerance,
+                                                 device=device, max_elements=max_elements or 300, progress=step)))
+                done += len(runs[-1][1])
     table = Table(title=f"Gradient check (float64, tolerance {tolerance:g})")
     for col in ("model", "parameter", "shape", "checked", "max rel error", ""):
         table.add_column(col, justify="right" if col in ("checked", "max rel error") else "left")
@@ -68,7 +78,7 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
     console.print(f"all {n} gradient checks passed (worst max relative error {worst:.2e})")
 
 
-def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device):
+def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device, progress=None):
     try:
         regular_file(resolve(path), "model file")
         trained, vocab, ckpt = load_model(path)
@@ -94,4 +104,4 @@ def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_el
     cfg = ckpt.config
     label = f"{cfg.cell} {cfg.layers}x{cfg.hidden} ({path})"
     return label, check_model(model, numpy.ascontiguousarray(x), numpy.ascontiguousarray(y),
-                              tolerance=tolerance, max_elements=max_elements, seed=seed)
+                              tolerance=tolerance, max_elements=max_elements, seed=seed, progress=progress)

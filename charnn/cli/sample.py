@@ -10,7 +10,7 @@ import numpy
 from ..backend import BackendError, get_backend
 from ..io.checkpoint import CheckpointError, default_model_path, load_model, resolve
 from ..sample import SampleError, beam_search, generate, prime_ids
-from .common import json_line, regular_file
+from .common import compile_notice, json_line, regular_file
 
 
 def model_path(model):
@@ -21,14 +21,16 @@ def model_path(model):
     return path
 
 
-def load_for_use(model, device):
-    """(model, vocab, path) for sample/score: MODEL or the bundled default, on ``device``."""
+def load_for_use(model, device, quiet=False):
+    """(model, vocab, path) for sample/score: MODEL or the bundled default, on ``device``;
+    says when the engine will compile first (unless ``quiet``)."""
     try:
         path = model_path(model)
         backend = get_backend(device, "float32", announce=False)
         lm, vocab, ckpt = load_model(path, backend)
     except (CheckpointError, BackendError) as e:
         raise click.ClickException(str(e)) from None
+    compile_notice(backend.device, quiet)
     return lm, vocab, path
 
 

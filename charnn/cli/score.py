@@ -17,6 +17,7 @@ from .sample import load_for_use
 from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
 from ..io.vocab import iter_lines
 from .common import StdoutConsole, json_line
+from .progress import WorkProgress
 from ..wording import plural
 
 # Surprisal (bits) -> background colour, from "expected" to "very surprised".
@@ -45,7 +46,7 @@ def heat_text(tokens, surprisal, level: str) -> Text:
     return out
 
 
-def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device):
+def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=False):
     model_arg, file_arg = None, "-"
     if len(args) == 2:
         model_arg, file_arg = args
@@ -54,7 +55,7 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
             model_arg = args[0]
         else:
             file_arg = args[0]
-    lm, vocab, path = load_for_use(model_arg, device)
+    lm, vocab, path = load_for_use(model_arg, device, quiet)
     if file_arg == "-" and sys.stdin.isatty():
         # Otherwise it would wait for text with nothing on the screen to say so.
         click.echo("charnn score: reading sentences from the terminal, one a line; end with Ctrl-D "
@@ -73,11 +74,15 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
             raise click.ClickException(f"{plural(len(unknown), 'character')} {'is' if len(unknown) == 1 else 'are'} not in the model's vocabulary: {shown}{more}")
         err.print(f"note: {plural(len(unknown), 'character')} not in the model's vocabulary {'was' if len(unknown) == 1 else 'were'} left out of the score: {shown}{more}",
                   highlight=False, markup=False, soft_wrap=True)
+    unit = "lines" if not document else ("characters" if vocab.level == "char" else "words")
     try:
-        if document:
-            items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens)]
-        else:
-            items = score_lines(lm, vocab, lines, batch_size=batch_size, strict=strict, with_tokens=show_tokens)
+        with WorkProgress("scoring", unit, quiet=quiet, console=err) as progress:
+            if document:
+                items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens,
+                                        progress=progress)]
+            else:
+                items = score_lines(lm, vocab, lines, batch_size=batch_size, strict=strict, with_tokens=show_tokens,
+                                    progress=progress)
     except ScoreError as e:
         raise click.ClickException(str(e)) from None
     summary = summarize(items)
