@@ -76,7 +76,7 @@ def run_layer(ops, cell, activation, case):
 @needs_numba
 @pytest.mark.parametrize("path", ["compiled loop", "compiled loop, packed", "python loop"])
 @pytest.mark.parametrize("cell,activation", CELLS)
-@pytest.mark.parametrize("H,N,T", [(16, 5, 7), (24, 16, 6), (8, 32, 4), (16, 1, 5)])
+@pytest.mark.parametrize("H,N,T", [(16, 5, 7), (24, 16, 6), (8, 32, 4), (16, 1, 5), (8, 3, 2)])
 def test_layer_paths_match_the_reference(path, cell, activation, H, N, T):
     case = layer_case(cell, H, N, T)
     want = run_layer(Ops(), cell, activation, case)

@@ -28,3 +28,25 @@ def test_class_bounds_cut_the_mass_into_the_classes_asked_for(counts, C):
     mass = numpy.array([sum(counts[a:b]) for a, b in zip(bounds, bounds[1:])]) / sum(counts)
     assert mass.max() <= 1 / C + max(counts) / sum(counts) + 1e-9  # no class much above its share
 
+
+
+def test_a_class_factored_head_with_one_class_is_the_full_softmax():
+    """With a single class P(class) = 1, so the factored loss, its gradients for the word layer
+    and the scores equal the full softmax's (float64, the reference)."""
+    from charnn.backend import get_backend
+    from charnn.nn.model import LanguageModel, ModelConfig, init_params
+
+    full = ModelConfig(vocab_size=7, cell="gru", layers=1, hidden=5)
+    one = ModelConfig(vocab_size=7, cell="gru", layers=1, hidden=5, class_bounds=(0, 7))
+    params = init_params(one, 3)
+    f64 = get_backend("cpu", "float64")
+    a = LanguageModel(one, params, f64)
+    b = LanguageModel(full, {k: v for k, v in params.items() if not k.startswith("class.")}, f64)
+    rng = numpy.random.default_rng(0)
+    ids, tg = rng.integers(0, 7, (4, 3)), rng.integers(0, 7, (4, 3))
+    la, ga, _ = a.loss_and_grads(ids, tg)
+    lb, gb, _ = b.loss_and_grads(ids, tg)
+    assert float(la) == pytest.approx(float(lb), rel=1e-12)
+    for k in gb:
+        numpy.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    numpy.testing.assert_allclose(a.nll(ids, tg)[0], b.nll(ids, tg)[0], rtol=1e-12)
