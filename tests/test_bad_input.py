@@ -693,3 +693,24 @@ def test_ctrl_c_while_the_command_line_is_parsed_is_130(monkeypatch):
     assert result.exit_code == 130, (result.exit_code, result.output)
     assert "Aborted" not in result.output and "interrupted" in result.stderr
     assert Group.parse_args is not click.Group.parse_args
+
+
+@pytest.mark.parametrize("command", [["sample", "--length", "3"], ["score", "-"], ["gradcheck", "--cell", "rnn",
+                                     "--layers", "1", "--embed", "0", "--level", "char"], ["train", "C"]])
+@pytest.mark.parametrize("value", ["two", "0"])
+def test_a_bad_charnn_threads_is_one_line(tmp_path, model, command, value):
+    """The CHARNN_* variables are read once, when the first backend is made: a value charnn
+    cannot use is one line and exit 1 from every command that computes (a real process, since
+    the settings of this one are already read), and no run folder is made."""
+    corpus = write_corpus(tmp_path)
+    argv = [str(corpus) if a == "C" else a for a in command]
+    if command[0] == "train":
+        argv += ["--out", str(tmp_path / "out"), *map(str, TINY), "--max-steps", "2"]
+    env = dict(os.environ, CHARNN_THREADS=value, CHARNN_DEFAULT_MODEL=str(model))
+    proc = subprocess.run([sys.executable, "-m", "charnn", *argv], input="the cat\n", capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: CHARNN_THREADS must be a positive integer, not '{value}'"], proc.stderr
+    assert not (tmp_path / "out").exists()

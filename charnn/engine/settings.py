@@ -21,9 +21,12 @@ import functools
 import os
 from dataclasses import dataclass
 
+from ..backend import BackendError
 
-class SettingsError(ValueError):
-    """A CHARNN_* variable holds a value charnn cannot use."""
+
+class SettingsError(BackendError, ValueError):
+    """A CHARNN_* variable holds a value charnn cannot use (a BackendError: the commands report
+    it as one line, as they report a device that cannot be used)."""
 
 
 @dataclass(frozen=True)
