@@ -298,6 +298,7 @@ BAD_FILES = [
     ("version true", version(True), ["format version is true"]),
     ("5,000-digit integer", meta_tail('"step": ' + "7" * 5000), ["malformed metadata"]),
     ("deep nesting", meta_tail('"x": ' + "[" * 100_000 + "]" * 100_000), ["malformed metadata"]),
+    ("30,000 empty lists", meta_tail('"x": [' + "[]," * 30_000 + "[]]"), ["malformed metadata", "lists and objects"]),
     ("head.W inflating to GiBs", huge_head_w, ["head.W", "shape"]),
     ("unknown 2 GiB member", extra_member("blob.npy"), ["unexpected member", "blob.npy"]),
     ("path traversal", extra_member("../../escape.npy"), ["unexpected member", "escape.npy"]),
