@@ -24,11 +24,11 @@ seed: exactly what a new model of that shape would start with.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import Counter
 from pathlib import Path
 
 from .io import checkpoint as ckpt_mod
+from .io.fileio import sha256_file
 from .io.vocab import Vocab, tokenize_line
 from .nn.model import ModelConfig, init_params
 from .wording import plural
@@ -169,7 +169,7 @@ class InitFrom:
 
     def record(self) -> dict:
         """What a run's metadata keeps of where it started."""
-        h = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        h = sha256_file(self.path)
         progress = self.ckpt.meta.get("progress")
         step = progress.get("step") if isinstance(progress, dict) else None
         rec = {"path": str(self.path), "sha256": h, "step": step if isinstance(step, int) else None,

@@ -40,7 +40,6 @@ exactly); a run resumed without model.npz writes it at its next evaluation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -54,7 +53,7 @@ import numpy
 from .io import checkpoint as ckpt_mod
 from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_float, to_host
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
-from .io.fileio import file_kind
+from .io.fileio import file_kind, sha256_file
 from .nn.functional import class_bounds
 from .nn.model import FORGET_BIAS, LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
@@ -166,11 +165,7 @@ def file_digest(path) -> str:
     kind = file_kind(path)
     if kind:
         raise CorpusError(f"{path}: is {kind}, not a regular file")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 class RunLock:

@@ -321,3 +321,18 @@ def test_the_bundled_model_is_found_in_a_source_checkout(monkeypatch):
     if not bundled.is_file():
         pytest.skip("no bundled model in this checkout")
     assert default_model_path() == bundled
+
+
+def test_file_digest_is_remembered_only_while_the_file_is_unchanged(tmp_path):
+    import hashlib
+    import os
+
+    from charnn.io.fileio import sha256_file
+
+    p = tmp_path / "corpus.txt"
+    p.write_bytes(b"the cat sat\n")
+    assert sha256_file(p) == hashlib.sha256(b"the cat sat\n").hexdigest()
+    p.write_bytes(b"the dog sat\n")  # same size; a new modification time
+    st = os.stat(p)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(p) == hashlib.sha256(b"the dog sat\n").hexdigest()

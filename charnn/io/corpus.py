@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy
 
-from .fileio import atomic_open, file_kind
+from .fileio import atomic_open, file_kind, sha256_file
 from .vocab import EOS, Vocab, tokenize_line
 
 
@@ -273,14 +273,10 @@ def cached_ids(path, vocab: Vocab, cache_dir, corpus_digest: str, encoding="utf-
 
 
 def _has_digest(path, digest: str) -> bool:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(BLOCK), b""):
-                h.update(block)
+        return sha256_file(path) == digest
     except OSError:
         return False
-    return h.hexdigest() == digest
 
 
 def encode_ids(path, vocab: Vocab, encoding="utf-8", errors="strict") -> numpy.ndarray:

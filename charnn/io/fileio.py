@@ -7,6 +7,7 @@ torn one; the temporary file (``.NAME.XXXX.tmp``) is removed when the write fail
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
@@ -76,3 +77,23 @@ def file_kind(path) -> str | None:
         if test(mode):
             return kind
     return "a special file"
+
+
+_digests: dict = {}
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks. Remembered for the process while the
+    file's identity, size and modification time are unchanged: a run checks its corpus's digest
+    at several points (resume, the token cache, the checkpoint's metadata), and a corpus of
+    several GB would otherwise be read once for each."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _digests.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = _digests[key] = h.hexdigest()
+    return digest
