@@ -21,6 +21,7 @@ from typing import Callable
 import numpy
 
 from ..backend import register_engine
+from ..nn.functional import class_xent_backward, class_xent_forward
 from ..nn.ops import Ops
 from ..nn.optim import RowGrad
 from . import heads, kernels, layers, loops, parallel
@@ -155,16 +156,12 @@ class CpuOps(Ops):
     def class_xent_forward(self, X, Wc, bc, W, b, bounds, targets_host, targets, weights=None, store=True):
         if self._words_fused(X, W, b):
             return heads.class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, weights, store, self.head_threads)
-        from ..nn.functional import class_xent_forward
-
         return class_xent_forward(X, Wc, bc, W, b, bounds, targets_host, targets, weights, store,
                                   xent=self.softmax_xent_forward)
 
     def class_xent_backward(self, cache, Wc, W):
         if "plan" in cache:
             return heads.class_xent_backward(cache, Wc, W)
-        from ..nn.functional import class_xent_backward
-
         return class_xent_backward(cache, Wc, W, xent_backward=self.softmax_xent_backward)
 
     def class_xent_forward_backward(self, X, Wc, bc, W, b, bounds, targets_host):
