@@ -191,14 +191,14 @@ class CpuOps(Ops):
         if not fused:
             return set()
         F = numpy.float32
-        step = F(opt._step_size())
+        step, inv = (F(x) for x in opt._step_size())
         gscale = F(1.0) if scale is None else F(float(numpy.asarray(scale)))
         groups = share_in_two([(p.reshape(-1), grads[name].reshape(-1), opt._buf(f"{name}.m", p).reshape(-1),
                                 opt._buf(f"{name}.v", p).reshape(-1)) for name, p in fused])
 
         def run(part):
             for p, g, m, v in part:
-                kernels.adam_update(p, g, m, v, step, F(opt.b1), F(opt.b2), F(opt.eps), gscale)
+                kernels.adam_update(p, g, m, v, step, inv, F(opt.b1), F(opt.b2), F(opt.eps), gscale)
 
         if self.settings.threads >= 2 and sum(len(q[0]) for q in groups[1]) >= 1 << 16:
             run_in_two(run, *groups)

@@ -313,9 +313,10 @@ if available:
             db[g] += acc
 
     @jit
-    def adam_update(p, g, m, v, step, b1, b2, eps, gscale):
-        """One Adam update of flat float32 arrays in a single pass (see optim.Adam), of the
-        gradient times gscale (the clipping factor)."""
+    def adam_update(p, g, m, v, step, inv, b1, b2, eps, gscale):
+        """One Adam update of flat float32 arrays in a single pass (see optim.Adam: step is
+        lr / (1 - b1^t), inv 1 / sqrt(1 - b2^t)), of the gradient times gscale (the clipping
+        factor)."""
         c1 = ONE - b1
         c2 = ONE - b2
         for i in range(p.shape[0]):
@@ -324,7 +325,7 @@ if available:
             vi = b2 * v[i] + c2 * gi * gi
             m[i] = mi
             v[i] = vi
-            p[i] -= step * mi / (numpy.sqrt(vi) + eps)
+            p[i] -= step * mi / (numpy.sqrt(vi) * inv + eps)
 
     @jit
     def class_words_forward_backward(Xt, W, b, targets, order, groups, k0, k1, starts, ends, offsets, nll, P, scale,
