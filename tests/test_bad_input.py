@@ -673,6 +673,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, delay):
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     code, _, err = finish(proc, timeout=120)
+    if code == 1 and "init_import_site" in err:
+        # On a loaded machine 0.1 s can fall inside the interpreter's own startup (importing
+        # site), before any of charnn's code runs; CPython then reports a fatal error itself.
+        pytest.skip("SIGINT arrived while Python itself was starting (the machine is loaded)")
     assert code in (130, -signal.SIGINT), (code, err)
     assert "Traceback" not in err and "Aborted" not in err, err
     assert len(err.strip().splitlines()) <= 1, err
