@@ -14,10 +14,12 @@ every held-out character after the first predicted once, in --batch-size streams
 carried), in nats per character.
 
 charnn's side is the real trainer (train.Trainer, what `charnn train` runs, evaluating every
-gcd(--checkpoints) steps) with the variant's --forget-bias and --state-reset. PyTorch's side is
+gcd(--checkpoints) steps) with the variant's options (VARIANTS: its defaults, or a few
+TrainConfig fields changed; "old" is the defaults before issue 20). PyTorch's side is
 nn.LSTM as a user would write it: one-hot input (F.one_hot), nn.LSTM with its own
 initialisation (forget bias near 0), an nn.Linear decoder, torch.optim.Adam, global-norm
-clipping (clip_grad_norm_), no state resets. Three diagnostic variants start nn.LSTM from other
+clipping (clip_grad_norm_), no state resets, a constant rate (pytorch-cosine: charnn's default
+cosine schedule over --steps, set by hand each step). Three diagnostic variants start nn.LSTM from other
 parameters: pytorch-zero-bias (every bias 0), pytorch-single-bias (b_hh held at 0: one bias
 vector per layer, as charnn has; nn.LSTM's two otherwise each take a full Adam step, so its
 bias learns twice as fast) and pytorch-charnn (charnn's initial parameters, forget bias 0,
@@ -47,14 +49,18 @@ from charnn.train import Reporter, TrainConfig, Trainer, prepare_data  # noqa: E
 
 DEFAULT_CORPORA = [ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt",
                    ROOT / "corpora" / "shakespeare.txt", ROOT / "corpora" / "kjv.txt"]
-# name: (forget_bias, state_reset) for charnn; None = TrainConfig's defaults; "pytorch" is nn.LSTM.
+# name: TrainConfig fields for charnn ({} = its defaults); "pytorch" is nn.LSTM.
 VARIANTS = {
-    "old": (1.0, 0.01),  # the defaults before this benchmark
-    "fb0": (0.0, 0.01),
-    "sr0": (1.0, 0.0),
-    "fb0-sr0": (0.0, 0.0),
-    "defaults": None,
+    "old": {"forget_bias": 1.0, "state_reset": 0.01, "lr_schedule": "constant"},  # the defaults before this benchmark
+    "fb0": {"forget_bias": 0.0, "lr_schedule": "constant"},
+    "sr0": {"state_reset": 0.0, "lr_schedule": "constant"},
+    "fb0-sr0": {"forget_bias": 0.0, "state_reset": 0.0, "lr_schedule": "constant"},
+    "constant": {"lr_schedule": "constant"},
+    "warmup": {"warmup": 50},
+    "floor0": {"lr_floor": 0.0},
+    "defaults": {},
     "pytorch": "pytorch",
+    "pytorch-cosine": "pytorch",  # the same cosine schedule as charnn's default (lr_floor 0.1)
     # diagnostics: nn.LSTM started from other initial parameters
     "pytorch-zero-bias": "pytorch",
     "pytorch-charnn": "pytorch",
@@ -79,7 +85,7 @@ def base_config(args, corpus: Path, seed: int, out: str | None = None, **kw) -> 
 
 
 def run_charnn(args, corpus: Path, seed: int, variant) -> dict:
-    kw = {} if variant is None else {"forget_bias": variant[0], "state_reset": variant[1]}
+    kw = dict(variant)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = base_config(args, corpus, seed, out=tmp + "/run", **kw)
         reporter = Collect(f"charnn {kw or 'defaults'}, {corpus.name}, seed {seed}")
@@ -121,6 +127,10 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
             head.bias.copy_(torch.from_numpy(cp["head.b"]))
     params = list(lstm.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=args.lr)
+    floor = TrainConfig.lr_floor
+
+    def rate(k: int) -> float:  # charnn's cosine (train.Trainer.lr_factor) over --steps, for "pytorch-cosine"
+        return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * k / args.steps)))
 
     def logits(x, state):
         out, state = lstm(F.one_hot(torch.from_numpy(x), V).float(), state)  # (T, N, H)
@@ -146,6 +156,9 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
         z, state = logits(x, state)
         state = tuple(s.detach() for s in state)
         loss = F.cross_entropy(z.reshape(-1, V), torch.from_numpy(y).reshape(-1))
+        if init == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = rate(step - 1)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)

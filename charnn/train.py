@@ -16,8 +16,15 @@ state, optimizer state and dropout RNG, so the losses equal those of a run never
 What it cannot restore exactly (a missing or malformed option, progress field, optimizer slot,
 carried state, RNG state or corpus digest) it refuses (resume_config, check_resume_state).
 
-Learning-rate schedule: after each evaluation whose validation loss is not lower than the best
-so far, the learning rate is multiplied by ``lr_decay`` (1 = constant); after ``patience`` such
+Learning-rate schedule: the rate of each step is the base rate times a warm-up factor (linear
+from 1/``warmup`` to 1 over the first ``warmup`` steps) times, with ``lr_schedule`` "cosine", a
+half cosine from 1 down to ``lr_floor`` over the run's horizon: its progress is the largest of
+step / max_steps, epochs / max_epochs and elapsed seconds / the time horizon (the first
+--time-limit, counted across resumes; once passed, a resumed run starts a new cycle over its own
+--time-limit). A run limited by steps or epochs alone follows the same rates on every machine;
+one limited by time follows the clock. Without any limit the rate stays constant. The base rate
+starts at --lr; after each evaluation whose validation loss is not lower than the best
+so far, it is multiplied by ``lr_decay`` (1 = constant); after ``patience`` such
 evaluations in a row, training stops early (0 = never). Only the scheduled evaluations (every
 ``eval_every`` steps) count: the extra one at the end of a run that stops between them (at
 --max-steps or --time-limit) is reported and may save model.npz, but leaves the schedule alone,
@@ -107,6 +114,9 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float | None = None
     lr_decay: float = 1.0
+    lr_schedule: str = "cosine"  # or "constant"
+    lr_floor: float = 0.1  # cosine: the last step's rate, as a fraction of the base rate
+    warmup: int = 0  # steps of linear warm-up
     clip: float = 5.0
     max_epochs: int | None = None
     max_steps: int | None = None
@@ -129,7 +139,7 @@ class TrainConfig:
 
     # Fields added after runs were saved without them, with the value those runs used (not
     # today's default), so an old run resumes exactly as it would have.
-    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0}
+    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0, "lr_schedule": "constant", "lr_floor": 0.1, "warmup": 0}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
@@ -305,13 +315,13 @@ def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int) -> float:
 # uninterrupted one (or fail in the middle of the maths), so resume refuses it.
 _PROGRESS = {"step": "count", "epoch": "count", "chunk": "count", "tokens": "count", "opt_t": "count",
              "bad_evals": "count", "lr": "positive", "best_val": "loss"}
-_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss"}
+_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon_seconds": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss"}
 # TrainConfig fields that must be at least 1 (the others that are numbers at least 0).
 _AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
                  "max_epochs", "eval_every"}
 _BELOW_ONE = {"dropout", "val_fraction"}  # in [0, 1)
 _CHOICES = {"level": ("char", "word"), "cell": ("rnn", "lstm", "gru"), "activation": ("tanh", "relu"),
-            "tokenizer": ("regex", "whitespace"), "optimizer": OPTIMIZERS, "device": DEVICES, "dtype": DTYPES,
+            "tokenizer": ("regex", "whitespace"), "optimizer": OPTIMIZERS, "lr_schedule": ("constant", "cosine"), "device": DEVICES, "dtype": DTYPES,
             "errors": ("strict", "replace", "ignore")}
 
 
@@ -342,7 +352,7 @@ def _train_field_ok(name: str, annotation: str, v) -> bool:
     if "int" in annotation:
         ok = type(v) is int and (v >= 1 if name in _AT_LEAST_ONE else v >= -1 if name == "classes" else v >= 0)  # noqa: E721
     elif "float" in annotation:
-        ok = _is_number(v) and v >= 0 and (v < 1 if name in _BELOW_ONE else v <= 1 if name == "state_reset" else True)
+        ok = _is_number(v) and v >= 0 and (v < 1 if name in _BELOW_ONE else v <= 1 if name in ("state_reset", "lr_floor") else True)
         ok = ok and (v > 0 if name in ("lr", "lr_decay") else True)
     else:
         ok = isinstance(v, str) and v in _CHOICES.get(name, (v,))
@@ -514,7 +524,6 @@ class Trainer:
             if "best_saved" not in saved.meta["progress"]:
                 p["best_saved"] = p["best_val"]
             self.opt.load_state_arrays(saved.optim, p["opt_t"])
-            self.opt.lr = p["lr"]
             self.rng.bit_generator.state = saved.meta["rng"]
             if saved.state is not None:
                 xp = self.backend.xp
@@ -552,7 +561,7 @@ class Trainer:
 
     # ----- checkpoints -----
     def _meta(self) -> dict:
-        p = dict(self.progress, opt_t=self.opt.t, lr=self.opt.lr, elapsed=self._elapsed())
+        p = dict(self.progress, opt_t=self.opt.t, elapsed=self._elapsed())
         meta = {"train": self.cfg.to_json(), "progress": p, "rng": self.rng.bit_generator.state,
                 "corpus_sha256": self.corpus_digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if self.val_digest:
@@ -697,7 +706,7 @@ class Trainer:
             else:
                 p["bad_evals"] += 1
                 if cfg.lr_decay != 1.0:
-                    self.opt.lr *= cfg.lr_decay
+                    p["lr"] *= cfg.lr_decay
         # model.npz missing (a resumed run whose first save failed before writing it): write it
         improved = p["best_saved"] is None or val < p["best_saved"] or not (self.out / ckpt_mod.BEST_NAME).exists()
         if improved:
@@ -705,7 +714,8 @@ class Trainer:
         p["last_val"] = val
         m = {"type": "eval", "step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(self.batches),
              "tokens": p["tokens"], "elapsed": self._elapsed(), "val_loss": val, "val_bits_per_token": val / math.log(2),
-             "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_saved"], "lr": self.opt.lr}
+             "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_saved"],
+             "lr": p["lr"] * self.lr_factor()}  # the rate of the next step
         self._metric(m)
         text = None
         if sample and cfg.sample_length > 0:
@@ -782,6 +792,8 @@ class Trainer:
         self._trim_metrics(p["step"])
         self.saved_step = p["step"] if self.resume else None  # the step of the checkpoint on disk
         started = self.started = time.perf_counter()
+        if cfg.time_limit is not None and (p.get("horizon_seconds") or 0.0) <= self.elapsed_before:
+            p["horizon_seconds"] = self.elapsed_before + cfg.time_limit  # (see the module docstring)
         self.reporter.start({"vocab_size": len(self.vocab), "params": model.config.n_params(),
                              "train_tokens": len(batches.streams.reshape(-1)), "chunks_per_epoch": len(batches),
                              "val_tokens": 0 if self.val_ids is None else len(self.val_ids), "step": p["step"],
@@ -811,6 +823,7 @@ class Trainer:
                     continue
                 t0 = time.perf_counter()
                 x, y = batches.chunk(p["chunk"])
+                self.opt.lr = p["lr"] * self.lr_factor()
                 loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True)
                 self.state = self._reset_some(self.state)
                 self.opt.step(grads, clip_scale(global_norm(grads, self.model.ops), cfg.clip))
@@ -854,6 +867,23 @@ class Trainer:
             self.evaluate_and_save(sample=False, scheduled=False)
         self.reporter.end()
         return self.result(reason)
+
+    def lr_factor(self) -> float:
+        """The schedule's factor for the next step (see the module docstring)."""
+        cfg, p = self.cfg, self.progress
+        factor = min(1.0, (p["step"] + 1) / cfg.warmup) if cfg.warmup else 1.0
+        if cfg.lr_schedule == "cosine":
+            done = []
+            if cfg.max_steps is not None:
+                done.append(p["step"] / cfg.max_steps)
+            if cfg.max_epochs is not None:
+                done.append((p["epoch"] + p["chunk"] / max(len(self.batches), 1)) / cfg.max_epochs)
+            if p.get("horizon_seconds"):
+                done.append(self._elapsed() / p["horizon_seconds"])
+            if done:
+                x = min(max(done), 1.0)
+                factor *= cfg.lr_floor + (1.0 - cfg.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * x))
+        return factor
 
     def _check_loss(self, loss: float, what: str):
         limit = loss_limit(len(self.vocab))

@@ -129,3 +129,20 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def stop_after(monkeypatch, step: int):
+    """Make the next in-process `charnn train` stop at ``step`` as Ctrl-C would (it saves a
+    checkpoint and exits 130), and only that one run."""
+    import charnn.train as train_mod
+
+    original = train_mod.Trainer._done
+    fired = []
+
+    def done(self, started):
+        if not fired and self.progress["step"] >= step:
+            fired.append(step)
+            self.stop_requested = True
+        return original(self, started)
+
+    monkeypatch.setattr(train_mod.Trainer, "_done", done)

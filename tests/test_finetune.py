@@ -23,7 +23,7 @@ def base(tmp_path_factory):
     """A tiny char model trained for 150 steps on text A (random sentences over 15 words)."""
     folder = tmp_path_factory.mktemp("base")
     corpus = write_corpus(folder, "a.txt", lines=300, seed=0)
-    check_ok(train(corpus, folder / "run", "--max-steps", 150, "--eval-every", 150))
+    check_ok(train(corpus, folder / "run", "--max-steps", 150, "--eval-every", 150, "--lr-schedule", "constant"))
     return folder / "run"
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from cli_support import check_error, check_ok, invoke, train, train_losses, write_corpus
 
-ARGS = ["--eval-every", "4", "--log-every", "1", "--seed", "2"]
+# A constant rate: these runs stop by a smaller --max-steps, which would end a cosine schedule
+# sooner (an interrupted cosine run resumes exactly: test_schedule.py).
+ARGS = ["--eval-every", "4", "--log-every", "1", "--seed", "2", "--lr-schedule", "constant"]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,11 @@ from charnn.train import TrainConfig, prepare_data
 from cli_support import (TINY, assert_same_params, charnn_process, check_error, check_ok, has_metrics, invoke,
                          metrics, temp_files, train, train_losses, wait_for, write_corpus)
 
+# A constant learning rate, for tests that stand for an interruption by a smaller --max-steps
+# (a cosine schedule would end sooner) or read the rates --lr-decay sets; test_schedule.py tests
+# the cosine schedule, interrupted and resumed.
+CONSTANT = ["--lr-schedule", "constant"]
+
 JSON_KEYS = {"model", "steps", "tokens", "train_seconds", "tokens_per_second", "train_loss", "val_loss",
              "val_bits_per_token", "val_perplexity"}
 
@@ -52,7 +57,7 @@ def chunks_per_epoch(corpus, batch_size, seq_len) -> int:
 def test_resume_continues_exactly_with_dropout(tmp_path, corpus, cell):
     """K steps in one go, or k steps then --resume to K: the same losses after step k and the same
     final parameters and optimizer state (dropout > 0, so the saved RNG state matters)."""
-    args = ["--cell", cell, "--dropout", "0.3", "--log-every", "1", "--eval-every", "5", "--seed", "3"]
+    args = ["--cell", cell, "--dropout", "0.3", "--log-every", "1", "--eval-every", "5", "--seed", "3", *CONSTANT]
     a, b = tmp_path / "a", tmp_path / "b"
     check_ok(train(corpus, a, *args, "--max-steps", 30))
     check_ok(train(corpus, b, *args, "--max-steps", 12))
@@ -75,7 +80,7 @@ def test_a_run_without_dropout_differs_from_one_with_it(tmp_path, corpus):
 
 def test_resume_continues_exactly_with_state_resets(tmp_path, corpus):
     """Frequent state resets draw from the run's RNG; a resumed run makes the same draws."""
-    args = ["--state-reset", "0.3", "--log-every", "1", "--eval-every", "4", "--seed", "5"]
+    args = ["--state-reset", "0.3", "--log-every", "1", "--eval-every", "4", "--seed", "5", *CONSTANT]
     a, b = tmp_path / "a", tmp_path / "b"
     check_ok(train(corpus, a, *args, "--max-steps", 14))
     check_ok(train(corpus, b, *args, "--max-steps", 6))
@@ -130,7 +135,7 @@ def test_forget_bias_is_validated(tmp_path, corpus, extra, needle):
 def test_a_run_saved_before_forget_bias_and_state_reset_resumes_with_their_old_values(tmp_path, corpus):
     """A checkpoint whose config lacks forget_bias (or state_reset) was made when they were 1
     and 0: it resumes with those, exactly as a run never stopped, whatever today's defaults."""
-    args = ["--forget-bias", "1", "--state-reset", "0", "--log-every", "1", "--eval-every", "4", "--seed", "2"]
+    args = ["--forget-bias", "1", "--state-reset", "0", "--log-every", "1", "--eval-every", "4", "--seed", "2", *CONSTANT]
     a, b = tmp_path / "a", tmp_path / "b"
     check_ok(train(corpus, a, *args, "--max-steps", 10))
     check_ok(train(corpus, b, *args, "--max-steps", 4))
@@ -148,7 +153,7 @@ def test_a_run_saved_before_forget_bias_and_state_reset_resumes_with_their_old_v
 @pytest.mark.parametrize("stop_offset", [-2, 0, 1])
 def test_resume_across_an_epoch_boundary(tmp_path, corpus, stop_offset):
     """Stopped just before, exactly at, or just after the end of the first epoch."""
-    args = ["--batch-size", "16", "--seq-len", "16", "--dropout", "0.2", "--log-every", "1", "--eval-every", "4"]
+    args = ["--batch-size", "16", "--seq-len", "16", "--dropout", "0.2", "--log-every", "1", "--eval-every", "4", *CONSTANT]
     per_epoch = chunks_per_epoch(corpus, 16, 16)
     K, k = 2 * per_epoch + 3, per_epoch + stop_offset
     a, b = tmp_path / "a", tmp_path / "b"
@@ -172,7 +177,7 @@ def test_resume_between_evaluations_keeps_the_schedule(tmp_path, corpus, monkeyp
     that extra evaluation must not decay the learning rate or count towards --patience, or the
     resumed run takes other steps than an uninterrupted one."""
     monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
-    args = ["--log-every", "1", "--eval-every", "3", "--lr-decay", "0.5", "--patience", "5", "--lr", "0.01"]
+    args = ["--log-every", "1", "--eval-every", "3", "--lr-decay", "0.5", "--patience", "5", "--lr", "0.01", *CONSTANT]
     a, b = tmp_path / "a", tmp_path / "b"
     check_ok(train(corpus, a, *args, "--max-steps", 40))
     check_ok(train(corpus, b, *args, "--max-steps", 7))
@@ -241,7 +246,7 @@ def test_lr_decay_and_early_stopping(tmp_path, corpus, monkeypatch):
     and training stops right after the second one (patience 2), evaluating nothing more."""
     monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7, 2.8]))
     out = tmp_path / "run"
-    r = check_ok(train(corpus, out, "--lr", "0.01", "--lr-decay", "0.5", "--patience", "2", "--eval-every", "2",
+    r = check_ok(train(corpus, out, *CONSTANT, "--lr", "0.01", "--lr-decay", "0.5", "--patience", "2", "--eval-every", "2",
                        "--log-every", "1", "--max-steps", "100", "--json"))
     res = json.loads(r.stdout)
     assert res["stopped"] == "early_stopping" and res["steps"] == 8
@@ -258,7 +263,7 @@ def test_lr_decay_and_early_stopping(tmp_path, corpus, monkeypatch):
 def test_lr_decay_without_patience_keeps_training(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(train_mod, "evaluate", scripted([2.0, 2.1, 2.2, 1.0, 1.5]))
     out = tmp_path / "run"
-    r = check_ok(train(corpus, out, "--lr", "0.01", "--lr-decay", "0.1", "--eval-every", "2", "--max-steps", "10",
+    r = check_ok(train(corpus, out, *CONSTANT, "--lr", "0.01", "--lr-decay", "0.1", "--eval-every", "2", "--max-steps", "10",
                        "--json"))
     assert json.loads(r.stdout)["stopped"] == "max_steps"
     lrs = [m["lr"] for m in metrics(out) if "val_loss" in m]
