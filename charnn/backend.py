@@ -36,6 +36,19 @@ DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "gpu")
 
 
+def nccl_module():
+    """CuPy's NCCL bindings (cupy.cuda.nccl) for summing across GPUs (dist.NcclReducer), or None
+    where CuPy or its NCCL is missing."""
+    if not available:
+        return None
+    try:
+        from cupy.cuda import nccl
+
+        return nccl if getattr(nccl, "available", True) else None
+    except Exception:
+        return None
+
+
 def gpu_count() -> int:
     if not available:
         return 0

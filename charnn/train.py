@@ -47,6 +47,7 @@ exactly); a run resumed without model.npz writes it at its next evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -59,9 +60,10 @@ import numpy
 
 from .io import checkpoint as ckpt_mod
 from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_float, to_host
+from .dist import StepSync, World
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .io.fileio import file_kind, sha256_file
-from .nn.functional import class_bounds
+from .nn.functional import class_bounds, dropout_mask
 from .nn.model import FORGET_BIAS, LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
 from .io.vocab import Vocab, VocabError
@@ -297,17 +299,30 @@ def _build_vocab(cfg: TrainConfig, val_text: str | None) -> Vocab:
     return Vocab.build_word(counts, cfg.tokenizer, cfg.vocab_size, cfg.min_count)
 
 
-def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int) -> float:
+def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int, world: World | None = None) -> float:
     """Mean nats per token over ``ids`` (every token after the first predicted once), with the
-    state carried across chunks and no dropout; see data.EvalStreams for the layout."""
+    state carried across chunks and no dropout; see data.EvalStreams for the layout.
+
+    ``world``: data-parallel ranks, each of which evaluates its share of the streams (a
+    collective: every rank calls it); their sums are added, so the result is the same on every
+    rank and equals one process's up to the order of summation."""
     streams = EvalStreams(ids, batch_size, seq_len)
+    a, b = 0, streams.N
+    if world is not None and world.size > 1:
+        cuts = numpy.linspace(0, streams.N, world.size + 1).round().astype(int)
+        a, b = int(cuts[world.rank]), int(cuts[world.rank + 1])
     state = None
     total = model.xp.zeros((), dtype=numpy.float64)
-    for k in range(len(streams)):
+    for k in range(len(streams) if b > a else 0):
         x, y, w = streams.chunk(k)
+        if (a, b) != (0, streams.N):
+            x, y, w = x[:, a:b], y[:, a:b], w[:, a:b]
         nll, state = model.nll(x, y, state)
         total += (nll.astype(numpy.float64) * to_device(w, model.xp)).sum()
-    return to_float(total) / streams.predictions
+    total = to_float(total)
+    if world is not None and world.size > 1:
+        total = world.sum(total)
+    return total / streams.predictions
 
 
 # What a resume needs from last.npz's progress, and the type of each. A value that is missing,
@@ -429,17 +444,26 @@ class Trainer:
     """One training run. Build it, then call :meth:`run`."""
 
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, reporter: Reporter | None = None,
-                 overrides: dict | None = None, init=None, corpus_stream=None, announce: bool = True):
+                 overrides: dict | None = None, init=None, corpus_stream=None, announce: bool = True,
+                 world: World | None = None):
         """Args:
             init: a finetune.InitFrom: start from that model's weights and vocabulary.
             corpus_stream: a binary stream (stdin) whose bytes are the corpus: read once into
                 ``cfg.corpus`` (a file in the run folder) after the folder is locked.
             announce: say on stderr which device ``--device auto`` chose.
+            world: the data-parallel ranks (dist.py); default one process. Rank 0 locks the
+                folder, builds the token cache, writes every file and reports; every rank
+                trains its share of the streams.
         """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
+        self.world = world or World()
         self.resume = resume
         self.overrides = overrides or {}
-        self.stop_requested = False
+        self.stop_requested = False  # (data-parallel: once every rank has heard of the request)
+        self.interrupted_here = False  # SIGINT seen by this process
+        self.time_up = False  # data-parallel: some rank's --time-limit ran out
+        self.shared = {}  # data-parallel: what rank 0 found, so the others need not read it again
+        self.sync = None
         self.elapsed_before = 0.0  # seconds of the runs this one resumes
         self.started = time.perf_counter()
         self.init, self.corpus_stream, self.announce = init, corpus_stream, announce
@@ -468,10 +492,12 @@ class Trainer:
             self._check_unfinished(saved.meta["progress"])
             self.init_record = saved.meta.get("init_from")
             digest = saved.meta.get("corpus_sha256")
-            if digest and Path(cfg.corpus).exists() and file_digest(cfg.corpus) != digest:
+            checked = not self.world.root  # (rank 0 checked the digests before the others started)
+            if not checked and digest and Path(cfg.corpus).exists() and file_digest(cfg.corpus) != digest:
                 raise TrainError(f"{cfg.corpus}: the corpus changed since the checkpoint; cannot resume exactly")
             val_digest = saved.meta.get("val_sha256")  # absent in runs saved before it was kept
-            if cfg.val and isinstance(val_digest, str) and Path(cfg.val).is_file() and file_digest(cfg.val) != val_digest:
+            if (not checked and cfg.val and isinstance(val_digest, str) and Path(cfg.val).is_file()
+                    and file_digest(cfg.val) != val_digest):
                 raise TrainError(f"{cfg.val}: the validation file changed since the checkpoint; cannot resume exactly")
         elif last_path.exists():
             raise TrainError(f"{self.out}: already holds a run; pass --resume to continue it, or choose another --out")
@@ -479,8 +505,12 @@ class Trainer:
             raise TrainError(f"{self.out}: already holds a {ckpt_mod.BEST_NAME} (with no {ckpt_mod.LAST_NAME} to resume from); "
                              f"choose another --out, or move {ckpt_mod.BEST_NAME} away to start afresh here")
 
-        digest = saved.meta.get("corpus_sha256") if saved else None
-        vocab, start_config, start_params = (saved.vocab if saved else None), None, None
+        if cfg.batch_size % self.world.size:
+            raise TrainError(f"--batch-size {cfg.batch_size} cannot be shared by {self.world.size} processes "
+                             f"(each trains an equal share of the streams); use a multiple of {self.world.size}")
+        hint = self.shared
+        digest = saved.meta.get("corpus_sha256") if saved else hint.get("digest")
+        vocab, start_config, start_params = (saved.vocab if saved else hint.get("vocab")), None, None
         if self.init is not None:
             vocab, start_config, start_params = self.init.prepare(cfg)
             self.init_record = self.init.record()
@@ -489,12 +519,12 @@ class Trainer:
         self.backend = get_backend(cfg.device, cfg.dtype, announce=self.announce)
         self.vocab = vocab
         try:
-            self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
+            self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len, part=self.world.part(cfg.batch_size))
         except CorpusError as e:
             raise CorpusError(f"{cfg.corpus}: {e}") from None
         self.val_ids = val_ids
-        self.corpus_digest = saved.meta.get("corpus_sha256") if saved else file_digest(cfg.corpus)
-        self.val_digest = file_digest(cfg.val) if cfg.val else None
+        self.corpus_digest = saved.meta.get("corpus_sha256") if saved else digest or file_digest(cfg.corpus)
+        self.val_digest = hint["val_digest"] if "val_digest" in hint else file_digest(cfg.val) if cfg.val else None
         n_classes = cfg.auto_classes(len(vocab))
         bounds = ()
         if saved:
@@ -526,12 +556,23 @@ class Trainer:
             self.opt.load_state_arrays(saved.optim, p["opt_t"])
             self.rng.bit_generator.state = saved.meta["rng"]
             if saved.state is not None:
-                xp = self.backend.xp
-                self.state = [(to_device(h, xp, self.backend.dtype), None if c is None else to_device(c, xp, self.backend.dtype))
+                xp, (a, b) = self.backend.xp, self.batches.part
+                self.state = [(to_device(h[:, a:b], xp, self.backend.dtype),
+                               None if c is None else to_device(c[:, a:b], xp, self.backend.dtype))
                               for h, c in saved.state]
         self.progress = p
         if self.state is None:
-            self.state = self.model.initial_state(cfg.batch_size)
+            self.state = self.model.initial_state(self._local_n())
+        if self.world.size > 1:
+            self.sync = StepSync(self.world.reducer(self.backend.xp), self.model.params, n_flags=3)
+
+    def _local_n(self) -> int:
+        a, b = self.batches.part
+        return b - a
+
+    def _shared_setup(self) -> dict:
+        """What rank 0's setup found that the other ranks would otherwise read the corpus for."""
+        return {"vocab": self.vocab, "digest": self.corpus_digest, "val_digest": self.val_digest}
 
     def _check_unfinished(self, progress: dict):
         """Raise :class:`Finished` when a resumed run has nothing left to do: its step or epoch
@@ -570,11 +611,43 @@ class Trainer:
             meta["init_from"] = self.init_record
         return meta
 
-    def save_last(self):
-        state = [(to_host(h), None if c is None else to_host(c)) for h, c in self.state]
+    def save_last(self, state=None):
+        """Write last.npz; ``state``: the carried state of all N streams on the host (default:
+        this process's, which holds them all outside data-parallel training)."""
+        if state is None:
+            state = [(to_host(h), None if c is None else to_host(c)) for h, c in self.state]
         ckpt = ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), self._meta(),
                                    self.opt.state_arrays(), state)
         ckpt_mod.save(self.out / ckpt_mod.LAST_NAME, ckpt)
+
+    def _all_state(self):
+        """The carried state of all N streams on the host, on rank 0 (None elsewhere): every
+        rank's columns, gathered (a collective)."""
+        local = [(to_host(h), None if c is None else to_host(c)) for h, c in self.state]
+        if self.world.size == 1:
+            return local
+        parts = self.world.gather(local)
+        if parts is None:
+            return None
+        return [(numpy.concatenate([q[layer][0] for q in parts], axis=1),
+                 None if c is None else numpy.concatenate([q[layer][1] for q in parts], axis=1))
+                for layer, (_, c) in enumerate(local)]
+
+    def _together(self, fn, root_only: bool = False):
+        """Run ``fn`` (on rank 0 alone with ``root_only``) and agree on how it went: a
+        TrainError, CorpusError, CheckpointError or OSError on any rank is raised on every
+        rank (dist.World.agree), so they all leave together. One process: just ``fn()``."""
+        world = self.world
+        if world.size == 1:
+            return fn()
+        error = result = None
+        if world.root or not root_only:
+            try:
+                result = fn()
+            except (TrainError, CorpusError, ckpt_mod.CheckpointError, OSError) as e:
+                error = e
+        world.agree(error)
+        return result
 
     def save_best(self):
         ckpt = ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), self._meta())
@@ -587,35 +660,51 @@ class Trainer:
         leaves a run that resumes (and writes model.npz at its next evaluation), one that fails
         before it leaves no model file at all, and a fresh run starts. model.npz alone, which
         neither a fresh run nor --resume accepts, never appears. Later, model.npz is written
-        first, so last.npz never promises a better model.npz than the one on disk."""
-        if best and (self.out / ckpt_mod.LAST_NAME).exists():
-            self.save_best()
-            self.save_last()
-        else:
-            self.save_last()
-            if best:
+        first, so last.npz never promises a better model.npz than the one on disk.
+
+        Data-parallel: a collective; rank 0 writes, with the state of every rank's streams."""
+        state = self._all_state()
+
+        def write():
+            if best and (self.out / ckpt_mod.LAST_NAME).exists():
                 self.save_best()
+                self.save_last(state)
+            else:
+                self.save_last(state)
+                if best:
+                    self.save_best()
+
+        self._together(write, root_only=True)
         self.saved_step = self.progress["step"]
 
     def _check_model(self, loss: float, what: str):
         """Raise :class:`Diverged` unless the model may be saved: ``loss`` (its ``what``) finite
         and within :func:`loss_limit`, and its parameters, optimizer state and carried state
         finite (a model can be finite while its Adam moments overflowed to inf)."""
-        self._check_loss(loss, what)
-        xp = self.backend.xp
-        groups = [("parameter", self.model.params.items()), ("optimizer state", self.opt.state.items()),
-                  ("hidden state", ((f"{layer}/{k}", a) for layer, hc in enumerate(self.state)
-                                    for k, a in zip("hc", hc) if a is not None))]
-        for kind, arrays in groups:
-            for name, a in arrays:
-                if not bool(xp.isfinite(a).all()):
-                    raise self._diverged(f"{kind} {name} holds NaN or infinite values")
+        def check():
+            self._check_loss(loss, what)
+            xp = self.backend.xp
+            groups = [("parameter", self.model.params.items()), ("optimizer state", self.opt.state.items()),
+                      ("hidden state", ((f"{layer}/{k}", a) for layer, hc in enumerate(self.state)
+                                        for k, a in zip("hc", hc) if a is not None))]
+            for kind, arrays in groups:
+                for name, a in arrays:
+                    if not bool(xp.isfinite(a).all()):
+                        raise self._diverged(f"{kind} {name} holds NaN or infinite values")
+
+        self._together(check)  # (each rank checks its own streams' state)
 
     def _train_sample_loss(self) -> float:
         """The model's loss on the first chunk of the training text (N x T predictions, a cold
         start, no dropout): what a save without validation data checks the model by."""
         b = self.batches
-        return evaluate(self.model, b.streams.reshape(-1)[: b.N * b.T + 1], b.N, b.T)
+        return self._evaluate(b.streams.reshape(-1)[: b.N * b.T + 1], b.N, b.T)
+
+    def _evaluate(self, ids, N: int, T: int) -> float:
+        """:func:`evaluate`, its streams shared by the ranks (a collective) when there are several."""
+        if self.world.size == 1:
+            return evaluate(self.model, ids, N, T)
+        return evaluate(self.model, ids, N, T, self.world)
 
     def _diverged(self, why: str) -> Diverged:
         # --lr and --clip cannot change on --resume (it would not be exact): a retry with lower
@@ -673,7 +762,7 @@ class Trainer:
             return "max_steps"
         if cfg.max_epochs is not None and p["epoch"] >= cfg.max_epochs:
             return "max_epochs"
-        if cfg.time_limit is not None and time.perf_counter() - started >= cfg.time_limit:
+        if cfg.time_limit is not None and (self.time_up if self.sync else time.perf_counter() - started >= cfg.time_limit):
             return "time_limit"
         if self.stop_requested:
             return "interrupted"
@@ -697,7 +786,7 @@ class Trainer:
             self._check_model(self._train_sample_loss(), "training loss")
             self._save(best=True)
             return None
-        val = evaluate(self.model, self.val_ids, cfg.batch_size, cfg.seq_len)
+        val = self._evaluate(self.val_ids, cfg.batch_size, cfg.seq_len)
         self._check_model(val, "validation loss")
         if scheduled:
             if p["best_val"] is None or val < p["best_val"]:
@@ -716,9 +805,9 @@ class Trainer:
              "tokens": p["tokens"], "elapsed": self._elapsed(), "val_loss": val, "val_bits_per_token": val / math.log(2),
              "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_saved"],
              "lr": p["lr"] * self.lr_factor()}  # the rate of the next step
-        self._metric(m)
+        self._together(lambda: self._metric(m), root_only=True)
         text = None
-        if sample and cfg.sample_length > 0:
+        if sample and cfg.sample_length > 0 and self.world.root:
             from .sample import generate
 
             text = "".join(generate(self.model, self.vocab, cfg.sample_length, temperature=0.8,
@@ -728,6 +817,36 @@ class Trainer:
         return val
 
     def run(self) -> dict:
+        """Lock the folder, set up and train. Data-parallel, rank 0 alone locks the folder (for
+        the whole run) and builds the token cache, while the others wait; then they set up from
+        what it found (the vocabulary, the digests: no rank reads the corpus again) and map
+        the same cache. An error of either stage is agreed on, so every rank leaves."""
+        world = self.world
+        with contextlib.ExitStack() as held:
+            error = None
+            if world.root:
+                try:
+                    self._setup_locked(held)
+                except Exception as e:
+                    if world.size == 1:
+                        raise
+                    error = e
+            if world.size > 1:
+                world.agree(error)
+                self.shared = world.bcast(self._shared_setup() if world.root else None)
+                error = None
+                if not world.root:
+                    try:
+                        self._setup()
+                    except Exception as e:
+                        error = e
+                world.agree(error)
+            if world.root:
+                self._remove_stale_temp_files()
+            return self._loop()
+
+    def _setup_locked(self, held: contextlib.ExitStack):
+        """Create and lock the run folder (the lock entered on ``held``), then set up."""
         created = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -735,30 +854,28 @@ class Trainer:
             raise TrainError(f"{self.out}: cannot create the run folder: {e.strerror or e}") from None
         lock_existed = (self.out / RunLock.NAME).exists()
         caches_before = set(self.out.glob("tokens-*"))
-        with RunLock(self.out):
-            stdin_copy = None
-            try:
-                holds_run = (self.out / ckpt_mod.LAST_NAME).exists() or (self.out / ckpt_mod.BEST_NAME).exists()
-                if self.corpus_stream is not None and not holds_run:  # (else _setup refuses the folder)
-                    stdin_copy = self._read_stream()
-                self._setup()
-            except BaseException:
-                # Nothing of the run was written yet: leave no token cache, lock file, corpus
-                # copy or empty run folder behind.
-                for cache in set(self.out.glob("tokens-*")) - caches_before:
-                    cache.unlink(missing_ok=True)
-                if stdin_copy is not None:
-                    stdin_copy.unlink(missing_ok=True)
-                if not lock_existed:
-                    (self.out / RunLock.NAME).unlink(missing_ok=True)
-                if created:
-                    try:
-                        self.out.rmdir()
-                    except OSError:
-                        pass
-                raise
-            self._remove_stale_temp_files()
-            return self._loop()
+        held.enter_context(RunLock(self.out))
+        stdin_copy = None
+        try:
+            holds_run = (self.out / ckpt_mod.LAST_NAME).exists() or (self.out / ckpt_mod.BEST_NAME).exists()
+            if self.corpus_stream is not None and not holds_run:  # (else _setup refuses the folder)
+                stdin_copy = self._read_stream()
+            self._setup()
+        except BaseException:
+            # Nothing of the run was written yet: leave no token cache, lock file, corpus
+            # copy or empty run folder behind.
+            for cache in set(self.out.glob("tokens-*")) - caches_before:
+                cache.unlink(missing_ok=True)
+            if stdin_copy is not None:
+                stdin_copy.unlink(missing_ok=True)
+            if not lock_existed:
+                (self.out / RunLock.NAME).unlink(missing_ok=True)
+            if created:
+                try:
+                    self.out.rmdir()
+                except OSError:
+                    pass
+            raise
 
     def _remove_stale_temp_files(self):
         """Remove temporary files of saves that a kill interrupted (checkpoint.atomic_write_bytes
@@ -779,17 +896,58 @@ class Trainer:
         p = self.cfg.state_reset
         if p <= 0:
             return state
-        keep = self.rng.random(self.cfg.batch_size) >= p
+        a, b = self.world.part(self.cfg.batch_size)  # drawn for all N streams: K changes no draw
+        keep = (self.rng.random(self.cfg.batch_size) >= p)[a:b]
         if keep.all():
             return state
         h0 = state[0][0]
         mask = to_device(keep, array_module(h0), h0.dtype)
         return [(h * mask, None if c is None else c * mask) for h, c in state]
 
+    def _dropout_masks(self, T: int):
+        """Data-parallel: this rank's columns of the dropout masks of the whole batch, drawn
+        as one process draws them (model.loss_and_grads), so K changes no mask. (One process:
+        None, the model draws its own.)"""
+        cfg = self.cfg
+        if self.sync is None or cfg.dropout <= 0:
+            return None
+        xp, (a, b) = self.backend.xp, self.batches.part
+        return [xp.ascontiguousarray(dropout_mask((cfg.hidden, T, cfg.batch_size), cfg.dropout, self.rng, xp,
+                                                  self.backend.dtype)[:, :, a:b]) for _ in range(cfg.layers)]
+
+    def _step(self, x, y, started: float):
+        """One training step: loss and gradients of this process's streams, then (data-parallel)
+        their sum over the ranks with the stop and time-up flags in the same Allreduce, then
+        the update. Returns the loss, the mean over the whole batch."""
+        cfg, model, p = self.cfg, self.model, self.progress
+        loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True,
+                                                       dropout_masks=self._dropout_masks(x.shape[0]))
+        self.state = self._reset_some(self.state)
+        if self.sync is None:
+            self.opt.lr = p["lr"] * self.lr_factor()
+            self.opt.step(grads, clip_scale(global_norm(grads, model.ops), cfg.clip))
+            return loss
+        time_up = cfg.time_limit is not None and time.perf_counter() - started >= cfg.time_limit
+        # Rank 0's clock rides along (the others add 0), so a schedule over time gives every
+        # rank the same rate.
+        clock = self._elapsed() if self.world.root else 0.0
+        grads, loss, (stops, time_ups, clock) = self.sync.reduce(
+            grads, loss, (float(self.interrupted_here), float(time_up), clock))
+        self.stop_requested, self.time_up = stops > 0, time_ups > 0
+        self.opt.lr = p["lr"] * self.lr_factor(float(clock))
+        # The sums are K times the means over the whole batch: the norm is divided by K, and
+        # the update's scale (clipping) multiplied by 1/K (exact for K a power of two).
+        K = self.world.size
+        norm = global_norm(grads, model.ops) / K
+        scale = clip_scale(norm, cfg.clip)
+        scale = (self.backend.xp.ones((), dtype=norm.dtype) if scale is None else scale) * (1.0 / K)
+        self.opt.step(grads, scale)
+        return loss / K
+
     def _loop(self) -> dict:
         cfg, p, model, batches = self.cfg, self.progress, self.model, self.batches
         xp = self.backend.xp
-        self._trim_metrics(p["step"])
+        self._together(lambda: self._trim_metrics(p["step"]), root_only=True)
         self.saved_step = p["step"] if self.resume else None  # the step of the checkpoint on disk
         started = self.started = time.perf_counter()
         if cfg.time_limit is not None and (p.get("horizon_seconds") or 0.0) <= self.elapsed_before:
@@ -803,10 +961,12 @@ class Trainer:
         previous = signal.getsignal(signal.SIGINT)
 
         def on_sigint(signum, frame):
-            if self.stop_requested:  # a second Ctrl-C: stop at once
+            if self.interrupted_here:  # a second Ctrl-C: stop at once
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
-            self.stop_requested = True
+            self.interrupted_here = True
+            if self.sync is None:  # (data-parallel: once the next Allreduce has told every rank)
+                self.stop_requested = True
             self.reporter.message("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
         signal.signal(signal.SIGINT, on_sigint)
@@ -819,31 +979,28 @@ class Trainer:
                 if p["chunk"] >= len(batches):
                     p["epoch"] += 1
                     p["chunk"] = 0
-                    self.state = model.initial_state(cfg.batch_size)
+                    self.state = model.initial_state(self._local_n())
                     continue
                 t0 = time.perf_counter()
                 x, y = batches.chunk(p["chunk"])
-                self.opt.lr = p["lr"] * self.lr_factor()
-                loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True)
-                self.state = self._reset_some(self.state)
-                self.opt.step(grads, clip_scale(global_norm(grads, self.model.ops), cfg.clip))
-                log_sum += loss
+                log_sum += self._step(x, y, started)
                 log_time += time.perf_counter() - t0
+                tokens = y.shape[0] * cfg.batch_size  # of all the ranks
                 p["chunk"] += 1
                 p["step"] += 1
-                p["tokens"] += y.size
+                p["tokens"] += tokens
                 log_n += 1
-                log_tokens += y.size
+                log_tokens += tokens
                 if log_n >= cfg.log_every or p["step"] == cfg.max_steps:
                     train_loss = to_float(log_sum) / log_n
-                    self._check_loss(train_loss, "training loss")
+                    self._together(lambda: self._check_loss(train_loss, "training loss"))
                     p["train_seconds"] += log_time
                     p["last_train_loss"] = train_loss
                     m = {"type": "train", "step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(batches),
                          "train_loss": train_loss, "tokens": p["tokens"],
                          "tokens_per_second": log_tokens / max(log_time, 1e-9), "lr": self.opt.lr,
                          "elapsed": self._elapsed()}
-                    self._metric(m)
+                    self._together(lambda: self._metric(m), root_only=True)
                     self.reporter.log(m)
                     log_sum[...] = 0
                     log_n, log_tokens, log_time = 0, 0, 0.0
@@ -856,20 +1013,22 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
         if log_n:
             train_loss = to_float(log_sum) / log_n
-            self._check_loss(train_loss, "training loss")
+            self._together(lambda: self._check_loss(train_loss, "training loss"))
             p["train_seconds"] += log_time
             p["last_train_loss"] = train_loss
         if reason == "interrupted":
             self._check_model(self._train_sample_loss(), "training loss")
-            self.save_last()
+            state = self._all_state()
+            self._together(lambda: self.save_last(state), root_only=True)
         elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0):
             # Stopped between scheduled evaluations (early stopping always stops right after one).
             self.evaluate_and_save(sample=False, scheduled=False)
         self.reporter.end()
         return self.result(reason)
 
-    def lr_factor(self) -> float:
-        """The schedule's factor for the next step (see the module docstring)."""
+    def lr_factor(self, elapsed: float | None = None) -> float:
+        """The schedule's factor for the next step (see the module docstring); ``elapsed``:
+        the run's seconds so far by the clock all ranks agree on (default: this process's)."""
         cfg, p = self.cfg, self.progress
         factor = min(1.0, (p["step"] + 1) / cfg.warmup) if cfg.warmup else 1.0
         if cfg.lr_schedule == "cosine":
@@ -879,7 +1038,7 @@ class Trainer:
             if cfg.max_epochs is not None:
                 done.append((p["epoch"] + p["chunk"] / max(len(self.batches), 1)) / cfg.max_epochs)
             if p.get("horizon_seconds"):
-                done.append(self._elapsed() / p["horizon_seconds"])
+                done.append((self._elapsed() if elapsed is None else elapsed) / p["horizon_seconds"])
             if done:
                 x = min(max(done), 1.0)
                 factor *= cfg.lr_floor + (1.0 - cfg.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * x))

@@ -170,10 +170,24 @@ class Group(click.Group):
             interrupted()
 
     def main(self, *args, **kwargs):
+        from ..dist import env_rank, env_size
+
         try:
+            if env_size() > 1 and env_rank() > 0:
+                return self._main_quiet(*args, **kwargs)
             return super().main(*args, **kwargs)
         except BrokenPipeError:
             _quiet_broken_pipe()
+
+    def _main_quiet(self, *args, **kwargs):
+        """A rank other than 0 of an MPI job (mpiexec -n K charnn train): a command line click
+        refuses is refused by every rank alike, and said once, by rank 0."""
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            sys.exit(1)
 
 
 def interrupted():
@@ -264,7 +278,8 @@ Examples:
   charnn train ptb.train.txt --level word --tokenizer whitespace --embed 200 --hidden 200
   head -c 50000 corpus.txt | charnn train - --out runs/small --max-steps 500
   charnn train --resume --out runs/small --max-steps 1000      train a run further
-  charnn train new.txt --init-from models/default --extend-vocab --max-steps 300""")
+  charnn train new.txt --init-from models/default --extend-vocab --max-steps 300
+  mpiexec -n 2 charnn train corpora/shakespeare.txt --out runs/two    (pip install 'charnn[mpi]')""")
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
 @click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
 @click.option("--cell", type=CellChoice(), default="lstm", show_default=True)
@@ -332,6 +347,10 @@ def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, a
 
     Saves the best model by validation loss to OUT/model.npz and a full checkpoint (for
     --resume) to OUT/last.npz at every evaluation. Ctrl-C saves a checkpoint and exits 130.
+
+    On several processes or machines: mpiexec -n K charnn train CORPUS ... trains one model,
+    data-parallel, each process on --batch-size/K of the streams (needs the mpi extra:
+    pip install 'charnn[mpi]'; see the README's "Training on several machines").
     """
     from .train import run_train
 

@@ -1,4 +1,9 @@
-"""`charnn train`: turns options into a TrainConfig, runs the Trainer, reports errors as one line."""
+"""`charnn train`: turns options into a TrainConfig, runs the Trainer, reports errors as one line.
+
+Under ``mpiexec -n K`` (dist.py) every rank runs this; rank 0 alone reports. An error every rank
+agrees on (a bad option, a failed save) is said once, by rank 0, and every rank exits with its
+status; any other error on any rank ends the whole job at once (``charnn: rank R: ...``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..backend import BackendError
+from ..dist import DistError, PeerStopped, RankError, env_rank, world_from_env
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
 from ..nn.model import FORGET_BIAS, ModelError
@@ -27,6 +33,34 @@ def default_out(corpus: str, opts: dict) -> Path:
 
 def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from=None, extend_vocab=False,
               given=None):
+    try:
+        world = world_from_env()
+    except DistError as e:
+        if env_rank() != 0:
+            sys.exit(1)  # rank 0 says it
+        raise click.ClickException(str(e)) from None
+    if world.size == 1:
+        return _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab,
+                    given)
+    try:
+        _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given)
+    except PeerStopped as e:
+        sys.exit(e.code)
+
+
+def _options(world, corpus, val_path, out, resume, explicit, opts, init_from, extend_vocab, given):
+    """Check the options; returns (cfg, out_dir, overrides, init, stdin). Every rank checks them
+    and they agree: an error is said once, by rank 0."""
+    error = None
+    try:
+        return _check_options(corpus, val_path, out, resume, explicit, opts, init_from, extend_vocab, given)
+    except click.ClickException as e:
+        error = e
+    finally:
+        world.agree(error)
+
+
+def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, extend_vocab, given):
     if corpus is None and not resume:
         raise click.UsageError("missing CORPUS (a text file to train on)")
     if resume and out is None and corpus is None:
@@ -69,21 +103,37 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
         if corpus:
             overrides["corpus"] = str(corpus)
         overrides["out"] = str(out_dir)
+    return cfg, out_dir, overrides, init, stdin
+
+
+def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given):
+    cfg, out_dir, overrides, init, stdin = _options(world, corpus, val_path, out, resume, explicit, opts, init_from,
+                                                    extend_vocab, given)
+    quiet = quiet or not world.root  # the other ranks print nothing but errors
     reporter = None
     if not quiet:
         from .progress import ConsoleReporter
 
         reporter = ConsoleReporter()
     trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides, init=init,
-                      corpus_stream=sys.stdin.buffer if stdin else None, announce=not quiet)
+                      corpus_stream=sys.stdin.buffer if stdin and world.root else None, announce=not quiet,
+                      world=world)
     try:
-        result = trainer.run()
+        try:
+            result = trainer.run()
+        except BaseException as e:
+            if world.size > 1 and not isinstance(e, PeerStopped) and not getattr(e, "agreed", False):
+                world.abort(e)  # an error of this rank alone: end every rank now (never returns)
+            raise
+    except PeerStopped:
+        raise
     except Finished as e:
         if reporter:
             reporter.end()
         click.echo(str(e), err=True)
         return
-    except (TrainError, CorpusError, CheckpointError, BackendError, ModelError, VocabError, FineTuneError) as e:
+    except (TrainError, CorpusError, CheckpointError, BackendError, ModelError, VocabError, FineTuneError,
+            RankError) as e:
         if reporter:
             reporter.end()
         raise click.ClickException(str(e)) from None
@@ -95,6 +145,10 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
         if reporter:
             reporter.end()
         raise
+    if not world.root:
+        if result["stopped"] == "interrupted":
+            sys.exit(130)
+        return
     if as_json:
         click.echo(json_line(result), nl=False)
     elif not quiet and result["stopped"] != "interrupted":

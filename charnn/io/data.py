@@ -47,9 +47,11 @@ class Batches:
         batch_size: N streams.
         seq_len: T steps per chunk.
         drop_last: skip the final partial chunk (training); evaluation keeps it.
+        part: (a, b): chunks hold streams a to b - 1 only (one rank's share of the batch in
+            data-parallel training; ``streams`` stays all N, a view, never a copy).
     """
 
-    def __init__(self, ids, batch_size: int, seq_len: int, drop_last: bool = True):
+    def __init__(self, ids, batch_size: int, seq_len: int, drop_last: bool = True, part=None):
         L = len(ids)
         self.N, self.T = batch_size, seq_len
         self.S = L // batch_size  # tokens per stream
@@ -57,6 +59,7 @@ class Batches:
             raise CorpusError(f"{plural(L, 'token')} {'is' if L == 1 else 'are'} too few for --batch-size {batch_size} x --seq-len {seq_len} "
                               f"(need at least {batch_size * (seq_len + 1)}); use smaller values or more text")
         self.streams = numpy.asarray(ids[: batch_size * self.S]).reshape(batch_size, self.S)
+        self.part = (0, batch_size) if part is None else tuple(part)
         steps = self.S - 1
         self.n_chunks = steps // seq_len if drop_last else -(-steps // seq_len)
 
@@ -68,11 +71,13 @@ class Batches:
         return self.n_chunks * self.N * self.T
 
     def chunk(self, k: int):
-        """(x, y) for chunk k, each (T', N) int64 (T' = T except a final partial chunk)."""
+        """(x, y) for chunk k, each (T', b - a) int64 for the streams a to b - 1 of ``part``
+        (T' = T except a final partial chunk)."""
         a = k * self.T
         b = min(a + self.T, self.S - 1)
-        x = self.streams[:, a:b].T.astype(numpy.int64)
-        y = self.streams[:, a + 1: b + 1].T.astype(numpy.int64)
+        own = self.streams[self.part[0]:self.part[1]]
+        x = own[:, a:b].T.astype(numpy.int64)
+        y = own[:, a + 1: b + 1].T.astype(numpy.int64)
         return x, y
 
 

@@ -399,12 +399,14 @@ class LanguageModel:
                 grads.changed("embed.W")
 
     # ----- whole chunks -----
-    def loss_and_grads(self, ids, targets, state=None, train=True, rng=None, sparse=False):
+    def loss_and_grads(self, ids, targets, state=None, train=True, rng=None, sparse=False, dropout_masks=None):
         """Mean loss, gradients and final state of one training chunk. Dropout masks are drawn
         here, in one order, so results do not depend on how the operations split the work
         (an engine may split the streams across cores: engine/parallel.py).
 
         ``sparse``: an untied embedding's gradient as an optim.RowGrad (see :meth:`backward`).
+        ``dropout_masks``: masks to use instead of drawing them (one (H, T, N) per layer; a
+        data-parallel rank's columns of the masks of the whole batch).
 
         Returns:
             (loss, grads, state): loss a 0-d array (mean nats per token).
@@ -414,8 +416,8 @@ class LanguageModel:
         T, N = ids.shape
         if state is None:
             state = self.initial_state(N)
-        masks = None
-        if train and cfg.dropout > 0:
+        masks = dropout_masks if train and cfg.dropout > 0 else None
+        if train and cfg.dropout > 0 and masks is None:
             if rng is None:
                 raise ModelError("training with dropout needs a random generator (rng)")
             masks = [dropout_mask((cfg.hidden, T, N), cfg.dropout, rng, xp, self.dtype) for _ in range(cfg.layers)]
