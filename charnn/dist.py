@@ -4,7 +4,7 @@ Each of the K ranks owns N/K of the N contiguous streams of the global batch, co
 and gradients of its part, and every step sums them with one ``Allreduce`` over one contiguous
 buffer (:class:`GradientBuffer`), so every rank applies the same update to the same parameters:
 
-    buffer = [ g(p1) | g(p2) | ... | rows(embed) | loss | stop | time-up ]     (one dtype)
+    buffer = [ g(p1) | g(p2) | ... | rows(embed) | loss | stop | time-up | clock ]   (one dtype)
 
     g(p)        a parameter's gradient, flat; a row gradient (optim.RowGrad, the embedding
                 table) scattered into its full table
@@ -14,6 +14,8 @@ buffer (:class:`GradientBuffer`), so every rank applies the same update to the s
     stop        1 where a rank was asked to stop (SIGINT): every rank sees the sum, so every
                 rank stops after the same step
     time-up     1 where a rank's --time-limit ran out (clocks differ between ranks)
+    clock       rank 0's seconds of training (the others add 0), for a learning-rate
+                schedule over --time-limit that gives every rank the same rate
 
 Each rank's gradient is the mean over its own T x N/K tokens, so the sum over ranks is K times
 the single-process gradient: the trainer folds 1/K into the clipping scale.
