@@ -465,6 +465,8 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
             raise click.UsageError("--dynamic adapts the model along one text: it needs --document")
         if streams > 1:
             raise click.UsageError("--dynamic reads the text as one stream: it cannot be used with --streams")
+        if dynamic_tune is not None and dynamic_lr is not None and dynamic_decay is not None:
+            raise click.UsageError("--dynamic-tune has nothing to choose: --dynamic-lr and --dynamic-decay are both given")
     elif dyn.given():
         raise click.UsageError(f"{dyn.given()[0]} applies to --dynamic only")
     run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet,

@@ -89,9 +89,13 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
             stats_text = _side_text(opts.stats, "--dynamic-stats", text, encoding, errors)
             stats_ids = dyn.text_ids(vocab, stats_text)[-(dyn.STATS_TOKENS + 1):]
             stats_from = f"the last {len(stats_ids) - 1:,} tokens of {opts.stats}"
+            if len(stats_ids) < 2:
+                raise dyn.DynamicError(f"{opts.stats}: holds no token to measure gradient statistics on")
         else:
             stats_ids, stats_from = dyn.training_side_ids(ckpt_meta, vocab, path)
         tune_text = None if opts.tune is None else _side_text(opts.tune, "--dynamic-tune", text, encoding, errors)
+        if tune_text is not None and len(dyn.text_ids(vocab, tune_text)) < 2:
+            raise dyn.DynamicError(f"{opts.tune}: holds no token to tune on")
         stats = dyn.gradient_stats(lm, stats_ids, segment,
                                    progress=lambda d, t: progress(d, t, "gradient statistics"))
         results = None
