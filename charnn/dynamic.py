@@ -77,18 +77,22 @@ class DynamicSettings:
         return asdict(self)
 
 
-# Chosen by tune() on training-side text (benchmarks/README.md, "Dynamic evaluation").
-DEFAULTS = {"char": DynamicSettings(lr=0.003, decay=0.01, segment=20),
-            "word": DynamicSettings(lr=0.003, decay=0.01, segment=10)}
-# tune()'s grid when the caller gives none.
-LR_GRID = (0.001, 0.002, 0.003, 0.005, 0.01)
-DECAY_GRID = (0.0, 0.003, 0.01, 0.03)
+# Chosen on training-side text (benchmarks/README.md, "Dynamic evaluation").
+DEFAULTS = {"char": DynamicSettings(lr=3e-4, decay=0.0, segment=20),
+            "word": DynamicSettings(lr=3e-4, decay=0.0, segment=10)}
+# tune()'s grid when the caller gives none: 12 passes over the tuning text.
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+DECAY_GRID = (0.0, 1e-4, 1e-3)
 
 
 def text_ids(vocab, text: str) -> numpy.ndarray:
     """The tokens of ``text`` after the separator (newline or <eos>) as the first context, as
     score_document reads a document; characters outside the vocabulary are left out."""
     ids, _, _ = encode_known(vocab, text, strict=False)
+    return _with_start(vocab, ids)
+
+
+def _with_start(vocab, ids) -> numpy.ndarray:
     start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
     return numpy.concatenate([[start], ids]).astype(numpy.int64)
 
@@ -101,6 +105,7 @@ def _segments(ids, T: int):
 
 
 def _copy_state(state):
+    """A state of its own, whatever buffers the pass that returned it computes in."""
     return [(h.copy(), None if c is None else c.copy()) for h, c in state]
 
 
@@ -121,16 +126,17 @@ def gradient_stats(model: LanguageModel, ids, segment: int, max_tokens: int = ST
     state, n, done = None, 0, 0
     if progress:
         progress(0, len(ids) - 1)
-    for x, y in _segments(ids, segment):
-        _, cache, state = model.forward(x, y, state, store=True)
-        state = _copy_state(state)
-        grads, _ = model.backward(cache)
-        for k, g in grads.items():
-            total[k] += g * g
-        n += 1
-        done += len(y)
-        if progress:
-            progress(done, len(ids) - 1)
+    with model.ops.small_chunk_loop(_largest_product(model, segment)):
+        for x, y in _segments(ids, segment):
+            _, cache, state = model.forward(x, y, state, store=True)
+            state = _copy_state(state)
+            grads, _ = model.backward(cache)
+            for k, g in grads.items():
+                total[k] += g * g
+            n += 1
+            done += len(y)
+            if progress:
+                progress(done, len(ids) - 1)
     for v in total.values():
         v /= n
     return total
@@ -140,7 +146,7 @@ class DynamicUpdate:
     """The update rule of the module docstring, on the arrays' own device (xp).
 
     Args:
-        theta0: name -> the trained parameters (copied here).
+        theta0: name -> the trained parameters (read here, not kept).
         ms: name -> MS_g, same shapes.
         lr, decay: η and λ.
     """
@@ -157,19 +163,22 @@ class DynamicUpdate:
         scale = {k: r + eps for k, r in roots.items()}  # s
         mean_s = mean_root + eps
         self.lr, self.decay = lr, decay
-        self.theta0 = {k: v.copy() for k, v in theta0.items()}
-        self.inv_scale = {k: 1.0 / s for k, s in scale.items()}
+        # θ ← θ (1 − r) + r θ0 − (η / s) g, r = min(λ s / mean(s), 1): four in-place passes a
+        # step over arrays kept for it (the decay's pull, r (θ0 − θ), at the old θ).
         self.rate = {k: xp.minimum(decay * s / mean_s, 1.0).astype(s.dtype) for k, s in scale.items()}
+        self.keep = {k: (1.0 - r).astype(r.dtype) for k, r in self.rate.items()}
+        self.pull = {k: (self.rate[k] * theta0[k]).astype(theta0[k].dtype) for k in scale}
+        self.lr_scale = {k: (lr / s).astype(s.dtype) for k, s in scale.items()}
 
     def step(self, params: dict, grads: dict):
-        """One update of ``params`` in place from ``grads`` (of the segment's loss at params)."""
+        """One update of ``params`` in place from ``grads`` (of the segment's loss at params;
+        overwritten)."""
         for k, p in params.items():
-            pull = self.theta0[k] - p  # θ0 − θ at the old θ
-            pull *= self.rate[k]
-            step = grads[k] * self.inv_scale[k]
-            step *= self.lr
-            p -= step
-            p += pull
+            g = grads[k]
+            p *= self.keep[k]
+            p += self.pull[k]
+            g *= self.lr_scale[k]
+            p -= g
 
 
 def _xp(a):
@@ -186,9 +195,7 @@ def score_dynamic(model: LanguageModel, vocab, text: str, settings: DynamicSetti
 
     ``progress`` is called with (tokens predicted, tokens to predict)."""
     ids, toks, excluded = encode_known(vocab, text, strict)
-    start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
-    seq = numpy.concatenate([[start], ids]).astype(numpy.int64)
-    nll = _run(model, seq, settings, stats, progress)
+    nll = _run(model, _with_start(vocab, ids), settings, stats, progress)
     s = Scored(text=text, tokens=len(nll), logprob=-float(nll.sum()), excluded=excluded)
     if with_tokens:
         s.token_strings = toks
@@ -204,23 +211,29 @@ def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, prog
     if P < 1:
         return out
     adapted = LanguageModel(model.config, model.params, model.backend)  # a private copy
-    adapt = settings.lr > 0 or settings.decay > 0
+    adapt = settings.lr > 0  # η = 0: θ stays θ0, where the decay has nothing to pull
     rule = DynamicUpdate(model.params, stats, settings.lr, settings.decay) if adapt else None
     state, done = None, 0
     if progress:
         progress(0, P)
-    for x, y in _segments(seq, settings.segment):
-        _, cache, state = adapted.forward(x, y, state, store=True)
-        state = _copy_state(state)
-        T = len(y)
-        out[done:done + T] = to_host(cache["nll"]).astype(numpy.float64).reshape(T)  # scored first
-        done += T
-        if adapt and done < P:  # no step after the last segment: nothing is left to score
-            grads, _ = adapted.backward(cache)
-            rule.step(adapted.params, grads)
-        if progress:
-            progress(done, P)
+    with model.ops.small_chunk_loop(_largest_product(model, settings.segment)):
+        for x, y in _segments(seq, settings.segment):
+            _, cache, state = adapted.forward(x, y, state, store=True)
+            state = _copy_state(state)
+            T = len(y)
+            out[done:done + T] = to_host(cache["nll"]).astype(numpy.float64).reshape(T)  # scored first
+            done += T
+            if adapt and done < P:  # no step after the last segment: nothing is left to score
+                grads, _ = adapted.backward(cache)
+                rule.step(adapted.params, grads)
+            if progress:
+                progress(done, P)
     return out
+
+
+def _largest_product(model: LanguageModel, T: int) -> float:
+    """The FLOPs of a segment's largest product (a weight matrix times T columns)."""
+    return 2.0 * max(p.size for p in model.params.values()) * T
 
 
 def tune(model: LanguageModel, ids, stats: dict, segment: int, lrs=None, decays=None,
