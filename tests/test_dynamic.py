@@ -55,10 +55,10 @@ def test_the_update_steps_against_the_normalised_gradient_and_decays_to_theta0()
     mean_s = 1.75 + eps
     p = {"w": numpy.array([2.0, 0.0, 3.5, 10.0])}
     g = {"w": numpy.array([1.0, -1.0, 2.0, 0.5])}
-    before = p["w"].copy()
+    before, grad = p["w"].copy(), g["w"].copy()
     rule.step(p, g)
     rate = numpy.minimum(0.2 * s / mean_s, 1.0)
-    expected = before - 0.5 * g["w"] / s + rate * (theta0["w"] - before)
+    expected = before - 0.5 * grad / s + rate * (theta0["w"] - before)
     numpy.testing.assert_allclose(p["w"], expected, rtol=1e-12)
     assert rate[3] < 1.0 and rate[2] > 0  # a parameter the statistics never moved still decays
 
@@ -276,3 +276,24 @@ def test_the_default_statistics_leave_out_the_validation_tail(run, loaded):
     numpy.testing.assert_array_equal(ids, all_ids[: len(all_ids) - n_val])
     assert str(corpus) in where
     assert math.isfinite(float(sum(float(v.sum()) for v in dyn.gradient_stats(lm, ids[-200:], 8).values())))
+
+
+def test_dynamic_evaluation_keeps_its_arrays_on_the_device(run):
+    """On the stand-in device (CuPy's rules without a GPU) the statistics, the update and the
+    scores match the NumPy backend's (both float64), and the adapted weights stay on the device."""
+    from standin import is_device, standin_backend
+
+    folder, _ = run
+    text, stats_text = ODD * 4, corpus_text(20, seed=13)
+    settings = dyn.DynamicSettings(0.01, 0.01, 8)
+    scores = {}
+    for name, backend in (("numpy", get_backend("cpu", "float64", announce=False)),
+                          ("standin", standin_backend(numpy.float64))):
+        lm, vocab, _ = load_model(folder / "run" / "model.npz", backend)
+        ms = dyn.gradient_stats(lm, dyn.text_ids(vocab, stats_text), settings.segment)
+        if name == "standin":
+            assert all(is_device(v) for v in ms.values())
+            rule = dyn.DynamicUpdate(lm.params, ms, settings.lr, settings.decay)
+            assert all(is_device(v) for d in (rule.keep, rule.pull, rule.lr_scale) for v in d.values())
+        scores[name] = dyn.score_dynamic(lm, vocab, text, settings, ms, with_tokens=True)
+    numpy.testing.assert_allclose(scores["numpy"].surprisal, scores["standin"].surprisal, rtol=1e-9, atol=1e-9)
