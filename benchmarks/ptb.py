@@ -13,6 +13,11 @@ one document with carried state (every token predicted once).
 charnn runs twice: with a full softmax (the same output layer as PyTorch) and with its default
 class-factored softmax (about sqrt(V) classes). The unigram baseline (training-set word
 frequencies, add-one smoothed) is printed too. Runs are one after another in this process.
+
+``--dynamic`` adds dynamic evaluation (charnn/dynamic.py) of each charnn model kept: gradient
+statistics on the last 20,000 training tokens, the learning rate and decay chosen by
+dynamic.tune's grid on the held-out 10% of ptb.valid.txt, then ptb.test.txt scored once, static
+and dynamic. ``--variants`` runs only some of the models (e.g. ``--variants class --dynamic``).
 """
 
 from __future__ import annotations
@@ -102,6 +107,18 @@ def score_charnn(model, vocab, test_text):
     return s.perplexity, s.tokens
 
 
+def dynamic_charnn(model, vocab, fit_ids, held_ids, test_text, segment):
+    """Dynamic evaluation of a kept model: statistics on the training text, η and λ tuned on the
+    held-out text, the test text scored. Returns (perplexity, settings, tuning results, tokens/s)."""
+    from charnn import dynamic
+
+    stats = dynamic.gradient_stats(model, fit_ids, segment)
+    settings, results = dynamic.tune(model, numpy.asarray(held_ids, dtype=numpy.int64), stats, segment)
+    t = time.perf_counter()
+    s = dynamic.score_dynamic(model, vocab, test_text, settings, stats)
+    return s.perplexity, settings, results, s.tokens / (time.perf_counter() - t)
+
+
 def train_torch(train_ids, held_ids, V, seconds):
     import copy
 
@@ -158,13 +175,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="class,full,torch",
+                    help="models to run: class (charnn class softmax), full (charnn full softmax), torch")
+    ap.add_argument("--dynamic", action="store_true", help="also score the test text with dynamic evaluation")
+    ap.add_argument("--dynamic-segment", type=int, default=None, help="segment length [the word default]")
     args = ap.parse_args()
+    variants = set(args.variants.split(","))
     if not (SHARED / "ptb.valid.txt").exists():
         sys.exit(f"PTB files not found under {SHARED}")
-    import torch
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    torch.set_num_threads(args.threads)
+    if "torch" in variants:
+        import torch
+
+        torch.set_num_threads(args.threads)
     vocab, train_ids, test_ids = load()
     V = len(vocab)
     test_text = (SHARED / "ptb.test.txt").read_text(encoding="utf-8")
@@ -176,11 +200,26 @@ def main():
     fit_ids, held_ids = train_ids[:cut], train_ids[cut:]
     print(f"training on {len(fit_ids):,} tokens, choosing the kept model on {len(held_ids):,} held-out tokens", flush=True)
     with threadpool_limits(args.threads):
-        for label, classes in (("charnn class softmax", round(math.sqrt(V))), ("charnn full softmax", 0)):
+        for name, label, classes in (("class", "charnn class softmax", round(math.sqrt(V))),
+                                     ("full", "charnn full softmax", 0)):
+            if name not in variants:
+                continue
             model, steps, held, at = train_charnn(fit_ids, held_ids, V, args.seconds, classes)
             ppl, n = score_charnn(model, vocab, test_text)
             print(f"{label:22s} steps {steps:5d}  kept step {at:5d} (held-out ppl {math.exp(held):7.1f})  "
                   f"test perplexity {ppl:8.2f}  ({n} tokens)", flush=True)
+            if args.dynamic:
+                from charnn.dynamic import DEFAULTS
+
+                segment = args.dynamic_segment or DEFAULTS["word"].segment
+                dppl, settings, results, rate = dynamic_charnn(model, vocab, fit_ids, held_ids, test_text, segment)
+                grid = "  ".join(f"{lr:g}/{d:g}: {math.exp(x):.1f}" for lr, d, x in results)
+                print(f"{'':22s} tuning (lr/decay: held-out ppl) {grid}", flush=True)
+                print(f"{label + ' dynamic':22s} lr {settings.lr:g} decay {settings.decay:g} segment "
+                      f"{settings.segment}  test perplexity {dppl:8.2f} (static {ppl:.2f})  {rate:.0f} tokens/s",
+                      flush=True)
+        if "torch" not in variants:
+            return
         parts, steps, held, at = train_torch(fit_ids, held_ids, V, args.seconds)
         ppl, n = score_torch(parts, test_ids, vocab.eos_id)
         print(f"{'pytorch nn.LSTM':22s} steps {steps:5d}  kept step {at:5d} (held-out ppl {math.exp(held):7.1f})  "

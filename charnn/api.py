@@ -11,7 +11,8 @@
 
 Thin wrappers over the library, which stays the interface for anything finer:
 charnn.io.checkpoint.load_model, charnn.sample.generate and beam_search, charnn.score.score_lines
-and score_document, charnn.train.TrainConfig and Trainer. Errors are the library's exceptions
+and score_document, charnn.dynamic.dynamic_evaluation (score --dynamic), charnn.train.TrainConfig
+and Trainer. Errors are the library's exceptions
 (CheckpointError, SampleError, ScoreError, TrainError, CorpusError, ...), each with a one-line
 message; nothing here prints.
 """

@@ -13,6 +13,7 @@ import sys
 import click
 
 from .. import __version__
+from .. import dynamic as dynamic_defaults
 from ..backend import DEVICES, DTYPES, BackendError, get_backend
 from ..nn import cells
 from ..io.fileio import file_kind
@@ -433,11 +434,17 @@ def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, n
                no_repeat=no_repeat_ngram)
 
 
+def _per_level(name: str) -> str:
+    """A dynamic-evaluation default per level, for help texts: "char 20, word 10"."""
+    return ", ".join(f"{level} {getattr(d, name):g}" for level, d in dynamic_defaults.DEFAULTS.items())
+
+
 @cli.command("score", epilog="""\b
 Examples:
   echo "To be, or not to be, that is the question." | charnn score -
   charnn score runs/small sentences.txt --format jsonl
-  charnn score val.txt --document --streams 8       held-out loss of a whole text""")
+  charnn score val.txt --document --streams 8       held-out loss of a whole text
+  charnn score runs/small test.txt --document --dynamic --dynamic-tune heldout.txt""")
 @click.argument("args", nargs=-1, type=click.Path(allow_dash=True))
 @click.option("--document", is_flag=True, help="Score the whole input as one text with carried state.")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
@@ -446,19 +453,50 @@ Examples:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Lines scored together.")
 @click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
               help="--document: score this many pieces side by side (faster, slightly less context).")
+@click.option("--dynamic", is_flag=True,
+              help="--document: dynamic evaluation: adapt a copy of the weights to the text as it is read, "
+                   "one gradient step per segment after scoring it (the model file is not changed).")
+@click.option("--dynamic-lr", type=Finite(min=0), default=None,
+              help="--dynamic: the learning rate eta of the RMS-normalised step "
+                   f"[{_per_level('lr')}; 0 = static scoring].")
+@click.option("--dynamic-decay", type=Finite(0, 1), default=None,
+              help=f"--dynamic: the decay lambda towards the trained weights [{_per_level('decay')}].")
+@click.option("--dynamic-segment", type=click.IntRange(min=1), default=None,
+              help=f"--dynamic: tokens per segment, one update after each [{_per_level('segment')}].")
+@click.option("--dynamic-stats", type=click.Path(dir_okay=False), default=None,
+              help=f"--dynamic: training-side text to measure the mean squared gradients on (its last "
+                   f"{dynamic_defaults.STATS_TOKENS:,} tokens) [the model's training corpus, its training part, "
+                   "if present and unchanged].")
+@click.option("--dynamic-tune", type=click.Path(dir_okay=False), default=None,
+              help="--dynamic: choose the learning rate and decay not given by a grid search on this "
+                   "held-out training-side text (never the scored text; keep it small: a pass over it for "
+                   "each grid point, "
+                   f"{len(dynamic_defaults.LR_GRID) * len(dynamic_defaults.DECAY_GRID)} in all).")
 @click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
-def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet):
+def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, dynamic, dynamic_lr, dynamic_decay,
+                  dynamic_segment, dynamic_stats, dynamic_tune, encoding, errors, device, quiet):
     """Score text: [MODEL] [FILE|-]. Each line of FILE (or stdin) is a sentence; prints its
     log-probability, tokens, nats and bits per token and perplexity, then a summary.
     MODEL defaults to the bundled Shakespeare model."""
-    from .score import run_score
+    from .score import DynamicOptions, run_score
 
     if len(args) > 2:
         raise click.UsageError("expected at most MODEL and FILE")
-    run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet)
+    dyn = DynamicOptions(dynamic_lr, dynamic_decay, dynamic_segment, dynamic_stats, dynamic_tune)
+    if dynamic:
+        if not document:
+            raise click.UsageError("--dynamic adapts the model along one text: it needs --document")
+        if streams > 1:
+            raise click.UsageError("--dynamic reads the text as one stream: it cannot be used with --streams")
+        if dynamic_tune is not None and dynamic_lr is not None and dynamic_decay is not None:
+            raise click.UsageError("--dynamic-tune has nothing to choose: --dynamic-lr and --dynamic-decay are both given")
+    elif dyn.given():
+        raise click.UsageError(f"{dyn.given()[0]} applies to --dynamic only")
+    run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet,
+              dynamic=dyn if dynamic else None)
 
 
 @cli.command("plot")

@@ -21,9 +21,10 @@ def model_path(model):
     return path
 
 
-def load_for_use(model, device, quiet=False):
+def load_for_use(model, device, quiet=False, with_checkpoint=False):
     """(model, vocab, path) for sample/score: MODEL or the bundled default, on ``device``;
-    says when the engine will compile first (unless ``quiet``)."""
+    says when the engine will compile first (unless ``quiet``). ``with_checkpoint``: the
+    checkpoint (its metadata) too, as a fourth item."""
     try:
         path = model_path(model)
         backend = get_backend(device, "float32", announce=False)
@@ -31,7 +32,7 @@ def load_for_use(model, device, quiet=False):
     except (CheckpointError, BackendError) as e:
         raise click.ClickException(str(e)) from None
     compile_notice(backend.device, quiet)
-    return lm, vocab, path
+    return (lm, vocab, path, ckpt) if with_checkpoint else (lm, vocab, path)
 
 
 def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ from rich.text import Text
 from ..io.checkpoint import looks_like_model
 from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
+from .. import dynamic as dyn
 from .sample import load_for_use
 from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
 from ..io.vocab import iter_lines
@@ -46,7 +48,84 @@ def heat_text(tokens, surprisal, level: str) -> Text:
     return out
 
 
-def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=False):
+@dataclass
+class DynamicOptions:
+    """score's --dynamic-* options as given (None: not given)."""
+
+    lr: float | None = None
+    decay: float | None = None
+    segment: int | None = None
+    stats: str | None = None
+    tune: str | None = None
+
+    def given(self) -> list:
+        """The options given, by their names on the command line."""
+        return [f"--dynamic-{name}" for name in ("lr", "decay", "segment", "stats", "tune")
+                if getattr(self, name) is not None]
+
+
+def _side_text(path: str, what: str, scored: str, encoding: str, errors: str) -> str:
+    """A training-side text (--dynamic-stats or --dynamic-tune), refused when it is the scored
+    text itself."""
+    try:
+        text = read_text(path, encoding, errors)
+    except CorpusError as e:
+        raise click.ClickException(str(e)) from None
+    if text == scored:
+        raise click.ClickException(f"{path}: is the text being scored; {what} must be held-out training-side text, "
+                                   f"never the scored text")
+    return text
+
+
+def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, show_tokens, encoding, errors, progress,
+                err: Console):
+    """Dynamic evaluation for score --document --dynamic: gradient statistics, the tuning if
+    asked, then the scoring; says on ``err`` (one line) which hyperparameters it used.
+    Returns (Scored, a dict of what was used, for the summary)."""
+    base = dyn.DEFAULTS[vocab.level]
+    segment = opts.segment or base.segment
+    try:
+        if opts.stats is not None:
+            stats_text = _side_text(opts.stats, "--dynamic-stats", text, encoding, errors)
+            stats_ids = dyn.text_ids(vocab, stats_text)[-(dyn.STATS_TOKENS + 1):]
+            stats_from = f"the last {len(stats_ids) - 1:,} tokens of {opts.stats}"
+            if len(stats_ids) < 2:
+                raise dyn.DynamicError(f"{opts.stats}: holds no token to measure gradient statistics on")
+        else:
+            stats_ids, stats_from = dyn.training_side_ids(ckpt_meta, vocab, path)
+        tune_text = None if opts.tune is None else _side_text(opts.tune, "--dynamic-tune", text, encoding, errors)
+        if tune_text is not None and len(dyn.text_ids(vocab, tune_text)) < 2:
+            raise dyn.DynamicError(f"{opts.tune}: holds no token to tune on")
+        stats = dyn.gradient_stats(lm, stats_ids, segment,
+                                   progress=lambda d, t: progress(d, t, "gradient statistics"))
+        results = None
+        if tune_text is not None and (opts.lr is None or opts.decay is None):
+            settings, results = dyn.tune(lm, dyn.text_ids(vocab, tune_text), stats, segment,
+                                         lrs=None if opts.lr is None else (opts.lr,),
+                                         decays=None if opts.decay is None else (opts.decay,),
+                                         progress=lambda d, t: progress(d, t, "tuning"))
+        else:
+            settings = dyn.DynamicSettings(base.lr if opts.lr is None else opts.lr,
+                                           base.decay if opts.decay is None else opts.decay, segment)
+        tuned = f"tuned on {opts.tune}"
+        source = {"lr": "given" if opts.lr is not None else tuned if results is not None else "default",
+                  "decay": "given" if opts.decay is not None else tuned if results is not None else "default",
+                  "segment": "given" if opts.segment is not None else "default"}
+        err.print(f"charnn score: dynamic evaluation with lr {settings.lr:g} ({source['lr']}), decay "
+                  f"{settings.decay:g} ({source['decay']}), segment {settings.segment} ({source['segment']}); "
+                  f"gradient statistics from {stats_from}", highlight=False, markup=False, soft_wrap=True)
+        scored = dyn.score_dynamic(lm, vocab, text, settings, stats, strict=strict, with_tokens=show_tokens,
+                                   progress=lambda d, t: progress(d, t, "scoring"))
+    except dyn.DynamicError as e:
+        raise click.ClickException(str(e)) from None
+    used = {**settings.to_json(), "source": source, "stats": stats_from, "stats_tokens": len(stats_ids) - 1}
+    if results is not None:
+        used["tuning"] = [{"lr": lr, "decay": d, "nats_per_token": n} for lr, d, n in results]
+    return scored, used
+
+
+def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=False,
+              dynamic: DynamicOptions | None = None):
     model_arg, file_arg = None, "-"
     if len(args) == 2:
         model_arg, file_arg = args
@@ -55,7 +134,7 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
             model_arg = args[0]
         else:
             file_arg = args[0]
-    lm, vocab, path = load_for_use(model_arg, device, quiet)
+    lm, vocab, path, ckpt = load_for_use(model_arg, device, quiet, with_checkpoint=True)
     if file_arg == "-" and sys.stdin.isatty():
         # Otherwise it would wait for text with nothing on the screen to say so.
         click.echo("charnn score: reading sentences from the terminal, one a line; end with Ctrl-D "
@@ -77,7 +156,11 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
     unit = "lines" if not document else ("characters" if vocab.level == "char" else "words")
     try:
         with WorkProgress("scoring", unit, quiet=quiet, console=err) as progress:
-            if document:
+            if dynamic is not None:
+                scored, used = run_dynamic(lm, vocab, ckpt.meta, path, text, dynamic, strict, show_tokens, encoding,
+                                           errors, progress, err)
+                items = [scored]
+            elif document:
                 items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens,
                                         progress=progress)]
             else:
@@ -88,6 +171,8 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
     summary = summarize(items)
     if document:
         summary["lines"] = len(lines)
+    if dynamic is not None:
+        summary["dynamic"] = used
     if fmt == "jsonl":
         for n, s in enumerate(items if not document else [], 1):
             obj = s.to_json()

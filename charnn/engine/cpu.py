@@ -49,7 +49,7 @@ class CpuOps(Ops):
         "layer_forward", "layer_backward", "input_projection", "input_grads", "scatter_add_rows",
         "softmax_xent_forward", "softmax_xent_backward", "class_xent_forward", "class_xent_backward",
         "class_xent_forward_backward", "sum_squares", "adam_update", "draw_scaled", "stepper",
-        "loss_and_grads", "nll"})
+        "loss_and_grads", "nll", "small_chunk_loop"})
 
     def derive(self, **changes) -> "CpuOps":
         return replace(self, **changes)
@@ -223,6 +223,12 @@ class CpuOps(Ops):
         if model.config.cell in FastStepper.CELLS and model.xp is numpy:
             return FastStepper(model, N, self)
         return super().stepper(model, N)
+
+    def small_chunk_loop(self, flops):
+        # One BLAS thread where even the chunk-wide products are small: a segment of 20
+        # characters of one stream (2x256 LSTM) scored and adapted at 1,160 tokens/s on one
+        # thread and 300 on two, the second core busy (threads.py, SMALL_GEMM_FLOPS).
+        return loop_threads(flops)
 
     # ----- whole training steps: the parallel strategies -----
     def loss_and_grads(self, model, ids, targets, state, masks, train, sparse):

@@ -11,6 +11,8 @@ Nothing here imports the engine.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy
 
 from . import cells
@@ -103,6 +105,12 @@ class Ops:
     def stepper(self, model, N: int = 1):
         """An object that advances N streams a token at a time (see model.Stepper)."""
         return Stepper(model, N)
+
+    # ----- loops of small chunks -----
+    def small_chunk_loop(self, flops: float):
+        """A context for a strictly sequential loop of chunks whose largest product is about
+        ``flops`` (dynamic evaluation's segments of one stream): the reference does nothing."""
+        return contextlib.nullcontext()
 
     # ----- whole training steps -----
     def loss_and_grads(self, model, ids, targets, state, masks, train, sparse):

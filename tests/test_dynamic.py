@@ -1,0 +1,299 @@
+"""Dynamic evaluation (charnn/dynamic.py, score --document --dynamic): the update rule on small
+arrays, causality (a token is scored before any update that saw it), η = 0 as static scoring,
+adaptation to a repeated sentence, the model file untouched, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy
+import pytest
+
+from charnn import dynamic as dyn
+from charnn.backend import get_backend
+from charnn.io.checkpoint import load_model
+from charnn.score import score_document
+
+from cli_support import check_error, check_ok, corpus_text, invoke, train, write_corpus
+
+# A sentence of the corpus's characters that its random sentences over WORDS never hold.
+ODD = "bad hog omits wry fish at dawn\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(folder, corpus): a small model trained 60 steps on the random-sentence corpus."""
+    folder = tmp_path_factory.mktemp("dyn")
+    corpus = write_corpus(folder, lines=300)
+    check_ok(train(corpus, folder / "run", "--max-steps", 60, "--hidden", "32"))
+    return folder, corpus
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    lm, vocab, _ = load_model(run[0] / "run" / "model.npz", get_backend("cpu", "float32", announce=False))
+    return lm, vocab
+
+
+@pytest.fixture(scope="module")
+def stats(loaded):
+    lm, vocab = loaded
+    return dyn.gradient_stats(lm, dyn.text_ids(vocab, corpus_text(200, seed=5)), 8)
+
+
+# ----- the update rule -----
+
+def test_the_update_steps_against_the_normalised_gradient_and_decays_to_theta0():
+    theta0 = {"w": numpy.array([1.0, 2.0, 3.0, 4.0])}
+    ms = {"w": numpy.array([1.0, 4.0, 0.0, 16.0])}  # sqrt: 1, 2, 0, 4; mean 1.75
+    rule = dyn.DynamicUpdate(theta0, ms, lr=0.5, decay=0.2, eps_rel=0.1)
+    eps = 0.175
+    s = numpy.array([1.0, 2.0, 0.0, 4.0]) + eps
+    mean_s = 1.75 + eps
+    p = {"w": numpy.array([2.0, 0.0, 3.5, 10.0])}
+    g = {"w": numpy.array([1.0, -1.0, 2.0, 0.5])}
+    before, grad = p["w"].copy(), g["w"].copy()
+    rule.step(p, g)
+    rate = numpy.minimum(0.2 * s / mean_s, 1.0)
+    expected = before - 0.5 * grad / s + rate * (theta0["w"] - before)
+    numpy.testing.assert_allclose(p["w"], expected, rtol=1e-12)
+    assert rate[3] < 1.0 and rate[2] > 0  # a parameter the statistics never moved still decays
+
+
+def test_decay_alone_pulls_every_parameter_towards_theta0_and_never_past_it():
+    rng = numpy.random.default_rng(0)
+    theta0 = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    ms = {"a": rng.random((3, 4)), "b": 100 + rng.random(5)}  # b's rates clip at 1
+    rule = dyn.DynamicUpdate(theta0, ms, lr=0.0, decay=0.5)
+    p = {k: v + rng.standard_normal(v.shape) for k, v in theta0.items()}
+    zero = {k: numpy.zeros_like(v) for k, v in theta0.items()}
+    for _ in range(5):
+        gap = {k: numpy.abs(p[k] - theta0[k]) for k in p}
+        side = {k: numpy.sign(p[k] - theta0[k]) for k in p}
+        rule.step(p, zero)
+        for k in p:
+            now = p[k] - theta0[k]
+            assert (numpy.abs(now) <= gap[k] + 1e-15).all()
+            assert ((numpy.sign(now) == side[k]) | (numpy.abs(now) < 1e-12)).all()  # no overshoot
+    numpy.testing.assert_allclose(p["b"], theta0["b"], rtol=0, atol=1e-12)  # rate 1: θ0 in one step
+    assert (numpy.abs(p["a"] - theta0["a"]) > 0).all()
+
+
+def test_settings_refuse_nonsense():
+    for bad in [dict(lr=float("nan")), dict(lr=-1.0), dict(decay=1.5), dict(decay=float("inf")), dict(segment=0),
+                dict(segment=2.5)]:
+        kw = {"lr": 0.01, "decay": 0.1, "segment": 5, **bad}
+        with pytest.raises(dyn.DynamicError):
+            dyn.DynamicSettings(**kw)
+
+
+# ----- scoring -----
+
+def test_a_token_is_scored_before_any_update_that_saw_it(loaded, stats):
+    """Changing one late token changes no earlier token's log-probability, bit for bit, even
+    with a large learning rate (every update before it saw only the text before it)."""
+    lm, vocab = loaded
+    text = corpus_text(20, seed=3)
+    k = len(text) - 30  # inside a late segment, not at its start
+    other = "a" if text[k] != "a" else "o"
+    changed = text[:k] + other + text[k + 1:]
+    settings = dyn.DynamicSettings(lr=0.05, decay=0.01, segment=8)
+    a = dyn.score_dynamic(lm, vocab, text, settings, stats, with_tokens=True)
+    b = dyn.score_dynamic(lm, vocab, changed, settings, stats, with_tokens=True)
+    # surprisal[i] is the prediction of text[i] (the first from the separator)
+    assert a.surprisal[:k] == b.surprisal[:k]
+    assert a.surprisal[k] != b.surprisal[k]
+    static = dyn.score_dynamic(lm, vocab, text, dyn.DynamicSettings(0.0, 0.0, 8), stats, with_tokens=True)
+    assert a.surprisal[8:] != static.surprisal[8:]  # the updates did change later scores
+
+
+def test_the_first_segment_is_scored_with_the_trained_weights(loaded, stats):
+    lm, vocab = loaded
+    text = corpus_text(10, seed=4)
+    huge = dyn.score_dynamic(lm, vocab, text, dyn.DynamicSettings(1e6, 0.0, 8), stats, with_tokens=True)
+    static = dyn.score_dynamic(lm, vocab, text, dyn.DynamicSettings(0.0, 0.0, 8), stats, with_tokens=True)
+    assert huge.surprisal[:8] == static.surprisal[:8]
+    assert huge.surprisal[8:16] != static.surprisal[8:16]
+
+
+def test_a_zero_learning_rate_is_static_scoring(loaded, stats):
+    """η = 0: the weights never move (θ0 − θ stays 0, so the decay adds exact zeros), and the
+    result is score --document's. Bit for bit against the same scoring without updates; to
+    float rounding against score_document, which runs the text in chunks of 200 tokens
+    through the forward pass that keeps no cache, where dynamic scoring runs segments of 8
+    through the one that does (other shapes of the same float32 sums)."""
+    lm, vocab = loaded
+    text = corpus_text(40, seed=6)
+    zero = dyn.score_dynamic(lm, vocab, text, dyn.DynamicSettings(0.0, 0.3, 8), stats, with_tokens=True)
+    none = dyn.score_dynamic(lm, vocab, text, dyn.DynamicSettings(0.0, 0.0, 8), stats, with_tokens=True)
+    assert zero.surprisal == none.surprisal
+    static = score_document(lm, vocab, text, with_tokens=True)
+    assert zero.tokens == static.tokens
+    numpy.testing.assert_allclose(zero.surprisal, static.surprisal, rtol=1e-5, atol=1e-6)
+    assert zero.logprob == pytest.approx(static.logprob, rel=1e-6)
+
+
+def test_dynamic_evaluation_learns_a_repeated_sentence_the_model_never_saw(loaded, stats):
+    lm, vocab = loaded
+    text = ODD * 25
+    static = score_document(lm, vocab, text, with_tokens=True)
+    s = dyn.score_dynamic(lm, vocab, text, dyn.DynamicSettings(0.01, 0.01, 8), stats, with_tokens=True)
+    n = len(ODD)
+    last_static = float(numpy.mean(static.surprisal[-5 * n:]))
+    last_dynamic = float(numpy.mean(s.surprisal[-5 * n:]))
+    # measured: 2.16 against 2.81 nats per character over the text; the last five times 2.1
+    # against 4.1 bits per character (a weak model: 60 steps of 32 units)
+    assert s.nats_per_token < 0.85 * static.nats_per_token, (s.nats_per_token, static.nats_per_token)
+    assert last_dynamic < 0.6 * last_static, (last_dynamic, last_static)
+
+
+def test_the_model_is_not_changed(loaded, stats):
+    lm, vocab = loaded
+    before = lm.host_params()
+    dyn.score_dynamic(lm, vocab, ODD * 3, dyn.DynamicSettings(0.5, 0.0, 4), stats)
+    for k, v in lm.host_params().items():
+        numpy.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_tune_picks_the_best_grid_point(loaded, stats):
+    lm, vocab = loaded
+    ids = dyn.text_ids(vocab, ODD * 6)
+    best, results = dyn.tune(lm, ids, stats, 8, lrs=(0.0, 0.01), decays=(0.0, 0.5))
+    assert [(lr, d) for lr, d, _ in results] == [(0.0, 0.0), (0.0, 0.5), (0.01, 0.0), (0.01, 0.5)]
+    low = min(results, key=lambda r: r[2])
+    assert (best.lr, best.decay, best.segment) == (low[0], low[1], 8)
+    assert best.lr == 0.01  # a repeated sentence is learned
+    assert results[0][2] == results[1][2]  # η = 0: the decay has nothing to undo
+
+
+def test_dynamic_evaluation_in_one_call_refuses_the_scored_text_as_tuning_text(loaded):
+    lm, vocab = loaded
+    text = corpus_text(5, seed=8)
+    with pytest.raises(dyn.DynamicError, match="tuning text is the text to be scored"):
+        dyn.dynamic_evaluation(lm, vocab, text, corpus_text(30, seed=9), tune_text=text)
+    s, settings = dyn.dynamic_evaluation(lm, vocab, text, corpus_text(30, seed=9), segment=6,
+                                         tune_text=corpus_text(5, seed=10))
+    assert settings.segment == 6 and settings.lr in dyn.LR_GRID and settings.decay in dyn.DECAY_GRID
+    assert s.tokens == len(text)
+
+
+# ----- the command line -----
+
+def test_score_dynamic_says_what_it_used_and_leaves_the_model_file_alone(run, tmp_path):
+    folder, corpus = run
+    model = folder / "run" / "model.npz"
+    text = tmp_path / "odd.txt"
+    text.write_text(ODD * 10)
+    raw, mtime = model.read_bytes(), os.stat(model).st_mtime_ns
+    r = check_ok(invoke("score", model, text, "--document", "--dynamic", "--format", "jsonl", "--device", "cpu"))
+    summary = json.loads(r.stdout.splitlines()[-1])
+    d = summary["dynamic"]
+    default = dyn.DEFAULTS["char"]
+    assert (d["lr"], d["decay"], d["segment"]) == (default.lr, default.decay, default.segment)
+    assert d["source"] == {"lr": "default", "decay": "default", "segment": "default"}
+    assert str(corpus) in d["stats"] and d["stats_tokens"] > 0
+    lines = [line for line in r.stderr.splitlines() if "dynamic evaluation" in line]
+    assert lines == [f"charnn score: dynamic evaluation with lr {default.lr:g} (default), decay {default.decay:g} "
+                     f"(default), segment {default.segment} (default); gradient statistics from {d['stats']}"]
+    assert model.read_bytes() == raw and os.stat(model).st_mtime_ns == mtime
+    static = json.loads(check_ok(invoke("score", model, text, "--document", "--format", "jsonl",
+                                        "--device", "cpu")).stdout.splitlines()[-1])
+    assert summary["tokens"] == static["tokens"]
+    assert summary["nats_per_token"] < static["nats_per_token"]
+    zero = json.loads(check_ok(invoke("score", model, text, "--document", "--dynamic", "--dynamic-lr", "0",
+                                      "--format", "jsonl", "--device", "cpu")).stdout.splitlines()[-1])
+    assert zero["nats_per_token"] == pytest.approx(static["nats_per_token"], rel=1e-6)
+
+
+def test_score_dynamic_tunes_on_the_file_given_and_reports_it(run, tmp_path):
+    folder, corpus = run
+    model = folder / "run" / "model.npz"
+    text, held = tmp_path / "text.txt", tmp_path / "held.txt"
+    text.write_text(corpus_text(8, seed=11))
+    held.write_text(corpus_text(8, seed=12))
+    r = check_ok(invoke("score", model, text, "--document", "--dynamic", "--dynamic-tune", held, "--dynamic-decay",
+                        "0.02", "--dynamic-segment", "6", "--format", "jsonl", "--device", "cpu"))
+    d = json.loads(r.stdout.splitlines()[-1])["dynamic"]
+    assert d["source"] == {"lr": f"tuned on {held}", "decay": "given", "segment": "given"}
+    assert d["decay"] == 0.02 and d["segment"] == 6
+    assert [t["lr"] for t in d["tuning"]] == list(dyn.LR_GRID) and {t["decay"] for t in d["tuning"]} == {0.02}
+    assert d["lr"] == min(d["tuning"], key=lambda t: t["nats_per_token"])["lr"]
+    line = [x for x in r.stderr.splitlines() if "dynamic evaluation" in x]
+    assert len(line) == 1 and f"(tuned on {held})" in line[0] and "decay 0.02 (given)" in line[0]
+    # the table output says it too, and --dynamic-stats replaces the training corpus
+    r = check_ok(invoke("score", model, text, "--document", "--dynamic", "--dynamic-stats", held, "--device", "cpu"))
+    assert f"gradient statistics from the last {len(corpus_text(8, seed=12))} tokens of {held}" in r.stderr
+    assert "nats/token" in r.stdout
+
+
+def _with_corpus(src, dst, corpus: str):
+    """A copy of the model file ``src`` at ``dst`` that records ``corpus`` as its training
+    corpus (the digest of the original's kept)."""
+    with numpy.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
+    meta["train"]["corpus"] = corpus
+    arrays["meta"] = numpy.frombuffer(json.dumps(meta).encode("utf-8"), dtype=numpy.uint8)
+    numpy.savez(dst, **arrays)
+    return dst
+
+
+def test_score_dynamic_without_its_training_corpus_asks_for_stats(run, tmp_path):
+    folder, corpus = run
+    text = tmp_path / "text.txt"
+    text.write_text(ODD)
+    changed = tmp_path / "corpus.txt"
+    changed.write_text(corpus.read_text() + "the end\n")
+    model = _with_corpus(folder / "run" / "model.npz", tmp_path / "changed.npz", str(changed))
+    check_error(invoke("score", model, text, "--document", "--dynamic", "--device", "cpu"), 1,
+                str(changed), "has changed since training", "--dynamic-stats FILE")
+    gone = _with_corpus(folder / "run" / "model.npz", tmp_path / "gone.npz", str(tmp_path / "gone.txt"))
+    check_error(invoke("score", gone, text, "--document", "--dynamic", "--device", "cpu"), 1,
+                "gone.txt", "not found", "--dynamic-stats FILE")
+    r = check_ok(invoke("score", gone, text, "--document", "--dynamic", "--dynamic-stats", changed, "--device", "cpu"))
+    assert f"of {changed}" in r.stderr
+    # a corpus kept beside the model file (e.g. read from stdin) is found there
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    shutil.copy(corpus, beside / "corpus-stdin.txt")
+    model = _with_corpus(folder / "run" / "model.npz", beside / "model.npz", "elsewhere/corpus-stdin.txt")
+    r = check_ok(invoke("score", model, text, "--document", "--dynamic", "--device", "cpu"))
+    assert str(beside / "corpus-stdin.txt") in r.stderr
+
+
+def test_the_default_statistics_leave_out_the_validation_tail(run, loaded):
+    folder, corpus = run
+    lm, vocab = loaded
+    from charnn.io.checkpoint import load
+
+    meta = load(folder / "run" / "model.npz").meta
+    ids, where = dyn.training_side_ids(meta, vocab, folder / "run" / "model.npz", max_tokens=10 ** 9)
+    all_ids = vocab.encode(corpus.read_text())
+    n_val = int(round(len(all_ids) * 0.1))
+    numpy.testing.assert_array_equal(ids, all_ids[: len(all_ids) - n_val])
+    assert str(corpus) in where
+    assert math.isfinite(float(sum(float(v.sum()) for v in dyn.gradient_stats(lm, ids[-200:], 8).values())))
+
+
+def test_dynamic_evaluation_keeps_its_arrays_on_the_device(run):
+    """On the stand-in device (CuPy's rules without a GPU) the statistics, the update and the
+    scores match the NumPy backend's (both float64), and the adapted weights stay on the device."""
+    from standin import is_device, standin_backend
+
+    folder, _ = run
+    text, stats_text = ODD * 4, corpus_text(20, seed=13)
+    settings = dyn.DynamicSettings(0.01, 0.01, 8)
+    scores = {}
+    for name, backend in (("numpy", get_backend("cpu", "float64", announce=False)),
+                          ("standin", standin_backend(numpy.float64))):
+        lm, vocab, _ = load_model(folder / "run" / "model.npz", backend)
+        ms = dyn.gradient_stats(lm, dyn.text_ids(vocab, stats_text), settings.segment)
+        if name == "standin":
+            assert all(is_device(v) for v in ms.values())
+            rule = dyn.DynamicUpdate(lm.params, ms, settings.lr, settings.decay)
+            assert all(is_device(v) for d in (rule.keep, rule.pull, rule.lr_scale) for v in d.values())
+        scores[name] = dyn.score_dynamic(lm, vocab, text, settings, ms, with_tokens=True)
+    numpy.testing.assert_allclose(scores["numpy"].surprisal, scores["standin"].surprisal, rtol=1e-9, atol=1e-9)
