@@ -362,7 +362,7 @@ def blow_up_after(monkeypatch, step, lr=1e6, interrupt_at=None):
 
     def reset_some(self, state):
         if self.progress["step"] == step:
-            self.opt.lr = lr
+            self.progress["lr"] = lr  # the base rate (the schedule scales it)
         if self.progress["step"] == interrupt_at:
             self.stop_requested = True
         return real(self, state)
