@@ -48,6 +48,7 @@ exactly); a run resumed without model.npz writes it at its next evaluation.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -662,7 +663,9 @@ class Trainer:
         neither a fresh run nor --resume accepts, never appears. Later, model.npz is written
         first, so last.npz never promises a better model.npz than the one on disk.
 
-        Data-parallel: a collective; rank 0 writes, with the state of every rank's streams."""
+        Data-parallel: a collective; rank 0 writes, with the state of every rank's streams,
+        once every rank is found to hold the same parameters."""
+        self._check_ranks_agree()
         state = self._all_state()
 
         def write():
@@ -676,6 +679,28 @@ class Trainer:
 
         self._together(write, root_only=True)
         self.saved_step = self.progress["step"]
+
+    def _check_ranks_agree(self):
+        """Data-parallel: raise TrainError on every rank unless every rank holds the same
+        parameters (a digest of them each), so a model only rank 0 holds is never saved. The
+        same summed gradients and the same rate give every rank the same update; this checks
+        it, at each save (a SHA-256 of the parameters: a few milliseconds a megabyte)."""
+        world = self.world
+        if world.size == 1:
+            return
+        digest = hashlib.sha256()
+        for a in self.model.params.values():
+            digest.update(numpy.ascontiguousarray(to_host(a)).tobytes())
+        digests = world.allgather(digest.hexdigest())
+        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+
+        def check():
+            if differ:
+                raise TrainError(f"at step {self.progress['step']:,} rank(s) {', '.join(map(str, differ))} hold other "
+                                 f"parameters than rank 0 (their updates differed); nothing was saved, the last "
+                                 f"checkpoint is kept")
+
+        self._together(check)
 
     def _check_model(self, loss: float, what: str):
         """Raise :class:`Diverged` unless the model may be saved: ``loss`` (its ``what``) finite

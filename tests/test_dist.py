@@ -194,3 +194,30 @@ def test_nccl_without_cupy_is_a_clear_error(monkeypatch):
 
     with pytest.raises(dist.DistError, match="needs CuPy with NCCL"):
         dist.NcclReducer.create(World())
+
+
+class TwoRanksSeen(dist.World):
+    """Rank 0 of two, whose peer reports ``peer_digest`` for its parameters."""
+
+    size = 2
+
+    def __init__(self, peer_digest=None):
+        self.peer_digest = peer_digest
+
+    def allgather(self, obj) -> list:
+        return [obj, obj if self.peer_digest is None else self.peer_digest]
+
+
+def test_a_save_is_refused_when_the_ranks_hold_different_parameters(tmp_path):
+    """Before each save every rank's parameters are compared by digest: equal ones pass, a rank
+    whose parameters differ (its updates differed) stops the run before anything is written."""
+    import charnn.train as train_mod
+
+    trainer = train_mod.Trainer.__new__(train_mod.Trainer)
+    trainer.model = LanguageModel.create(ModelConfig(vocab_size=7, hidden=4, layers=1), seed=0)
+    trainer.progress = {"step": 12}
+    trainer.world = TwoRanksSeen()
+    trainer._check_ranks_agree()  # the same digest on both
+    trainer.world = TwoRanksSeen("0" * 64)
+    with pytest.raises(train_mod.TrainError, match=r"at step 12 rank\(s\) 1 hold other parameters than rank 0"):
+        trainer._check_ranks_agree()

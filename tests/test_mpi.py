@@ -298,3 +298,17 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_mpiexec_is_refused(tmp_path, co
     assert step > 0
     train(corpus, run, "--resume", "--max-steps", str(step + 1))
     assert meta(run / "last.npz")["progress"]["step"] == step + 1
+
+
+def test_a_schedule_over_time_gives_every_rank_the_same_rate(tmp_path, corpus):
+    """Over --time-limit the cosine follows rank 0's clock, carried in the Allreduce: were each
+    rank to follow its own, their rates and so their parameters would part, and the check of
+    every save (the ranks' parameter digests) would stop the run."""
+    train(corpus, tmp_path / "run", "--time-limit", "4", "--eval-every", "25", "--log-every", "5", "--lr-floor", "0")
+    rates = [m["lr"] for m in metrics_of(tmp_path / "run") if m["type"] == "train"]
+    assert len(rates) >= 4 and rates[-1] < rates[0]
+    assert all(x >= y for x, y in zip(rates, rates[1:]))
+
+
+def metrics_of(run: Path) -> list:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
