@@ -304,7 +304,8 @@ def test_a_schedule_over_time_gives_every_rank_the_same_rate(tmp_path, corpus):
     """Over --time-limit the cosine follows rank 0's clock, carried in the Allreduce: were each
     rank to follow its own, their rates and so their parameters would part, and the check of
     every save (the ranks' parameter digests) would stop the run."""
-    train(corpus, tmp_path / "run", "--time-limit", "4", "--eval-every", "25", "--log-every", "5", "--lr-floor", "0")
+    train(corpus, tmp_path / "run", "--lr-schedule", "cosine", "--time-limit", "4", "--eval-every", "25", "--log-every", "5",
+          "--lr-floor", "0")
     rates = [m["lr"] for m in metrics_of(tmp_path / "run") if m["type"] == "train"]
     assert len(rates) >= 4 and rates[-1] < rates[0]
     assert all(x >= y for x, y in zip(rates, rates[1:]))

@@ -1,5 +1,6 @@
 """The learning-rate schedule: warm-up and a half cosine to --lr-floor over the run's limit
-(train.py's docstring), exact across an interruption, and the constant rate of older runs."""
+(train.py's docstring; opt-in: --lr-schedule cosine), exact across an interruption, and the
+constant rate of the default and of older runs."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def expected_rate(step: int, lr: float, total: int, floor: float, warmup: int) -
 @pytest.mark.parametrize("warmup, floor", [(0, 0.1), (5, 0.0), (3, 0.5)])
 def test_rates_follow_warmup_and_cosine_over_max_steps(tmp_path, corpus, warmup, floor):
     out = tmp_path / "r"
-    check_ok(train(corpus, out, "--max-steps", 20, "--log-every", 1, "--lr", "0.01",
+    check_ok(train(corpus, out, "--lr-schedule", "cosine", "--max-steps", 20, "--log-every", 1, "--lr", "0.01",
                    "--warmup", warmup, "--lr-floor", floor))
     rates = logged_rates(out)
     assert sorted(rates) == list(range(1, 21))
@@ -52,7 +53,8 @@ def test_constant_schedule_keeps_the_rate(tmp_path, corpus):
 
 def test_cosine_over_epochs(tmp_path, corpus):
     out = tmp_path / "r"
-    check_ok(train(corpus, out, "--max-epochs", 2, "--log-every", 1, "--lr", "0.01", "--lr-floor", "0"))
+    check_ok(train(corpus, out, "--lr-schedule", "cosine", "--max-epochs", 2, "--log-every", 1, "--lr", "0.01",
+                   "--lr-floor", "0"))
     rates = logged_rates(out)
     total = max(rates)
     assert total > 4
@@ -61,7 +63,8 @@ def test_cosine_over_epochs(tmp_path, corpus):
 
 
 def test_a_cosine_run_interrupted_and_resumed_takes_the_same_steps(tmp_path, corpus, monkeypatch):
-    args = ["--max-steps", 30, "--log-every", 1, "--eval-every", 7, "--lr", "0.01", "--warmup", 4, "--seed", 3]
+    args = ["--lr-schedule", "cosine", "--max-steps", 30, "--log-every", 1, "--eval-every", 7, "--lr", "0.01",
+            "--warmup", 4, "--seed", 3]
     a, b = tmp_path / "a", tmp_path / "b"
     check_ok(train(corpus, a, *args))
     stop_after(monkeypatch, 11)
@@ -85,7 +88,8 @@ def test_a_time_limited_run_decays_over_its_time(tmp_path, corpus, monkeypatch):
 
     monkeypatch.setattr(train_mod.time, "perf_counter", tick)
     out = tmp_path / "r"
-    check_ok(train(corpus, out, "--time-limit", 20, "--log-every", 1, "--lr", "0.01", "--lr-floor", "0"))
+    check_ok(train(corpus, out, "--lr-schedule", "cosine", "--time-limit", 20, "--log-every", 1, "--lr", "0.01",
+                   "--lr-floor", "0"))
     rates = list(logged_rates(out).values())
     assert rates[0] > 0.009 and rates[-1] < 0.001
     assert all(x >= y for x, y in zip(rates, rates[1:]))
@@ -112,4 +116,4 @@ def test_runs_saved_before_the_schedule_resume_at_a_constant_rate(tmp_path, corp
 
 def test_defaults():
     cfg = TrainConfig(corpus="c")
-    assert (cfg.lr_schedule, cfg.lr_floor, cfg.warmup) == ("cosine", 0.1, 0)
+    assert (cfg.lr_schedule, cfg.lr_floor, cfg.warmup) == ("constant", 0.1, 0)
