@@ -77,6 +77,18 @@ def params_of(path) -> dict:
     return checkpoint.load(path).params
 
 
+def checkpoint_arrays(ckpt) -> dict:
+    """Every array of a loaded checkpoint that training changes, by name: param/..., optim/...
+    and state/LAYER/h (and /c)."""
+    out = {f"param/{k}": v for k, v in ckpt.params.items()}
+    out.update({f"optim/{k}": v for k, v in ckpt.optim.items()})
+    for layer, (h, c) in enumerate(ckpt.state or []):
+        out[f"state/{layer}/h"] = h
+        if c is not None:
+            out[f"state/{layer}/c"] = c
+    return out
+
+
 def assert_same_params(a, b):
     pa, pb = params_of(a), params_of(b)
     assert pa.keys() == pb.keys()

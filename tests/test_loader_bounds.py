@@ -27,7 +27,7 @@ from charnn.nn.model import ModelConfig, init_params
 from charnn.io.vocab import Vocab
 
 from archive_support import BOMB_BYTES, MiB, Member, npy, npy_header, raw_header, zip_bytes
-from cli_support import time_limit
+from cli_support import checkpoint_arrays, time_limit
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 SLACK = 6 * MiB  # read chunks, zlib's buffers, the zip directory, Python objects
@@ -197,12 +197,7 @@ def test_any_archive_is_refused_cheaply_or_loads_exactly(scratch, cell, layers, 
     if ckpt is None:
         return
     assert ckpt.config == config and ckpt.vocab.tokens == Vocab.build_char(chars).tokens
-    loaded = {f"param/{k}": v for k, v in ckpt.params.items()}
-    loaded.update({f"optim/{k}": v for k, v in ckpt.optim.items()})
-    for layer, (h, c) in enumerate(ckpt.state or []):
-        loaded[f"state/{layer}/h"] = h
-        if c is not None:
-            loaded[f"state/{layer}/c"] = c
+    loaded = checkpoint_arrays(ckpt)
     assert loaded.keys() <= arrays.keys()
     assert {k for k in arrays if k.startswith("param/")} <= loaded.keys()
     for k, v in loaded.items():

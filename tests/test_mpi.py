@@ -23,7 +23,7 @@ import pytest
 
 from charnn.io import checkpoint
 
-from cli_support import wait_for, write_corpus
+from cli_support import checkpoint_arrays, wait_for, write_corpus
 
 pytestmark = pytest.mark.mpi
 
@@ -113,14 +113,7 @@ def train(corpus, out, *extra, ranks: int | None = 2, ok: bool = True, **env):
 
 def arrays(path) -> dict:
     """Everything of a checkpoint that training changes, by name."""
-    c = checkpoint.load(path)
-    out = {f"param/{k}": v for k, v in c.params.items()}
-    out.update({f"optim/{k}": v for k, v in c.optim.items()})
-    for layer, (h, cc) in enumerate(c.state or []):
-        out[f"state/{layer}/h"] = h
-        if cc is not None:
-            out[f"state/{layer}/c"] = cc
-    return out
+    return checkpoint_arrays(checkpoint.load(path))
 
 
 def meta(path) -> dict:
