@@ -25,6 +25,7 @@ file as ``from standin import ...`` (pytest puts tests/ on sys.path: there is no
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 
 import numpy
@@ -89,24 +90,30 @@ class StrictArray(numpy.ndarray):
         return str(self.view(numpy.ndarray))
 
 
-_scalar_reads = {"forbidden": False}
+# How many scalar_reads_forbidden() blocks are open, in any thread. A count, not a saved and
+# restored flag: two threads (test_dist's two ranks) each in a block, leaving in the other order,
+# once left the flag set for every later test.
+_scalar_reads = {"blocks": 0}
+_scalar_reads_lock = threading.Lock()
 
 
 def _scalar_read(what):
-    if _scalar_reads["forbidden"]:
+    if _scalar_reads["blocks"] > 0:
         raise TypeError(f"{what} of a stand-in device array: an implicit device -> host sync "
                         "(read values back with charnn.backend.to_host / to_float)")
 
 
 @contextlib.contextmanager
 def scalar_reads_forbidden():
-    """Inside this block, float()/int()/bool()/.item()/.tolist() of a StrictArray raise."""
-    old = _scalar_reads["forbidden"]
-    _scalar_reads["forbidden"] = True
+    """Inside this block (in any thread, while any such block is open), float()/int()/bool()/
+    .item()/.tolist() of a StrictArray raise."""
+    with _scalar_reads_lock:
+        _scalar_reads["blocks"] += 1
     try:
         yield
     finally:
-        _scalar_reads["forbidden"] = old
+        with _scalar_reads_lock:
+            _scalar_reads["blocks"] -= 1
 
 
 def _unsupported(x):

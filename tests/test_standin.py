@@ -297,3 +297,37 @@ def test_sparse_embedding_step_on_the_standin():
         out.append({k: to_host(v) for k, v in model.params.items()})
     for k in out[0]:
         numpy.testing.assert_allclose(out[1][k], out[0][k], rtol=1e-12, atol=1e-14)
+
+
+def test_forbidding_scalar_reads_from_two_threads_leaves_them_allowed_after():
+    """Two threads in scalar_reads_forbidden() blocks that they leave in the other order than
+    they entered (test_dist's two ranks do): reads are allowed again once both have left."""
+    import threading
+
+    a = standin.asarray(numpy.array([1.5]))
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    refused = []
+
+    def first():
+        with scalar_reads_forbidden():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with scalar_reads_forbidden():
+            second_in.set()
+            first_out.wait(10)
+            try:
+                float(a.sum())  # the other thread has left, this block is still open
+            except TypeError as e:
+                refused.append("sync" in str(e))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert refused == [True]
+    assert float(a.sum()) == 1.5
