@@ -18,7 +18,8 @@ carried state, RNG state or corpus digest) it refuses (resume_config, check_resu
 
 Learning-rate schedule: the rate of each step is the base rate times a warm-up factor (linear
 from 1/``warmup`` to 1 over the first ``warmup`` steps) times, with ``lr_schedule`` "cosine", a
-half cosine from 1 down to ``lr_floor`` over the run's horizon: its progress is the largest of
+half cosine from 1 down to ``lr_floor`` over the run's horizon, after holding 1 for the first
+``lr_hold`` of it (warm-up, stable, decay): its progress is the largest of
 step / max_steps, epochs / max_epochs and elapsed seconds / the time horizon (the first
 --time-limit, counted across resumes; once passed, a resumed run starts a new cycle over its own
 --time-limit). A run limited by steps or epochs alone follows the same rates on every machine;
@@ -120,6 +121,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine" (measured: no better on runs short of converging)
     lr_floor: float = 0.1  # cosine: the last step's rate, as a fraction of the base rate
     warmup: int = 0  # steps of linear warm-up
+    lr_hold: float = 0.0  # cosine: the fraction of the horizon at the full rate before the decay starts
     clip: float = 5.0
     max_epochs: int | None = None
     max_steps: int | None = None
@@ -142,7 +144,7 @@ class TrainConfig:
 
     # Fields added after runs were saved without them, with the value those runs used (not
     # today's default), so an old run resumes exactly as it would have.
-    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0, "lr_schedule": "constant", "lr_floor": 0.1, "warmup": 0}
+    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0, "lr_schedule": "constant", "lr_floor": 0.1, "warmup": 0, "lr_hold": 0.0}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
@@ -335,7 +337,7 @@ _PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon
 # TrainConfig fields that must be at least 1 (the others that are numbers at least 0).
 _AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
                  "max_epochs", "eval_every"}
-_BELOW_ONE = {"dropout", "val_fraction"}  # in [0, 1)
+_BELOW_ONE = {"dropout", "val_fraction", "lr_hold"}  # in [0, 1)
 _CHOICES = {"level": ("char", "word"), "cell": ("rnn", "lstm", "gru"), "activation": ("tanh", "relu"),
             "tokenizer": ("regex", "whitespace"), "optimizer": OPTIMIZERS, "lr_schedule": ("constant", "cosine"), "device": DEVICES, "dtype": DTYPES,
             "errors": ("strict", "replace", "ignore")}
@@ -1065,7 +1067,7 @@ class Trainer:
             if p.get("horizon_seconds"):
                 done.append((self._elapsed() if elapsed is None else elapsed) / p["horizon_seconds"])
             if done:
-                x = min(max(done), 1.0)
+                x = max(min(max(done), 1.0) - cfg.lr_hold, 0.0) / (1.0 - cfg.lr_hold)
                 factor *= cfg.lr_floor + (1.0 - cfg.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * x))
         return factor
 

@@ -24,25 +24,29 @@ def logged_rates(out) -> dict:
     return {m["step"]: m["lr"] for m in metrics(out) if "train_loss" in m}
 
 
-def expected_rate(step: int, lr: float, total: int, floor: float, warmup: int) -> float:
+def expected_rate(step: int, lr: float, total: int, floor: float, warmup: int, hold: float = 0.0) -> float:
     """The rate of step ``step`` (1-based, as logged) written out from the docstring's formula."""
     k = step - 1  # steps taken before it
     w = min(1.0, (k + 1) / warmup) if warmup else 1.0
-    return lr * w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * k / total)))
+    x = max(k / total - hold, 0.0) / (1 - hold)
+    return lr * w * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * x)))
 
 
-@pytest.mark.parametrize("warmup, floor", [(0, 0.1), (5, 0.0), (3, 0.5)])
-def test_rates_follow_warmup_and_cosine_over_max_steps(tmp_path, corpus, warmup, floor):
+@pytest.mark.parametrize("warmup, floor, hold", [(0, 0.1, 0.0), (5, 0.0, 0.0), (3, 0.5, 0.0), (2, 0.0, 0.5)])
+def test_rates_follow_warmup_and_cosine_over_max_steps(tmp_path, corpus, warmup, floor, hold):
     out = tmp_path / "r"
     check_ok(train(corpus, out, "--lr-schedule", "cosine", "--max-steps", 20, "--log-every", 1, "--lr", "0.01",
-                   "--warmup", warmup, "--lr-floor", floor))
+                   "--warmup", warmup, "--lr-floor", floor, "--lr-hold", hold))
     rates = logged_rates(out)
     assert sorted(rates) == list(range(1, 21))
     for step, rate in rates.items():
-        assert rate == pytest.approx(expected_rate(step, 0.01, 20, floor, warmup), rel=1e-12), step
-    assert rates[20] < 0.01 * (floor + 0.01)  # the last step is near the floor
+        assert rate == pytest.approx(expected_rate(step, 0.01, 20, floor, warmup, hold), rel=1e-12), step
+    assert rates[20] < 0.01 * (floor + 0.05 if hold else floor + 0.01)  # the last step is near the floor
     if warmup:
         assert rates[1] == pytest.approx(0.01 / warmup)
+    if hold:  # the full rate, after the warm-up, up to the hold's end
+        assert [rates[s] for s in range(warmup, 12)] == [0.01] * (12 - warmup)
+        assert rates[12] < 0.01
 
 
 def test_constant_schedule_keeps_the_rate(tmp_path, corpus):
@@ -106,7 +110,7 @@ def test_runs_saved_before_the_schedule_resume_at_a_constant_rate(tmp_path, corp
     out = tmp_path / "r"
     check_ok(train(corpus, out, "--max-steps", 4, "--log-every", 1, "--lr", "0.01", "--lr-schedule", "constant"))
     old = checkpoint.load(out / "last.npz")
-    for key in ("lr_schedule", "lr_floor", "warmup"):
+    for key in ("lr_schedule", "lr_floor", "warmup", "lr_hold"):
         del old.meta["train"][key]
     checkpoint.save(out / "last.npz", old)
     check_ok(invoke("train", "--resume", "--out", out, "-q", "--max-steps", 8))
@@ -116,4 +120,4 @@ def test_runs_saved_before_the_schedule_resume_at_a_constant_rate(tmp_path, corp
 
 def test_defaults():
     cfg = TrainConfig(corpus="c")
-    assert (cfg.lr_schedule, cfg.lr_floor, cfg.warmup) == ("constant", 0.1, 0)
+    assert (cfg.lr_schedule, cfg.lr_floor, cfg.warmup, cfg.lr_hold) == ("constant", 0.1, 0, 0.0)

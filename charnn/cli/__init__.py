@@ -311,6 +311,9 @@ Examples:
                    "(it cost the 15-minute quick start 0.057 nats/char: README).")
 @click.option("--lr-floor", type=Finite(0, 1), default=0.1, show_default=True,
               help="The cosine schedule's last rate, as a fraction of --lr.")
+@click.option("--lr-hold", type=Finite(0, 1, max_open=True), default=0.0, show_default=True,
+              help="The fraction of the cosine schedule's horizon spent at the full rate before "
+                   "its decay starts (warm-up, stable, decay).")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
               help="Steps over which the rate rises linearly to --lr.")
 @click.option("--clip", type=Finite(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")
