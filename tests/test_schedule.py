@@ -1,6 +1,6 @@
 """The learning-rate schedule: warm-up and a half cosine to --lr-floor over the run's limit
-(train.py's docstring; opt-in: --lr-schedule cosine), exact across an interruption, and the
-constant rate of the default and of older runs."""
+(train.py's docstring; the default: --lr-schedule cosine --lr-hold 0.6 --lr-floor 0.05), exact
+across an interruption, and the constant rate of --lr-schedule constant and of older runs."""
 
 from __future__ import annotations
 
@@ -49,6 +49,15 @@ def test_rates_follow_warmup_and_cosine_over_max_steps(tmp_path, corpus, warmup,
         assert rates[12] < 0.01
 
 
+def test_the_default_holds_the_rate_then_decays_to_five_percent(tmp_path, corpus):
+    out = tmp_path / "r"
+    check_ok(train(corpus, out, "--max-steps", 20, "--log-every", 1, "--lr", "0.01"))
+    rates = logged_rates(out)
+    for step, rate in rates.items():
+        assert rate == pytest.approx(expected_rate(step, 0.01, 20, 0.05, 0, 0.6), rel=1e-12), step
+    assert rates[13] == 0.01 and rates[14] < 0.01  # steps 1-13 start at or before 60% of 20
+
+
 def test_constant_schedule_keeps_the_rate(tmp_path, corpus):
     out = tmp_path / "r"
     check_ok(train(corpus, out, "--max-steps", 8, "--log-every", 1, "--lr", "0.01", "--lr-schedule", "constant"))
@@ -58,7 +67,7 @@ def test_constant_schedule_keeps_the_rate(tmp_path, corpus):
 def test_cosine_over_epochs(tmp_path, corpus):
     out = tmp_path / "r"
     check_ok(train(corpus, out, "--lr-schedule", "cosine", "--max-epochs", 2, "--log-every", 1, "--lr", "0.01",
-                   "--lr-floor", "0"))
+                   "--lr-floor", "0", "--lr-hold", "0"))
     rates = logged_rates(out)
     total = max(rates)
     assert total > 4
@@ -120,4 +129,4 @@ def test_runs_saved_before_the_schedule_resume_at_a_constant_rate(tmp_path, corp
 
 def test_defaults():
     cfg = TrainConfig(corpus="c")
-    assert (cfg.lr_schedule, cfg.lr_floor, cfg.warmup, cfg.lr_hold) == ("constant", 0.1, 0, 0.0)
+    assert (cfg.lr_schedule, cfg.lr_floor, cfg.warmup, cfg.lr_hold) == ("cosine", 0.05, 0, 0.6)

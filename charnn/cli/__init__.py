@@ -305,13 +305,13 @@ Examples:
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Learning rate [adam 3e-3, rmsprop 2e-3, adagrad 0.1, sgd 1].")
 @click.option("--lr-decay", type=Finite(0, 1, min_open=True), default=1.0, show_default=True,
               help="Multiply the learning rate by this after each evaluation that does not improve on the best.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-              help="cosine: decay the rate along a half cosine to --lr-floor over the run's limit "
-                   "(--max-steps, --max-epochs or --time-limit), so a run ends at a low rate "
-                   "(it cost the 15-minute quick start 0.057 nats/char: README).")
-@click.option("--lr-floor", type=Finite(0, 1), default=0.1, show_default=True,
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="cosine", show_default=True,
+              help="cosine: hold --lr for the first --lr-hold of the run's limit (--max-steps, --max-epochs "
+                   "or --time-limit), then lower it along a half cosine to --lr-floor, so a run ends at a "
+                   "low rate; constant: keep --lr (README: the quick start with each).")
+@click.option("--lr-floor", type=Finite(0, 1), default=0.05, show_default=True,
               help="The cosine schedule's last rate, as a fraction of --lr.")
-@click.option("--lr-hold", type=Finite(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--lr-hold", type=Finite(0, 1, max_open=True), default=0.6, show_default=True,
               help="The fraction of the cosine schedule's horizon spent at the full rate before "
                    "its decay starts (warm-up, stable, decay).")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
