@@ -51,6 +51,7 @@ from .nn.optim import Grads, RowGrad
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 INSTALL = "pip install 'charnn[mpi]'"
+ABORT_GRACE = 1.0  # seconds between a rank's last line and MPI_Abort (World.abort)
 
 
 class DistError(RuntimeError):
@@ -216,10 +217,13 @@ class MpiWorld(World):
         """Say why on stderr, as this rank, and end every rank of the job (MPI_Abort). Never
         returns: MPICH's MPI_Abort can return before the launcher's kill arrives (and Python
         would then print the traceback of the error being handled), so this process then
-        leaves at once without running anything more."""
+        leaves at once without running anything more. Between the line and the abort it waits a
+        second: the launcher forwards a rank's stderr through a pipe and stops reading once the
+        abort reaches it, and on a busy machine the line was lost so (a CI run under load)."""
         try:
             sys.stderr.write(f"charnn: rank {self.rank}: {describe(error)}\n")
             sys.stderr.flush()
+            time.sleep(ABORT_GRACE)
         finally:
             try:
                 self.comm.Abort(1)

@@ -50,7 +50,9 @@ def test_word_level_guard_blocks_repeated_trigrams(word_model):
     model, vocab, _ = load_model(word_model, get_backend("cpu"))
     text, _ = beam_search(model, vocab, 40, 4, "the cat")
     ids = list(vocab.encode("the cat " + text))
-    assert repeated_ngrams([t for t in ids], 3) == 0
+    if not text.endswith("\n"):
+        ids = ids[:-1]  # encode ends every line with <eos>, the last too: the search did not emit it
+    assert repeated_ngrams(ids, 3) == 0
 
 
 @pytest.mark.parametrize("extra, named", [
