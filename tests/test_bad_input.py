@@ -341,6 +341,8 @@ def test_crafted_model_files(tmp_path, model, make, needles):
     (["train", "C", "--lr-floor", "1.5"], "--lr-floor"),
     (["train", "C", "--lr-floor", "nan"], "--lr-floor"),
     (["train", "C", "--warmup", "-1"], "--warmup"),
+    (["train", "C", "--lr-hold", "1"], "--lr-hold"),
+    (["train", "C", "--lr-hold", "-0.5"], "--lr-hold"),
     (["sample", "M", "--temperature", "-1"], "--temperature"),
     (["sample", "M", "--top-p", "0"], "--top-p"),
     (["sample", "M", "--top-p", "1.5"], "--top-p"),
