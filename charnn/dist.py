@@ -67,29 +67,24 @@ class PeerStopped(Exception):
         self.code = code
 
 
+def _launcher_int(names, fallback: int, env=None) -> int:
+    """The first of ``names`` the launcher's environment sets, as an integer (``fallback`` when
+    none is set or the value is not a number)."""
+    env = os.environ if env is None else env
+    raw = next((env[name] for name in names if env.get(name) is not None), None)
+    try:
+        return fallback if raw is None else int(raw)
+    except ValueError:
+        return fallback
+
+
 def env_size(env=None) -> int:
     """The number of processes the launcher's environment names (1 without a launcher)."""
-    env = os.environ if env is None else env
-    for name in SIZE_VARIABLES:
-        raw = env.get(name)
-        if raw is not None:
-            try:
-                return max(1, int(raw))
-            except ValueError:
-                return 1
-    return 1
+    return max(1, _launcher_int(SIZE_VARIABLES, 1, env))
 
 
 def env_rank(env=None) -> int:
-    env = os.environ if env is None else env
-    for name in RANK_VARIABLES:
-        raw = env.get(name)
-        if raw is not None:
-            try:
-                return int(raw)
-            except ValueError:
-                return 0
-    return 0
+    return _launcher_int(RANK_VARIABLES, 0, env)
 
 
 def world_from_env(env=None) -> "World":

@@ -729,8 +729,6 @@ class Trainer:
 
     def _evaluate(self, ids, N: int, T: int) -> float:
         """:func:`evaluate`, its streams shared by the ranks (a collective) when there are several."""
-        if self.world.size == 1:
-            return evaluate(self.model, ids, N, T)
         return evaluate(self.model, ids, N, T, self.world)
 
     def _diverged(self, why: str) -> Diverged:

@@ -165,7 +165,7 @@ def test_resume_across_an_epoch_boundary(tmp_path, corpus, stop_offset):
     assert progress(a / "last.npz")["epoch"] == progress(b / "last.npz")["epoch"] == 2
 
 
-def fake_evaluate(model, ids, batch_size, seq_len):
+def fake_evaluate(model, ids, batch_size, seq_len, world=None):
     """A validation loss that is a pseudo-random function of the weights: the same model gives
     the same value, and about half the evaluations are worse than the best so far."""
     b = float(to_host(model.params["head.b"]).astype(numpy.float64).sum())

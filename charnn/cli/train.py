@@ -39,12 +39,10 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
         if env_rank() != 0:
             sys.exit(1)  # rank 0 says it
         raise click.ClickException(str(e)) from None
-    if world.size == 1:
+    try:
         return _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab,
                     given)
-    try:
-        _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given)
-    except PeerStopped as e:
+    except PeerStopped as e:  # (data-parallel only)
         sys.exit(e.code)
 
 
