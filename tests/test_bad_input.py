@@ -731,6 +731,25 @@ def test_ctrl_c_while_the_command_line_is_parsed_is_130(monkeypatch):
     assert Group.parse_args is not click.Group.parse_args
 
 
+def test_ctrl_c_before_click_starts_is_130(monkeypatch, capsys):
+    """Ctrl-C while the group's main looks for an MPI launcher (its import pulls NumPy in): one
+    line and status 130, not a traceback (a CI run under load caught one there)."""
+    import charnn.dist
+    from charnn.cli import cli
+
+    def interrupt(env=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(charnn.dist, "env_size", interrupt)
+    with pytest.raises(SystemExit) as e:
+        try:
+            cli.main(["sample", "--length", "1"], prog_name="charnn")
+        except KeyboardInterrupt:
+            pytest.fail("the KeyboardInterrupt escaped (a traceback)")
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["Error: interrupted"]
+
+
 @pytest.mark.parametrize("command", [["sample", "--length", "3"], ["score", "-"], ["gradcheck", "--cell", "rnn",
                                      "--layers", "1", "--embed", "0", "--level", "char"], ["train", "C"]])
 @pytest.mark.parametrize("value", ["two", "0"])

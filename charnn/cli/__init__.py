@@ -171,14 +171,16 @@ class Group(click.Group):
             interrupted()
 
     def main(self, *args, **kwargs):
-        from ..dist import env_rank, env_size
-
         try:
+            from ..dist import env_rank, env_size  # (imports NumPy: a Ctrl-C can land here too)
+
             if env_size() > 1 and env_rank() > 0:
                 return self._main_quiet(*args, **kwargs)
             return super().main(*args, **kwargs)
         except BrokenPipeError:
             _quiet_broken_pipe()
+        except KeyboardInterrupt:
+            interrupted()
 
     def _main_quiet(self, *args, **kwargs):
         """A rank other than 0 of an MPI job (mpiexec -n K charnn train): a command line click
