@@ -122,6 +122,7 @@ class TrainConfig:
     lr_floor: float = 0.05  # cosine: the last step's rate, as a fraction of the base rate
     warmup: int = 0  # steps of linear warm-up
     lr_hold: float = 0.6  # cosine: the fraction of the horizon at the full rate before the decay starts
+    weight_decay: float = 0.0  # Adam only: decoupled weight decay of the weight matrices (AdamW)
     clip: float = 5.0
     max_epochs: int | None = None
     max_steps: int | None = None
@@ -144,7 +145,8 @@ class TrainConfig:
 
     # Fields added after runs were saved without them, with the value those runs used (not
     # today's default), so an old run resumes exactly as it would have.
-    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0, "lr_schedule": "constant", "lr_floor": 0.1, "warmup": 0, "lr_hold": 0.0}
+    LEGACY = {"forget_bias": 1.0, "state_reset": 0.0, "lr_schedule": "constant", "lr_floor": 0.1, "warmup": 0, "lr_hold": 0.0,
+              "weight_decay": 0.0}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
@@ -543,7 +545,9 @@ class Trainer:
             self.model = LanguageModel(mcfg, saved.params, self.backend)
         else:
             self.model = LanguageModel.create(mcfg, cfg.seed, self.backend, forget_bias=cfg.forget_bias)
-        self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops)
+        if cfg.weight_decay and cfg.optimizer != "adam":
+            raise TrainError(f"weight decay works with the adam optimizer only, not {cfg.optimizer}")
+        self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops, cfg.weight_decay)
         self.rng = numpy.random.default_rng(cfg.seed)
         if saved:
             check_resume_state(last_path, saved, cfg, len(self.batches), self.opt)

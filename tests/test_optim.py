@@ -112,6 +112,72 @@ def test_adam_second_step_closed_form():
     numpy.testing.assert_allclose(p, p1 - lr * m_hat / (numpy.sqrt(v_hat) + eps), rtol=1e-12)
 
 
+def test_adamw_decays_matrices_first_and_leaves_biases_and_rows_alone():
+    """With weight_decay wd each weight matrix is first multiplied by 1 - lr wd (the step's
+    lr, so a schedule lowers the decay with the rate) and then takes Adam's step; a bias
+    takes Adam's step only, and an embedding's row gradient updates its rows undecayed."""
+    from charnn.nn.optim import RowGrad
+
+    rng = numpy.random.default_rng(5)
+    w0, b0, e0 = rng.normal(size=(3, 4)), rng.normal(size=4), rng.normal(size=(6, 2))
+    gw, gb = rng.normal(size=(3, 4)), rng.normal(size=4)
+    ge = RowGrad(numpy.array([1, 4]), rng.normal(size=(2, 2)), (6, 2))
+    params = {"w": w0.copy(), "b": b0.copy(), "e": e0.copy()}
+    lr, wd = 0.01, 0.5
+    opt = make_optimizer("adam", params, lr, weight_decay=wd)
+    opt.step({"w": gw.copy(), "b": gb.copy(), "e": RowGrad(ge.rows, ge.values.copy(), ge.shape)})
+    adam = lambda g: lr * g / (numpy.abs(g) + Adam.eps)  # noqa: E731  (Adam's first step)
+    numpy.testing.assert_allclose(params["w"], w0 * (1 - lr * wd) - adam(gw), rtol=1e-12)
+    numpy.testing.assert_allclose(params["b"], b0 - adam(gb), rtol=1e-12)
+    expected = e0.copy()
+    expected[ge.rows] -= adam(ge.values)
+    numpy.testing.assert_allclose(params["e"], expected, rtol=1e-12)
+    # the second step's decay uses the lr of that step
+    opt.lr = 0.002
+    before = params["w"].copy()
+    opt.step({"w": numpy.zeros((3, 4)), "b": numpy.zeros(4), "e": RowGrad(ge.rows, ge.values * 0, ge.shape)})
+    m, v = Adam.b1 * 0.1 * gw, Adam.b2 * 0.001 * gw ** 2
+    step = 0.002 * (m / (1 - Adam.b1 ** 2)) / (numpy.sqrt(v / (1 - Adam.b2 ** 2)) + Adam.eps)
+    numpy.testing.assert_allclose(params["w"], before * (1 - 0.002 * wd) - step, rtol=1e-12)
+
+
+def test_weight_decay_is_refused_for_other_optimizers_and_zero_changes_nothing():
+    with pytest.raises(ValueError, match="adam optimizer only, not sgd"):
+        make_optimizer("sgd", fresh(), 0.1, weight_decay=0.1)
+    a, b = fresh(), fresh()
+    g = {k: numpy.ones_like(v) for k, v in a.items()}
+    make_optimizer("adam", a, 0.01).step({k: v.copy() for k, v in g.items()})
+    make_optimizer("adam", b, 0.01, weight_decay=0.0).step({k: v.copy() for k, v in g.items()})
+    for k in a:
+        numpy.testing.assert_array_equal(a[k], b[k])
+
+
+def test_fused_adamw_equals_the_plain_update(monkeypatch):
+    """The compiled Adam path (threads on) with weight decay: the plain update's result to
+    float32 rounding, and the decay applied (the matrix shrinks where its gradient is zero)."""
+    from charnn.engine import kernels
+    from charnn.engine.cpu import CpuOps
+    from charnn.engine.settings import Settings
+
+    if not kernels.available:
+        pytest.skip("numba not installed")
+    rng = numpy.random.default_rng(4)
+    init = {"big": rng.normal(size=(300, 257)).astype(numpy.float32), "b": rng.normal(size=9).astype(numpy.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(numpy.float32) for k, v in init.items()} for _ in range(3)]
+    for g in grads:
+        g["big"][0] = 0
+    results = []
+    for ops in (CpuOps(Settings(threads=2, kernels="numba")), None):
+        p = {k: v.copy() for k, v in init.items()}
+        opt = make_optimizer("adam", p, 0.01, ops, weight_decay=0.1)
+        for g in grads:
+            opt.step({k: v.copy() for k, v in g.items()}, numpy.float32(0.5))
+        results.append(p)
+    for k in init:
+        numpy.testing.assert_allclose(results[0][k], results[1][k], rtol=2e-5, atol=1e-6)
+    numpy.testing.assert_allclose(results[0]["big"][0], init["big"][0] * (1 - 0.01 * 0.1) ** 3, rtol=1e-6)
+
+
 def test_sgd_adagrad_rmsprop_formulas():
     g = numpy.array([0.5, -2.0])
     p = numpy.zeros(2)

@@ -75,9 +75,10 @@ def test_cosine_over_epochs(tmp_path, corpus):
         assert rate == pytest.approx(expected_rate(step, 0.01, total, 0.0, 0), rel=1e-9), step
 
 
-def test_a_cosine_run_interrupted_and_resumed_takes_the_same_steps(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("decay", [0, 0.1])
+def test_a_cosine_run_interrupted_and_resumed_takes_the_same_steps(tmp_path, corpus, monkeypatch, decay):
     args = ["--lr-schedule", "cosine", "--max-steps", 30, "--log-every", 1, "--eval-every", 7, "--lr", "0.01",
-            "--warmup", 4, "--seed", 3]
+            "--warmup", 4, "--seed", 3, "--weight-decay", decay]
     a, b = tmp_path / "a", tmp_path / "b"
     check_ok(train(corpus, a, *args))
     stop_after(monkeypatch, 11)
@@ -125,6 +126,22 @@ def test_runs_saved_before_the_schedule_resume_at_a_constant_rate(tmp_path, corp
     check_ok(invoke("train", "--resume", "--out", out, "-q", "--max-steps", 8))
     assert set(logged_rates(out).values()) == {0.01}
     assert checkpoint.load(out / "last.npz").meta["train"]["lr_schedule"] == "constant"
+
+
+def test_weight_decay_reaches_the_optimizer(tmp_path, corpus):
+    """--weight-decay shrinks the weight matrices against the same run without it (each step
+    multiplies them by 1 - lr x 0.5 = 0.995), and leaves the biases to Adam alone: the runs
+    share their draws, so the biases differ only through the other weights' effect."""
+    norms = {}
+    for decay in (0, 0.5):
+        out = tmp_path / f"r{decay}"
+        check_ok(train(corpus, out, "--max-steps", 30, "--lr", "0.01", "--lr-schedule", "constant", "--weight-decay", decay))
+        saved = checkpoint.load(out / "last.npz")
+        assert saved.meta["train"]["weight_decay"] == decay
+        norms[decay] = {k: float((v.astype("float64") ** 2).sum()) for k, v in saved.params.items()}
+    for k in norms[0]:
+        if k.endswith("W") or ".W" in k:
+            assert norms[0.5][k] < 0.93 * norms[0][k], k
 
 
 def test_defaults():

@@ -316,6 +316,9 @@ Examples:
 @click.option("--lr-hold", type=Finite(0, 1, max_open=True), default=0.6, show_default=True,
               help="The fraction of the cosine schedule's horizon spent at the full rate before "
                    "its decay starts (warm-up, stable, decay).")
+@click.option("--weight-decay", type=Finite(min=0), default=0.0, show_default=True,
+              help="Adam only: decoupled weight decay (AdamW); each step multiplies the weight "
+                   "matrices by 1 - lr x this (not the biases, nor an untied --embed table).")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
               help="Steps over which the rate rises linearly to --lr.")
 @click.option("--clip", type=Finite(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")

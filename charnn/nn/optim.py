@@ -247,10 +247,24 @@ class Adam(Optimizer):
     before it, which charnn used until December 2026) makes eps count 32x larger at step 1 and
     still 1.7x at step 400; early gradients are small (global norm about 0.25 over 0.9 million
     parameters) and that form learned measurably slower per step (benchmarks/README.md,
-    "Per-step learning against PyTorch")."""
+    "Per-step learning against PyTorch").
+
+    ``weight_decay`` (0 by default) makes it AdamW (Loshchilov & Hutter): before each update
+    every weight matrix is multiplied by 1 - lr x weight_decay, with the step's scheduled lr,
+    as PyTorch's AdamW does. Biases are not decayed, nor an embedding trained through row
+    gradients (its unused rows are left alone, as Adam's moments of them are)."""
     name = "adam"
     slots = ("m", "v")
     b1, b2, eps = 0.9, 0.999, 1e-8
+    weight_decay = 0.0
+
+    def step(self, grads: dict, scale=None):
+        if self.weight_decay:
+            keep = 1.0 - self.lr * self.weight_decay
+            for name, p in self.params.items():
+                if p.ndim >= 2 and not isinstance(grads[name], RowGrad):
+                    p *= keep
+        super().step(grads, scale)
 
     def _fused_update(self, grads: dict, scale) -> set:
         # The operations may update some arrays in one compiled pass (engine/cpu.py).
@@ -279,9 +293,15 @@ class Adam(Optimizer):
         p -= denom
 
 
-def make_optimizer(name: str, params: dict, lr: float | None = None, ops=None) -> Optimizer:
-    """An optimizer by name; ``ops``: the model's operations (an engine's may fuse updates)."""
+def make_optimizer(name: str, params: dict, lr: float | None = None, ops=None, weight_decay: float = 0.0) -> Optimizer:
+    """An optimizer by name; ``ops``: the model's operations (an engine's may fuse updates);
+    ``weight_decay``: Adam only (decoupled, AdamW)."""
     cls = {"adam": Adam, "adagrad": Adagrad, "rmsprop": RMSprop, "sgd": SGD}.get(name)
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}: choose {', '.join(OPTIMIZERS)}")
-    return cls(params, DEFAULT_LR[name] if lr is None else lr, ops)
+    if weight_decay and cls is not Adam:
+        raise ValueError(f"weight decay works with the adam optimizer only, not {name}")
+    opt = cls(params, DEFAULT_LR[name] if lr is None else lr, ops)
+    if weight_decay:
+        opt.weight_decay = float(weight_decay)
+    return opt
