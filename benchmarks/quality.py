@@ -60,7 +60,7 @@ VARIANTS = {
     "floor0": {"lr_floor": 0.0},
     "defaults": {},
     "pytorch": "pytorch",
-    "pytorch-cosine": "pytorch",  # the same cosine schedule as charnn's default (lr_floor 0.1)
+    "pytorch-cosine": "pytorch",  # charnn's default schedule (hold 0.6, then cosine to 0.05), set by hand each step
     # diagnostics: nn.LSTM started from other initial parameters
     "pytorch-zero-bias": "pytorch",
     "pytorch-charnn": "pytorch",
@@ -127,10 +127,11 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
             head.bias.copy_(torch.from_numpy(cp["head.b"]))
     params = list(lstm.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=args.lr)
-    floor = TrainConfig.lr_floor
+    floor, hold = TrainConfig.lr_floor, TrainConfig.lr_hold
 
-    def rate(k: int) -> float:  # charnn's cosine (train.Trainer.lr_factor) over --steps, for "pytorch-cosine"
-        return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * k / args.steps)))
+    def rate(k: int) -> float:  # charnn's default schedule (train.Trainer.lr_factor) over --steps, for "pytorch-cosine"
+        x = max(k / args.steps - hold, 0.0) / (1.0 - hold)
+        return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * x)))
 
     def logits(x, state):
         out, state = lstm(F.one_hot(torch.from_numpy(x), V).float(), state)  # (T, N, H)
