@@ -545,9 +545,10 @@ class Trainer:
             self.model = LanguageModel(mcfg, saved.params, self.backend)
         else:
             self.model = LanguageModel.create(mcfg, cfg.seed, self.backend, forget_bias=cfg.forget_bias)
-        if cfg.weight_decay and cfg.optimizer != "adam":
-            raise TrainError(f"weight decay works with the adam optimizer only, not {cfg.optimizer}")
-        self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops, cfg.weight_decay)
+        try:
+            self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops, cfg.weight_decay)
+        except ValueError as e:  # a checkpoint's options (the command line's are checked before)
+            raise TrainError(f"cannot train: {e}") from None
         self.rng = numpy.random.default_rng(cfg.seed)
         if saved:
             check_resume_state(last_path, saved, cfg, len(self.batches), self.opt)

@@ -144,6 +144,8 @@ def test_adamw_decays_matrices_first_and_leaves_biases_and_rows_alone():
 def test_weight_decay_is_refused_for_other_optimizers_and_zero_changes_nothing():
     with pytest.raises(ValueError, match="adam optimizer only, not sgd"):
         make_optimizer("sgd", fresh(), 0.1, weight_decay=0.1)
+    with pytest.raises(ValueError, match="below 1"):
+        make_optimizer("adam", fresh(), None, weight_decay=1 / 3e-3)
     a, b = fresh(), fresh()
     g = {k: numpy.ones_like(v) for k, v in a.items()}
     make_optimizer("adam", a, 0.01).step({k: v.copy() for k, v in g.items()})

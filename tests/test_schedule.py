@@ -144,6 +144,19 @@ def test_weight_decay_reaches_the_optimizer(tmp_path, corpus):
             assert norms[0.5][k] < 0.93 * norms[0][k], k
 
 
+@pytest.mark.parametrize("optimizer, decay, needle", [("sgd", 0.5, "works with the adam optimizer only, not sgd"),
+                                                     ("adam", 1e4, "times the learning rate must be below 1")])
+def test_a_checkpoint_whose_weight_decay_cannot_work_is_refused(tmp_path, corpus, optimizer, decay, needle):
+    out = tmp_path / "r"
+    check_ok(train(corpus, out, "--max-steps", 4, "--optimizer", optimizer, "--lr", "0.01"))
+    saved = checkpoint.load(out / "last.npz")
+    saved.meta["train"]["weight_decay"] = decay
+    checkpoint.save(out / "last.npz", saved)
+    result = invoke("train", "--resume", "--out", out, "-q", "--max-steps", 8)
+    assert result.exit_code == 1
+    assert f"cannot train: weight decay {needle}" in result.output and "Traceback" not in result.output
+
+
 def test_defaults():
     cfg = TrainConfig(corpus="c")
     assert (cfg.lr_schedule, cfg.lr_floor, cfg.warmup, cfg.lr_hold) == ("cosine", 0.05, 0, 0.6)

@@ -17,7 +17,7 @@ from ..dist import DistError, PeerStopped, RankError, env_rank, world_from_env
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
 from ..nn.model import FORGET_BIAS, ModelError
-from ..nn.optim import DEFAULT_LR
+from ..nn.optim import weight_decay_problem
 from ..finetune import FineTuneError, InitFrom, merge_options
 from ..train import Finished, TrainConfig, Trainer, TrainError
 from ..io.vocab import VocabError
@@ -87,11 +87,9 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     for path in (corpus, val_path):
         if path is not None and not (stdin and path is corpus):
             regular_file(path)  # a FIFO would be opened by the corpus digest and wait for a writer
-    if opts["weight_decay"] and opts["optimizer"] != "adam":
-        raise click.BadParameter(f"works with --optimizer adam only, not {opts['optimizer']}", param_hint="--weight-decay")
-    if opts["weight_decay"] * (opts["lr"] or DEFAULT_LR[opts["optimizer"]]) >= 1:
-        raise click.BadParameter("times the learning rate must be below 1 (each step multiplies the weights by "
-                                 "1 - lr x weight decay)", param_hint="--weight-decay")
+    problem = weight_decay_problem(opts["optimizer"], opts["lr"], opts["weight_decay"])
+    if problem:
+        raise click.BadParameter(problem, param_hint="--weight-decay")
     if opts["cell"] != "lstm" and opts["forget_bias"] != FORGET_BIAS:
         raise click.BadParameter("applies to --cell lstm only", param_hint="--forget-bias")
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:

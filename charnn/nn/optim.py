@@ -293,15 +293,30 @@ class Adam(Optimizer):
         p -= denom
 
 
+def weight_decay_problem(name: str, lr: float | None, weight_decay: float) -> str | None:
+    """Why ``weight_decay`` cannot be used with optimizer ``name`` at rate ``lr`` (None if it
+    can): decoupled decay is Adam's here, and lr x weight_decay of 1 or more would zero or
+    flip the weights each step."""
+    if not weight_decay:
+        return None
+    if name != "adam":
+        return f"works with the adam optimizer only, not {name}"
+    if weight_decay * (DEFAULT_LR[name] if lr is None else lr) >= 1:
+        return "times the learning rate must be below 1 (each step multiplies the weights by 1 - lr x weight decay)"
+    return None
+
+
 def make_optimizer(name: str, params: dict, lr: float | None = None, ops=None, weight_decay: float = 0.0) -> Optimizer:
     """An optimizer by name; ``ops``: the model's operations (an engine's may fuse updates);
     ``weight_decay``: Adam only (decoupled, AdamW)."""
     cls = {"adam": Adam, "adagrad": Adagrad, "rmsprop": RMSprop, "sgd": SGD}.get(name)
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}: choose {', '.join(OPTIMIZERS)}")
-    if weight_decay and cls is not Adam:
-        raise ValueError(f"weight decay works with the adam optimizer only, not {name}")
-    opt = cls(params, DEFAULT_LR[name] if lr is None else lr, ops)
+    lr = DEFAULT_LR[name] if lr is None else lr
+    problem = weight_decay_problem(name, lr, weight_decay)
+    if problem:
+        raise ValueError(f"weight decay {problem}")
+    opt = cls(params, lr, ops)
     if weight_decay:
         opt.weight_decay = float(weight_decay)
     return opt
