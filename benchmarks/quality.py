@@ -59,6 +59,7 @@ VARIANTS = {
     "warmup": {"warmup": 50},
     "floor0": {"lr_floor": 0.0},
     "defaults": {},
+    "defaults-fb0": {"forget_bias": 0.0},  # the defaults but PyTorch's forget bias
     "pytorch": "pytorch",
     "pytorch-cosine": "pytorch",  # charnn's default schedule (hold 0.6, then cosine to 0.05), set by hand each step
     # diagnostics: nn.LSTM started from other initial parameters
