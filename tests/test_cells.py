@@ -281,9 +281,9 @@ def ref_model(config, params, ids, targets, state, weights=None):
 
 
 def test_init_params_forget_bias():
-    """LSTM forget-gate bias rows (H:2H of every rnn.L.b) start at 1, or as given."""
+    """LSTM forget-gate bias rows (H:2H of every rnn.L.b) start at 0 (PyTorch's), or as given."""
     config = ModelConfig(vocab_size=5, cell="lstm", layers=2, hidden=3)
-    for fb, params in ((1.0, init_params(config, 1)), (1.5, init_params(config, 1, forget_bias=1.5))):
+    for fb, params in ((0.0, init_params(config, 1)), (1.0, init_params(config, 1, forget_bias=1.0)), (1.5, init_params(config, 1, forget_bias=1.5))):
         for layer in range(2):
             b = params[f"rnn.{layer}.b"]
             assert (b[3:6] == fb).all() and (b[:3] == 0).all() and (b[6:] == 0).all()

@@ -25,10 +25,12 @@ ODD = "bad hog omits wry fish at dawn\n"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(folder, corpus): a small model trained 60 steps on the random-sentence corpus."""
+    """(folder, corpus): a small model trained 60 steps on the random-sentence corpus (forget
+    bias 1, the default when the thresholds below were measured; with 0 the weak model adapts
+    less: 2.80 against 4.06 nats over the last five repetitions, not 2.1 against 4.1)."""
     folder = tmp_path_factory.mktemp("dyn")
     corpus = write_corpus(folder, lines=300)
-    check_ok(train(corpus, folder / "run", "--max-steps", 60, "--hidden", "32"))
+    check_ok(train(corpus, folder / "run", "--max-steps", 60, "--hidden", "32", "--forget-bias", "1"))
     return folder, corpus
 
 

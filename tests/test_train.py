@@ -119,9 +119,14 @@ def test_forget_bias_option_reaches_the_parameters(tmp_path, corpus):
 
 
 def test_forget_bias_default(tmp_path, corpus):
-    assert TrainConfig(corpus="c").forget_bias == 1.0
+    assert TrainConfig(corpus="c").forget_bias == 0.0
+    from charnn.cli import cli
+    from charnn.nn.model import FORGET_BIAS
+
+    option = next(p for p in cli.commands["train"].params if p.name == "forget_bias")
+    assert option.default == FORGET_BIAS == 0.0  # the CLI's literal default and the model's agree
     check_ok(train(corpus, tmp_path / "r", "--max-steps", 1))
-    assert checkpoint.load(tmp_path / "r" / "last.npz").meta["train"]["forget_bias"] == 1.0
+    assert checkpoint.load(tmp_path / "r" / "last.npz").meta["train"]["forget_bias"] == 0.0
 
 
 @pytest.mark.parametrize("extra, needle", [(["--forget-bias", "nan"], "--forget-bias"),

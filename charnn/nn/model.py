@@ -37,8 +37,10 @@ from .ops import Ops
 from .optim import Grads, RowGrad
 
 
-# The LSTM forget gate's initial bias (init_params); runs saved before it was an option used 1.
-FORGET_BIAS = 1.0
+# The LSTM forget gate's initial bias (init_params): 0, as PyTorch's nn.LSTM (in expectation).
+# Until December 2026 it was 1 (and runs saved before it was an option used 1); measured on
+# tiny Shakespeare, 1 learned far slower per step (benchmarks/README.md, "The forget bias").
+FORGET_BIAS = 0.0
 
 
 def join_states(xp, s0, s1) -> list:
@@ -139,8 +141,9 @@ def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_
     nn.Embedding (U(-0.1, 0.1) when tied to the output layer, where unit-scale weights would
     start with very large logits).
 
-    The forget bias is 1 by default; PyTorch's 0 learned no better per step (benchmarks/README.md,
-    "Per-step learning against PyTorch").
+    The forget bias is 0 by default, as PyTorch's: on tiny Shakespeare 1 (the default until
+    December 2026) was 0.19-0.26 nats/char behind at step 800 (benchmarks/README.md, "The
+    forget bias").
 
     The embedding scale matters: on PTB (benchmarks/ptb.py's model, 6 epochs) N(0, 1) gave a
     test perplexity of 250 against 275 with U(-0.1, 0.1), which leaves the input's share of
