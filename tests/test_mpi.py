@@ -242,6 +242,14 @@ def test_an_error_on_one_rank_ends_every_rank_with_one_message(tmp_path, corpus)
     assert meta(tmp_path / "run" / "last.npz")["progress"]["step"] == 6
 
 
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_a_killed_rank_ends_the_run_and_keeps_its_checkpoint(tmp_path, corpus):
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -259,13 +267,20 @@ def test_a_killed_rank_ends_the_run_and_keeps_its_checkpoint(tmp_path, corpus):
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc != 0
     assert time.monotonic() - killed < 30, "the other rank took more than 30 s to end"
-    with pytest.raises(ProcessLookupError):
-        os.kill(int((pids / "rank-0").read_text()), 0)  # rank 0 ended too
-    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    rank0 = int((pids / "rank-0").read_text())
+    # rank 0 ended too: mpiexec can return a moment before the killed job's last process is
+    # gone (seen once in five runs here, and in CI), so it gets a few seconds
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and process_exists(rank0):
+        time.sleep(0.1)
+    assert not process_exists(rank0), "rank 0 still ran 15 s after mpiexec ended"
+    # Rank 0 is killed too, and if that lands inside a save its temporary file stays (seen in
+    # CI: .last.npz.XXXX.tmp); last.npz itself is whole, and the resume removes the leftover.
     step = meta(run / "last.npz")["progress"]["step"]
     assert step > 0 and step % 3 == 0
     train(corpus, run, "--resume", "--max-steps", str(step + 2))
     assert meta(run / "last.npz")["progress"]["step"] == step + 2
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_ctrl_c_saves_and_exits_130_and_a_second_mpiexec_is_refused(tmp_path, corpus):
