@@ -152,8 +152,10 @@ def test_a_checkpoint_whose_weight_decay_cannot_work_is_refused(tmp_path, corpus
     saved = checkpoint.load(out / "last.npz")
     saved.meta["train"]["weight_decay"] = decay
     checkpoint.save(out / "last.npz", saved)
+    before = (out / "last.npz").read_bytes()
     result = invoke("train", "--resume", "--out", out, "-q", "--max-steps", 8)
     assert result.exit_code == 1
+    assert (out / "last.npz").read_bytes() == before  # the refused resume leaves the checkpoint as it was
     assert f"cannot train: weight decay {needle}" in result.output and "Traceback" not in result.output
 
 

@@ -292,7 +292,7 @@ Examples:
 @click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--state-reset", type=Finite(0, 1), default=0.01, show_default=True,
               help="Chance per stream and chunk that its carried state restarts from zero, so the model learns to start cold anywhere.")
-@click.option("--forget-bias", type=float, default=0.0, show_default=True, callback=finite,  # nn.model.FORGET_BIAS
+@click.option("--forget-bias", type=float, default=cells.FORGET_BIAS, show_default=True, callback=finite,
               help="LSTM only: the forget gate's initial bias.")
 @click.option("--activation", type=click.Choice(["tanh", "relu"]), default="tanh", show_default=True, help="Vanilla RNN only.")
 @click.option("--tie/--no-tie", default=False, show_default=True, help="Tie output weights to the embedding (needs --embed = --hidden).")

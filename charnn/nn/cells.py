@@ -38,6 +38,13 @@ from typing import Callable
 
 from ..backend import array_module
 
+# The LSTM forget gate's initial bias (init_params): 0, as PyTorch's nn.LSTM (in expectation).
+# Until December 2026 it was 1 (and runs saved before it was an option used 1); measured on
+# tiny Shakespeare, 1 learned far slower per step (benchmarks/README.md, "The forget bias").
+# Here, not in model.py, so the CLI (which imports cells for its choices) takes its default
+# from the one place.
+FORGET_BIAS = 0.0
+
 
 # ----- elementwise helpers (in place, on any xp array) -----
 

@@ -37,10 +37,7 @@ from .ops import Ops
 from .optim import Grads, RowGrad
 
 
-# The LSTM forget gate's initial bias (init_params): 0, as PyTorch's nn.LSTM (in expectation).
-# Until December 2026 it was 1 (and runs saved before it was an option used 1); measured on
-# tiny Shakespeare, 1 learned far slower per step (benchmarks/README.md, "The forget bias").
-FORGET_BIAS = 0.0
+FORGET_BIAS = cells.FORGET_BIAS  # (kept here too: the trainer and the CLI's checks import it from here)
 
 
 def join_states(xp, s0, s1) -> list:
