@@ -24,8 +24,13 @@ parameters: pytorch-zero-bias (every bias 0), pytorch-single-bias (b_hh held at 
 vector per layer, as charnn has; nn.LSTM's two otherwise each take a full Adam step, so its
 bias learns twice as fast) and pytorch-charnn (charnn's initial parameters, forget bias 0,
 mapped 1:1). Both sides are deterministic for a seed, so the losses
-after a fixed number of steps can be compared whatever else runs on the machine; wall-clock
-time is not measured here (bench.py does that).
+after a fixed number of steps can be compared whatever else runs on the machine.
+
+--seconds S compares at equal wall time instead: each run trains for S seconds (charnn with
+--time-limit S, so its default schedule decays over the time; PyTorch until its clock passes
+S, pytorch-cosine setting the same schedule by elapsed time), no evaluation in between, then
+both are evaluated once. The table gives the steps each side ran and its held-out loss. This
+mode is a timing: run nothing else beside it, one run at a time (they are sequential here).
 
 Corpora: --corpus (repeatable); by default every one of these that exists: the shared tiny
 Shakespeare (../shared/corpora/tinyshakespeare.txt beside the checkout), the project's
@@ -39,6 +44,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,10 +85,12 @@ class Collect(Reporter):
 
 
 def base_config(args, corpus: Path, seed: int, out: str | None = None, **kw) -> TrainConfig:
+    timed = dict(max_steps=None, time_limit=args.seconds, eval_every=0) if args.seconds else \
+        dict(max_steps=args.steps, eval_every=math.gcd(*args.checkpoints))
     return TrainConfig(corpus=str(corpus), layers=args.layers, hidden=args.hidden, batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=args.lr, clip=args.clip, max_steps=args.steps,
-                       eval_every=math.gcd(*args.checkpoints), log_every=10 ** 9, val_fraction=args.val_fraction,
-                       seed=seed, device="cpu", sample_length=0, out=out, **kw)
+                       seq_len=args.seq_len, lr=args.lr, clip=args.clip, log_every=10 ** 9,
+                       val_fraction=args.val_fraction, seed=seed, device="cpu", sample_length=0, out=out,
+                       **timed, **kw)
 
 
 def run_charnn(args, corpus: Path, seed: int, variant) -> dict:
@@ -90,7 +98,9 @@ def run_charnn(args, corpus: Path, seed: int, variant) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = base_config(args, corpus, seed, out=tmp + "/run", **kw)
         reporter = Collect(f"charnn {kw or 'defaults'}, {corpus.name}, seed {seed}")
-        Trainer(cfg, Path(cfg.out), reporter=reporter).run()
+        result = Trainer(cfg, Path(cfg.out), reporter=reporter).run()
+    if args.seconds:
+        return {"steps": result["steps"], "val": result["val_loss"]}
     return {s: reporter.val[s] for s in args.checkpoints}
 
 
@@ -130,8 +140,8 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
     opt = torch.optim.Adam(params, lr=args.lr)
     floor, hold = TrainConfig.lr_floor, TrainConfig.lr_hold
 
-    def rate(k: int) -> float:  # charnn's default schedule (train.Trainer.lr_factor) over --steps, for "pytorch-cosine"
-        x = max(k / args.steps - hold, 0.0) / (1.0 - hold)
+    def rate(done: float) -> float:  # charnn's default schedule (train.Trainer.lr_factor), for "pytorch-cosine"
+        x = max(min(done, 1.0) - hold, 0.0) / (1.0 - hold)  # done: the fraction of the steps or seconds run
         return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * x)))
 
     def logits(x, state):
@@ -149,8 +159,10 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
                 total += float((nll.double() * torch.from_numpy(w).reshape(-1)).sum())
         return total / streams.predictions
 
-    val, state, chunk = {}, None, 0
-    for step in range(1, args.steps + 1):
+    val, state, chunk, step = {}, None, 0, 0
+    started = time.perf_counter()
+    while (time.perf_counter() - started < args.seconds) if args.seconds else step < args.steps:
+        step += 1
         if chunk >= len(batches):
             chunk, state = 0, None  # a new epoch starts every stream from zero, as charnn's trainer does
         x, y = batches.chunk(chunk)
@@ -159,15 +171,18 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
         state = tuple(s.detach() for s in state)
         loss = F.cross_entropy(z.reshape(-1, V), torch.from_numpy(y).reshape(-1))
         if init == "cosine":
+            done = (time.perf_counter() - started) / args.seconds if args.seconds else (step - 1) / args.steps
             for group in opt.param_groups:
-                group["lr"] = rate(step - 1)
+                group["lr"] = rate(done)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
-        if step in args.checkpoints:
+        if not args.seconds and step in args.checkpoints:
             val[step] = evaluate()
             print(f"  pytorch ({init} init), {corpus.name}, seed {seed}: step {step} {val[step]:.4f}", file=sys.stderr, flush=True)
+    if args.seconds:
+        return {"steps": step, "val": evaluate()}
     return val
 
 
@@ -179,6 +194,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", action="append", type=Path, help="a text file (repeatable) [every default corpus found]")
     ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="train each run for this many seconds instead of --steps (equal wall time; a timing)")
     ap.add_argument("--checkpoints", type=int_list, default=None, help="steps to report [200, 400, 800, ... up to --steps, and --steps]")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
@@ -214,24 +231,28 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
+    budget = f"{args.seconds:g} s each" if args.seconds else f"{args.steps} steps"
     print(f"{args.layers}x{args.hidden} LSTM, one-hot input, batch {args.batch_size}, sequence {args.seq_len}, "
-          f"Adam {args.lr:g}, clip {args.clip:g}, {args.steps} steps; held-out nats/char", flush=True)
-    cols = " | ".join(f"step {s}" for s in args.checkpoints)
-    print(f"| corpus | seed | variant | {cols} |\n|---|---|---|" + "---|" * len(args.checkpoints), flush=True)
+          f"Adam {args.lr:g}, clip {args.clip:g}, {budget}; held-out nats/char", flush=True)
+    heads = ["steps run", "held-out"] if args.seconds else [f"step {s}" for s in args.checkpoints]
+    print(f"| corpus | seed | variant | {' | '.join(heads)} |\n|---|---|---|" + "---|" * len(heads), flush=True)
     for corpus in corpora:
         for seed in args.seeds:
             for name in args.variants:
                 v = VARIANTS[name]
                 val = (run_pytorch(args, corpus, seed, name.partition("-")[2] or "torch") if v == "pytorch"
                        else run_charnn(args, corpus, seed, v))
-                print(f"| {corpus.name} | {seed} | {name} | " + " | ".join(f"{val[s]:.4f}" for s in args.checkpoints) + " |",
-                      flush=True)
+                cells = [str(val["steps"]), f"{val['val']:.4f}"] if args.seconds else \
+                    [f"{val[s]:.4f}" for s in args.checkpoints]
+                print(f"| {corpus.name} | {seed} | {name} | {' | '.join(cells)} |", flush=True)
                 if args.json:
                     with open(args.json, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"corpus": str(corpus), "seed": seed, "variant": name, "steps": args.steps,
+                        f.write(json.dumps({"corpus": str(corpus), "seed": seed, "variant": name, "steps": None if args.seconds else args.steps,
                                             "layers": args.layers, "hidden": args.hidden, "batch_size": args.batch_size,
                                             "seq_len": args.seq_len, "lr": args.lr, "clip": args.clip,
-                                            "val": {str(s): val[s] for s in args.checkpoints}}) + "\n")
+                                            "seconds": args.seconds,
+                                            "val": val if args.seconds else {str(s): val[s] for s in args.checkpoints}})
+                            + "\n")
 
 
 if __name__ == "__main__":
