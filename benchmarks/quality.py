@@ -59,6 +59,7 @@ DEFAULT_CORPORA = [ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt",
 VARIANTS = {
     "old": {"forget_bias": 1.0, "state_reset": 0.01, "lr_schedule": "constant"},  # the defaults before this benchmark
     "fb0": {"forget_bias": 0.0, "lr_schedule": "constant"},
+    "fb1": {"forget_bias": 1.0, "lr_schedule": "constant"},
     "sr0": {"state_reset": 0.0, "lr_schedule": "constant"},
     "fb0-sr0": {"forget_bias": 0.0, "state_reset": 0.0, "lr_schedule": "constant"},
     "constant": {"lr_schedule": "constant"},
@@ -88,7 +89,7 @@ def base_config(args, corpus: Path, seed: int, out: str | None = None, **kw) -> 
     timed = dict(max_steps=None, time_limit=args.seconds, eval_every=0) if args.seconds else \
         dict(max_steps=args.steps, eval_every=math.gcd(*args.checkpoints))
     return TrainConfig(corpus=str(corpus), layers=args.layers, hidden=args.hidden, batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=args.lr, clip=args.clip, log_every=10 ** 9,
+                       seq_len=args.seq_len, lr=args.lr, clip=args.clip, dropout=args.dropout, log_every=10 ** 9,
                        val_fraction=args.val_fraction, seed=seed, device="cpu", sample_length=0, out=out,
                        **timed, **kw)
 
@@ -113,7 +114,7 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
     V, H, N, T = len(vocab), args.hidden, args.batch_size, args.seq_len
     batches = Batches(train_ids, N, T)
     torch.manual_seed(seed)
-    lstm = torch.nn.LSTM(V, H, args.layers)
+    lstm = torch.nn.LSTM(V, H, args.layers, dropout=args.dropout)  # (between layers; and before the head, below)
     head = torch.nn.Linear(H, V)
     if init == "zero-bias":  # PyTorch's weights, every bias 0 (as charnn's, forget gate included)
         with torch.no_grad():
@@ -144,19 +145,21 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
         x = max(min(done, 1.0) - hold, 0.0) / (1.0 - hold)  # done: the fraction of the steps or seconds run
         return args.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * x)))
 
-    def logits(x, state):
+    def logits(x, state, train=False):
         out, state = lstm(F.one_hot(torch.from_numpy(x), V).float(), state)  # (T, N, H)
-        return head(out), state
+        return head(F.dropout(out, args.dropout, train)), state
 
     def evaluate() -> float:
         streams = EvalStreams(val_ids, N, T)
         state, total = None, 0.0
+        lstm.eval()
         with torch.no_grad():
             for k in range(len(streams)):
                 x, y, w = streams.chunk(k)
                 z, state = logits(x, state)
                 nll = F.cross_entropy(z.reshape(-1, V), torch.from_numpy(y).reshape(-1), reduction="none")
                 total += float((nll.double() * torch.from_numpy(w).reshape(-1)).sum())
+        lstm.train()
         return total / streams.predictions
 
     val, state, chunk, step = {}, None, 0, 0
@@ -167,7 +170,7 @@ def run_pytorch(args, corpus: Path, seed: int, init: str = "torch") -> dict:
             chunk, state = 0, None  # a new epoch starts every stream from zero, as charnn's trainer does
         x, y = batches.chunk(chunk)
         chunk += 1
-        z, state = logits(x, state)
+        z, state = logits(x, state, train=True)
         state = tuple(s.detach() for s in state)
         loss = F.cross_entropy(z.reshape(-1, V), torch.from_numpy(y).reshape(-1))
         if init == "cosine":
@@ -203,6 +206,7 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--clip", type=float, default=5.0)
+    ap.add_argument("--dropout", type=float, default=0.0, help="on each layer's output, as charnn's --dropout")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--seeds", type=int_list, default=[1])
     ap.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
@@ -233,7 +237,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     budget = f"{args.seconds:g} s each" if args.seconds else f"{args.steps} steps"
     print(f"{args.layers}x{args.hidden} LSTM, one-hot input, batch {args.batch_size}, sequence {args.seq_len}, "
-          f"Adam {args.lr:g}, clip {args.clip:g}, {budget}; held-out nats/char", flush=True)
+          f"Adam {args.lr:g}, clip {args.clip:g}, dropout {args.dropout:g}, {budget}; held-out nats/char", flush=True)
     heads = ["steps run", "held-out"] if args.seconds else [f"step {s}" for s in args.checkpoints]
     print(f"| corpus | seed | variant | {' | '.join(heads)} |\n|---|---|---|" + "---|" * len(heads), flush=True)
     for corpus in corpora:
@@ -249,7 +253,7 @@ def main(argv=None):
                     with open(args.json, "a", encoding="utf-8") as f:
                         f.write(json.dumps({"corpus": str(corpus), "seed": seed, "variant": name, "steps": None if args.seconds else args.steps,
                                             "layers": args.layers, "hidden": args.hidden, "batch_size": args.batch_size,
-                                            "seq_len": args.seq_len, "lr": args.lr, "clip": args.clip,
+                                            "seq_len": args.seq_len, "lr": args.lr, "clip": args.clip, "dropout": args.dropout,
                                             "seconds": args.seconds,
                                             "val": val if args.seconds else {str(s): val[s] for s in args.checkpoints}})
                             + "\n")
