@@ -120,14 +120,14 @@ def describe_unknown(unknown: Counter, what: str) -> str:
     return f"{count} the model never saw: {shown}{more}"
 
 
-def extend(ckpt, new_tokens: list, seed: int):
+def extend(ckpt, new_tokens: list, seed: int, input_scale: float = 0.0):
     """(vocab, config, params) of ``ckpt`` with ``new_tokens`` appended (see the module
     docstring); the old rows are copied, the new ones are those of a new model."""
     old = ckpt.config
     V = old.vocab_size + len(new_tokens)
     bounds = tuple(old.class_bounds[:-1]) + (V,) if old.class_bounds else ()
     config = dataclasses.replace(old, vocab_size=V, class_bounds=bounds)
-    params = init_params(config, seed)
+    params = init_params(config, seed, input_scale=input_scale)
     for name, a in ckpt.params.items():
         params[name][tuple(slice(0, s) for s in a.shape)] = a
     vocab = Vocab(ckpt.vocab.level, ckpt.vocab.tokens + list(new_tokens), ckpt.vocab.tokenizer)
@@ -162,7 +162,7 @@ class InitFrom:
         if unknown:
             # Characters in code point order, words by frequency, as a new vocabulary orders them.
             new = sorted(unknown) if ckpt.vocab.level == "char" else sorted(unknown, key=lambda t: (-unknown[t], t))
-            vocab, config, params = extend(ckpt, new, cfg.seed)
+            vocab, config, params = extend(ckpt, new, cfg.seed, cfg.input_scale)
             self.added = new
         config = dataclasses.replace(config, dropout=cfg.dropout)
         return vocab, config, params

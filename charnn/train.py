@@ -66,7 +66,7 @@ from .dist import StepSync, World
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .io.fileio import file_kind, sha256_file
 from .nn.functional import class_bounds, dropout_mask
-from .nn.model import FORGET_BIAS, LanguageModel, ModelConfig
+from .nn.model import FORGET_BIAS, INPUT_SCALE, LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
 from .io.vocab import Vocab, VocabError
 from .wording import plural
@@ -107,6 +107,7 @@ class TrainConfig:
     dropout: float = 0.0
     state_reset: float = 0.01  # chance per stream and chunk that its carried state restarts from zero
     forget_bias: float = FORGET_BIAS  # LSTM: the forget gate's initial bias
+    input_scale: float = INPUT_SCALE  # one-hot input: layer 0's input weights start U(-this, this); 0 = 1/sqrt(H)
     activation: str = "tanh"
     tie: bool = False
     classes: int = -1  # class-factored softmax classes; 0 = full softmax; -1 = auto (see auto_classes)
@@ -146,7 +147,7 @@ class TrainConfig:
     # Fields added after runs were saved without them, with the value those runs used (not
     # today's default), so an old run resumes exactly as it would have.
     LEGACY = {"forget_bias": 1.0, "state_reset": 0.0, "lr_schedule": "constant", "lr_floor": 0.1, "warmup": 0, "lr_hold": 0.0,
-              "weight_decay": 0.0}
+              "weight_decay": 0.0, "input_scale": 0.0}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
@@ -544,7 +545,8 @@ class Trainer:
                 raise TrainError("cannot resume: the checkpoint's architecture differs from the options given")
             self.model = LanguageModel(mcfg, saved.params, self.backend)
         else:
-            self.model = LanguageModel.create(mcfg, cfg.seed, self.backend, forget_bias=cfg.forget_bias)
+            self.model = LanguageModel.create(mcfg, cfg.seed, self.backend, forget_bias=cfg.forget_bias,
+                                              input_scale=cfg.input_scale)
         try:
             self.opt = make_optimizer(cfg.optimizer, self.model.params, cfg.lr, self.model.ops, cfg.weight_decay)
         except ValueError as e:  # a checkpoint's options (the command line's are checked before)

@@ -155,6 +155,41 @@ def test_a_run_saved_before_forget_bias_and_state_reset_resumes_with_their_old_v
     check_error(resume(b, "--max-steps", 12, "--forget-bias", "0"), 1, "--forget-bias", "1.0")
 
 
+# ----- the one-hot input's initial scale -----
+
+def test_input_scale_option_reaches_the_parameters(tmp_path, corpus):
+    from charnn.cli import cli
+    from charnn.nn.model import INPUT_SCALE
+
+    option = next(p for p in cli.commands["train"].params if p.name == "input_scale")
+    assert option.default == INPUT_SCALE == TrainConfig(corpus="c").input_scale
+    for value in ("0", "1"):
+        check_ok(train(corpus, tmp_path / value, "--input-scale", value, "--max-steps", 1, "--lr", "1e-12"))
+    a, b = (checkpoint.load(tmp_path / v / "last.npz") for v in ("0", "1"))
+    assert b.meta["train"]["input_scale"] == 1.0
+    H = 16
+    numpy.testing.assert_allclose(b.params["rnn.0.Wx"], a.params["rnn.0.Wx"] * H ** 0.5, rtol=1e-5, atol=1e-9)
+    assert 0.5 < numpy.abs(b.params["rnn.0.Wx"]).max() <= 1.0
+    numpy.testing.assert_allclose(b.params["rnn.0.Wh"], a.params["rnn.0.Wh"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("extra", [["--input-scale", "-1"], ["--input-scale", "nan"],
+                                   ["--embed", "4", "--input-scale", "0.5"]])
+def test_input_scale_is_validated(tmp_path, corpus, extra):
+    check_error(train(corpus, tmp_path / "r", *extra), 2, "--input-scale")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_saved_before_input_scale_resumes_with_the_old_scale(tmp_path, corpus):
+    a = tmp_path / "a"
+    check_ok(train(corpus, a, "--max-steps", 4, "--eval-every", 2, *CONSTANT))
+    old = checkpoint.load(a / "last.npz")
+    del old.meta["train"]["input_scale"]
+    checkpoint.save(a / "last.npz", old)
+    check_ok(resume(a, "--max-steps", 6))
+    assert checkpoint.load(a / "last.npz").meta["train"]["input_scale"] == 0.0
+
+
 @pytest.mark.parametrize("stop_offset", [-2, 0, 1])
 def test_resume_across_an_epoch_boundary(tmp_path, corpus, stop_offset):
     """Stopped just before, exactly at, or just after the end of the first epoch."""

@@ -16,7 +16,7 @@ from ..backend import BackendError
 from ..dist import DistError, PeerStopped, RankError, env_rank, world_from_env
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
-from ..nn.model import FORGET_BIAS, ModelError
+from ..nn.model import FORGET_BIAS, INPUT_SCALE, ModelError
 from ..nn.optim import weight_decay_problem
 from ..finetune import FineTuneError, InitFrom, merge_options
 from ..train import Finished, TrainConfig, Trainer, TrainError
@@ -92,6 +92,8 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
         raise click.BadParameter(problem, param_hint="--weight-decay")
     if opts["cell"] != "lstm" and opts["forget_bias"] != FORGET_BIAS:
         raise click.BadParameter("applies to --cell lstm only", param_hint="--forget-bias")
+    if opts["embed"] and opts["input_scale"] != INPUT_SCALE:
+        raise click.BadParameter("applies to one-hot input (--embed 0) only", param_hint="--input-scale")
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
         opts["max_epochs"] = 10
     out_dir = Path(out) if out else default_out(corpus, opts)

@@ -44,6 +44,10 @@ from ..backend import array_module
 # Here, not in model.py, so the CLI (which imports cells for its choices) takes its default
 # from the one place.
 FORGET_BIAS = 0.0
+# One-hot input (--embed 0) only: layer 0's input weights start U(-INPUT_SCALE, INPUT_SCALE);
+# 0 = U(-1/sqrt(H), 1/sqrt(H)) as the other weights and PyTorch's nn.LSTM (benchmarks/README.md,
+# "The one-hot input's scale"). Here for the same reason as FORGET_BIAS.
+INPUT_SCALE = 0.0
 
 
 # ----- elementwise helpers (in place, on any xp array) -----

@@ -38,6 +38,7 @@ from .optim import Grads, RowGrad
 
 
 FORGET_BIAS = cells.FORGET_BIAS  # (kept here too: the trainer and the CLI's checks import it from here)
+INPUT_SCALE = cells.INPUT_SCALE
 
 
 def join_states(xp, s0, s1) -> list:
@@ -131,12 +132,19 @@ class ModelConfig:
         return sum(math.prod(s) for s in self.param_shapes().values())
 
 
-def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_BIAS) -> dict:
+def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_BIAS,
+                input_scale: float = INPUT_SCALE) -> dict:
     """Host (float64 NumPy) parameters: recurrent and head weights U(-1/sqrt(H), 1/sqrt(H)) as
     PyTorch does, other biases 0 but for what the cell's init_bias sets (the LSTM's forget gate
     to ``forget_bias``, rows H:2H of each rnn.L.b); embeddings N(0, 1) as PyTorch's
     nn.Embedding (U(-0.1, 0.1) when tied to the output layer, where unit-scale weights would
     start with very large logits).
+
+    ``input_scale`` > 0 (one-hot input only) draws layer 0's input weights U(-input_scale,
+    input_scale) instead: the same uniform draws, scaled, so every other parameter is what it
+    would be with 0. A one-hot input picks one column of them, so at 1/sqrt(H) the input moves
+    the gates by a few hundredths where an N(0, 1) embedding of size H moves them by about 0.6
+    (U(-1, 1) gives that).
 
     The forget bias is 0 by default, as PyTorch's: on tiny Shakespeare 1 (the default until
     December 2026) was 0.19-0.26 nats/char behind at step 800 (benchmarks/README.md, "The
@@ -147,6 +155,8 @@ def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_
     the gate pre-activations (about 0.03 against 0.6) too small to learn from quickly."""
     if not math.isfinite(forget_bias):
         raise ModelError(f"forget_bias must be a finite number, got {forget_bias}")
+    if not (math.isfinite(input_scale) and input_scale >= 0):
+        raise ModelError(f"input_scale must be a finite number >= 0, got {input_scale}")
     rng = numpy.random.default_rng(seed)
     k = 1.0 / math.sqrt(config.hidden)
     params = {}
@@ -157,6 +167,8 @@ def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_
             params[name] = numpy.zeros(shape)  # biases and the cell's extra parameters
         else:
             params[name] = rng.uniform(-k, k, shape)
+            if name == "rnn.0.Wx" and not config.embed and input_scale:
+                params[name] *= input_scale / k
     init_bias = cells.get(config.cell).init_bias
     if init_bias is not None:
         for layer in range(config.layers):
@@ -191,8 +203,8 @@ class LanguageModel:
 
     @classmethod
     def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None,
-               forget_bias: float = FORGET_BIAS) -> "LanguageModel":
-        return cls(config, init_params(config, seed, forget_bias), backend)
+               forget_bias: float = FORGET_BIAS, input_scale: float = INPUT_SCALE) -> "LanguageModel":
+        return cls(config, init_params(config, seed, forget_bias, input_scale), backend)
 
     @property
     def dtype(self):
