@@ -30,7 +30,7 @@ from pathlib import Path
 from .io import checkpoint as ckpt_mod
 from .io.fileio import sha256_file
 from .io.vocab import Vocab, tokenize_line
-from .nn.model import ModelConfig, init_params
+from .nn.model import INPUT_SCALE, ModelConfig, init_params
 from .wording import plural
 
 # TrainConfig fields fixed by the model, and how each is read from a checkpoint.
@@ -120,7 +120,7 @@ def describe_unknown(unknown: Counter, what: str) -> str:
     return f"{count} the model never saw: {shown}{more}"
 
 
-def extend(ckpt, new_tokens: list, seed: int, input_scale: float = 0.0):
+def extend(ckpt, new_tokens: list, seed: int, input_scale: float = INPUT_SCALE):
     """(vocab, config, params) of ``ckpt`` with ``new_tokens`` appended (see the module
     docstring); the old rows are copied, the new ones are those of a new model."""
     old = ckpt.config

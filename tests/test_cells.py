@@ -295,14 +295,14 @@ def test_init_params_input_scale():
     """input_scale draws a one-hot model's layer-0 input weights U(-a, a): the same draws as at
     0, scaled, every other parameter identical; an embedded model ignores it."""
     config = ModelConfig(vocab_size=5, cell="lstm", layers=2, hidden=16)
-    base, scaled = init_params(config, 3), init_params(config, 3, input_scale=1.0)
+    base, scaled = init_params(config, 3, input_scale=0.0), init_params(config, 3, input_scale=1.0)
     assert numpy.abs(base["rnn.0.Wx"]).max() <= 0.25 < numpy.abs(scaled["rnn.0.Wx"]).max() <= 1.0
     numpy.testing.assert_allclose(scaled["rnn.0.Wx"], base["rnn.0.Wx"] * 4.0)  # 1 / (1 / sqrt(16))
     for name in base:
         if name != "rnn.0.Wx":
             assert numpy.array_equal(base[name], scaled[name]), name
     embedded = ModelConfig(vocab_size=5, cell="lstm", layers=1, hidden=16, embed=4)
-    assert all(numpy.array_equal(a, b) for a, b in zip(init_params(embedded, 3).values(),
+    assert all(numpy.array_equal(a, b) for a, b in zip(init_params(embedded, 3, input_scale=0.0).values(),
                                                        init_params(embedded, 3, input_scale=1.0).values()))
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="input_scale"):

@@ -137,5 +137,5 @@ def test_training_step_with_deferred_weight_gradients_equals_without(monkeypatch
     assert out["deferred"][2] >= 2 * layers and out["at once"][2] == 0
     assert out["deferred"][0] == out["at once"][0]
     assert out["deferred"][1].keys() == out["at once"][1].keys()
-    for name, g in out["at once"][1].items():
-        numpy.testing.assert_allclose(out["deferred"][1][name], g, rtol=1e-5, atol=1e-7 * numpy.abs(g).max(), err_msg=name)
+    for name, g in out["at once"][1].items():  # (float32: the two sum in another order; atol about 8 ulps of the largest entry)
+        numpy.testing.assert_allclose(out["deferred"][1][name], g, rtol=1e-5, atol=1e-6 * numpy.abs(g).max(), err_msg=name)

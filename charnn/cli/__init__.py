@@ -295,7 +295,7 @@ Examples:
 @click.option("--forget-bias", type=float, default=cells.FORGET_BIAS, show_default=True, callback=finite,
               help="LSTM only: the forget gate's initial bias.")
 @click.option("--input-scale", type=Finite(0, None), default=cells.INPUT_SCALE, show_default=True,
-              help="One-hot input only (--embed 0): layer 0's input weights start U(-this, this); 0 = U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's.")
+              help="One-hot input only (--embed 0): layer 0's input weights start U(-this, this), about the scale an embedding gives; 0 = U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's nn.LSTM.")
 @click.option("--activation", type=click.Choice(["tanh", "relu"]), default="tanh", show_default=True, help="Vanilla RNN only.")
 @click.option("--tie/--no-tie", default=False, show_default=True, help="Tie output weights to the embedding (needs --embed = --hidden).")
 @click.option("--classes", type=click.IntRange(min=-1), default=-1, show_default=True,

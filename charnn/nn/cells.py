@@ -45,9 +45,11 @@ from ..backend import array_module
 # from the one place.
 FORGET_BIAS = 0.0
 # One-hot input (--embed 0) only: layer 0's input weights start U(-INPUT_SCALE, INPUT_SCALE);
-# 0 = U(-1/sqrt(H), 1/sqrt(H)) as the other weights and PyTorch's nn.LSTM (benchmarks/README.md,
-# "The one-hot input's scale"). Here for the same reason as FORGET_BIAS.
-INPUT_SCALE = 0.0
+# 0 = U(-1/sqrt(H), 1/sqrt(H)) as the other weights and PyTorch's nn.LSTM. 1 since December
+# 2026: at 1/sqrt(H) the input barely moves the gates and a model can sit on the unigram plateau
+# for hundreds of steps (benchmarks/README.md, "The one-hot input's scale"). Runs saved before
+# the option existed resume with 0. Here for the same reason as FORGET_BIAS.
+INPUT_SCALE = 1.0
 
 
 # ----- elementwise helpers (in place, on any xp array) -----
