@@ -173,12 +173,7 @@ def test_input_scale_option_reaches_the_parameters(tmp_path, corpus):
     numpy.testing.assert_allclose(b.params["rnn.0.Wh"], a.params["rnn.0.Wh"], rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("extra", [["--input-scale", "-1"], ["--input-scale", "nan"],
-                                   ["--embed", "4", "--input-scale", "0.5"]])
-def test_input_scale_is_validated(tmp_path, corpus, extra):
-    check_error(train(corpus, tmp_path / "r", *extra), 2, "--input-scale")
-    assert not (tmp_path / "r").exists()
-
+# (its bad values are rows of tests/test_bad_input.py)
 
 def test_a_run_saved_before_input_scale_resumes_with_the_old_scale(tmp_path, corpus):
     a = tmp_path / "a"
