@@ -60,8 +60,10 @@ def why_not() -> str | None:
     return None
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _needs_mpi():
+    # module-scoped, so that it runs before the module-scoped fixtures that launch mpiexec
+    # (pytest sets up wider scopes first; a function-scoped skip came too late for them)
     reason = why_not()
     if reason:
         pytest.skip(reason)
