@@ -452,6 +452,20 @@ def test_divergence_before_any_good_checkpoint_starts_afresh(tmp_path, corpus, o
     assert progress(out / "last.npz")["step"] == 30
 
 
+def test_divergence_message_is_the_only_stderr_line_after_the_header(tmp_path, corpus):
+    """As a real process (pytest records warnings, so in-process runs cannot show this): the
+    overflow of a diverging run used to print NumPy's RuntimeWarnings, with source lines, above
+    the one-line error (some from the engine's worker threads)."""
+    proc = charnn_process("train", corpus, "--out", tmp_path / "run", "--hidden", "16", "--layers", "1",
+                          "--optimizer", "sgd", "--lr", "1e38", "--clip", "0", "--eval-every", "5",
+                          "--max-steps", "20", "--quiet")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    lines = err.decode().strip().splitlines()
+    assert "Warning" not in err.decode(), err.decode()
+    assert lines[-1].startswith("Error: training diverged at step 5") and len(lines) <= 3, lines
+
+
 @pytest.mark.parametrize("optimizer, why", [("adagrad", "optimizer state"), ("rmsprop", "optimizer state"),
                                             ("adam", "validation loss nan")])
 def test_overflowed_optimizer_state_is_not_saved(tmp_path, corpus, monkeypatch, optimizer, why):

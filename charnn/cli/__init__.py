@@ -174,6 +174,7 @@ class Group(click.Group):
         try:
             from ..dist import env_rank, env_size  # (imports NumPy: a Ctrl-C can land here too)
 
+            _quiet_float_warnings()
             if env_size() > 1 and env_rank() > 0:
                 return self._main_quiet(*args, **kwargs)
             return super().main(*args, **kwargs)
@@ -191,6 +192,18 @@ class Group(click.Group):
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
             sys.exit(1)
+
+
+def _quiet_float_warnings():
+    """Overflow in a diverging run is found and said by the commands themselves (training
+    checks every loss and saves no non-finite weights); NumPy's RuntimeWarnings about it would
+    print source lines above that one-line message. A warnings filter, not numpy.errstate:
+    the engine's worker threads do not inherit an errstate. (The command line only: the API
+    keeps NumPy's warnings.)"""
+    import warnings
+
+    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                            RuntimeWarning)
 
 
 def interrupted():
