@@ -124,6 +124,7 @@ class TrainConfig:
     warmup: int = 0  # steps of linear warm-up
     lr_hold: float = 0.6  # cosine: the fraction of the horizon at the full rate before the decay starts
     weight_decay: float = 0.0  # Adam only: decoupled weight decay of the weight matrices (AdamW)
+    weight_drop: float = 0.0  # DropConnect on the recurrent weights Wh, one mask per layer and step
     clip: float = 5.0
     max_epochs: int | None = None
     max_steps: int | None = None
@@ -147,7 +148,7 @@ class TrainConfig:
     # Fields added after runs were saved without them, with the value those runs used (not
     # today's default), so an old run resumes exactly as it would have.
     LEGACY = {"forget_bias": 1.0, "state_reset": 0.0, "lr_schedule": "constant", "lr_floor": 0.1, "warmup": 0, "lr_hold": 0.0,
-              "weight_decay": 0.0, "input_scale": 0.0}
+              "weight_decay": 0.0, "input_scale": 0.0, "weight_drop": 0.0}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
@@ -340,7 +341,7 @@ _PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon
 # TrainConfig fields that must be at least 1 (the others that are numbers at least 0).
 _AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
                  "max_epochs", "eval_every"}
-_BELOW_ONE = {"dropout", "val_fraction", "lr_hold"}  # in [0, 1)
+_BELOW_ONE = {"dropout", "val_fraction", "lr_hold", "weight_drop"}  # in [0, 1)
 _CHOICES = {"level": ("char", "word"), "cell": ("rnn", "lstm", "gru"), "activation": ("tanh", "relu"),
             "tokenizer": ("regex", "whitespace"), "optimizer": OPTIMIZERS, "lr_schedule": ("constant", "cosine"), "device": DEVICES, "dtype": DTYPES,
             "errors": ("strict", "replace", "ignore")}
@@ -947,13 +948,39 @@ class Trainer:
         return [xp.ascontiguousarray(dropout_mask((cfg.hidden, T, cfg.batch_size), cfg.dropout, self.rng, xp,
                                                   self.backend.dtype)[:, :, a:b]) for _ in range(cfg.layers)]
 
+    @contextlib.contextmanager
+    def _weights_dropped(self):
+        """--weight-drop P (DropConnect on the recurrent weights, as AWD-LSTM's weight drop):
+        inside, each layer's Wh is replaced by Wh * mask, the mask 0 with chance P and 1/(1-P)
+        elsewhere, one per layer for the whole chunk (every time step drops the same weights);
+        the true Wh is back afterwards, before the update. Yields {name: mask}. The masks come
+        from the run's generator before the dropout masks, every rank drawing the same."""
+        cfg, params = self.cfg, self.model.params
+        if cfg.weight_drop <= 0:
+            yield {}
+            return
+        xp, dtype = self.backend.xp, self.backend.dtype
+        names = [f"rnn.{layer}.Wh" for layer in range(cfg.layers)]
+        masks = {n: dropout_mask(params[n].shape, cfg.weight_drop, self.rng, xp, dtype) for n in names}
+        true = {n: params[n] for n in names}
+        try:
+            for n in names:
+                params[n] = true[n] * masks[n]
+            yield masks
+        finally:
+            params.update(true)
+
     def _step(self, x, y, started: float):
         """One training step: loss and gradients of this process's streams, then (data-parallel)
         their sum over the ranks with the stop and time-up flags in the same Allreduce, then
         the update. Returns the loss, the mean over the whole batch."""
         cfg, model, p = self.cfg, self.model, self.progress
-        loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True,
-                                                       dropout_masks=self._dropout_masks(x.shape[0]))
+        with self._weights_dropped() as masks:
+            loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True,
+                                                           dropout_masks=self._dropout_masks(x.shape[0]))
+        for name, mask in masks.items():  # d loss / d Wh = (d loss / d (Wh * mask)) * mask
+            grads[name] *= mask
+            grads.changed(name)
         self.state = self._reset_some(self.state)
         if self.sync is None:
             self.opt.lr = p["lr"] * self.lr_factor()

@@ -78,6 +78,70 @@ def test_a_run_without_dropout_differs_from_one_with_it(tmp_path, corpus):
     assert train_losses(tmp_path / "a")[3] != train_losses(tmp_path / "b")[3]
 
 
+# ----- --weight-drop (DropConnect on the recurrent weights) -----
+
+def _one_step(monkeypatch, tmp_path, corpus, name, weight_drop):
+    """One SGD step (lr 0.5, no clip, no dropout) of a float64 2-layer LSTM; returns the Wh the
+    model computed with, its gradients, the masks the trainer drew, and the Wh after the step."""
+    from charnn.nn.model import LanguageModel as Model
+
+    seen, drawn = {}, []
+    real_lg, real_mask = Model.loss_and_grads, train_mod.dropout_mask
+
+    def loss_and_grads(self, *a, **k):
+        seen["Wh"] = {n: v.copy() for n, v in self.params.items() if n.endswith(".Wh")}
+        loss, grads, state = real_lg(self, *a, **k)
+        seen["grads"] = {n: grads[n].copy() for n in seen["Wh"]}
+        return loss, grads, state
+
+    def mask(*a, **k):
+        drawn.append(real_mask(*a, **k))
+        return drawn[-1]
+
+    monkeypatch.setattr(Model, "loss_and_grads", loss_and_grads)
+    monkeypatch.setattr(train_mod, "dropout_mask", mask)
+    cfg = TrainConfig(corpus=str(corpus), layers=2, hidden=8, seq_len=6, batch_size=3, optimizer="sgd", lr=0.5,
+                      clip=0.0, max_steps=1, state_reset=0.0, dtype="float64", weight_drop=weight_drop,
+                      lr_schedule="constant", sample_length=0, out=str(tmp_path / name))
+    trainer = train_mod.Trainer(cfg, tmp_path / name)
+    trainer.run()
+    after = {n: to_host(trainer.model.params[n]) for n in seen["Wh"]}
+    return seen["Wh"], seen["grads"], drawn, after
+
+
+def test_weight_drop_step_uses_masked_recurrent_weights_and_masks_their_gradient(tmp_path, corpus, monkeypatch):
+    """The step computes with Wh * mask (mask 0 or 1/(1-p), one per layer), the true Wh comes
+    back, and the update is the gradient times the mask: d loss/d Wh = (d loss/d (Wh*mask)) * mask."""
+    w0, _, none_drawn, _ = _one_step(monkeypatch, tmp_path, corpus, "plain", 0.0)
+    assert none_drawn == []
+    eff, grads, masks, after = _one_step(monkeypatch, tmp_path, corpus, "dropped", 0.5)
+    names = sorted(w0)
+    assert names == ["rnn.0.Wh", "rnn.1.Wh"] and len(masks) == 2
+    for name, mask in zip(names, masks):
+        mask = to_host(mask)
+        assert mask.shape == w0[name].shape and set(numpy.unique(mask)) == {0.0, 2.0}
+        assert 0.4 < (mask == 0).mean() < 0.6
+        numpy.testing.assert_array_equal(eff[name], w0[name] * mask)  # the same initial weights, masked
+        assert (grads[name][mask == 0] != 0).any()  # the masked-out weights' raw gradient is not 0 ...
+        numpy.testing.assert_allclose(after[name], w0[name] - 0.5 * grads[name] * mask, rtol=0, atol=1e-15)
+        numpy.testing.assert_array_equal(after[name][mask == 0], w0[name][mask == 0])  # ... nor is it applied
+    assert not numpy.array_equal(masks[0], masks[1])
+
+
+def test_resume_continues_exactly_with_weight_drop(tmp_path, corpus):
+    args = ["--weight-drop", "0.3", "--dropout", "0.2", "--log-every", "1", "--eval-every", "4", "--seed", "2", *CONSTANT]
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_ok(train(corpus, a, *args, "--max-steps", 10))
+    check_ok(train(corpus, b, *args, "--max-steps", 4))
+    check_ok(resume(b, "--max-steps", 10))
+    assert train_losses(a) == train_losses(b)
+    assert_same_params(a / "last.npz", b / "last.npz")
+    assert checkpoint.load(a / "last.npz").meta["train"]["weight_drop"] == 0.3
+    check_ok(train(corpus, tmp_path / "c", *args[2:], "--max-steps", 10))
+    assert train_losses(tmp_path / "c")[10] != train_losses(a)[10]
+    check_error(resume(b, "--max-steps", 12, "--weight-drop", "0.1"), 1, "--weight-drop")
+
+
 def test_resume_continues_exactly_with_state_resets(tmp_path, corpus):
     """Frequent state resets draw from the run's RNG; a resumed run makes the same draws."""
     args = ["--state-reset", "0.3", "--log-every", "1", "--eval-every", "4", "--seed", "5", *CONSTANT]

@@ -303,6 +303,9 @@ Examples:
 @click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
 @click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--weight-drop", type=Finite(0, 1, max_open=True), default=0.0, show_default=True,
+              help="DropConnect on the recurrent weights (AWD-LSTM's weight drop): at each step each "
+                   "hidden-to-hidden weight is zeroed with this chance, the same ones at every time step.")
 @click.option("--state-reset", type=Finite(0, 1), default=0.01, show_default=True,
               help="Chance per stream and chunk that its carried state restarts from zero, so the model learns to start cold anywhere.")
 @click.option("--forget-bias", type=float, default=cells.FORGET_BIAS, show_default=True, callback=finite,
