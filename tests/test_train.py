@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+from pathlib import Path
 
 import numpy
 import pytest
@@ -128,29 +129,31 @@ def test_weight_drop_step_uses_masked_recurrent_weights_and_masks_their_gradient
     assert not numpy.array_equal(masks[0], masks[1])
 
 
-def test_resume_continues_exactly_with_weight_drop(tmp_path, corpus):
-    args = ["--weight-drop", "0.3", "--dropout", "0.2", "--log-every", "1", "--eval-every", "4", "--seed", "2", *CONSTANT]
+def assert_resume_is_exact(tmp_path, corpus, args, split: int, total: int) -> Path:
+    """A run of ``total`` steps and one stopped at ``split`` and resumed to ``total`` take the
+    same losses and end with the same parameters. Returns the uninterrupted run's folder."""
     a, b = tmp_path / "a", tmp_path / "b"
-    check_ok(train(corpus, a, *args, "--max-steps", 10))
-    check_ok(train(corpus, b, *args, "--max-steps", 4))
-    check_ok(resume(b, "--max-steps", 10))
+    check_ok(train(corpus, a, *args, "--max-steps", total))
+    check_ok(train(corpus, b, *args, "--max-steps", split))
+    check_ok(resume(b, "--max-steps", total))
     assert train_losses(a) == train_losses(b)
     assert_same_params(a / "last.npz", b / "last.npz")
+    return a
+
+
+def test_resume_continues_exactly_with_weight_drop(tmp_path, corpus):
+    args = ["--weight-drop", "0.3", "--dropout", "0.2", "--log-every", "1", "--eval-every", "4", "--seed", "2", *CONSTANT]
+    a = assert_resume_is_exact(tmp_path, corpus, args, 4, 10)
     assert checkpoint.load(a / "last.npz").meta["train"]["weight_drop"] == 0.3
     check_ok(train(corpus, tmp_path / "c", *args[2:], "--max-steps", 10))
     assert train_losses(tmp_path / "c")[10] != train_losses(a)[10]
-    check_error(resume(b, "--max-steps", 12, "--weight-drop", "0.1"), 1, "--weight-drop")
+    check_error(resume(tmp_path / "b", "--max-steps", 12, "--weight-drop", "0.1"), 1, "--weight-drop")
 
 
 def test_resume_continues_exactly_with_state_resets(tmp_path, corpus):
     """Frequent state resets draw from the run's RNG; a resumed run makes the same draws."""
     args = ["--state-reset", "0.3", "--log-every", "1", "--eval-every", "4", "--seed", "5", *CONSTANT]
-    a, b = tmp_path / "a", tmp_path / "b"
-    check_ok(train(corpus, a, *args, "--max-steps", 14))
-    check_ok(train(corpus, b, *args, "--max-steps", 6))
-    check_ok(resume(b, "--max-steps", 14))
-    assert train_losses(a) == train_losses(b)
-    assert_same_params(a / "last.npz", b / "last.npz")
+    a = assert_resume_is_exact(tmp_path, corpus, args, 6, 14)
     check_ok(train(corpus, tmp_path / "c", *args[2:], "--state-reset", "0", "--max-steps", 14))
     assert train_losses(tmp_path / "c")[14] != train_losses(a)[14]
 
