@@ -54,6 +54,18 @@ def chunks_per_epoch(corpus, batch_size, seq_len) -> int:
 
 # ----- exact resume -----
 
+def assert_resume_is_exact(tmp_path, corpus, args, split: int, total: int) -> Path:
+    """A run of ``total`` steps and one stopped at ``split`` and resumed to ``total`` take the
+    same losses and end with the same parameters. Returns the uninterrupted run's folder."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    check_ok(train(corpus, a, *args, "--max-steps", total))
+    check_ok(train(corpus, b, *args, "--max-steps", split))
+    check_ok(resume(b, "--max-steps", total))
+    assert train_losses(a) == train_losses(b)
+    assert_same_params(a / "last.npz", b / "last.npz")
+    return a
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_resume_continues_exactly_with_dropout(tmp_path, corpus, cell):
     """K steps in one go, or k steps then --resume to K: the same losses after step k and the same
@@ -127,18 +139,6 @@ def test_weight_drop_step_uses_masked_recurrent_weights_and_masks_their_gradient
         numpy.testing.assert_allclose(after[name], w0[name] - 0.5 * grads[name] * mask, rtol=0, atol=1e-15)
         numpy.testing.assert_array_equal(after[name][mask == 0], w0[name][mask == 0])  # ... nor is it applied
     assert not numpy.array_equal(masks[0], masks[1])
-
-
-def assert_resume_is_exact(tmp_path, corpus, args, split: int, total: int) -> Path:
-    """A run of ``total`` steps and one stopped at ``split`` and resumed to ``total`` take the
-    same losses and end with the same parameters. Returns the uninterrupted run's folder."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    check_ok(train(corpus, a, *args, "--max-steps", total))
-    check_ok(train(corpus, b, *args, "--max-steps", split))
-    check_ok(resume(b, "--max-steps", total))
-    assert train_losses(a) == train_losses(b)
-    assert_same_params(a / "last.npz", b / "last.npz")
-    return a
 
 
 def test_resume_continues_exactly_with_weight_drop(tmp_path, corpus):
@@ -258,13 +258,8 @@ def test_resume_across_an_epoch_boundary(tmp_path, corpus, stop_offset):
     args = ["--batch-size", "16", "--seq-len", "16", "--dropout", "0.2", "--log-every", "1", "--eval-every", "4", *CONSTANT]
     per_epoch = chunks_per_epoch(corpus, 16, 16)
     K, k = 2 * per_epoch + 3, per_epoch + stop_offset
-    a, b = tmp_path / "a", tmp_path / "b"
-    check_ok(train(corpus, a, *args, "--max-steps", K))
-    check_ok(train(corpus, b, *args, "--max-steps", k))
-    check_ok(resume(b, "--max-steps", K))
-    assert train_losses(a) == train_losses(b)
-    assert_same_params(a / "last.npz", b / "last.npz")
-    assert progress(a / "last.npz")["epoch"] == progress(b / "last.npz")["epoch"] == 2
+    a = assert_resume_is_exact(tmp_path, corpus, args, k, K)
+    assert progress(a / "last.npz")["epoch"] == progress(tmp_path / "b" / "last.npz")["epoch"] == 2
 
 
 def fake_evaluate(model, ids, batch_size, seq_len, world=None):
