@@ -14,7 +14,9 @@ CBLAS against this): (512x128)@(128x16) 34.6 / 14.7, (2048x512)@(512x32) 782 / 4
 140-157 GFLOP/s (benchmarks/README.md).
 
 The functions are written in LLVM IR here and compiled by llvmlite (numba's own code
-generator, so no new dependency) for the host CPU, one per (M, K, N), on first use. They are
+generator, so no new dependency) for the host CPU, one per (M, K, N), on first use; the object
+code is kept on disk (objcache.py, beside numba's cache), so a later process loads it in about a
+millisecond instead of compiling for 0.1 s a shape (:class:`CodeGen`). They are
 used only where the CPU has AVX-512, the only kind they were measured on (elsewhere LLVM
 would split each vector into narrower ones), and after a product checked against NumPy's. The
 compiled LSTM loops (loops.py) call them through a ctypes pointer, as they call sgemm.
@@ -36,7 +38,7 @@ ACCUMULATORS = 28  # of the 32 vector registers; the rest hold B's row and a bro
 # from 96, too few rows fit a panel: (2048x512)@(512x128) 3.0 against 2.5 ms.
 MIN_N, MAX_N = 1, 4 * LANES
 
-_state = None  # (llvmlite.binding, target machine, cpu, features, engines kept alive), or False
+_state = None  # a CodeGen for this CPU, or False
 _lock = threading.RLock()  # where numba's compiler lock is missing (see _compiler_lock)
 _compiled = {}  # (M, K, N) -> ctypes function
 SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
@@ -63,13 +65,18 @@ def vectors_per_panel(N: int) -> int:
 V = "<16 x float>"  # an AVX-512 register of floats, in LLVM IR
 
 
+def symbol(M: int, K: int, N: int) -> str:
+    """The product's function name (one engine holds the products of every shape)."""
+    return f"mm_{M}x{K}x{N}"
+
+
 def _ir(M: int, K: int, N: int, cpu: str, features: str) -> str:
-    """The LLVM IR of ``void mm(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape: W packed
+    """The LLVM IR of ``void mm_MxKxN(ptr W, ptr B, i64 ldb, ptr C, i64 ldc)`` for one shape: W packed
     by :func:`packed`, B and C row-major with row strides ldb and ldc (in floats). The two
     kernels share the scaffolding below (the loops over panels and over k) and differ in what
     a step of k loads and how the sums reach C."""
     lines = [f"declare {V} @llvm.fma.v16f32({V}, {V}, {V})",
-             "define void @mm(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {",
+             f"define void @{symbol(M, K, N)}(ptr noalias %W, ptr noalias %B, i64 %ldb, ptr noalias %C, i64 %ldc) #0 {{",
              "entry:"]
     (_body_cols if streams_in_lanes(N) else _body_rows)(lines.append, M, K, N)
     lines += ["done:", "  ret void", "}",
@@ -271,27 +278,94 @@ def _setup():
     return _state
 
 
+class CodeGen:
+    """llvmlite's code generator for one CPU (``cpu``, ``features``: LLVM's names), with the
+    cache its products' object code is kept in (objcache.ObjectCache, or None), and the one
+    execution engine that holds the products it has loaded (the code lives as long as the
+    engine, and the engine owns the target machine: one engine, so it is freed once)."""
+
+    def __init__(self, cpu: str, features: str, cache=None):
+        import llvmlite
+        import llvmlite.binding as llvm
+
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        self.llvm, self.cpu, self.features, self.cache = llvm, cpu, features, cache
+        self.tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3)
+        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
+        self.loaded = {}  # (M, K, N) -> ctypes function
+        self.versions = {"llvmlite": llvmlite.__version__, "llvm": ".".join(map(str, llvm.llvm_version_info)),
+                         "triple": llvm.get_default_triple()}
+        try:
+            import numba
+
+            self.versions["numba"] = numba.__version__
+        except ImportError:
+            pass
+
+    def key(self, M: int, K: int, N: int, source: str | None = None) -> dict:
+        """What the product's object code depends on: its shape, the CPU, the versions and the
+        engine's sources (``source``, default their digest)."""
+        if source is None:
+            from . import SOURCE_DIGEST as source
+        return product_key(M, K, N, self.cpu, self.features, source, self.versions)
+
+    def object_code(self, M: int, K: int, N: int) -> bytes:
+        """The product compiled (optimised, machine code) now, as an object file's bytes."""
+        llvm = self.llvm
+        module = llvm.parse_assembly(_ir(M, K, N, self.cpu, self.features))
+        module.verify()
+        passes = llvm.create_pass_builder(self.tm, llvm.create_pipeline_tuning_options(speed_level=3))
+        passes.getModulePassManager().run(module, passes)
+        return self.tm.emit_object(module)
+
+    def product(self, M: int, K: int, N: int):
+        """The product for this shape, a ctypes function: loaded once, from the cache where
+        it holds it, else compiled now (and stored there). Not thread-safe: the module's
+        :func:`product` calls it under the compiler lock."""
+        fn = self.loaded.get((M, K, N))
+        if fn is not None:
+            return fn
+        key = self.key(M, K, N) if self.cache is not None else None
+        code = self.cache.load(key) if key is not None else None
+        if code is None:
+            code = self.object_code(M, K, N)
+            if key is not None:
+                self.cache.store(key, code)
+        self.engine.add_object_file(self.llvm.ObjectFileRef.from_data(code))
+        self.engine.finalize_object()
+        fn = self.loaded[(M, K, N)] = SIGNATURE(self.engine.get_function_address(symbol(M, K, N)))
+        return fn
+
+
+def product_key(M: int, K: int, N: int, cpu: str, features: str, source: str, versions: dict) -> dict:
+    """The cache key of a product: its shape, the CPU's name and features (LLVM's), the library
+    versions and the digest of the engine's sources (which generate the code)."""
+    return {"what": "packed product", "shape": [M, K, N], "cpu": cpu, "features": features, "source": source,
+            **versions}
+
+
 def _new_state():
     if not kernels.available:
         return False
     try:
         import llvmlite.binding as llvm
 
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
         features = llvm.get_host_cpu_features()
         if not features.get("avx512f"):
             return False
-        cpu, flat = llvm.get_host_cpu_name(), features.flatten()
-        tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=flat, opt=3)
-        state = (llvm, tm, cpu, flat, [])
-        # One product checked against NumPy's before any loop trusts the code generator.
+        from . import objects_dir
+        from .objcache import ObjectCache
+
+        state = CodeGen(llvm.get_host_cpu_name(), features.flatten(), ObjectCache(objects_dir()))
+        # One product checked against NumPy's before any loop trusts the code generator (and
+        # the cache: this product comes from it too after the first run).
         rng = numpy.random.default_rng(0)
         W = rng.normal(size=(37, 19)).astype(numpy.float32)
         B = rng.normal(size=(19, 41)).astype(numpy.float32)
         C = numpy.zeros((37, 50), dtype=numpy.float32)
         Wp = packed(W, 20)
-        _compile(state, 37, 19, 20)(Wp.ctypes.data, B.ctypes.data, 41, C.ctypes.data, 50)
+        state.product(37, 19, 20)(Wp.ctypes.data, B.ctypes.data, 41, C.ctypes.data, 50)
         if numpy.allclose(C[:, :20], W @ B[:, :20], rtol=1e-4, atol=1e-4) and not C[:, 20:].any():
             return state
     except Exception:  # noqa: BLE001 - no usable code generator: OpenBLAS does the products
@@ -310,18 +384,6 @@ def _compiler_lock():
         return _lock
 
 
-def _compile(state, M: int, K: int, N: int):
-    llvm, tm, cpu, flat, engines = state
-    module = llvm.parse_assembly(_ir(M, K, N, cpu, flat))
-    module.verify()
-    passes = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
-    passes.getModulePassManager().run(module, passes)
-    engine = llvm.create_mcjit_compiler(module, tm)
-    engine.finalize_object()
-    engines.append(engine)  # the code lives as long as its engine
-    return SIGNATURE(engine.get_function_address("mm"))
-
-
 def available() -> bool:
     return bool(_setup())
 
@@ -333,12 +395,9 @@ def usable(N: int) -> bool:
 
 def product(M: int, K: int, N: int):
     """The compiled product for this shape, a ctypes function (W packed, B, ldb, C, ldc)."""
-    key = (M, K, N)
-    fn = _compiled.get(key)
+    fn = _compiled.get((M, K, N))
     if fn is None:
         state = _setup()
         with _compiler_lock():
-            fn = _compiled.get(key)
-            if fn is None:
-                fn = _compiled[key] = _compile(state, M, K, N)
+            fn = _compiled[(M, K, N)] = state.product(M, K, N)
     return fn
