@@ -43,6 +43,7 @@ import numpy
 
 from .backend import to_host
 from .nn.model import LanguageModel
+from .nn.ops import Ops
 from .score import LN2, Scored, encode_known
 
 # MS_g's ε, relative to mean(sqrt(MS_g)) (scale-free: MS_g's scale follows the loss's).
@@ -163,22 +164,22 @@ class DynamicUpdate:
         scale = {k: r + eps for k, r in roots.items()}  # s
         mean_s = mean_root + eps
         self.lr, self.decay = lr, decay
-        # θ ← θ (1 − r) + r θ0 − (η / s) g, r = min(λ s / mean(s), 1): four in-place passes a
-        # step over arrays kept for it (the decay's pull, r (θ0 − θ), at the old θ).
-        self.rate = {k: xp.minimum(decay * s / mean_s, 1.0).astype(s.dtype) for k, s in scale.items()}
-        self.keep = {k: (1.0 - r).astype(r.dtype) for k, r in self.rate.items()}
-        self.pull = {k: (self.rate[k] * theta0[k]).astype(theta0[k].dtype) for k in scale}
+        # θ ← θ (1 − r) + r θ0 − (η / s) g, r = min(λ s / mean(s), 1), over arrays kept for it
+        # (the decay's pull, r (θ0 − θ), at the old θ); without a decay (r = 0), θ − (η / s) g.
+        self.keep, self.pull = {}, {}
+        if decay > 0:
+            rate = {k: xp.minimum(decay * s / mean_s, 1.0).astype(s.dtype) for k, s in scale.items()}
+            self.keep = {k: (1.0 - r).astype(r.dtype) for k, r in rate.items()}
+            self.pull = {k: (rate[k] * theta0[k]).astype(theta0[k].dtype) for k in scale}
         self.lr_scale = {k: (lr / s).astype(s.dtype) for k, s in scale.items()}
 
-    def step(self, params: dict, grads: dict):
+    def step(self, params: dict, grads: dict, ops=None):
         """One update of ``params`` in place from ``grads`` (of the segment's loss at params;
-        overwritten)."""
+        they may be overwritten), one parameter at a time by ``ops`` (the model's; default the
+        reference operations)."""
+        ops = ops or Ops()
         for k, p in params.items():
-            g = grads[k]
-            p *= self.keep[k]
-            p += self.pull[k]
-            g *= self.lr_scale[k]
-            p -= g
+            ops.dynamic_step(p, grads[k], self.keep.get(k), self.pull.get(k), self.lr_scale[k])
 
 
 def _xp(a):
@@ -225,7 +226,7 @@ def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, prog
             done += T
             if adapt and done < P:  # no step after the last segment: nothing is left to score
                 grads, _ = adapted.backward(cache)
-                rule.step(adapted.params, grads)
+                rule.step(adapted.params, grads, adapted.ops)
             if progress:
                 progress(done, P)
     return out

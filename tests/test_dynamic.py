@@ -280,6 +280,31 @@ def test_the_default_statistics_leave_out_the_validation_tail(run, loaded):
     assert math.isfinite(float(sum(float(v.sum()) for v in dyn.gradient_stats(lm, ids[-200:], 8).values())))
 
 
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_the_engine_adapts_as_the_reference_does(run, dtype, tol, decay):
+    """Dynamic evaluation on the CPU engine's paths (its compiled loops, packed products where
+    the CPU has them, the one-pass update) against the reference operations (Settings.reference):
+    the gradient statistics and every token's surprisal. float64 runs the reference maths on
+    both (the kernels take float32), so they agree to rounding; float32 within the kernels'
+    error (test_engine.py) compounded over the updates (measured: 3e-6 bits)."""
+    from charnn.engine.settings import Settings
+
+    folder, _ = run
+    text, stats_text = ODD * 3 + corpus_text(6, seed=21), corpus_text(20, seed=13)
+    settings = dyn.DynamicSettings(0.01, decay, 8)
+    got = {}
+    for name, paths in (("engine", Settings(threads=1)), ("reference", Settings.reference())):
+        lm, vocab, _ = load_model(folder / "run" / "model.npz", get_backend("cpu", dtype, settings=paths))
+        ms = dyn.gradient_stats(lm, dyn.text_ids(vocab, stats_text), settings.segment)
+        got[name] = ms, dyn.score_dynamic(lm, vocab, text, settings, ms, with_tokens=True)
+    (ms_e, engine), (ms_r, reference) = got["engine"], got["reference"]
+    for k in ms_r:
+        assert numpy.abs(ms_e[k] - ms_r[k]).max() <= tol * float(ms_r[k].max()), k
+    numpy.testing.assert_allclose(engine.surprisal, reference.surprisal, rtol=0, atol=tol)
+    assert engine.tokens == reference.tokens > 200
+
+
 def test_dynamic_evaluation_keeps_its_arrays_on_the_device(run):
     """On the stand-in device (CuPy's rules without a GPU) the statistics, the update and the
     scores match the NumPy backend's (both float64), and the adapted weights stay on the device."""

@@ -171,6 +171,28 @@ def test_the_engine_declares_what_it_overrides():
     assert all(hasattr(Ops, name) for name in CpuOps.accelerated)
 
 
+@needs_numba
+@pytest.mark.parametrize("decay", [False, True])
+def test_dynamic_step_matches_the_reference_bit_for_bit(decay):
+    """Dynamic evaluation's compiled update rounds every operation as the reference's NumPy
+    passes do (no fused multiply-add), on a matrix and on a non-contiguous view (which the
+    reference updates)."""
+    rng = numpy.random.default_rng(3)
+    f = numpy.float32
+    p, g, scale, keep, pull = (rng.normal(0, 1, (37, 19)).astype(f) for _ in range(5))
+    args = (keep, pull, scale) if decay else (None, None, scale)
+    want, got = p.copy(), p.copy()
+    Ops().dynamic_step(want, g.copy(), *args)
+    CpuOps(Settings(threads=1)).dynamic_step(got, g.copy(), *args)
+    numpy.testing.assert_array_equal(got, want)
+    assert not numpy.array_equal(got, p)
+    view, ref = p.copy()[:, ::2], p.copy()[:, ::2]
+    vargs = tuple(None if a is None else numpy.ascontiguousarray(a[:, ::2]) for a in args)
+    Ops().dynamic_step(ref, g[:, ::2].copy(), *vargs)
+    CpuOps(Settings(threads=1)).dynamic_step(view, g[:, ::2].copy(), *vargs)
+    numpy.testing.assert_array_equal(view, ref)
+
+
 def test_settings_come_from_the_environment_once():
     s = Settings.from_env({"CHARNN_THREADS": "1", "CHARNN_KERNELS": "numpy", "CHARNN_ROWSPLIT": "0",
                            "CHARNN_PACKED": "0"})

@@ -327,6 +327,19 @@ if available:
             v[i] = vi
             p[i] -= step * mi / (numpy.sqrt(vi) * inv + eps)
 
+    @numba.njit(cache=True, nogil=True, boundscheck=False)  # no fastmath: NumPy's roundings, step by step
+    def dynamic_step(p, g, keep, pull, scale, decay):
+        """Dynamic evaluation's update of flat float32 arrays in one pass (dynamic.py): p <-
+        p * keep + pull - g * scale, each operation rounded as NumPy's passes round it (no
+        fused multiply-add), so the results are theirs bit for bit; keep and pull are read
+        only with ``decay``. g is not written."""
+        if decay:
+            for i in range(p.shape[0]):
+                p[i] = (p[i] * keep[i] + pull[i]) - g[i] * scale[i]
+        else:
+            for i in range(p.shape[0]):
+                p[i] = p[i] - g[i] * scale[i]
+
     @jit
     def class_words_forward_backward(Xt, W, b, targets, order, groups, k0, k1, starts, ends, offsets, nll, P, scale,
                                      dW, db, dXt, sq):

@@ -96,6 +96,17 @@ class Ops:
         it updated (the reference: none; Optimizer.step updates them one by one)."""
         return set()
 
+    # ----- dynamic evaluation (dynamic.py) -----
+    def dynamic_step(self, p, g, keep, pull, scale):
+        """One step of dynamic evaluation's rule on one parameter, in place: p <- p * keep +
+        pull - g * scale (dynamic.DynamicUpdate), where keep and pull are None without a decay
+        (keep 1, pull 0). g may be overwritten."""
+        if keep is not None:
+            p *= keep
+            p += pull
+        g *= scale
+        p -= g
+
     # ----- sampling -----
     def draw_scaled(self, logits, temperature: float, rng):
         """An index drawn from softmax(logits / temperature) by a faster route, or None (the
