@@ -112,6 +112,17 @@ def test_onehot_projection_and_scatter_match_numpy():
     numpy.testing.assert_allclose(db, dXP.sum(axis=1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1024, 256), (37, 19), (16, 48), (1, 5), (5, 1)])
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_transposed_copies_in_tiles(shape, dtype):
+    # Whole and partial 16 x 16 tiles; a view that is not C-contiguous takes NumPy's copy.
+    W = numpy.random.default_rng(shape[0]).normal(size=shape).astype(dtype)
+    for view in (W, W[:, ::-1], numpy.asfortranarray(W)):
+        T = kernels.transposed(view)
+        assert T.flags.c_contiguous and T.dtype == dtype
+        numpy.testing.assert_array_equal(T, view.T)
+
+
 def test_fused_adam_matches_plain(monkeypatch):
     out = {}
     for mode, ops in (("numba", CpuOps(Settings())), ("numpy", None)):

@@ -51,6 +51,32 @@ def test_packed_layout():
         numpy.testing.assert_array_equal(packed.packed(W.T, N), packed.packed(numpy.ascontiguousarray(W.T), N))
 
 
+def _layout(W, N):
+    """packed.packed's layout written plainly: panels of rows, each k-major, zero-padded to
+    16 * vectors_per_panel(N) rows where the lanes run over rows."""
+    M, K = W.shape
+    pad = not packed.streams_in_lanes(N)
+    R = packed.LANES * packed.vectors_per_panel(N) if pad else packed.rows_per_panel(N)
+    panels = []
+    for p0 in range(0, M, R):
+        block = W[p0:p0 + R]
+        panel = numpy.zeros((K, R if pad else len(block)), numpy.float32)
+        panel[:, :len(block)] = block.T
+        panels.append(panel.ravel())
+    return numpy.concatenate(panels)
+
+
+@pytest.mark.parametrize("M,K", [(70, 40), (33, 17), (128, 64), (1, 5), (45, 1)])
+@pytest.mark.parametrize("N", [1, 5, 16, 20, 33, 64])  # panels of 128, 80, 28, 32, 32 and 7 rows
+def test_packing_in_tiles_and_from_a_transpose_keeps_the_layout(M, K, N):
+    # Shapes with whole and partial 16 x 16 tiles, a matrix and the transposed view of one
+    # (each packed by its own loop), and a strided view (copied first).
+    rng = numpy.random.default_rng(M * 100 + K + N)
+    W = rng.normal(size=(M, K)).astype(numpy.float32)
+    for view in (W, numpy.ascontiguousarray(W.T).T, rng.normal(size=(M, 2 * K)).astype(numpy.float32)[:, ::2]):
+        numpy.testing.assert_array_equal(packed.packed(view, N), _layout(view, N))
+
+
 def test_usable_bounds():
     # Where the CPU lacks AVX-512 no width is usable, so the loops always fall back.
     inside = packed.available()

@@ -6,7 +6,9 @@ the file that defines a function when it reuses its cache, but loops.py's compil
 inline kernels.py's step kernels: an edit to kernels.py once left loops.py's stale compiled
 code running (and a test against it passing). Keyed by all the sources, an edit to any of
 them starts a fresh cache, and the first run after it compiles again (a few seconds), which
-the commands say (:func:`compiles_first`).
+the commands say (:func:`compiles_first`). packed.py's products, which llvmlite compiles
+outside numba, keep their object code beside it (:func:`objects_dir`, objcache.py), in a folder
+named for the same digest.
 """
 
 from __future__ import annotations

@@ -237,43 +237,57 @@ def packed(W, N: int):
         R = LANES * vectors_per_panel(N)
         size = -(-M // R) * R * K
     out = numpy.empty(size, dtype=numpy.float32)
-    if W.flags.c_contiguous:
-        _pack(W, False, R, not streams_in_lanes(N), out)
-    elif W.T.flags.c_contiguous:  # the transposed view of a weight matrix (the backward loops')
-        _pack(W.T, True, R, not streams_in_lanes(N), out)
+    pad = not streams_in_lanes(N)
+    if W.T.flags.c_contiguous and not W.flags.c_contiguous:  # the transposed view of a matrix
+        _pack_from_transpose(W.T, R, pad, out)
     else:
-        _pack(numpy.ascontiguousarray(W), False, R, not streams_in_lanes(N), out)
+        _pack_transposing(numpy.ascontiguousarray(W), R, pad, out)
     return out
 
 
-PACK_TILE = 16  # columns of W transposed at a time: a panel's 16 runs of out stay in cache
+SMALL_PANEL = 32  # rows: up to this many, a panel is transposed a row at a time
 
 
 if kernels.available:
     @kernels.jit
-    def _pack(S, transposed, R, pad, out):
-        """The loop of :func:`packed` over S, C-contiguous: W itself, or with ``transposed`` its
-        transpose (the loops pack Wh^T from Wh). From W's transpose each k of a panel is a run
-        of consecutive floats (a copy); from W itself, a transpose, done PACK_TILE columns at a
-        time. Both read and write with unit strides where they can, so LLVM vectorises them
-        (with strides known only at run time it did not: a (1024, 256) matrix for N = 1 took
-        270 us, and its transposed view 245)."""
-        M = S.shape[1] if transposed else S.shape[0]
-        K = S.shape[0] if transposed else S.shape[1]
+    def _pack_from_transpose(S, R, pad, out):
+        """The loop of :func:`packed` for W = S^T, S C-contiguous (the loops pack Wh^T from Wh):
+        column k of a panel of W's rows is a run of consecutive floats of S's row k, copied as
+        a slice (unit strides LLVM can see: 240 us for W (256, 1024) at N = 1 when S was read
+        by W's strides)."""
+        K, M = S.shape
         i = 0
         for p0 in range(0, M, R):
             rows = min(R, M - p0)
             width = R if pad else rows
-            if transposed:
-                for k in range(K):
-                    for r in range(rows):
-                        out[i + k * width + r] = S[k, p0 + r]
+            for k in range(K):
+                dst = out[i + k * width:i + (k + 1) * width]
+                src = S[k, p0:p0 + rows]
+                for r in range(rows):
+                    dst[r] = src[r]
+                for r in range(rows, width):
+                    dst[r] = 0.0
+            i += width * K
+
+    @kernels.jit
+    def _pack_transposing(S, R, pad, out):
+        """The loop of :func:`packed` for W = S, C-contiguous: each panel is a transpose. A
+        panel of up to SMALL_PANEL rows stays in cache while it is written a row of W at a
+        time, its writes ``width`` floats apart ((1024, 256) for N = 16 in 118 us); a larger
+        one would not (N = 1, panels of 128 rows: 253 us), and is done in tiles
+        (kernels.transpose_rows: 177 us)."""
+        M, K = S.shape
+        i = 0
+        for p0 in range(0, M, R):
+            rows = min(R, M - p0)
+            width = R if pad else rows
+            if width <= SMALL_PANEL:
+                for r in range(rows):
+                    src = S[p0 + r]
+                    for k in range(K):
+                        out[i + k * width + r] = src[k]
             else:
-                for k0 in range(0, K, PACK_TILE):
-                    k1 = min(K, k0 + PACK_TILE)
-                    for r in range(rows):
-                        for k in range(k0, k1):
-                            out[i + k * width + r] = S[p0 + r, k]
+                kernels.transpose_rows(S, p0, rows, width, out, i)
             for k in range(K):
                 for r in range(rows, width):
                     out[i + k * width + r] = 0.0
