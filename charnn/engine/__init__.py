@@ -18,39 +18,39 @@ import os
 from pathlib import Path
 
 
-def _source_digest() -> str:
-    """The SHA-256 (hex) of every engine source file, names and contents."""
+def source_digest() -> str:
+    """A digest of every engine source file (16 hex digits)."""
+    here = Path(__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(here.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    return digest.hexdigest()[:16]
 
 
-SOURCE_DIGEST = _source_digest()
-
-
-def _cache_base() -> Path:
+def cache_base() -> Path:
+    """charnn's folder for what it caches on disk (compiled code, plans)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charnn"
 
 
-def _cache_dir(digest: str | None = None) -> Path:
-    """numba's cache folder for these sources (``digest``, default read from them now)."""
-    return _cache_base() / f"numba-{(digest or _source_digest())[:16]}"
+def _cache_dir() -> Path:
+    return cache_base() / f"numba-{source_digest()}"
+
+
+SOURCE_DIGEST = source_digest()  # the sources this process runs, read once
 
 
 def objects_dir() -> Path:
     """The folder of packed.py's compiled products (objcache.py), named for the engine's sources
     as numba's is: beside numba's cache (under NUMBA_CACHE_DIR where that is set)."""
     numba_dir = os.environ.get("NUMBA_CACHE_DIR")
-    base = Path(numba_dir) if numba_dir else _cache_base()
-    return base / f"packed-{SOURCE_DIGEST[:16]}"
+    return (Path(numba_dir) if numba_dir else cache_base()) / f"packed-{SOURCE_DIGEST}"
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):
     try:
         from numba.core import config as _numba_config
 
-        _numba_config.CACHE_DIR = str(_cache_dir(SOURCE_DIGEST))
+        _numba_config.CACHE_DIR = str(cache_base() / f"numba-{SOURCE_DIGEST}")
     except ImportError:  # numba missing: the engine runs the reference
         pass
 
