@@ -23,7 +23,7 @@ import numpy
 from .backend import to_host
 from .io.data import EvalStreams
 from .nn.model import LanguageModel
-from .io.vocab import EOS, Vocab
+from .io.vocab import Vocab
 
 LN2 = math.log(2)
 
@@ -75,11 +75,11 @@ def summarize(items: list[Scored]) -> dict:
 
 
 def separator_id(vocab: Vocab) -> int:
-    if vocab.level == "word":
-        return vocab.eos_id
-    if "\n" not in vocab.index:
+    """The id that ends every scored line; an error for a model that never saw one."""
+    sep = vocab.separator_id
+    if sep is None:
         raise ScoreError("this model never saw a newline, so it cannot score lines; use --document")
-    return vocab.index["\n"]
+    return sep
 
 
 def encode_known(vocab: Vocab, text: str, strict: bool, where: str = ""):
@@ -131,7 +131,7 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
         if vocab.level == "word":
             ids, toks = ids[:-1], toks[:-1]  # encode() ends a line with <eos>; added below
         seq = numpy.concatenate([ids, [sep]]).astype(numpy.int64)
-        items.append((line, seq, toks + ["\n" if vocab.level == "char" else EOS], excluded))
+        items.append((line, seq, toks + [vocab.separator], excluded))
     # Longest first, so each batch is padded little; results return in input order.
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
     results: list[Scored | None] = [None] * len(items)
@@ -178,8 +178,7 @@ def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int =
     ``progress`` is called with (tokens predicted, tokens to predict) before the first chunk and
     after each one."""
     ids, toks, excluded = encode_known(vocab, text, strict)
-    start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
-    seq = numpy.concatenate([[start], ids]).astype(numpy.int64)
+    seq = numpy.concatenate([[vocab.start_id], ids]).astype(numpy.int64)
     if len(seq) < 2:
         return Scored(text=text, tokens=0, logprob=0.0, excluded=excluded)
     es = EvalStreams(seq, streams, seq_len)

@@ -431,7 +431,7 @@ Examples:
 @click.option("--prime", default="", help="Text to warm the state on; generation continues it.", callback=unescape)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Same seed, same text [random].")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--stop-at", default=None, callback=unescape, help='Stop a sample when it ends with this text, e.g. "\\n" or ".".')
+@click.option("--stop-at", default=None, callback=unescape, help='End a sample as soon as its generated text contains this (kept), e.g. "\\n\\n" or ".".')
 @click.option("--beam-size", type=click.IntRange(min=1), default=None, help="Beam search for the most likely continuation instead of sampling.")
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
               help="--beam-size: no n-gram of this many tokens twice in the text [8 characters, 3 words; 0 = off].")

@@ -54,7 +54,7 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
                 text, logprob = beam_search(lm, vocab, length, beam_size, prime, no_repeat)
                 pieces = [text]
             else:
-                pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=None)
+                pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=stop_at)
             if not as_json:
                 out.write(prime)
             for piece in pieces:
@@ -62,8 +62,6 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
                 if not as_json:
                     out.write(piece)
                     out.flush()
-                if stop_at and "".join(made[-len(stop_at):]).endswith(stop_at):
-                    break
         except SampleError as e:
             raise click.ClickException(str(e)) from None
         text = "".join(made)
