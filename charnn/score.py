@@ -22,6 +22,7 @@ import numpy
 
 from .backend import to_host
 from .io.data import EvalStreams
+from .nn.functional import perplexity
 from .nn.model import LanguageModel
 from .io.vocab import Vocab
 
@@ -57,7 +58,7 @@ class Scored:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.nats_per_token, 700.0))
+        return perplexity(self.nats_per_token)
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "logprob": self.logprob,
@@ -70,7 +71,7 @@ def summarize(items: list[Scored]) -> dict:
     logprob = sum(s.logprob for s in items)
     nats = -logprob / tokens if tokens else 0.0
     return {"summary": True, "lines": len(items), "tokens": tokens, "logprob": logprob,
-            "nats_per_token": nats, "bits_per_token": nats / LN2, "perplexity": math.exp(min(nats, 700.0)),
+            "nats_per_token": nats, "bits_per_token": nats / LN2, "perplexity": perplexity(nats),
             "excluded": sum(s.excluded for s in items)}
 
 

@@ -65,8 +65,10 @@ from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_f
 from .dist import StepSync, World
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .io.fileio import file_kind, sha256_file
-from .nn.functional import class_bounds, dropout_mask
-from .nn.model import FORGET_BIAS, INPUT_SCALE, LanguageModel, ModelConfig
+from .nn.functional import class_bounds, dropout_mask, perplexity
+from .nn import cells
+from .nn.cells import FORGET_BIAS, INPUT_SCALE
+from .nn.model import LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
 from .io.vocab import Vocab, VocabError
 from .wording import plural
@@ -342,7 +344,7 @@ _PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon
 _AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
                  "max_epochs", "eval_every"}
 _BELOW_ONE = {"dropout", "val_fraction", "lr_hold", "weight_drop"}  # in [0, 1)
-_CHOICES = {"level": ("char", "word"), "cell": ("rnn", "lstm", "gru"), "activation": ("tanh", "relu"),
+_CHOICES = {"level": ("char", "word"), "activation": ("tanh", "relu"),
             "tokenizer": ("regex", "whitespace"), "optimizer": OPTIMIZERS, "lr_schedule": ("constant", "cosine"), "device": DEVICES, "dtype": DTYPES,
             "errors": ("strict", "replace", "ignore")}
 
@@ -376,6 +378,8 @@ def _train_field_ok(name: str, annotation: str, v) -> bool:
     elif "float" in annotation:
         ok = _is_number(v) and v >= 0 and (v < 1 if name in _BELOW_ONE else v <= 1 if name in ("state_reset", "lr_floor") else True)
         ok = ok and (v > 0 if name in ("lr", "lr_decay") else True)
+    elif name == "cell":
+        ok = isinstance(v, str) and v in cells.CELLS  # the registry, read now: cells registered later count
     else:
         ok = isinstance(v, str) and v in _CHOICES.get(name, (v,))
     return ok
@@ -836,7 +840,7 @@ class Trainer:
         p["last_val"] = val
         m = {"type": "eval", "step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(self.batches),
              "tokens": p["tokens"], "elapsed": self._elapsed(), "val_loss": val, "val_bits_per_token": val / math.log(2),
-             "val_perplexity": math.exp(min(val, 700)), "best_val_loss": p["best_saved"],
+             "val_perplexity": perplexity(val), "best_val_loss": p["best_saved"],
              "lr": p["lr"] * self.lr_factor()}  # the rate of the next step
         self._together(lambda: self._metric(m), root_only=True)
         text = None
@@ -1123,6 +1127,6 @@ class Trainer:
             "tokens_per_second": p["tokens"] / p["train_seconds"] if p["train_seconds"] else 0.0,
             "train_loss": p.get("last_train_loss"),
             "val_loss": val, "val_bits_per_token": None if val is None else val / math.log(2),
-            "val_perplexity": None if val is None else math.exp(min(val, 700)),
+            "val_perplexity": None if val is None else perplexity(val),
             "best_val_loss": p.get("best_saved"),
         }

@@ -188,7 +188,7 @@ def test_forget_bias_option_reaches_the_parameters(tmp_path, corpus):
 def test_forget_bias_default(tmp_path, corpus):
     assert TrainConfig(corpus="c").forget_bias == 0.0
     from charnn.cli import cli
-    from charnn.nn.model import FORGET_BIAS
+    from charnn.nn.cells import FORGET_BIAS
 
     option = next(p for p in cli.commands["train"].params if p.name == "forget_bias")
     assert option.default == FORGET_BIAS == 0.0  # the CLI's literal default and the model's agree
@@ -226,7 +226,7 @@ def test_a_run_saved_before_forget_bias_and_state_reset_resumes_with_their_old_v
 
 def test_input_scale_option_reaches_the_parameters(tmp_path, corpus):
     from charnn.cli import cli
-    from charnn.nn.model import INPUT_SCALE
+    from charnn.nn.cells import INPUT_SCALE
 
     option = next(p for p in cli.commands["train"].params if p.name == "input_scale")
     assert option.default == INPUT_SCALE == TrainConfig(corpus="c").input_scale

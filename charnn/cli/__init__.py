@@ -14,10 +14,10 @@ import click
 
 from .. import __version__
 from .. import dynamic as dynamic_defaults
-from ..backend import DEVICES, DTYPES, BackendError, get_backend
+from ..backend import DEVICES, DTYPES
 from ..nn import cells
 from ..io.fileio import file_kind
-from .common import Finite, fail, text_encoding
+from .common import Finite, text_encoding
 
 
 class CellChoice(click.Choice):
@@ -43,13 +43,6 @@ def device_options(f):
     f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto: the GPU when CuPy sees one, else the CPU.")(f)
     return f
-
-
-def backend_or_fail(device: str, dtype: str, announce: bool = True):
-    try:
-        return get_backend(device, dtype, announce=announce)
-    except BackendError as e:
-        fail(str(e))
 
 
 def int_list(ctx, param, value):
@@ -579,12 +572,3 @@ def export_command(model, out):
     from .export import run_export
 
     run_export(model, out)
-
-
-def main():
-    """The entry point without charnn/__main__.py's guard around the imports above."""
-    cli(prog_name="charnn")
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,8 @@ from ..backend import BackendError
 from ..dist import DistError, PeerStopped, RankError, env_rank, world_from_env
 from ..io.checkpoint import CheckpointError
 from ..io.data import CorpusError
-from ..nn.model import FORGET_BIAS, INPUT_SCALE, ModelError
+from ..nn.cells import FORGET_BIAS, INPUT_SCALE
+from ..nn.model import ModelError
 from ..nn.optim import weight_decay_problem
 from ..finetune import FineTuneError, InitFrom, merge_options
 from ..train import Finished, TrainConfig, Trainer, TrainError
