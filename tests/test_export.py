@@ -1,6 +1,6 @@
 """charnn export and import: safetensors files under PyTorch's names. Round trips without torch
 (export -> import -> the same parameters, scores and samples), files made elsewhere (biases split
-another way, no charnn configuration), refusals, and, where torch is installed, the README's
+another way, no charnn configuration), refusals, and, where torch is installed, docs/export.md's
 lines loading the file into nn.RNN / nn.LSTM / nn.GRU and giving charnn score's log-probabilities."""
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def test_refusals(tmp_path):
 # ----- PyTorch (skipped without torch) -----
 
 def torch_logprob(path, text):
-    """The README's lines: the exported file in nn.RNN / nn.LSTM / nn.GRU, then one line's
+    """docs/export.md's lines: the exported file in nn.RNN / nn.LSTM / nn.GRU, then one line's
     log-probability as charnn score computes it (from the newline before it to the one after)."""
     import torch
     from torch import nn

@@ -2,7 +2,7 @@
 
 The names are those of PyTorch's word_language_model example (``embedding``, ``rnn``,
 ``decoder``), so the tensors load into ``nn.Embedding`` / ``nn.RNN|LSTM|GRU`` / ``nn.Linear``
-with ``load_state_dict`` (the README shows how). With cells.py's notation, L a layer:
+with ``load_state_dict`` (docs/export.md shows how). With cells.py's notation, L a layer:
 
     charnn          PyTorch                  shape
     embed.W         embedding.weight         (V, E)    absent with one-hot input (E = 0): the RNN's
