@@ -339,7 +339,11 @@ def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int, world: Wo
 # uninterrupted one (or fail in the middle of the maths), so resume refuses it.
 _PROGRESS = {"step": "count", "epoch": "count", "chunk": "count", "tokens": "count", "opt_t": "count",
              "bad_evals": "count", "lr": "positive", "best_val": "loss"}
-_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon_seconds": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss"}
+_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon_seconds": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss",
+                      "best_step": "count", "best_seconds": "seconds"}
+# Scheduled evaluations in a row without a better validation loss after which a run without
+# --patience says that its best model is behind it (once per process).
+STALE_EVALS = 3
 # TrainConfig fields that must be at least 1 (the others that are numbers at least 0).
 _AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
                  "max_epochs", "eval_every"}
@@ -473,6 +477,7 @@ class Trainer:
         self.stop_requested = False  # (data-parallel: once every rank has heard of the request)
         self.interrupted_here = False  # SIGINT seen by this process
         self.time_up = False  # data-parallel: some rank's --time-limit ran out
+        self._said_stale = False  # the overfitting notice is said once per process
         self.shared = {}  # data-parallel: what rank 0 found, so the others need not read it again
         self.sync = None
         self.elapsed_before = 0.0  # seconds of the runs this one resumes
@@ -837,10 +842,11 @@ class Trainer:
         improved = p["best_saved"] is None or val < p["best_saved"] or not (self.out / ckpt_mod.BEST_NAME).exists()
         if improved:
             p["best_saved"] = val
+            p["best_step"], p["best_seconds"] = p["step"], p["train_seconds"]
         p["last_val"] = val
         m = {"type": "eval", "step": p["step"], "epoch": p["epoch"] + p["chunk"] / len(self.batches),
              "tokens": p["tokens"], "elapsed": self._elapsed(), "val_loss": val, "val_bits_per_token": val / math.log(2),
-             "val_perplexity": perplexity(val), "best_val_loss": p["best_saved"],
+             "val_perplexity": perplexity(val), "best_val_loss": p["best_saved"], "best_step": p.get("best_step"),
              "lr": p["lr"] * self.lr_factor()}  # the rate of the next step
         self._together(lambda: self._metric(m), root_only=True)
         text = None
@@ -851,6 +857,14 @@ class Trainer:
                                     rng=numpy.random.default_rng(p["step"])))
         self._save(best=improved)
         self.reporter.evaluation(m, text)
+        if scheduled and not cfg.patience and p["bad_evals"] == STALE_EVALS and not self._said_stale:
+            self._said_stale = True
+            best_at = "" if p.get("best_step") is None else f" at step {p['best_step']:,}"
+            self.reporter.message(
+                f"charnn train: validation loss has not improved for {STALE_EVALS} evaluations (best "
+                f"{p['best_saved']:.4f}{best_at}); model.npz keeps that model. The model may be overfitting this "
+                f"corpus: --dropout or a smaller --hidden may do better, and --patience N ends a run after N "
+                f"evaluations without improvement")
         return val
 
     def run(self) -> dict:
@@ -1129,4 +1143,6 @@ class Trainer:
             "val_loss": val, "val_bits_per_token": None if val is None else val / math.log(2),
             "val_perplexity": None if val is None else perplexity(val),
             "best_val_loss": p.get("best_saved"),
+            "best_step": p.get("best_step"),
+            "best_train_seconds": p.get("best_seconds"),
         }

@@ -737,3 +737,28 @@ def test_final_message_gives_the_saved_models_loss(tmp_path, corpus, monkeypatch
     r = check_ok(invoke("train", corpus, "--out", tmp_path / "b", *loud, "--eval-every", "2", "--max-steps", "4"))
     last = r.stderr.splitlines()[-1]
     assert last.endswith("validation loss 2.0000 nats/token") and "best" not in last
+
+
+def test_a_run_past_its_best_says_so(tmp_path, corpus, monkeypatch):
+    """Without --patience, a run whose validation loss stops improving says so once, during the
+    run, and its closing line says how much of the run came after the best model; the metrics
+    and the JSON summary record the best model's step. With --patience neither note appears."""
+    loud = [a for a in TINY if a != "-q"]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "a", *loud, "--eval-every", "2", "--max-steps", "14"))
+    notes = [line for line in r.stderr.splitlines() if "has not improved for 3 evaluations" in line]
+    assert len(notes) == 1 and "best 2.0000 at step 4" in notes[0] and "--patience" in notes[0]
+    last = r.stderr.splitlines()[-1]
+    assert "the best model is from step 4, so the last 10 steps (71% of the run" in last
+    assert last.endswith("did not improve it")
+    evals = [m for m in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")) if m["type"] == "eval"]
+    assert [m["best_step"] for m in evals] == [2, 4, 4, 4, 4, 4, 4]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "b", *TINY, "--eval-every", "2", "--max-steps", "14",
+                        "--json"))
+    result = json.loads(r.stdout)
+    assert result["best_step"] == 4 and 0 <= result["best_train_seconds"] <= result["train_seconds"]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "c", *loud, "--eval-every", "2", "--max-steps", "14",
+                        "--patience", "3"))
+    assert "has not improved" not in r.stderr and "did not improve it" not in r.stderr

@@ -15,7 +15,7 @@ import click
 from .. import __version__
 from .. import dynamic as dynamic_defaults
 from ..backend import DEVICES, DTYPES
-from ..nn import cells
+from ..nn import cells, optim
 from ..io.fileio import file_kind
 from .common import Finite, text_encoding
 
@@ -35,6 +35,11 @@ class CellChoice(click.Choice):
     @choices.setter
     def choices(self, value):
         pass
+
+
+def _rate(v: float) -> str:
+    """A learning rate as help texts write it: 3e-3, 0.1, 1."""
+    return (f"{v:.0e}" if v < 0.01 else f"{v:g}").replace("e-0", "e-")
 
 
 def device_options(f):
@@ -314,8 +319,9 @@ Examples:
 @click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Word level: drop rarer words to <unk>.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True, help="Steps of backpropagation through time.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Parallel streams.")
-@click.option("--optimizer", type=click.Choice(["adam", "adagrad", "rmsprop", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Learning rate [adam 3e-3, rmsprop 2e-3, adagrad 0.1, sgd 1].")
+@click.option("--optimizer", type=click.Choice(optim.OPTIMIZERS), default=optim.OPTIMIZERS[0], show_default=True)
+@click.option("--lr", type=Finite(min=0, min_open=True), default=None,
+              help=f"Learning rate [{', '.join(f'{name} {_rate(optim.DEFAULT_LR[name])}' for name in optim.OPTIMIZERS)}].")
 @click.option("--lr-decay", type=Finite(0, 1, min_open=True), default=1.0, show_default=True,
               help="Multiply the learning rate by this after each evaluation that does not improve on the best.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="cosine", show_default=True,

@@ -148,7 +148,7 @@ class ConsoleReporter(Reporter):
             self.console.print("  sample: " + shown.replace("\n", "\n          "), highlight=False, markup=False)
 
     def message(self, text: str):
-        self.console.print(text, highlight=False, markup=False)
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # the terminal wraps it
 
     def end(self):
         if self.progress is not None:

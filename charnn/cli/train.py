@@ -164,7 +164,21 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         else:
             said = f", validation loss {val:.4f} nats/token" if val is not None else ""
         click.echo(f"saved {result['model']} after {plural(result['steps'], 'step')} ({result['tokens_per_second']:,.0f} tokens/s)"
-                   + said, err=True)
+                   + said + past_best(result, trainer.cfg.patience), err=True)
     if result["stopped"] == "interrupted":
         click.echo(f"interrupted: checkpoint saved to {result['checkpoint']}; continue with --resume --out {out_dir}", err=True)
         sys.exit(130)
+
+
+def past_best(result: dict, patience) -> str:
+    """The closing line's note on a run whose best model is older than its last steps, when no
+    --patience would have stopped it: how much of the run went past the best point."""
+    best, steps = result.get("best_step"), result["steps"]
+    if patience or best is None or not steps or best >= steps:
+        return ""
+    past = steps - best
+    note = f"; the best model is from step {best:,}, so the last {plural(past, 'step')} ({past / steps:.0%} of the run"
+    seconds, best_seconds = result.get("train_seconds"), result.get("best_train_seconds")
+    if seconds and best_seconds is not None:
+        note += f", {seconds - best_seconds:,.0f} s"
+    return note + ") did not improve it"
