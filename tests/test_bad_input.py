@@ -574,7 +574,7 @@ def test_config_values_of_the_right_kind_still_work(tmp_path):
 def test_escapes_are_decoded_one_by_one():
     """Python's escapes mean what they do in Python; other characters (and unknown escapes)
     stay as typed: "é" was mangled into "Ã©" by decoding all the text as unicode_escape."""
-    from charnn.cli import unescape
+    from charnn.cli.options import unescape
 
     assert unescape(None, None, "é\\n") == "é\n"
     assert unescape(None, None, "a\\tb\\\\c\\x41\\u00e9\\N{BULLET}\\d") == "a\tb\\cAé•\\d"

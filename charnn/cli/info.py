@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import sys
 
+import click
+
 from ..io.checkpoint import CheckpointError, load, resolve
 from .common import fail, json_line
 from .sample import model_path
@@ -93,3 +95,18 @@ def text(d: dict) -> str:
 def run_info(model, as_json):
     d = describe(model)
     sys.stdout.write(json_line(d) if as_json else text(d))
+
+
+@click.command("info")
+@click.argument("model", required=False, type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (null where a field is unknown).")
+def info_command(model, as_json):
+    """Show what MODEL holds (a model file, run folder or .safetensors; default: the bundled
+    Shakespeare model): architecture, parameter count, file size, vocabulary, the training
+    corpus's digest, steps, tokens, validation loss and when it was saved.
+
+    \b
+      charnn info                      the bundled model
+      charnn info models/run --json    for programs
+    """
+    run_info(model, as_json)
