@@ -352,6 +352,8 @@ def test_crafted_model_files(tmp_path, model, make, needles):
     (["train", "C", "--input-scale", "-1"], "--input-scale"),
     (["train", "C", "--input-scale", "nan"], "--input-scale"),
     (["train", "C", "--embed", "4", "--input-scale", "0.5"], "--input-scale"),
+    (["train", "C", "--cell", "gru", "--activation", "relu"], "--activation"),  # the registry says which cells take it
+    (["train", "C", "--cell", "lstm", "--activation", "relu"], "--activation"),
     (["sample", "M", "--temperature", "-1"], "--temperature"),
     (["sample", "M", "--top-p", "0"], "--top-p"),
     (["sample", "M", "--top-p", "1.5"], "--top-p"),

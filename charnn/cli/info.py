@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..io.checkpoint import CheckpointError, load, resolve
+from ..nn import cells
 from .common import fail, json_line
 from .sample import model_path
 
@@ -36,7 +37,8 @@ def describe(model) -> dict:
         "file_bytes": path.stat().st_size,
         "resumable": bool(ckpt.optim),
         "cell": c.cell, "layers": c.layers, "hidden": c.hidden, "embed": c.embed,
-        "activation": c.activation if c.cell == "rnn" else None, "tie": c.tie, "dropout": c.dropout,
+        "activation": c.activation if len(cells.get(c.cell).activations) > 1 else None, "tie": c.tie,
+        "dropout": c.dropout,
         "classes": c.n_classes, "parameters": c.n_params(),
         "vocab": {"level": v.level, "size": len(v), "tokenizer": v.tokenizer if v.level == "word" else None,
                   "first": v.tokens[:SHOWN_TOKENS]},

@@ -36,6 +36,11 @@ def default_out(corpus: str, opts: dict) -> Path:
     return Path("models") / f"{stem}-{opts['cell']}-{opts['layers']}x{opts['hidden']}"
 
 
+def _cells_with(has) -> str:
+    """The registered cells with a property, as a command line names them: "--cell lstm"."""
+    return "--cell " + " or ".join(name for name, c in cells.CELLS.items() if has(c))
+
+
 def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from=None, extend_vocab=False,
               given=None):
     try:
@@ -94,8 +99,14 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     problem = weight_decay_problem(opts["optimizer"], opts["lr"], opts["weight_decay"])
     if problem:
         raise click.BadParameter(problem, param_hint="--weight-decay")
-    if opts["cell"] != "lstm" and opts["forget_bias"] != FORGET_BIAS:
-        raise click.BadParameter("applies to --cell lstm only", param_hint="--forget-bias")
+    cell = cells.get(opts["cell"])
+    if not cell.forget_gate and opts["forget_bias"] != FORGET_BIAS:
+        raise click.BadParameter(f"applies to {_cells_with(lambda c: c.forget_gate)} only", param_hint="--forget-bias")
+    # Only an activation asked for: a model file from before this check (a GRU saved with relu,
+    # which it ignored) still fine-tunes.
+    if "activation" in explicit | (given or set()) and opts["activation"] not in cell.activations:
+        raise click.BadParameter(f"{opts['activation']} applies to {_cells_with(lambda c: opts['activation'] in c.activations)} "
+                                 f"only", param_hint="--activation")
     if opts["embed"] and opts["input_scale"] != INPUT_SCALE:
         raise click.BadParameter("applies to one-hot input (--embed 0) only", param_hint="--input-scale")
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
