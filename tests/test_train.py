@@ -190,7 +190,7 @@ def test_forget_bias_default(tmp_path, corpus):
     from charnn.cli import cli
     from charnn.nn.cells import FORGET_BIAS
 
-    option = next(p for p in cli.commands["train"].params if p.name == "forget_bias")
+    option = next(p for p in cli.get_command(None, "train").params if p.name == "forget_bias")
     assert option.default == FORGET_BIAS == 0.0  # the CLI's literal default and the model's agree
     check_ok(train(corpus, tmp_path / "r", "--max-steps", 1))
     assert checkpoint.load(tmp_path / "r" / "last.npz").meta["train"]["forget_bias"] == 0.0
@@ -228,7 +228,7 @@ def test_input_scale_option_reaches_the_parameters(tmp_path, corpus):
     from charnn.cli import cli
     from charnn.nn.cells import INPUT_SCALE
 
-    option = next(p for p in cli.commands["train"].params if p.name == "input_scale")
+    option = next(p for p in cli.get_command(None, "train").params if p.name == "input_scale")
     assert option.default == INPUT_SCALE == TrainConfig(corpus="c").input_scale
     for value in ("0", "1"):
         check_ok(train(corpus, tmp_path / value, "--input-scale", value, "--max-steps", 1, "--lr", "1e-12"))
