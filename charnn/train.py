@@ -70,6 +70,7 @@ from .nn import cells
 from .nn.cells import FORGET_BIAS, INPUT_SCALE
 from .nn.model import LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
+from .score import stream_losses
 from .io.vocab import Vocab, VocabError
 from .wording import plural
 
@@ -320,14 +321,10 @@ def evaluate(model: LanguageModel, ids, batch_size: int, seq_len: int, world: Wo
     if world is not None and world.size > 1:
         cuts = numpy.linspace(0, streams.N, world.size + 1).round().astype(int)
         a, b = int(cuts[world.rank]), int(cuts[world.rank + 1])
-    state = None
     total = model.xp.zeros((), dtype=numpy.float64)
-    for k in range(len(streams) if b > a else 0):
-        x, y, w = streams.chunk(k)
-        if (a, b) != (0, streams.N):
-            x, y, w = x[:, a:b], y[:, a:b], w[:, a:b]
-        nll, state = model.nll(x, y, state)
-        total += (nll.astype(numpy.float64) * to_device(w, model.xp)).sum()
+    if b > a:
+        for _, nll, w in stream_losses(model, streams, None if (a, b) == (0, streams.N) else (a, b)):
+            total += (nll.astype(numpy.float64) * to_device(w, model.xp)).sum()
     total = to_float(total)
     if world is not None and world.size > 1:
         total = world.sum(total)
