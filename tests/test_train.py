@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy
 import pytest
 
-import charnn.train as train_mod
+import charnn.training.regularise as regularise_mod
+import charnn.training.trainer as train_mod  # the loop, and the names it calls
 from charnn.io import checkpoint
 from charnn.io import corpus as corpus_mod
 from charnn.backend import to_host
@@ -99,7 +100,7 @@ def _one_step(monkeypatch, tmp_path, corpus, name, weight_drop):
     from charnn.nn.model import LanguageModel as Model
 
     seen, drawn = {}, []
-    real_lg, real_mask = Model.loss_and_grads, train_mod.dropout_mask
+    real_lg, real_mask = Model.loss_and_grads, regularise_mod.dropout_mask
 
     def loss_and_grads(self, *a, **k):
         seen["Wh"] = {n: v.copy() for n, v in self.params.items() if n.endswith(".Wh")}
@@ -112,7 +113,7 @@ def _one_step(monkeypatch, tmp_path, corpus, name, weight_drop):
         return drawn[-1]
 
     monkeypatch.setattr(Model, "loss_and_grads", loss_and_grads)
-    monkeypatch.setattr(train_mod, "dropout_mask", mask)
+    monkeypatch.setattr(regularise_mod, "dropout_mask", mask)
     cfg = TrainConfig(corpus=str(corpus), layers=2, hidden=8, seq_len=6, batch_size=3, optimizer="sgd", lr=0.5,
                       clip=0.0, max_steps=1, state_reset=0.0, dtype="float64", weight_drop=weight_drop,
                       lr_schedule="constant", sample_length=0, out=str(tmp_path / name))
