@@ -488,7 +488,7 @@ class Trainer:
                                      f"resume needs, so it cannot continue exactly; train in another --out, or move "
                                      f"{ckpt_mod.BEST_NAME} away to start afresh here")
                 raise TrainError(f"{self.out}: nothing to resume (no {ckpt_mod.LAST_NAME})")
-            saved = ckpt_mod.load(last_path)
+            saved = ckpt_mod.load(last_path, "float64")  # (finite in the file; in the run's dtype below)
             saved_cfg = resume_config(last_path, saved)
             for key, value in self.overrides.items():
                 if key in RESUMABLE:
@@ -496,6 +496,7 @@ class Trainer:
                 elif getattr(saved_cfg, key) != value:
                     raise TrainError(f"cannot resume with --{key.replace('_', '-')} {value}: the checkpoint was trained with {getattr(saved_cfg, key)}")
             cfg = self.cfg = saved_cfg
+            ckpt_mod.check_values(last_path, saved, cfg.dtype)
             self._check_unfinished(saved.meta["progress"])
             self.init_record = saved.meta.get("init_from")
             digest = saved.meta.get("corpus_sha256")
