@@ -78,7 +78,7 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     init = None
     if init_from is not None:
         try:
-            init = InitFrom(init_from, extend_vocab)
+            init = InitFrom(init_from, extend_vocab, opts.get("dtype", "float32"))
             merge_options(opts, explicit | (given or set()), init.ckpt, init.path)
         except FineTuneError as e:
             raise click.ClickException(str(e)) from None
