@@ -65,6 +65,7 @@ from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_f
 from .dist import StepSync, World
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .io.fileio import file_kind, sha256_file
+from .io.metrics import METRICS_NAME
 from .nn.functional import class_bounds, dropout_mask
 from .nn.model import FORGET_BIAS, INPUT_SCALE, LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
@@ -75,6 +76,22 @@ from .wording import plural
 # may be named by another path (run from another folder): its content is checked by digest.
 RESUMABLE = {"max_steps", "max_epochs", "time_limit", "eval_every", "log_every", "patience",
              "device", "sample_length", "out", "corpus"}
+
+
+STDIN_NAME = "corpus-stdin.txt"  # where a corpus read from stdin is kept in the run folder
+
+
+def run_file(path) -> str | None:
+    """What ``path`` (symbolic links resolved) is to the run folder it sits in, when training
+    writes it there ("the resume checkpoint last.npz"); None for any other file, and for any
+    file of a folder that holds no run (none of model.npz, last.npz, metrics.jsonl, .lock)."""
+    p = Path(os.path.realpath(path))
+    names = {ckpt_mod.BEST_NAME: "the best model", ckpt_mod.LAST_NAME: "the resume checkpoint",
+             METRICS_NAME: "the metrics", RunLock.NAME: "the lock", STDIN_NAME: "the corpus kept from stdin"}
+    if not any((p.parent / n).exists() for n in (ckpt_mod.BEST_NAME, ckpt_mod.LAST_NAME, METRICS_NAME, RunLock.NAME)):
+        return None
+    what = names.get(p.name) or ("a token cache" if p.name.startswith("tokens-") else None)
+    return f"{what} {p.name}" if what else None
 
 
 class TrainError(RuntimeError):

@@ -19,12 +19,10 @@ from ..io.data import CorpusError
 from ..nn.model import FORGET_BIAS, INPUT_SCALE, ModelError
 from ..nn.optim import weight_decay_problem
 from ..finetune import FineTuneError, InitFrom, merge_options
-from ..train import Finished, TrainConfig, Trainer, TrainError
+from ..train import STDIN_NAME, Finished, TrainConfig, Trainer, TrainError
 from ..io.vocab import VocabError
 from .common import fail, json_line, regular_file
 from ..wording import plural
-
-STDIN_NAME = "corpus-stdin.txt"  # where a corpus read from stdin is kept in the run folder
 
 
 def default_out(corpus: str, opts: dict) -> Path:
