@@ -1036,6 +1036,7 @@ class Trainer:
         log_sum = xp.zeros((), dtype=numpy.float64)
         log_n, log_tokens, log_time = 0, 0, 0.0
         previous = signal.getsignal(signal.SIGINT)
+        stopping = "stopping after this step and saving a checkpoint (Ctrl-C again to abort)"
 
         def on_sigint(signum, frame):
             if self.interrupted_here:  # a second Ctrl-C: stop at once
@@ -1044,8 +1045,10 @@ class Trainer:
             self.interrupted_here = True
             if self.sync is None:  # (data-parallel: once the next Allreduce has told every rank)
                 self.stop_requested = True
-            self.reporter.message("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+            self.reporter.message(stopping)
 
+        # From the first step to the last save, Ctrl-C only asks to stop: the final evaluation
+        # and save are protected as the loop's are, so the steps done are never lost.
         signal.signal(signal.SIGINT, on_sigint)
         reason = None
         try:
@@ -1086,20 +1089,23 @@ class Trainer:
                     if cfg.patience and p["bad_evals"] >= cfg.patience:
                         reason = "early_stopping"
                         break
+            stopping = "finishing the final evaluation and saving (Ctrl-C again to abort)"
+            if log_n:
+                train_loss = to_float(log_sum) / log_n
+                self._together(lambda: self._check_loss(train_loss, "training loss"))
+                p["train_seconds"] += log_time
+                p["last_train_loss"] = train_loss
+            if reason == "interrupted":
+                self._check_model(self._train_sample_loss(), "training loss")
+                state = self._all_state()
+                self._together(lambda: self.save_last(state), root_only=True)
+            elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0):
+                # Stopped between scheduled evaluations (early stopping always stops right after one).
+                self.evaluate_and_save(sample=False, scheduled=False)
         finally:
             signal.signal(signal.SIGINT, previous)
-        if log_n:
-            train_loss = to_float(log_sum) / log_n
-            self._together(lambda: self._check_loss(train_loss, "training loss"))
-            p["train_seconds"] += log_time
-            p["last_train_loss"] = train_loss
-        if reason == "interrupted":
-            self._check_model(self._train_sample_loss(), "training loss")
-            state = self._all_state()
-            self._together(lambda: self.save_last(state), root_only=True)
-        elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0):
-            # Stopped between scheduled evaluations (early stopping always stops right after one).
-            self.evaluate_and_save(sample=False, scheduled=False)
+        if self.interrupted_here:
+            reason = "interrupted"  # (Ctrl-C during the last evaluation: all saved, and said so)
         self.reporter.end()
         return self.result(reason)
 
