@@ -570,7 +570,8 @@ def export_command(model, out):
     """Write MODEL (a model file or run folder) to OUT as a safetensors file under PyTorch's names
     (embedding.weight, rnn.weight_ih_l0, ..., decoder.weight), for nn.Embedding, nn.RNN/LSTM/GRU
     and nn.Linear; the vocabulary and configuration go in its metadata. charnn sample and
-    score read such files too.
+    score read such files too. OUT may not be MODEL's own file or one that training keeps in
+    a run folder (model.npz, last.npz, metrics.jsonl, ...): export refuses it.
 
     \b
       charnn export models/default shakespeare.safetensors
