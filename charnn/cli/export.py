@@ -10,7 +10,7 @@ import click
 from ..io import safetensors_file
 from ..io.checkpoint import CheckpointError, load, resolve
 from ..io.fileio import file_kind
-from ..train import run_file
+from ..training.folder import run_file
 from .common import fail
 
 
@@ -51,3 +51,20 @@ def refuse_own_files(model: Path, out: Path):
         folder = Path(os.path.realpath(out)).parent
         fail(f"{out}: is {what} of the run folder {folder}, which export would replace; name another file "
              f"(e.g. {folder / 'model.safetensors'})")
+
+
+@click.command("export")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("out", type=click.Path(dir_okay=False))
+def export_command(model, out):
+    """Write MODEL (a model file or run folder) to OUT as a safetensors file under PyTorch's names
+    (embedding.weight, rnn.weight_ih_l0, ..., decoder.weight), for nn.Embedding, nn.RNN/LSTM/GRU
+    and nn.Linear; the vocabulary and configuration go in its metadata. charnn sample and
+    score read such files too. OUT may not be MODEL's own file or one that training keeps in
+    a run folder (model.npz, last.npz, metrics.jsonl, ...): export refuses it.
+
+    \b
+      charnn export models/default shakespeare.safetensors
+      charnn sample shakespeare.safetensors -n 100
+    """
+    run_export(model, out)

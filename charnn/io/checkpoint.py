@@ -37,7 +37,7 @@ import numpy
 from numpy.lib import format as npy_format
 
 from . import bounds, safetensors_file
-from .fileio import atomic_write_bytes, file_kind  # noqa: F401  (atomic_write_bytes: train.py and tests use it)
+from .fileio import atomic_write_bytes, file_kind  # noqa: F401  (atomic_write_bytes: training and tests use it)
 from ..nn import cells
 from ..nn.model import LanguageModel, ModelConfig, ModelError
 from ..nn.optim import Adagrad, Adam, RMSprop
