@@ -43,17 +43,17 @@ def parse_json(raw, max_bytes: int = MAX_META, max_containers: int = MAX_META_CO
         BoundsError: not UTF-8, not JSON, over a cap, nested deeper than the parser's stack, or
             an integer of more than 4,300 digits; the message says which.
     """
-    if isinstance(raw, str):
-        raw = raw.encode("utf-8", "surrogatepass")
-    if len(raw) > max_bytes:
-        raise BoundsError(f"{len(raw):,} bytes, more than a model file's {max_bytes:,}")
+    encoded = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(encoded) > max_bytes:
+        raise BoundsError(f"{len(encoded):,} bytes, more than a model file's {max_bytes:,}")
     try:
-        containers, values = structure(raw)
+        containers, values = structure(encoded)
+        del encoded  # (a str's UTF-8 copy: only for counting)
         if containers > max_containers:
             raise BoundsError(f"{containers:,} lists and objects, more than a model file's metadata holds")
         if values > max_values:
             raise BoundsError(f"{values:,} values, more than a model file's metadata holds")
-        text = codecs.utf_8_decode(raw, "strict", True)[0]
+        text = raw if isinstance(raw, str) else codecs.utf_8_decode(raw, "strict", True)[0]
         return json.loads(text, object_pairs_hook=_unique if unique_keys else None)
     except BoundsError:
         raise

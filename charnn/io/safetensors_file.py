@@ -185,6 +185,7 @@ def read_header(f, file_size: int) -> tuple[dict, dict]:
                                    unique_keys=True)
     except bounds.BoundsError as e:
         raise SafetensorsFileError(f"not a valid safetensors file (its header: {e})") from None
+    del raw
     if not isinstance(header, dict):
         raise SafetensorsFileError("not a valid safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
