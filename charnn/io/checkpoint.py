@@ -10,10 +10,10 @@ loading one never runs code: an array of Python objects is refused. It holds
     state/L/h|c    float   the carried hidden state (H, N), in "last" checkpoints only, where
                            N is the metadata's train.batch_size
 
-Loading reads nothing the configuration does not call for: the zip directory and metadata are
-size-capped (bounds.py), a name outside this table is refused unread, and each array's dtype,
-shape and byte count (in its .npy header and the zip directory) are checked before its data is
-inflated. Only stored and deflated members are read, and only the format versions in ``READS``.
+Loading reads nothing the configuration does not call for: the zip directory (npz_file.py) and
+metadata (bounds.py) are size-capped, a name outside this table is refused unread, and each
+array's dtype, shape and byte count (in its .npy header and the zip directory) are checked
+before its data is inflated. Only stored and deflated members are read, and only the format versions in ``READS``.
 Every value must be finite in the dtype it will be computed in (float32 unless the caller says).
 A safetensors file (safetensors_file.py) is held to the same checks in the same order.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import stat
 import zipfile
@@ -34,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
-from numpy.lib import format as npy_format
 
-from . import bounds, safetensors_file
+from . import bounds, npz_file, safetensors_file
 from .fileio import atomic_write_bytes, file_kind  # noqa: F401  (atomic_write_bytes: training and tests use it)
 from ..nn import cells
 from ..nn.model import LanguageModel, ModelConfig, ModelError
@@ -147,7 +145,7 @@ def load(path, dtype="float32") -> Checkpoint:
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
-    f = _CappedFile(fd)
+    f = npz_file.CappedFile(fd)
     with f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CheckpointError(f"{p}: not a regular file")
@@ -161,15 +159,17 @@ def load(path, dtype="float32") -> Checkpoint:
                     return _read_safetensors(p, f, size, dtype)
                 raise CheckpointError(f"{p}: not a charnn model file")
             f.seek(0)
-            f.cap = MAX_DIRECTORY
+            f.cap = npz_file.MAX_DIRECTORY
             with zipfile.ZipFile(f) as z:
                 f.cap = None
                 return _read(p, z, size, dtype)
         except CheckpointError:
             raise
-        except _TooLarge:
+        except npz_file.NpzFileError as e:
+            raise CheckpointError(f"{p}: {e}") from None
+        except npz_file.TooLarge:
             raise CheckpointError(f"{p}: not a charnn model file (its zip directory is over "
-                                  f"{MAX_DIRECTORY >> 20} MiB)") from None
+                                  f"{npz_file.MAX_DIRECTORY >> 20} MiB)") from None
         except Exception as e:
             # The bytes are untrusted: zipfile, zlib and NumPy's header parser can raise many
             # types (BadZipFile, EOFError, zlib.error, ValueError, RecursionError, ...).
@@ -177,50 +177,12 @@ def load(path, dtype="float32") -> Checkpoint:
                                   f"({type(e).__name__}: {_one_line(e)})") from None
 
 
-# Limits on what a file may make the loader read before its configuration is known. A 2-layer
-# LSTM's last.npz has 31 members and a directory of about 2 KB; the metadata is mostly the
-# vocabulary (a million words take about 10 MB of JSON). The metadata's caps are bounds.py's,
-# for both formats.
-MAX_DIRECTORY = 1 << 20  # bytes of zip central directory (about 15,000 members)
-MAX_HEADER = 4096  # bytes of one .npy header (NumPy writes 128)
+# Limits on what a file may make the loader read before its configuration is known: the zip
+# directory's and a .npy header's are npz_file.py's; the metadata's (mostly the vocabulary: a
+# million words take about 10 MB of JSON) are bounds.py's, for both formats.
 MAX_META = bounds.MAX_META  # bytes of metadata JSON, and at most 1 MiB more than 16x the file's size
 MAX_META_CONTAINERS = bounds.MAX_META_CONTAINERS  # lists and objects in the metadata JSON
 OPTIM_SLOTS = frozenset(s for cls in (Adagrad, Adam, RMSprop) for s in cls.slots)
-_CHUNK = 1 << 20  # bytes read (and inflated) at a time
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _CappedFile(io.FileIO):
-    """A file whose reads fail while ``cap`` is set and a read asks for more: zipfile reads the
-    whole central directory in one call, whatever size the end record claims."""
-
-    cap = None
-
-    def read(self, n=-1):
-        if self.cap is not None:
-            want = n if n is not None and n >= 0 else os.fstat(self.fileno()).st_size - self.tell()
-            if want > self.cap:
-                raise _TooLarge
-        return super().read(n)
-
-
-@dataclass
-class _Member:
-    info: zipfile.ZipInfo
-    dtype: numpy.dtype
-    shape: tuple
-    fortran: bool
-    offset: int  # bytes of magic and header before the data
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
 _one_line = bounds.one_line
 
 
@@ -236,61 +198,6 @@ def _kind(name: str) -> str | None:
         if layer.isdigit() and layer.isascii() and hc in ("h", "c"):
             return kind
     return None
-
-
-def _header(p: Path, z: zipfile.ZipFile, name: str, info: zipfile.ZipInfo) -> _Member:
-    """The .npy header of a member, read without reading its data."""
-    with z.open(info) as f:
-        start = f.read(len(_NPY_MAGIC) + 2)
-        if len(start) < len(_NPY_MAGIC) + 2 or not start.startswith(_NPY_MAGIC):
-            raise CheckpointError(f"{p}: not a valid model file (member {name!r} is not a NumPy array)")
-        major = start[-2]
-        if major not in (1, 2):
-            raise CheckpointError(f"{p}: member {name!r} is a .npy file of version {major}, which charnn does not read")
-        size_bytes = f.read(2 if major == 1 else 4)
-        length = int.from_bytes(size_bytes, "little")
-        if len(size_bytes) < (2 if major == 1 else 4) or length > MAX_HEADER:
-            raise CheckpointError(f"{p}: member {name!r} has a malformed .npy header")
-        text = f.read(length)
-    if len(text) < length:
-        raise CheckpointError(f"{p}: member {name!r} is truncated")
-    fp = io.BytesIO(start + size_bytes + text)
-    npy_format.read_magic(fp)
-    reader = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
-    try:
-        shape, fortran, dtype = reader(fp, max_header_size=MAX_HEADER)
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, OverflowError) as e:
-        raise CheckpointError(f"{p}: member {name!r} has a malformed .npy header ({_one_line(e)})") from None
-    if dtype.hasobject:
-        raise CheckpointError(f"{p}: refused: the file holds pickled Python objects, which charnn never loads")
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
-        raise CheckpointError(f"{p}: member {name!r} declares a negative shape {shape}")
-    m = _Member(info, dtype, shape, fortran, len(start) + len(size_bytes) + length)
-    if m.offset + m.nbytes != info.file_size:
-        # What the header declares and what the zip directory declares must agree, so the
-        # data read below is exactly the size that was checked.
-        raise CheckpointError(f"{p}: member {name!r} is malformed (its header declares {m.nbytes} bytes of data, "
-                              f"the zip directory {info.file_size - m.offset})")
-    return m
-
-
-def _read_array(z: zipfile.ZipFile, m: _Member) -> numpy.ndarray:
-    """The member's data: exactly the checked byte count, read a chunk at a time (the zip's
-    checksum is verified as the last chunk arrives)."""
-    a = numpy.empty(m.shape[::-1] if m.fortran else m.shape, dtype=m.dtype)
-    view = memoryview(a.reshape(-1).view(numpy.uint8)) if a.size else memoryview(b"")
-    with z.open(m.info) as f:
-        f.read(m.offset)
-        pos = 0
-        while pos < m.nbytes:
-            chunk = f.read(min(_CHUNK, m.nbytes - pos))
-            if not chunk:
-                raise EOFError(f"member {m.info.filename!r} ends after {pos} of {m.nbytes} bytes")
-            view[pos: pos + len(chunk)] = chunk
-            pos += len(chunk)
-        f.read(1)  # at the end: makes zipfile check the CRC even for an empty array
-    return a.T if m.fortran else a
 
 
 def _read(p: Path, z: zipfile.ZipFile, file_size: int, dtype: numpy.dtype) -> Checkpoint:
@@ -309,14 +216,14 @@ def _read(p: Path, z: zipfile.ZipFile, file_size: int, dtype: numpy.dtype) -> Ch
             raise CheckpointError(f"{p}: member {info.filename!r} uses a compression charnn does not read "
                                   f"(only stored or deflated members)")
         members[name] = info
-    headers = {name: _header(p, z, name, info) for name, info in members.items()}
+    headers = {name: npz_file.read_header(z, name, info) for name, info in members.items()}
     m = headers.pop("meta")
     if m.dtype != numpy.uint8 or len(m.shape) != 1:
         raise CheckpointError(f"{p}: malformed metadata")
     limit = min(MAX_META, 16 * file_size + (1 << 20))
     if m.nbytes > limit:
         raise CheckpointError(f"{p}: malformed metadata ({m.nbytes} bytes; a charnn model file's is at most {limit})")
-    meta = _parse_meta(p, _read_array(z, m))
+    meta = _parse_meta(p, npz_file.read_array(z, m))
     config, vocab = _config(p, meta)
     shapes = _expected_shapes(p, config, meta, headers)
     arrays = {}
@@ -326,7 +233,7 @@ def _read(p: Path, z: zipfile.ZipFile, file_size: int, dtype: numpy.dtype) -> Ch
         if h.shape != shapes[name]:
             raise CheckpointError(f"{p}: {_describe(name)} has shape {h.shape}, expected {shapes[name]}")
     for name, h in headers.items():
-        arrays[name] = _read_array(z, h)
+        arrays[name] = npz_file.read_array(z, h)
         _check_values(p, _describe(name), arrays[name], dtype)
     return _assemble(p, config, vocab, meta, arrays)
 
