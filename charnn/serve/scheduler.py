@@ -176,6 +176,7 @@ class Scheduler:
         self.ready.set()
         while True:
             with self._wake:
+                self._busy = len(self.active)
                 while not (self._closing or self._inbox or self._jobs or self.active):
                     self._wake.wait()
                 closing = self._closing
