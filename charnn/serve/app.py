@@ -261,6 +261,7 @@ class Service:
 
     async def _stream(self, seqs, sink, head, req):
         held = [Held(req.stops) for _ in seqs]
+        prefix = _prefix(head)
         try:
             remaining = len(seqs)
             while remaining:
@@ -269,7 +270,7 @@ class Service:
                 if ev[0] == "piece":
                     out = h.add(ev[2], ev[3])
                     lp = None if ev[3] is None else h.logprobs(h.tokens[-1:])
-                    yield _chunk(head, i, out, None, lp)
+                    yield _chunk(prefix, i, out, None, lp)
                     continue
                 remaining -= 1
                 if ev[2] == "timeout":
@@ -278,7 +279,7 @@ class Service:
                                                 "type": "timeout", "param": None}})
                     break
                 out = h.end(ev[2])
-                yield _chunk(head, i, out, h.finish, None)
+                yield _chunk(prefix, i, out, h.finish, None)
             yield "[DONE]"
         finally:
             for seq in seqs:
@@ -324,9 +325,15 @@ class Service:
                                         "total_tokens": prompt_tokens + made}})
 
 
-def _chunk(head, index, text, finish, logprobs) -> str:
-    return json.dumps({**head, "choices": [{"index": index, "text": text, "finish_reason": finish,
-                                            "logprobs": logprobs}]}, ensure_ascii=False)
+def _prefix(head: dict) -> str:
+    """The start of every event's JSON of one request (its id, object, created, model), written
+    once: an event a token on a busy server, so each event writes only what changes."""
+    return json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": [{"index": '
+
+
+def _chunk(prefix: str, index, text, finish, logprobs) -> str:
+    return (f'{prefix}{index}, "text": {json.dumps(text, ensure_ascii=False)}, "finish_reason": '
+            f'{json.dumps(finish)}, "logprobs": {json.dumps(logprobs, ensure_ascii=False)}}}]}}')
 
 
 async def _disconnected(request: Request):
