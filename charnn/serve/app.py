@@ -111,13 +111,13 @@ class Metrics:
         self.requests = Counter("charnn_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
         self.tokens = Counter("charnn_tokens_generated", "Tokens generated", registry=r)
-        self.rate = Gauge("charnn_tokens_per_second", "Tokens generated per second over the last second or more",
-                          registry=r)
+        Gauge("charnn_tokens_per_second", "Tokens generated per second over the last second or more",
+              registry=r).set_function(self.rate)
         Gauge("charnn_slots", "Sequences decoded together at most", registry=r).set(scheduler.slots)
         Gauge("charnn_slots_busy", "Slots in use", registry=r).set_function(lambda: scheduler.busy)
         Gauge("charnn_queue_length", "Sequences waiting for a slot", registry=r).set_function(
             lambda: scheduler.waiting)
-        self._window, self._since = 0, time.monotonic()
+        self._window, self._since, self._rate = 0, time.monotonic(), 0.0
 
     def on_step(self, tokens: int, seconds: float):
         """Called on the worker after each step."""
@@ -125,8 +125,12 @@ class Metrics:
         self._window += tokens
         now = time.monotonic()
         if now - self._since >= 1.0:
-            self.rate.set(self._window / (now - self._since))
+            self._rate = self._window / (now - self._since)
             self._window, self._since = 0, now
+
+    def rate(self) -> float:
+        """The last second's rate; 0 once no step has come for two seconds."""
+        return self._rate if time.monotonic() - self._since < 2.0 else 0.0
 
 
 class Service:
@@ -255,8 +259,9 @@ class Service:
                 "model": self.name}
         prompt_tokens = sum(len(ids) for _, ids in req.prompts)
         if req.stream:
+            # send_timeout: a client that stops reading is dropped after the time limit.
             return EventSourceResponse(self._stream(seqs, sink, head, req), ping=15, sep="\n",
-                                       shutdown_grace_period=SHUTDOWN_GRACE)
+                                       shutdown_grace_period=SHUTDOWN_GRACE, send_timeout=self.limits.time_limit)
         return await self._collect(request, seqs, sink, head, req, prompt_tokens)
 
     async def _stream(self, seqs, sink, head, req):
