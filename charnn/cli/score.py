@@ -40,12 +40,14 @@ def _looks_like_model(arg: str) -> bool:
 
 
 def heat_text(tokens, surprisal, level: str) -> Text:
+    """The tokens on backgrounds by surprisal (bits); one that is not a finite number (a model
+    with overflowing weights) is shown as the most surprising."""
     out = Text()
     for i, (tok, bits) in enumerate(zip(tokens, surprisal)):
         shown = {"\n": "⏎", "<eos>": "⏎"}.get(tok, tok)
         if level == "word" and i:
             out.append(" ")
-        style = next(colour for limit, colour in HEAT if bits < limit)
+        style = next((colour for limit, colour in HEAT if bits < limit), HEAT[-1][1])
         out.append(shown, style=f"on {style}" if style else "")
     return out
 
