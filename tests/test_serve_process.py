@@ -275,3 +275,32 @@ def test_another_host_warns_without_a_key():
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.com")
+
+
+def test_model_names_and_bad_models(tmp_path):
+    from click.testing import CliRunner
+
+    from charnn.cli import cli
+    from charnn.cli.serve import model_name
+
+    assert model_name(None, "models/default/model.npz") == "default"
+    assert model_name("runs/small", "runs/small/model.npz") == "small"
+    assert model_name("runs/small/last.npz", "runs/small/last.npz") == "small"
+    assert model_name("exported.safetensors", "exported.safetensors") == "exported"
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "nothing"), "--port", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("Error: ") and "nothing" in result.stderr
+
+
+def test_a_port_in_use_is_one_line():
+    from click.testing import CliRunner
+
+    from charnn.cli import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", "--port", str(port)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: cannot listen on 127.0.0.1:{port}")
