@@ -43,12 +43,11 @@ class Trainer:
                  world: World | None = None):
         """Args:
             init: a finetune.InitFrom: start from that model's weights and vocabulary.
-            corpus_stream: a binary stream (stdin) whose bytes are the corpus: read once into
-                ``cfg.corpus`` (a file in the run folder) after the folder is locked.
+            corpus_stream: a binary stream (stdin): the corpus, read once into ``cfg.corpus``
+                (a file in the run folder) once the folder is locked.
             announce: say on stderr which device ``--device auto`` chose.
             world: the data-parallel ranks (dist.py); default one process. Rank 0 locks the
-                folder, builds the token cache, writes every file and reports; every rank
-                trains its share of the streams.
+                folder, builds the token cache, writes and reports; all train their streams.
         """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
         self.folder = RunFolder(self.out)
