@@ -53,7 +53,8 @@ async function loadModel() {
     const resp = await fetch("/v1/models", {headers: headers()});
     if (!resp.ok) {
       $("model").textContent = "";
-      showError(resp.status === 401 ? "this server needs an API key: enter it above" : await apiError(resp));
+      const asked = resp.status === 401 && !$("api-key").value.trim();
+      showError(asked ? "this server needs an API key: enter it above" : await apiError(resp));
       return;
     }
     const model = (await resp.json()).data[0];
