@@ -240,6 +240,7 @@ def cli():
       charnn plot models/run           loss curves as a PNG or SVG
       charnn info models/run           what a model file holds
       charnn export MODEL m.safetensors  the weights under PyTorch's names
+      charnn serve                     the model over HTTP (OpenAI-style API, a page)
     """
 
 
@@ -579,6 +580,11 @@ def export_command(model, out):
     from .export import run_export
 
     run_export(model, out)
+
+
+from .serve import serve_command  # noqa: E402  (declared beside its runner; the serve stack loads inside it)
+
+cli.add_command(serve_command)
 
 
 def main():
