@@ -1,5 +1,6 @@
 // charnn serve's page: generate (streamed from POST /v1/completions) and score (POST /v1/score,
 // each token coloured by its surprisal). Plain JS, no dependencies, nothing fetched from elsewhere.
+// The forms are novalidate: the server owns the limits, and its message is what the page shows.
 "use strict";
 
 // Surprisal (bits) -> background, the terminal's scale: charnn/cli/score.py's HEAT (a test
@@ -126,7 +127,8 @@ async function generate(event) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
       out.append(choice.text);
-      tokens += 1;
+      // One event a token ("" while held back for a stop string); the last may carry only the reason.
+      if (!choice.finish_reason || choice.text !== "") tokens += 1;
       if (choice.finish_reason) finish = choice.finish_reason;
       return false;
     });
