@@ -22,8 +22,8 @@ p99, errors. Then the engine's stepper alone at the same N (its batched step, an
 a token drawn per stream, which is what the server adds to it), and the server's memory (RSS
 from /proc) over a soak of short requests by 16 clients. The clients run in this process
 (httpx, asyncio) on the same cores as the server: they cost it CPU, which this counts as the
-server's overhead. Every run is bounded: requests by --rounds and --soak, time by --seconds
-and a per-request limit.
+server's overhead; the table shows each side's CPU (100% = one core). Every run is bounded:
+requests by --rounds and --soak, time by --seconds and a per-request limit.
 """
 
 from __future__ import annotations
@@ -174,16 +174,27 @@ def summary(kind: str, clients: int, done: list[Request], wall: float) -> dict:
             "error_kinds": ", ".join(errors)}
 
 
-def server_phase(url: str, clients: int, rounds: int, tokens: int, seconds: float, kind: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_phase(url: str, pid: int, clients: int, rounds: int, tokens: int, seconds: float, kind: str) -> dict:
+    """One phase against a running server; with the CPU the server and this process (the
+    clients) used, as a fraction of one core over the phase's wall time."""
     import httpx
 
     async def go():
         limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
         async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_LIMIT), limits=limits) as client:
             await stream_one(client, url, 8, 0)  # a connection and a request before the clock
-            return await run_phase(clients, rounds, seconds, lambda seed: stream_one(client, url, tokens, seed))
+            s0, c0 = cpu_seconds(pid), time.process_time()
+            done, wall = await run_phase(clients, rounds, seconds, lambda seed: stream_one(client, url, tokens, seed))
+            return done, wall, (cpu_seconds(pid) - s0) / wall, (time.process_time() - c0) / wall
 
-    return summary(kind, clients, *asyncio.run(go()))
+    done, wall, server_cpu, client_cpu = asyncio.run(go())
+    return {**summary(kind, clients, done, wall), "server_cpu": server_cpu, "client_cpu": client_cpu}
 
 
 def sample_phase(model: str, clients: int, rounds: int, tokens: int, seconds: float) -> dict:
@@ -287,12 +298,14 @@ def commit() -> str:
 
 
 def table(rows: list[dict]):
-    print("| server | clients | requests | tokens/s | TTFT p50 | TTFT p99 | per token p50 | per token p99 | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| server | clients | requests | tokens/s | TTFT p50 | TTFT p99 | per token p50 | per token p99 | errors "
+          "| server CPU | clients' CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         errs = f"{r['errors']}" + (f" ({r['error_kinds']})" if r["errors"] else "")
+        cpu = (f"{r['server_cpu']:.0%} | {r['client_cpu']:.0%}" if "server_cpu" in r else "- | -")
         print(f"| {r['kind']} | {r['clients']} | {r['requests']} | {r['rate']:,.0f} | {r['ttft50']:.1f} ms | "
-              f"{r['ttft99']:.1f} ms | {r['tpot50']:.2f} ms | {r['tpot99']:.2f} ms | {errs} |")
+              f"{r['ttft99']:.1f} ms | {r['tpot50']:.2f} ms | {r['tpot99']:.2f} ms | {errs} | {cpu} |")
 
 
 def main():
@@ -332,13 +345,13 @@ def main():
             rows = []
             with serve_process(path, "--slots", str(most), *args.serve_option) as served:
                 for c in clients:
-                    rows.append(server_phase(served.url, c, args.rounds, args.tokens, args.seconds, "batched"))
+                    rows.append(server_phase(served.url, served.proc.pid, c, args.rounds, args.tokens, args.seconds, "batched"))
                     print(f"  batched, {c} clients: {rows[-1]['rate']:,.0f} tokens/s", file=sys.stderr)
                 soaked = soak(served.url, served.proc.pid, args.soak) if args.soak else None
             if not args.no_single:
                 with serve_process(path, "--slots", "1", *args.serve_option) as served:
                     for c in clients:
-                        rows.append(server_phase(served.url, c, args.rounds, args.tokens, args.seconds,
+                        rows.append(server_phase(served.url, served.proc.pid, c, args.rounds, args.tokens, args.seconds,
                                                  "one at a time"))
                         print(f"  one slot, {c} clients: {rows[-1]['rate']:,.0f} tokens/s", file=sys.stderr)
             for c in sample_clients:
