@@ -35,11 +35,13 @@ for _name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # as bench.py: they slo
 
 import argparse
 import asyncio
+import concurrent.futures
 import datetime
 import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,26 +112,29 @@ async def stream_one(client, url: str, tokens: int, seed: int) -> Request:
     return out
 
 
-async def sample_one(model: str, tokens: int, seed: int) -> Request:
+def sample_one(model: str, tokens: int, seed: int) -> Request:
     """One request served by a fresh `charnn sample` process (first token: its first byte past
-    the echoed prompt)."""
+    the echoed prompt); killed past the request limit."""
     out = Request()
     t0 = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "charnn", "sample", model, "--length", str(tokens), "--prime", PROMPT, "--seed",
-        str(seed), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=serve_env(), cwd=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "charnn", "sample", model, "--length", str(tokens), "--prime", PROMPT,
+                             "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=serve_env(), cwd=str(ROOT))
+    watchdog = threading.Timer(REQUEST_LIMIT, proc.kill)
+    watchdog.start()
     got = 0
     first = last = None
-    while True:
-        chunk = await proc.stdout.read(4096)
-        if not chunk:
-            break
-        got += len(chunk)
-        if got > len(PROMPT):
-            last = time.perf_counter()
-            first = first or last
-    if await proc.wait() != 0:
-        out.error = f"exit {proc.returncode}"
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            got += len(chunk)
+            if got > len(PROMPT):
+                last = time.perf_counter()
+                first = first or last
+    finally:
+        proc.stdout.close()
+        watchdog.cancel()
+    if proc.wait() != 0:
+        out.error = "timeout" if proc.returncode == -9 else f"exit {proc.returncode}"
         return out
     out.tokens = tokens
     if first is not None:
@@ -198,8 +203,21 @@ def server_phase(url: str, pid: int, clients: int, rounds: int, tokens: int, sec
 
 
 def sample_phase(model: str, clients: int, rounds: int, tokens: int, seconds: float) -> dict:
-    return summary("charnn sample", clients, *asyncio.run(run_phase(
-        clients, rounds, seconds, lambda seed: sample_one(model, tokens, seed))))
+    """The clients against a loop that runs `charnn sample` per request (a thread a client)."""
+    deadline = time.perf_counter() + seconds
+
+    def worker(c):
+        done = []
+        for r in range(rounds):
+            if time.perf_counter() > deadline:
+                break
+            done.append(sample_one(model, tokens, 1000 * c + r))
+        return done
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        done = [r for rs in pool.map(worker, range(clients)) for r in rs]
+    return summary("charnn sample", clients, done, time.perf_counter() - t0)
 
 
 def rss_mib(pid: int) -> float:
