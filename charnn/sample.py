@@ -7,7 +7,6 @@ every device. Tokens are yielded as they are made, so callers can stream them.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy
@@ -306,6 +305,3 @@ def _log_softmax_host(logits: numpy.ndarray) -> numpy.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     return z - numpy.log(numpy.exp(z).sum(axis=1, keepdims=True))
 
-
-def perplexity(nats_per_token: float) -> float:
-    return math.exp(min(nats_per_token, 700.0))

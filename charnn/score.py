@@ -22,6 +22,7 @@ import numpy
 
 from .backend import to_host
 from .io.data import EvalStreams
+from .nn.functional import perplexity
 from .nn.model import LanguageModel
 from .io.vocab import Vocab
 
@@ -57,7 +58,7 @@ class Scored:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.nats_per_token, 700.0))
+        return perplexity(self.nats_per_token)
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "logprob": self.logprob,
@@ -86,7 +87,7 @@ def summarize(items: list[Scored]) -> dict:
     logprob = sum(s.logprob for s in items)
     nats = -logprob / tokens if tokens else 0.0
     return {"summary": True, "lines": len(items), "tokens": tokens, "logprob": logprob,
-            "nats_per_token": nats, "bits_per_token": nats / LN2, "perplexity": math.exp(min(nats, 700.0)),
+            "nats_per_token": nats, "bits_per_token": nats / LN2, "perplexity": perplexity(nats),
             "excluded": sum(s.excluded for s in items)}
 
 
@@ -182,6 +183,22 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
     return results
 
 
+def stream_losses(model: LanguageModel, streams: EvalStreams, columns: tuple[int, int] | None = None):
+    """The evaluation loop that validation and document scoring share: for each chunk k of
+    ``streams``, with the state carried from chunk to chunk and no dropout, yield (k, nll, w):
+    the loss of every prediction (T', N') on the model's device and the weights (T', N') that
+    mask the last stream's padding. ``columns`` (a, b) evaluates streams a..b-1 only (one
+    data-parallel rank's share)."""
+    state = None
+    for k in range(len(streams)):
+        x, y, w = streams.chunk(k)
+        if columns is not None:
+            a, b = columns
+            x, y, w = x[:, a:b], y[:, a:b], w[:, a:b]
+        nll, state = model.nll(x, y, state)
+        yield k, nll, w
+
+
 def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int = 1, seq_len: int = 200,
                    strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> Scored:
     """Score ``text`` as one token stream with carried state, every token predicted once, the
@@ -199,14 +216,11 @@ def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int =
         return Scored(text=text, tokens=0, logprob=0.0, excluded=excluded)
     es = EvalStreams(seq, streams, seq_len)
     nll_all = numpy.zeros((es.N, es.S))
-    state = None
     done = 0
     if progress:
         progress(0, es.predictions)
-    for k in range(len(es)):
-        x, y, w = es.chunk(k)
-        nll, state = model.nll(x, y, state)
-        nll_all[:, k * es.T: k * es.T + x.shape[0]] = (to_host(nll).astype(numpy.float64) * w).T
+    for k, nll, w in stream_losses(model, es):
+        nll_all[:, k * es.T: k * es.T + nll.shape[0]] = (to_host(nll).astype(numpy.float64) * w).T
         if progress:
             done += int(w.sum())
             progress(done, es.predictions)

@@ -352,6 +352,8 @@ def test_crafted_model_files(tmp_path, model, make, needles):
     (["train", "C", "--input-scale", "-1"], "--input-scale"),
     (["train", "C", "--input-scale", "nan"], "--input-scale"),
     (["train", "C", "--embed", "4", "--input-scale", "0.5"], "--input-scale"),
+    (["train", "C", "--cell", "gru", "--activation", "relu"], "--activation"),  # the registry says which cells take it
+    (["train", "C", "--cell", "lstm", "--activation", "relu"], "--activation"),
     (["sample", "M", "--temperature", "-1"], "--temperature"),
     (["sample", "M", "--top-p", "0"], "--top-p"),
     (["sample", "M", "--top-p", "1.5"], "--top-p"),
@@ -574,7 +576,7 @@ def test_config_values_of_the_right_kind_still_work(tmp_path):
 def test_escapes_are_decoded_one_by_one():
     """Python's escapes mean what they do in Python; other characters (and unknown escapes)
     stay as typed: "é" was mangled into "Ã©" by decoding all the text as unicode_escape."""
-    from charnn.cli import unescape
+    from charnn.cli.options import unescape
 
     assert unescape(None, None, "é\\n") == "é\n"
     assert unescape(None, None, "a\\tb\\\\c\\x41\\u00e9\\N{BULLET}\\d") == "a\tb\\cAé•\\d"

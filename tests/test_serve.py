@@ -276,6 +276,7 @@ BAD_FIELDS = [
     ({"prompt": "ab", "stop": 3}, "stop", "string"),
     ({"prompt": "ab", "stop": ["a", None]}, "stop", "string"),
     ({"prompt": "ab", "stop": ["a", "b", "c", "d", "e"]}, "stop", "--max-stop"),
+    ({"prompt": "ab", "stop": "x" * 1001}, "stop", "1,001 characters"),
     ({"prompt": "ab", "stream": "yes"}, "stream", "true or false"),
     ({"prompt": "ab", "logprobs": 6}, "logprobs", "between"),
     ({"prompt": "ab", "model": 3}, "model", "string"),

@@ -19,7 +19,7 @@ from .common import Finite
 
 DEFAULTS = Limits()
 STACK = ("starlette", "uvicorn", "sse_starlette", "prometheus_client")
-SHUTDOWN_TIMEOUT = 4  # seconds uvicorn waits for connections after SIGTERM before it cuts them
+SHUTDOWN_TIMEOUT = 3  # seconds uvicorn waits for connections after SIGTERM before it cuts them
 
 
 @click.command("serve", epilog="""\b

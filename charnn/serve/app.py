@@ -111,13 +111,13 @@ class Metrics:
         self.requests = Counter("charnn_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
         self.tokens = Counter("charnn_tokens_generated", "Tokens generated", registry=r)
-        self.rate = Gauge("charnn_tokens_per_second", "Tokens generated per second over the last second or more",
-                          registry=r)
+        Gauge("charnn_tokens_per_second", "Tokens generated per second over the last second or more",
+              registry=r).set_function(self.rate)
         Gauge("charnn_slots", "Sequences decoded together at most", registry=r).set(scheduler.slots)
         Gauge("charnn_slots_busy", "Slots in use", registry=r).set_function(lambda: scheduler.busy)
         Gauge("charnn_queue_length", "Sequences waiting for a slot", registry=r).set_function(
             lambda: scheduler.waiting)
-        self._window, self._since = 0, time.monotonic()
+        self._window, self._since, self._rate = 0, time.monotonic(), 0.0
 
     def on_step(self, tokens: int, seconds: float):
         """Called on the worker after each step."""
@@ -125,8 +125,12 @@ class Metrics:
         self._window += tokens
         now = time.monotonic()
         if now - self._since >= 1.0:
-            self.rate.set(self._window / (now - self._since))
+            self._rate = self._window / (now - self._since)
             self._window, self._since = 0, now
+
+    def rate(self) -> float:
+        """The last second's rate; 0 once no step has come for two seconds."""
+        return self._rate if time.monotonic() - self._since < 2.0 else 0.0
 
 
 class Service:
@@ -255,12 +259,14 @@ class Service:
                 "model": self.name}
         prompt_tokens = sum(len(ids) for _, ids in req.prompts)
         if req.stream:
+            # send_timeout: a client that stops reading is dropped after the time limit.
             return EventSourceResponse(self._stream(seqs, sink, head, req), ping=15, sep="\n",
-                                       shutdown_grace_period=SHUTDOWN_GRACE)
+                                       shutdown_grace_period=SHUTDOWN_GRACE, send_timeout=self.limits.time_limit)
         return await self._collect(request, seqs, sink, head, req, prompt_tokens)
 
     async def _stream(self, seqs, sink, head, req):
         held = [Held(req.stops) for _ in seqs]
+        prefix = _prefix(head)
         try:
             remaining = len(seqs)
             while remaining:
@@ -269,7 +275,7 @@ class Service:
                 if ev[0] == "piece":
                     out = h.add(ev[2], ev[3])
                     lp = None if ev[3] is None else h.logprobs(h.tokens[-1:])
-                    yield _chunk(head, i, out, None, lp)
+                    yield _chunk(prefix, i, out, None, lp)
                     continue
                 remaining -= 1
                 if ev[2] == "timeout":
@@ -278,7 +284,7 @@ class Service:
                                                 "type": "timeout", "param": None}})
                     break
                 out = h.end(ev[2])
-                yield _chunk(head, i, out, h.finish, None)
+                yield _chunk(prefix, i, out, h.finish, None)
             yield "[DONE]"
         finally:
             for seq in seqs:
@@ -324,9 +330,15 @@ class Service:
                                         "total_tokens": prompt_tokens + made}})
 
 
-def _chunk(head, index, text, finish, logprobs) -> str:
-    return json.dumps({**head, "choices": [{"index": index, "text": text, "finish_reason": finish,
-                                            "logprobs": logprobs}]}, ensure_ascii=False)
+def _prefix(head: dict) -> str:
+    """The start of every event's JSON of one request (its id, object, created, model), written
+    once: an event a token on a busy server, so each event writes only what changes."""
+    return json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": [{"index": '
+
+
+def _chunk(prefix: str, index, text, finish, logprobs) -> str:
+    return (f'{prefix}{index}, "text": {json.dumps(text, ensure_ascii=False)}, "finish_reason": '
+            f'{json.dumps(finish)}, "logprobs": {json.dumps(logprobs, ensure_ascii=False)}}}]}}')
 
 
 async def _disconnected(request: Request):

@@ -96,6 +96,7 @@ COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "t
 MAX_SEED = 2**64 - 1
 MAX_LOGPROBS = 5
 MAX_TEMPERATURE = 100.0
+MAX_STOP_CHARS = 1000  # a stop string's length (each new piece is checked against every stop's prefixes)
 
 
 @dataclass
@@ -167,6 +168,9 @@ def completion(obj: dict, vocab: Vocab, limits: Limits) -> Completion:
         stops = tuple(_text(s, "stop") for s in stop)
     else:
         raise ApiError(400, f"stop must be a string or a list of strings, not {_kind(stop)}", "stop")
+    for s in stops:
+        if len(s) > MAX_STOP_CHARS:
+            raise ApiError(400, f"a stop string is {len(s):,} characters, more than {MAX_STOP_CHARS:,}", "stop")
     if len(stops) > limits.max_stop:
         raise ApiError(400, f"stop holds {len(stops)} strings, more than {limits.max_stop} (charnn serve --max-stop)",
                        "stop")

@@ -197,8 +197,6 @@ class Scheduler:
                     except BaseException as e:
                         fut.set_exception(e)
             if closing:
-                for fn, fut in self._jobs:
-                    fut.cancel()
                 self._post([(s, ("end", s.index, "shutdown")) for s in self.active + joining])
                 self.active = []
                 self._busy = 0
