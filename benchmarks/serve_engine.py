@@ -10,7 +10,9 @@ For each model (the bundled 2x256 LSTM, and a 2x512 LSTM with random weights ove
   engine     aggregate tokens/s of model.stepper(N).step alone (N streams, one step each);
   scheduler  aggregate tokens/s of N sequences decoded together by a Scheduler with N slots
              (sampling, stop rules, events into an asyncio queue consumed on a loop, as the
-             server does; no HTTP), and its ratio to the engine's at N and to N single steps.
+             server does; no HTTP), and its ratio to the engine's at N and to N single steps;
+  in the step  the share of the scheduler's wall time spent in the engine's step (the rest
+             is sampling, events and joining: the scheduler's own overhead).
 Rounds are interleaved (engine, scheduler, engine, ...); the best of --rounds is shown (on a
 shared machine the best round is the one least disturbed), with the median in brackets.
 
@@ -57,7 +59,11 @@ def engine_rate(model, N: int, seconds: float) -> float:
     return N * steps / (time.perf_counter() - t0)
 
 
-def scheduler_rate(scheduler: Scheduler, vocab, N: int, tokens: int) -> float:
+def scheduler_rate(scheduler: Scheduler, vocab, N: int, tokens: int) -> tuple:
+    """(tokens/s, the share of the wall time spent in the engine's step)."""
+    stepping = []
+    scheduler.on_step = lambda n, seconds: stepping.append(seconds)
+
     async def run():
         loop = asyncio.get_running_loop()
         sink = asyncio.Queue()
@@ -72,7 +78,8 @@ def scheduler_rate(scheduler: Scheduler, vocab, N: int, tokens: int) -> float:
                 made += 1
             else:
                 ends += 1
-        return made / (time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        return made / wall, sum(stepping) / wall
 
     return asyncio.run(run())
 
@@ -115,6 +122,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=300, help="Tokens per sequence in the scheduler's rounds.")
     ap.add_argument("--agree", type=int, default=0)
     ap.add_argument("--agree-tokens", type=int, default=300)
+    ap.add_argument("--agree-slots", type=int, default=16)
     ap.add_argument("--models", default="bundled,2x512")
     args = ap.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
@@ -127,28 +135,30 @@ def main():
     bundled, vocab, _ = load_model(default_model_path())
     models = {"bundled": bundled,
               "2x512": LanguageModel.create(ModelConfig(vocab_size=len(vocab), cell="lstm", layers=2, hidden=512), 0)}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         model = models[name]
         print(f"\n## {name}: tokens/s, best (median) of {args.rounds} interleaved rounds")
-        print("| N | engine step | scheduler | scheduler / engine | scheduler / (N single steps) |")
-        print("|---|---|---|---|---|")
+        print("| N | engine step | scheduler | scheduler / engine | scheduler / (N single steps) | in the step |")
+        print("|---|---|---|---|---|---|")
         single = None
         for N in ns:
             scheduler = Scheduler(model, vocab, slots=N, queue=0).start()
             scheduler.ready.wait()
-            eng, sch = [], []
+            eng, sch, share = [], [], []
             for _ in range(args.rounds):
                 eng.append(engine_rate(model, N, args.seconds))
-                sch.append(scheduler_rate(scheduler, vocab, N, args.tokens))
+                rate, part = scheduler_rate(scheduler, vocab, N, args.tokens)
+                sch.append(rate)
+                share.append(part)
             scheduler.stop()
             e, s = max(eng), max(sch)
             if N == 1:
                 single = e
             print(f"| {N} | {e:,.0f} ({statistics.median(eng):,.0f}) | {s:,.0f} ({statistics.median(sch):,.0f}) | "
-                  f"{s / e:.2f} | {s / single:.2f} |", flush=True)
+                  f"{s / e:.2f} | {s / single:.2f} | {statistics.median(share):.0%} |", flush=True)
     if args.agree:
-        differ, first = agreement(bundled, vocab, args.agree, args.agree_tokens)
-        print(f"\nagreement (bundled model, 16 slots): {differ} of {args.agree} seeded sequences of "
+        differ, first = agreement(bundled, vocab, args.agree, args.agree_tokens, args.agree_slots)
+        print(f"\nagreement (bundled model, {args.agree_slots} slots): {differ} of {args.agree} seeded sequences of "
               f"{args.agree_tokens} tokens differ from sample.generate alone"
               + (f" (first differing token at {first})" if first else ""))
 

@@ -2,8 +2,8 @@
 
 ``serve_process(model, *args)`` starts ``python -m charnn serve MODEL --port 0 ARGS`` on
 127.0.0.1 (the repository on PYTHONPATH), reads the port from its ready line, waits for
-``/health`` to say 200 and yields a ``Served`` (its base URL and the process); on leaving it
-sends SIGTERM and waits for the exit. ``needs_serve`` skips a test module cleanly when the
+``/health`` to say 200 and yields the base URL (a ``Served``: a str that also carries the
+process and its stderr); on leaving it sends SIGTERM and waits for the exit. ``needs_serve`` skips a test module cleanly when the
 serve stack (pip install 'charnn[serve]') is not installed.
 """
 
@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,19 @@ needs_serve = pytest.mark.skipif(bool(MISSING), reason=f"the serve stack is not 
 READY = re.compile(r"charnn serve: (http://\S+?)/ \(model (.+), (\d+) slots?\)")
 
 
-@dataclass
-class Served:
-    """A running server: ``url`` (http://127.0.0.1:PORT, no trailing slash), the process, and
-    every stderr line it has written so far (``lines``, filled by a reader thread)."""
+class Served(str):
+    """The base URL (http://127.0.0.1:PORT, no trailing slash; a str, so ``url + "/health"``
+    works), with ``url`` (the same), ``proc`` (the process), ``lines`` (every stderr line so
+    far, filled by a reader thread) and, once stopped, ``exit_code``."""
 
-    url: str
-    proc: subprocess.Popen
-    lines: list = field(default_factory=list)
-    exit_code: int | None = None
+    def __new__(cls, url: str, proc: subprocess.Popen, lines: list):
+        self = super().__new__(cls, url)
+        self.proc, self.lines, self.exit_code = proc, lines, None
+        return self
+
+    @property
+    def url(self) -> str:
+        return str(self)
 
     def stderr(self) -> str:
         return "".join(self.lines)
@@ -70,27 +73,30 @@ def serve_process(model=None, *args, env: dict | None = None, timeout: float = 9
     cmd += ["--host", "127.0.0.1", "--port", "0"] + [str(a) for a in args]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=serve_env(env), cwd=str(ROOT))
-    served = Served(url="", proc=proc)
+    lines: list = []
+    found: list = []
     ready = threading.Event()
 
     def read():
         for line in proc.stderr:
-            served.lines.append(line)
+            lines.append(line)
             m = READY.search(line)
-            if m and not served.url:
-                served.url = m.group(1)
+            if m and not found:
+                found.append(m.group(1))
                 ready.set()
         ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    served = None
     try:
-        if not ready.wait(timeout) or not served.url:
-            raise AssertionError(f"charnn serve did not say it was ready: {served.stderr()}")
+        if not ready.wait(timeout) or not found:
+            raise AssertionError(f"charnn serve did not say it was ready: {''.join(lines)}")
+        served = Served(found[0], proc, lines)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(served.url + "/health", timeout=5).status_code == 200:
+                if httpx.get(served + "/health", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -107,4 +113,5 @@ def serve_process(model=None, *args, env: dict | None = None, timeout: float = 9
                 proc.kill()
                 proc.wait()
         reader.join(5)
-        served.exit_code = proc.returncode
+        if served is not None:
+            served.exit_code = proc.returncode

@@ -401,15 +401,19 @@ def test_widths():
     assert widths(12) == [1, 2, 4, 8, 12]
 
 
-@pytest.mark.parametrize("plan", ["batched", "single"])
-def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan):
-    """Eight seeded sequences joining at different times, under either plan, each make the text
-    it makes alone (sample.generate with its own generator)."""
+@pytest.mark.parametrize("plan", ["batched", "single", "alternating"])
+def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan, monkeypatch):
+    """Eight seeded sequences joining at different times, under either plan (or the two in
+    turns, the state moving between them at every step), each make the text it makes alone
+    (sample.generate with its own generator)."""
     import asyncio
+
+    from charnn.serve import scheduler as scheduler_module
 
     lm, vocab = lm_vocab
     scheduler = Scheduler(lm, vocab, slots=8).start()
     scheduler.ready.wait(60)
+    monkeypatch.setattr(scheduler_module, "PROBE", 2 if plan == "alternating" else 10**9)
     for w in scheduler.cost:
         scheduler.cost[w] = 1e-9 if (w == 0) == (plan == "single") else 1.0
     prompts = ["ROMEO:", "First Citizen:\nBefore we proceed", "a", "KING HENRY"] * 2

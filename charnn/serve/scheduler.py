@@ -15,7 +15,8 @@ times a step at every width it uses (the powers of two up to S, and S) while it 
 for n active sequences runs whichever is faster: one step at the smallest width w >= n (the
 unused columns padding), or n single steps of a width-1 Stepper with each sequence's state
 swapped in and out. The timings keep being updated as it runs (a moving average of the plan
-it ran). The state moves between Steppers only when the active set or the plan changes.
+it ran; every PROBE steps the other plan runs once, so a timing taken in a burst of load
+elsewhere is not kept for ever). The state moves between Steppers only when the active set or the plan changes.
 
 Other work on the model (scoring) goes through ``run`` and runs on the worker between steps.
 Events go back to the asyncio loop that made each request, batched: one
@@ -37,8 +38,10 @@ from ..backend import to_host
 from ..io.vocab import EOS, Vocab
 from ..sample import PieceText, StopRule, choose, prime_state
 
-# A moving average's weight for a new timing of a plan.
+# A moving average's weight for a new timing of a plan, and how often (in steps) the plan
+# not chosen is run once to refresh its timing.
 EMA = 0.05
+PROBE = 256
 
 
 class QueueFull(Exception):
@@ -118,6 +121,7 @@ class Scheduler:
         self._steppers: dict = {}
         self.cost: dict = {}  # width -> seconds per batched step; 0 -> seconds per swapped single step
         self._plan = None  # width of the batched Stepper in use, or 0 for single steps
+        self._steps = 0
         self._dirty = True
         self._thread = threading.Thread(target=self._run, name="charnn-scheduler", daemon=True)
 
@@ -244,12 +248,16 @@ class Scheduler:
         return self._steppers[width]
 
     def _choose_plan(self, n: int) -> int:
+        """The faster plan for n sequences by the timings so far; every PROBE-th step the other
+        one, so that a timing taken in a burst of load elsewhere is not kept for ever."""
         w = next(w for w in self.widths if w >= n)
-        return 0 if n * self.cost[0] < self.cost[w] else w
+        single = n * self.cost[0] < self.cost[w]
+        if self._steps % PROBE == PROBE - 1:
+            single = not single
+        return 0 if single else w
 
-    def _relayout(self):
-        """Move every active sequence's state to where the plan for this many wants it."""
-        plan = self._choose_plan(len(self.active))
+    def _relayout(self, plan: int):
+        """Move every active sequence's state to where ``plan`` wants it."""
         xp = self.model.xp
         old = None
         if self._plan:
@@ -286,8 +294,10 @@ class Scheduler:
         self._dirty = False
 
     def _step(self, events: list):
-        if self._dirty or self._choose_plan(len(self.active)) != self._plan:
-            self._relayout()
+        plan = self._choose_plan(len(self.active))
+        self._steps += 1
+        if self._dirty or plan != self._plan:
+            self._relayout(plan)
         active, plan = self.active, self._plan
         t0 = time.perf_counter()
         if plan:
