@@ -17,7 +17,8 @@ from ..io.checkpoint import looks_like_model
 from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
 from ..io.vocab import iter_lines
-from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
+from ..score import (ScoreError, score_document, score_lines, score_row, summarize, surprisal_pairs,
+                     unknown_report)
 from ..wording import plural
 from .common import Finite, StdoutConsole, json_line, text_encoding
 from .progress import WorkProgress
@@ -178,13 +179,9 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         summary["dynamic"] = used
     if fmt == "jsonl":
         for n, s in enumerate(items if not document else [], 1):
-            obj = s.to_json()
-            obj["index"] = n
-            if show_tokens:
-                obj["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(s.token_strings, s.surprisal)]
-            sys.stdout.write(json_line(obj))
+            sys.stdout.write(json_line(score_row(s, n, show_tokens)))
         if document and show_tokens:
-            summary["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(items[0].token_strings, items[0].surprisal)]
+            summary["token_surprisal_bits"] = surprisal_pairs(items[0])
         sys.stdout.write(json_line(summary))
         return
     out = StdoutConsole(highlight=False)
