@@ -316,6 +316,11 @@ class Cell:
     init_bias: fills a fresh layer's bias b (G*H,) in place (default: zeros stay), given H
         and the forget-gate bias asked for (only the LSTM has a forget gate).
     activations: the values of the RNN's ``activation`` option it accepts.
+    kept: how many (H, T, N) arrays its forward keeps for backward besides the gate values A
+        (T, G*H, N) and the outputs hs (LSTM: c and tanh(c); GRU: the hidden product's n
+        rows), for memory.py's estimate of a training step.
+    backward_buffers: how many (G*H, T, N) arrays its backward makes (every cell: dXP; the
+        GRU also the gradient of its hidden products), likewise.
     """
 
     name: str
@@ -326,6 +331,8 @@ class Cell:
     extra: dict = field(default_factory=dict)
     init_bias: Callable | None = None
     activations: tuple = ("tanh",)
+    kept: int = 0
+    backward_buffers: int = 1
 
 
 CELLS: dict = {}
@@ -351,5 +358,6 @@ def get(name: str) -> Cell:
 
 
 register(Cell("rnn", 1, False, rnn_forward, rnn_backward, activations=("tanh", "relu")))
-register(Cell("lstm", 4, True, lstm_forward, lstm_backward, init_bias=_lstm_init))
-register(Cell("gru", 3, False, gru_forward, gru_backward, extra={"bhn": lambda H: (H,)}))
+register(Cell("lstm", 4, True, lstm_forward, lstm_backward, init_bias=_lstm_init, kept=2))
+register(Cell("gru", 3, False, gru_forward, gru_backward, extra={"bhn": lambda H: (H,)}, kept=1,
+              backward_buffers=2))
