@@ -55,16 +55,18 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy
 
+from . import memory
 from .io import checkpoint as ckpt_mod
 from .backend import DEVICES, DTYPES, array_module, get_backend, to_device, to_float, to_host
 from .dist import StepSync, World
 from .io.data import Batches, CorpusError, EvalStreams, read_text, split_tail
 from .io.fileio import file_kind, sha256_file
+from .io.metrics import MetricsError, read_lines
 from .nn.functional import class_bounds, dropout_mask
 from .nn.model import FORGET_BIAS, INPUT_SCALE, LanguageModel, ModelConfig
 from .nn.optim import OPTIMIZERS, clip_scale, global_norm, make_optimizer
@@ -452,7 +454,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, reporter: Reporter | None = None,
                  overrides: dict | None = None, init=None, corpus_stream=None, announce: bool = True,
-                 world: World | None = None):
+                 world: World | None = None, max_memory: int | None = None):
         """Args:
             init: a finetune.InitFrom: start from that model's weights and vocabulary.
             corpus_stream: a binary stream (stdin) whose bytes are the corpus: read once into
@@ -461,6 +463,8 @@ class Trainer:
             world: the data-parallel ranks (dist.py); default one process. Rank 0 locks the
                 folder, builds the token cache, writes every file and reports; every rank
                 trains its share of the streams.
+            max_memory: the bytes this process may use (--max-memory); default: refuse a run
+                whose estimate (memory.py) passes the memory available.
         """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
         self.world = world or World()
@@ -475,6 +479,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.init, self.corpus_stream, self.announce = init, corpus_stream, announce
         self.init_record = None
+        self.max_memory = max_memory
 
     # ----- setup -----
     def _setup(self):
@@ -518,6 +523,13 @@ class Trainer:
         hint = self.shared
         digest = saved.meta.get("corpus_sha256") if saved else hint.get("digest")
         vocab, start_config, start_params = (saved.vocab if saved else hint.get("vocab")), None, None
+        if saved:
+            self._check_memory(saved.config)
+        elif self.init is None:
+            # Before the corpus is read: with the smallest vocabulary there can be (the real
+            # one is checked once known), and on "auto" only what stays on the host.
+            self._check_memory(cfg.model_config(len(vocab) if vocab else 2), host_only=cfg.device != "cpu",
+                               vocab_known=vocab is not None)
         if self.init is not None:
             vocab, start_config, start_params = self.init.prepare(cfg)
             self.init_record = self.init.record()
@@ -539,6 +551,7 @@ class Trainer:
         elif n_classes:
             bounds = class_bounds(numpy.bincount(train_ids, minlength=len(vocab)), n_classes)
         mcfg = start_config or cfg.model_config(len(vocab), bounds)
+        self._check_memory(mcfg, host_only=self.backend.device != "cpu")
         if start_params is not None:
             self.model = LanguageModel(mcfg, start_params, self.backend)  # a fresh optimizer below
         elif saved:
@@ -576,6 +589,32 @@ class Trainer:
             self.state = self.model.initial_state(self._local_n())
         if self.world.size > 1:
             self.sync = StepSync(self.world.reducer(self.backend.xp), self.model.params, n_flags=3)
+
+    def _check_memory(self, config: ModelConfig, host_only: bool = False, vocab_known: bool = True):
+        """Refuse (MemoryLimitError) a run whose model, optimizer state and step (this
+        process's share of the streams) would pass the memory available or ``max_memory``
+        (memory.py), blaming the option whose default would lower the estimate most, else
+        naming the model (``vocab_known``: its vocabulary too)."""
+        cfg = self.cfg
+        shape = memory.Shape.of(config)
+        N = max(1, cfg.batch_size // self.world.size)
+
+        def estimate(T=cfg.seq_len, N=N, **changes):
+            return memory.training(replace(shape, **changes), T, N, cfg.optimizer, cfg.dtype, cfg.weight_drop,
+                                   "gpu" if host_only else "cpu")
+
+        need = estimate()
+        default = {f.name: f.default for f in fields(TrainConfig)}
+        options = {"--hidden": ("hidden", cfg.hidden, default["hidden"]),
+                   "--layers": ("layers", cfg.layers, default["layers"]),
+                   "--embed": ("embed", cfg.embed, default["embed"]),
+                   "--batch-size": ("N", cfg.batch_size, default["batch_size"]),
+                   "--seq-len": ("T", cfg.seq_len, default["seq_len"])}
+        model = f"a {config.cell} {config.layers}x{config.hidden} model"
+        if vocab_known:
+            model += f" of {plural(config.vocab_size, 'token')}" + (" (--vocab-size caps them)" if cfg.level == "word" else "")
+        subject = memory.culprit(lambda **c: estimate(**c).bytes, options, model)
+        memory.check(need, subject, self.max_memory)
 
     def _local_n(self) -> int:
         a, b = self.batches.part
@@ -769,23 +808,23 @@ class Trainer:
             return
         if file_kind(path):
             raise TrainError(f"{path}: is {file_kind(path)}, not a regular file; cannot resume")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise TrainError(f"{path}: not valid UTF-8 at byte {e.start} (charnn writes JSON lines); "
-                             f"move it away to resume") from None
         keep = []
-        for n, line in enumerate(lines, 1):
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            at = m.get("step", 0) if isinstance(m, dict) else None
-            if isinstance(at, bool) or not isinstance(at, (int, float)):
-                raise TrainError(f"{path}: line {n} is not a JSON object with a numeric step (charnn writes those); "
-                                 f"move the file away to resume")
-            if at <= step:
-                keep.append(line)
+        try:
+            for n, line in read_lines(path):
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                except (ValueError, RecursionError):  # an integer of 4,300 digits; nesting past the stack
+                    m = None
+                at = m.get("step", 0) if isinstance(m, dict) else None
+                if isinstance(at, bool) or not isinstance(at, (int, float)):
+                    raise TrainError(f"{path}: line {n} is not a JSON object with a numeric step (charnn writes "
+                                     f"those); move the file away to resume")
+                if at <= step:
+                    keep.append(line)
+        except MetricsError as e:
+            raise TrainError(f"{e}; move it away to resume") from None
         ckpt_mod.atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode("utf-8"))
 
     # ----- the loop -----

@@ -17,7 +17,7 @@ from .. import dynamic as dynamic_defaults
 from ..backend import DEVICES, DTYPES, BackendError, get_backend
 from ..nn import cells
 from ..io.fileio import file_kind
-from .common import Finite, fail, text_encoding
+from .common import Finite, MemorySize, fail, max_memory_option, text_encoding
 
 
 class CellChoice(click.Choice):
@@ -99,6 +99,8 @@ def load_config(ctx, param, value):
         raise click.BadParameter(f"{value}: not valid UTF-8 at byte {e.start} (TOML files are UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{value}: not valid TOML: {e}") from None
+    except RecursionError:  # the parser recurses into each nested array or table
+        raise click.BadParameter(f"{value}: not valid TOML for options: arrays or tables nested too deeply to read") from None
     table = data.get(ctx.info_name, data)
     if not isinstance(table, dict):
         raise click.BadParameter(f"{value}: [{ctx.info_name}] must be a table")
@@ -128,6 +130,8 @@ def _config_kind(param) -> str:
         return "an integer"
     if isinstance(param.type, (click.types.FloatParamType, click.FloatRange)):
         return "a number"
+    if isinstance(param.type, MemorySize):
+        return 'a size in quotes (e.g. "8G")'
     return "a string"
 
 
@@ -147,8 +151,9 @@ def _toml_kind(v) -> str:
 
 
 class Group(click.Group):
-    """Turns a broken pipe on stdout into a quiet exit, as Unix tools do, and Ctrl-C into one
-    line and status 130 (train's own handler saves a checkpoint first)."""
+    """Turns a broken pipe on stdout into a quiet exit, as Unix tools do, Ctrl-C into one
+    line and status 130 (train's own handler saves a checkpoint first), and an allocation that
+    fails into one line and status 1."""
 
     def invoke(self, ctx):
         # Caught here, inside click's main: click's own handlers would exit with status 1
@@ -161,6 +166,11 @@ class Group(click.Group):
             _quiet_broken_pipe()
         except KeyboardInterrupt:
             interrupted()
+        except MemoryError as e:
+            # The commands estimate their memory before allocating (memory.py) and refuse what
+            # passes the limit; an allocation that fails anyway (the machine's memory taken by
+            # others meanwhile) is one line too.
+            raise click.ClickException(f"out of memory: {e or 'an allocation failed'}") from None
 
     def parse_args(self, ctx, args):
         try:  # --help and --version print here, outside invoke
@@ -269,9 +279,10 @@ Examples:
 @click.option("--max-elements", type=click.IntRange(min=1), default=None,
               help="Entries checked per parameter (default all up to 300; 40 with MODEL).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@max_memory_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
 def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, level, dropout, classes, text_path, seed,
-              tolerance, max_elements, device, quiet):
+              tolerance, max_elements, device, max_memory, quiet):
     """Compare the analytic gradients with numerical ones (float64, central differences).
 
     Without MODEL, builds small models for every combination of the options; with MODEL
@@ -284,7 +295,7 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
                   hidden=hidden, embeds=embed, seq_len=seq_len, batch_size=batch_size,
                   levels=("char", "word") if level == "both" else (level,), dropout=dropout,
                   text_path=text_path, seed=seed, tolerance=tolerance, max_elements=max_elements,
-                  device=device, classes=classes, quiet=quiet)
+                  device=device, classes=classes, quiet=quiet, max_memory=max_memory)
 
 
 
@@ -366,10 +377,11 @@ Examples:
 @click.option("--extend-vocab", is_flag=True,
               help="With --init-from: add the corpus's characters or words the model never saw (new rows "
                    "initialised as a new model's) instead of refusing them.")
+@max_memory_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, as_json, quiet, **opts):
+def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, max_memory, as_json, quiet, **opts):
     """Train a language model on CORPUS (a UTF-8 text file, or - for stdin: read once into
     the run folder as corpus-stdin.txt, which --resume then reads).
 
@@ -386,7 +398,8 @@ def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, a
     explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == source.COMMANDLINE}
     given = {k for k in opts if ctx.get_parameter_source(k) in (source.COMMANDLINE, source.DEFAULT_MAP)}
     run_train(corpus=corpus, val_path=val_path, out=out, resume=resume, as_json=as_json, quiet=quiet,
-              explicit=explicit, opts=opts, init_from=init_from, extend_vocab=extend_vocab, given=given)
+              explicit=explicit, opts=opts, init_from=init_from, extend_vocab=extend_vocab, given=given,
+              max_memory=max_memory)
 
 
 
@@ -410,12 +423,19 @@ def unescape(ctx, param, value):
         except UnicodeDecodeError as e:
             raise click.BadParameter(f"{value!r}: malformed escape {seq!r} ({e.reason})") from None
 
-    out = ESCAPE.sub(one, value) if "\\" in value else value
+    return valid_text(ctx, param, ESCAPE.sub(one, value) if "\\" in value else value)
+
+
+def valid_text(ctx, param, value):
+    """Refuse text that is not valid Unicode: a lone surrogate, or bytes of the command line
+    that were not UTF-8 (Python keeps them as lone surrogates, which no file or image can hold)."""
+    if value is None:
+        return None
     try:
-        out.encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError:
-        raise click.BadParameter(f"{value!r} is not valid text (a lone surrogate or undecodable bytes)") from None
-    return out
+        raise click.BadParameter(f"{ascii(value)} is not valid text (a lone surrogate or undecodable bytes)") from None
+    return value
 
 
 @cli.command("sample", epilog="""\b
@@ -436,10 +456,11 @@ Examples:
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
               help="--beam-size: no n-gram of this many tokens twice in the text [8 characters, 3 words; 0 = off].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@max_memory_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample on stdout.")
 @click.pass_context
 def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size,
-                   no_repeat_ngram, device, as_json):
+                   no_repeat_ngram, device, max_memory, as_json):
     """Generate text from MODEL (a model file or run folder; default: the bundled
     Shakespeare model). Tokens stream to stdout as they are generated."""
     from .sample import run_sample
@@ -458,7 +479,7 @@ def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, n
     elif no_repeat_ngram is not None:
         raise click.UsageError("--no-repeat-ngram applies to --beam-size only")
     run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,
-               no_repeat=no_repeat_ngram)
+               no_repeat=no_repeat_ngram, max_memory=max_memory)
 
 
 def _per_level(name: str) -> str:
@@ -502,9 +523,10 @@ Examples:
 @click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@max_memory_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
 def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, dynamic, dynamic_lr, dynamic_decay,
-                  dynamic_segment, dynamic_stats, dynamic_tune, encoding, errors, device, quiet):
+                  dynamic_segment, dynamic_stats, dynamic_tune, encoding, errors, device, max_memory, quiet):
     """Score text: [MODEL] [FILE|-]. Each line of FILE (or stdin) is a sentence; prints its
     log-probability, tokens, nats and bits per token and perplexity, then a summary.
     MODEL defaults to the bundled Shakespeare model."""
@@ -523,7 +545,7 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
     elif dyn.given():
         raise click.UsageError(f"{dyn.given()[0]} applies to --dynamic only")
     run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet,
-              dynamic=dyn if dynamic else None)
+              dynamic=dyn if dynamic else None, max_memory=max_memory)
 
 
 @cli.command("plot")
@@ -532,7 +554,9 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
               help="The image file: .png or .svg.")
 @click.option("--x", "x", type=click.Choice(["steps", "tokens", "seconds"]), default="steps", show_default=True,
               help="The horizontal axis: training steps, tokens seen, or elapsed seconds (resumes included).")
-@click.option("--title", default=None, help="The plot's title [charnn training].")
+@click.option("--title", default=None, callback=valid_text,
+              help="The plot's title [charnn training]; mathtext between $ signs, drawn as typed where "
+                   "matplotlib cannot read it.")
 def plot_command(runs, out, x, title):
     """Plot training and validation loss of RUN [RUN...] (run folders or their metrics.jsonl),
     overlaid, the best validation point of each starred. Needs matplotlib: pip install 'charnn[plot]'.

@@ -10,7 +10,8 @@ from ..backend import BackendError, get_backend
 from ..io.checkpoint import CheckpointError, load_model, resolve
 from ..io.data import CorpusError, read_text
 from ..nn.functional import class_bounds
-from ..gradcheck import check_config, check_model, count_checks, random_chunk
+from ..gradcheck import check_config, check_memory, check_model, count_checks, random_chunk
+from ..memory import MemoryLimitError
 from ..wording import plural
 from ..nn.model import LanguageModel, ModelConfig
 from .common import StdoutConsole, regular_file
@@ -20,7 +21,16 @@ VOCAB_SIZES = {"char": 7, "word": 40}
 
 
 def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
-                  text_path, seed, tolerance, max_elements, device, classes=6, quiet=False):
+                  text_path, seed, tolerance, max_elements, device, classes=6, quiet=False, max_memory=None):
+    try:
+        _run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout, text_path, seed,
+                       tolerance, max_elements, device, classes, quiet, max_memory)
+    except MemoryLimitError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
+                   text_path, seed, tolerance, max_elements, device, classes, quiet, max_memory):
     console = StdoutConsole()
     try:
         get_backend(device, "float64")
@@ -30,7 +40,7 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
     if model is not None:
         with WorkProgress("checking", "checks", quiet=quiet) as progress:
             runs.append(_check_trained(model, text_path, seq_len, batch_size, seed, tolerance,
-                                       max_elements or 40, device, progress))
+                                       max_elements or 40, device, progress, max_memory))
     else:
         planned = []  # (label, config)
         for cell in cells:
@@ -49,6 +59,8 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
                         label = (f"{cell} {n_layers}x{hidden} {'one-hot' if embed == 0 else f'embed {embed}'} {level}"
                                  + (f" {plural(len(bounds) - 1, 'class')}" if bounds else ""))
                         planned.append((label, cfg))
+        for _, cfg in planned:  # every one before the first runs
+            check_memory(cfg, seq_len, batch_size, max_memory)
         total = sum(count_checks(cfg) for _, cfg in planned)
         with WorkProgress("checking", "checks", quiet=quiet) as progress:
             done = 0
@@ -56,7 +68,8 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
                 def step(k, _n, label=label, done=done):
                     progress(done + k, total, description=label)
                 runs.append((label, check_config(cfg, T=seq_len, N=batch_size, seed=seed, tolerance=tolerance,
-                                                 device=device, max_elements=max_elements or 300, progress=step)))
+                                                 device=device, max_elements=max_elements or 300, progress=step,
+                                                 max_memory=max_memory)))
                 done += len(runs[-1][1])
     table = Table(title=f"Gradient check (float64, tolerance {tolerance:g})")
     for col in ("model", "parameter", "shape", "checked", "max rel error", ""):
@@ -78,12 +91,14 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
     console.print(f"all {n} gradient checks passed (worst max relative error {worst:.2e})")
 
 
-def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device, progress=None):
+def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device, progress=None,
+                   max_memory=None):
     try:
         regular_file(resolve(path), "model file")
         trained, vocab, ckpt = load_model(path)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
+    check_memory(ckpt.config, seq_len, batch_size, max_memory, loaded=True)
     model = LanguageModel(ckpt.config, ckpt.params, get_backend(device, "float64"))
     T, N = seq_len, batch_size
     if text_path:

@@ -9,7 +9,9 @@ import numpy
 
 from ..backend import BackendError, get_backend
 from ..io.checkpoint import CheckpointError, default_model_path, load_model, resolve
-from ..sample import SampleError, beam_search, generate, prime_ids
+from ..memory import MemoryLimitError
+from ..sample import (NO_REPEAT, SampleError, beam_search, check_beam_memory, check_prime_memory, generate,
+                      start_ids)
 from .common import compile_notice, json_line, regular_file
 
 
@@ -36,11 +38,18 @@ def load_for_use(model, device, quiet=False, with_checkpoint=False):
 
 
 def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,
-               no_repeat=None):
+               no_repeat=None, max_memory=None):
     lm, vocab, path = load_for_use(model, device)
     try:
-        prime_ids(vocab, prime)  # a bad prime is an error before anything is written to stdout
-    except SampleError as e:
+        # A bad prime, or one or a beam that would pass the memory available, is an error
+        # before anything is written to stdout.
+        ids = start_ids(vocab, prime)
+        if beam_size:
+            n = NO_REPEAT[vocab.level] if no_repeat is None else no_repeat
+            check_beam_memory(lm, length, beam_size, len(ids), n, max_memory)
+        else:
+            check_prime_memory(lm, ids, max_memory)
+    except (SampleError, MemoryLimitError) as e:
         raise click.ClickException(str(e)) from None
     if seed is None:
         seed = int(numpy.random.default_rng().integers(2**31))
@@ -51,10 +60,11 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
         made = []
         try:
             if beam_size:
-                text, logprob = beam_search(lm, vocab, length, beam_size, prime, no_repeat)
+                text, logprob = beam_search(lm, vocab, length, beam_size, prime, no_repeat, max_memory)
                 pieces = [text]
             else:
-                pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=None)
+                pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=None,
+                                  max_memory=max_memory)
             if not as_json:
                 out.write(prime)
             for piece in pieces:
@@ -64,7 +74,7 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
                     out.flush()
                 if stop_at and "".join(made[-len(stop_at):]).endswith(stop_at):
                     break
-        except SampleError as e:
+        except (SampleError, MemoryLimitError) as e:
             raise click.ClickException(str(e)) from None
         text = "".join(made)
         if as_json:

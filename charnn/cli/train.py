@@ -15,6 +15,7 @@ import click
 from ..backend import BackendError
 from ..dist import DistError, PeerStopped, RankError, env_rank, world_from_env
 from ..io.checkpoint import CheckpointError
+from ..memory import MemoryLimitError
 from ..io.data import CorpusError
 from ..nn.model import FORGET_BIAS, INPUT_SCALE, ModelError
 from ..nn.optim import weight_decay_problem
@@ -33,7 +34,7 @@ def default_out(corpus: str, opts: dict) -> Path:
 
 
 def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from=None, extend_vocab=False,
-              given=None):
+              given=None, max_memory=None):
     try:
         world = world_from_env()
     except DistError as e:
@@ -42,7 +43,7 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
         raise click.ClickException(str(e)) from None
     try:
         return _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab,
-                    given)
+                    given, max_memory)
     except PeerStopped as e:  # (data-parallel only)
         sys.exit(e.code)
 
@@ -110,7 +111,8 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     return cfg, out_dir, overrides, init, stdin
 
 
-def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given):
+def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given,
+         max_memory=None):
     cfg, out_dir, overrides, init, stdin = _options(world, corpus, val_path, out, resume, explicit, opts, init_from,
                                                     extend_vocab, given)
     quiet = quiet or not world.root  # the other ranks print nothing but errors
@@ -121,7 +123,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         reporter = ConsoleReporter()
     trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides, init=init,
                       corpus_stream=sys.stdin.buffer if stdin and world.root else None, announce=not quiet,
-                      world=world)
+                      world=world, max_memory=max_memory)
     try:
         try:
             result = trainer.run()
@@ -137,7 +139,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         click.echo(str(e), err=True)
         return
     except (TrainError, CorpusError, CheckpointError, BackendError, ModelError, VocabError, FineTuneError,
-            RankError) as e:
+            RankError, MemoryLimitError) as e:
         if reporter:
             reporter.end()
         raise click.ClickException(str(e)) from None
