@@ -30,10 +30,11 @@ for a full softmax and C + V / C for a class-factored one (its per-position arra
                                         parameters and the .npz built in memory
     inference           M D (L H + G H + 2 V')   (scoring, sampling's prime, beam search's steps)
 
-The peak of a training run is the largest of creating, a step and a save, plus ENGINE (the
-compiled kernels and the BLAS's buffers, loaded after the check). Measured against the peak
-resident memory of real runs (benchmarks/memory.py, README "What charnn promises"), the
-estimate is within a few tens of per cent above it, never far below.
+The peak of a training run is the largest of creating, a step and a save, times MARGIN (what
+the allocator holds besides the live arrays), plus ENGINE (the compiled kernels and the BLAS's
+buffers, loaded after the check). Measured against the peak resident memory of real runs
+(benchmarks/memory.py; benchmarks/README.md, "The memory estimate"), a step of a few hundred
+MB or more is estimated 8-17% above its peak, a tiny run some 60 MB above.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
 # kernels, OpenBLAS's per-thread buffers and the worker thread (measured: about 80 MB between a
 # check and the peak of a tiny training run; rounded up).
 ENGINE = 120 * MB
+# The allocator's share besides the live arrays (freed blocks it keeps, two threads' arenas):
+# the formulas alone came within 0-8% below some runs' peaks (benchmarks/README.md).
+MARGIN = 1.1
 SLOTS = {"adam": 2, "rmsprop": 1, "adagrad": 1, "sgd": 0}  # per-parameter arrays (nn/optim.py)
 DTYPE_BYTES = {"float32": 4, "float64": 8}
 
@@ -102,6 +106,10 @@ class Need:
     what: str
 
 
+def _with_margin(arrays: int) -> int:
+    return int(arrays * MARGIN) + ENGINE
+
+
 def step_activations(shape: Shape, T: int, N: int, D: int) -> int:
     """Bytes a training step's forward and backward hold at once (module docstring)."""
     cell = cells.get(shape.cell)
@@ -134,7 +142,7 @@ def training(shape: Shape, T: int, N: int, optimizer: str = "adam", dtype: str =
     save = P * D * (3 + 2 * S)
     state = {"adam": "Adam's state", "rmsprop": "RMSprop's state", "adagrad": "Adagrad's state"}.get(optimizer)
     what = "parameters, " + (f"{state} and " if state else "") + "a step's activations"
-    return Need(max(create, step, save) + ENGINE, "the model needs", what)
+    return Need(_with_margin(max(create, step, save)), "the model needs", what)
 
 
 def gradcheck(shape: Shape, T: int, N: int, loaded: bool = False) -> Need:
@@ -144,7 +152,7 @@ def gradcheck(shape: Shape, T: int, N: int, loaded: bool = False) -> Need:
     P = shape.params()
     model = P * 8 if loaded else P * 16
     need = max(model, P * 16 + step_activations(shape, T, N, 8)) + (T + 1) * N * 8 * 2
-    return Need(need + ENGINE, "the gradient check needs", "the float64 model, its gradients and a step's activations")
+    return Need(_with_margin(need), "the gradient check needs", "the float64 model, its gradients and a step's activations")
 
 
 def beam(shape: Shape, beam_size: int, length: int, prime: int, no_repeat: int, D: int = 4) -> Need:
@@ -156,13 +164,13 @@ def beam(shape: Shape, beam_size: int, length: int, prime: int, no_repeat: int, 
     per_token = 400 if no_repeat else 16
     need = (inference_activations(shape, max(prime, 1), 1, D) + inference_activations(shape, 1, B, D)
             + 6 * shape.layers * shape.hidden * B * D + 48 * B * V + B * (length + prime) * per_token)
-    return Need(need + ENGINE, "beam search needs", "the beams' states, log-probabilities and texts")
+    return Need(_with_margin(need), "beam search needs", "the beams' states, log-probabilities and texts")
 
 
 def inference(shape: Shape, T: int, N: int, D: int = 4, who: str = "scoring needs") -> Need:
     """What a forward pass over a (T, N) chunk allocates, with the host arrays of scoring
     (ids, targets, weights and the losses: 40 bytes a position)."""
-    return Need(inference_activations(shape, T, N, D) + 40 * T * N + ENGINE, who, "the batch's activations and logits")
+    return Need(_with_margin(inference_activations(shape, T, N, D) + 40 * T * N), who, "the batch's activations and logits")
 
 
 def dynamic(shape: Shape, segment: int, D: int = 4) -> Need:
@@ -171,7 +179,7 @@ def dynamic(shape: Shape, segment: int, D: int = 4) -> Need:
     step's activations over one segment of one stream."""
     P = shape.params()
     need = 9 * P * D + step_activations(replace(shape, dropout=0.0), segment, 1, D)
-    return Need(need + ENGINE, "dynamic evaluation needs", "copies of the parameters for the update and a segment's activations")
+    return Need(_with_margin(need), "dynamic evaluation needs", "copies of the parameters for the update and a segment's activations")
 
 
 # ----- what there is -----

@@ -524,7 +524,7 @@ class Trainer:
         digest = saved.meta.get("corpus_sha256") if saved else hint.get("digest")
         vocab, start_config, start_params = (saved.vocab if saved else hint.get("vocab")), None, None
         if saved:
-            self._check_memory(saved.config)
+            self._check_memory(saved.config, host_only=cfg.device != "cpu")
         elif self.init is None:
             # Before the corpus is read: with the smallest vocabulary there can be (the real
             # one is checked once known), and on "auto" only what stays on the host.

@@ -104,6 +104,8 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
     base = dyn.DEFAULTS[vocab.level]
     segment = opts.segment or base.segment
     try:
+        # (before a word is said; the text's length in characters bounds its tokens)
+        dyn.check_memory(lm, segment, len(text), max_memory)
         if opts.stats is not None:
             stats_ids = _stats_ids(opts.stats, vocab, text, encoding, errors)
             stats_from = f"the last {len(stats_ids) - 1:,} tokens of {opts.stats}"
