@@ -6,7 +6,7 @@
 Each configuration runs in a fresh process: charnn's command line in-process, with
 memory.check wrapped to record the process's resident memory at the check and the estimate it
 checked (the last check of the command, which sees the real vocabulary); at exit the process's
-peak resident memory (ru_maxrss) is reported. "predicted" is resident-at-check + estimate, what
+peak resident memory (VmHWM) is reported. "predicted" is resident-at-check + estimate, what
 the check compares with --max-memory; "ratio" is predicted / peak (above 1: the estimate is
 generous). A corpus of random words (about 30 distinct characters) is written once.
 """
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from charnn import memory
 from charnn.cli import cli
 seen = []
@@ -35,7 +35,8 @@ try:
     code = 0
 except SystemExit as e:
     code = e.code or 0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forking process.
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 with open(sys.argv[1], "w") as f:
     json.dump({"code": code, "checks": seen, "peak": peak}, f)
 """

@@ -52,9 +52,10 @@ def load(path=None, device: str = "auto") -> Model:
 
 def generate(model: Model, length: int = 200, prime: str = "", temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_at: str | None = None) -> str:
+             stop_at=None) -> str:
     """``length`` tokens (characters or words) continuing ``prime``, as text without the prime;
-    the same seed gives the same text as ``charnn sample --seed``. Ends early after ``stop_at``."""
+    the same seed gives the same text as ``charnn sample --seed``. Ends early, as ``--stop-at``
+    does, once the text contains ``stop_at`` (a string or a list of them; see sample.StopRule)."""
     rng = numpy.random.default_rng(None if seed is None else [seed, 0])  # the command's first sample
     return "".join(_generate(model.network, model.vocab, length, temperature, top_k, top_p, prime, rng,
                              stop_at=stop_at))

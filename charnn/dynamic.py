@@ -94,8 +94,7 @@ def text_ids(vocab, text: str) -> numpy.ndarray:
 
 
 def _with_start(vocab, ids) -> numpy.ndarray:
-    start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
-    return numpy.concatenate([[start], ids]).astype(numpy.int64)
+    return numpy.concatenate([[vocab.start_id], ids]).astype(numpy.int64)
 
 
 def _segments(ids, T: int):

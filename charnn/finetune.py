@@ -30,7 +30,8 @@ from pathlib import Path
 from .io import checkpoint as ckpt_mod
 from .io.fileio import sha256_file
 from .io.vocab import Vocab, tokenize_line
-from .nn.model import INPUT_SCALE, ModelConfig, init_params
+from .nn.cells import INPUT_SCALE
+from .nn.model import ModelConfig, init_params
 from .wording import plural
 
 # TrainConfig fields fixed by the model, and how each is read from a checkpoint.

@@ -106,7 +106,7 @@ def check_model(model: LanguageModel, ids, targets, state=None, tolerance: float
         if c is not None:
             arrays.append((f"state.{layer}.c", c, dc))
 
-    eps = EPS_RELU if model.config.cell == "rnn" and model.config.activation == "relu" else EPS
+    eps = EPS_RELU if model.config.activation == "relu" else EPS  # (only cells that accept relu use it)
     results = []
     if progress:
         progress(0, len(arrays))

@@ -89,6 +89,9 @@ def draw(runs: list[tuple[str, Curves]], x: str, title: str | None = None, width
                 bx, by, step = c.best
                 ax.plot([bx], [by], marker="*", markersize=14, color=colour, markeredgecolor="black", zorder=5)
                 best.append((bx, by, step, colour))
+                last = c.val[0][-1] if len(c.val[0]) else bx
+                if last > bx:  # evaluations after the best that never beat it: the run went past its best
+                    ax.axvspan(bx, last, color=colour, alpha=0.08, label=f"{label} past its best")
         left, right = ax.get_xlim()
         for bx, by, step, colour in best:  # the label on the side with more room
             on_left = bx > (left + right) / 2

@@ -7,7 +7,6 @@ every device. Tokens are yielded as they are made, so callers can stream them.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy
@@ -80,9 +79,48 @@ def start_ids(vocab: Vocab, prime: str = "") -> numpy.ndarray:
     separator, a newline at char level and <eos> at word level, as at the start of a line."""
     ids = prime_ids(vocab, prime) if prime else numpy.zeros(0, dtype=numpy.int64)
     if len(ids) == 0:
-        start = "\n" if vocab.level == "char" else EOS
-        ids = numpy.array([vocab.index.get(start, 0)])
+        ids = numpy.array([vocab.start_id])
     return ids
+
+
+class StopRule:
+    """When generation stops: as soon as the text generated so far (the prime not included)
+    contains one of the stop strings; the piece that completes it is the last one yielded.
+    The one rule of ``charnn sample --stop-at``, ``api.generate(stop_at=...)`` and the
+    server's ``stop``, so a stop string spans token boundaries ("\\n\\n" at char level) and
+    is found inside a piece (a word level piece is a whole word). Empty strings never stop.
+
+    ``feed(piece)`` returns whether to stop after this piece; ``matched`` is the stop string
+    found; ``cut(text)`` is ``text`` up to where its first stop string begins (OpenAI's API
+    returns the text without it)."""
+
+    def __init__(self, stops=None):
+        if stops is None:
+            stops = ()
+        elif isinstance(stops, str):
+            stops = (stops,)
+        self.stops = tuple(s for s in stops if s)
+        self._keep = max((len(s) for s in self.stops), default=1) - 1
+        self._tail = ""
+        self.matched: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+    def feed(self, piece: str) -> bool:
+        if not self.stops or self.matched is not None:
+            return self.matched is not None
+        window = self._tail + piece  # any stop that ends in this piece lies in the window
+        for s in self.stops:
+            if s in window:
+                self.matched = s
+                return True
+        self._tail = window[len(window) - self._keep:] if self._keep else ""
+        return False
+
+    def cut(self, text: str) -> str:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return text[:min(found)] if found else text
 
 
 def warm_state(model: LanguageModel, ids: numpy.ndarray, N: int = 1) -> tuple:
@@ -129,9 +167,11 @@ def check_prime_memory(model: LanguageModel, ids, max_memory: int | None = None)
 
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, prime: str = "",
-             rng: numpy.random.Generator | None = None, stop_at: str | None = None,
+             rng: numpy.random.Generator | None = None, stop_at=None,
              max_memory: int | None = None) -> Iterator[str]:
-    """Yield ``length`` generated tokens (as text pieces) after ``prime``.
+    """Yield ``length`` generated tokens (as text pieces) after ``prime``, ending early after
+    the piece that completes a stop string (``stop_at``: a string or a list of them; see
+    StopRule).
 
     With no prime, the state starts at zero and the first input is a newline (char level) or
     ``<eos>`` (word level), i.e. the model starts as at the beginning of a line. A prime whose
@@ -139,6 +179,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
     (memory.MemoryLimitError) before anything is generated.
     """
     rng = rng or numpy.random.default_rng()
+    stop = StopRule(stop_at)
     ids = start_ids(vocab, prime)
     check_prime_memory(model, ids, max_memory)
     stepper, logits = warm_state(model, ids)
@@ -162,7 +203,7 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
         else:
             text = piece
         yield text
-        if stop_at is not None and (piece == stop_at or text == stop_at):
+        if stop.feed(text):
             return
         logits = stepper.step(numpy.array([tok]))
 
@@ -268,6 +309,3 @@ def _log_softmax_host(logits: numpy.ndarray) -> numpy.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     return z - numpy.log(numpy.exp(z).sum(axis=1, keepdims=True))
 
-
-def perplexity(nats_per_token: float) -> float:
-    return math.exp(min(nats_per_token, 700.0))

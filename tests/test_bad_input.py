@@ -352,6 +352,8 @@ def test_crafted_model_files(tmp_path, model, make, needles):
     (["train", "C", "--input-scale", "-1"], "--input-scale"),
     (["train", "C", "--input-scale", "nan"], "--input-scale"),
     (["train", "C", "--embed", "4", "--input-scale", "0.5"], "--input-scale"),
+    (["train", "C", "--cell", "gru", "--activation", "relu"], "--activation"),  # the registry says which cells take it
+    (["train", "C", "--cell", "lstm", "--activation", "relu"], "--activation"),
     (["sample", "M", "--temperature", "-1"], "--temperature"),
     (["sample", "M", "--top-p", "0"], "--top-p"),
     (["sample", "M", "--top-p", "1.5"], "--top-p"),
@@ -574,7 +576,7 @@ def test_config_values_of_the_right_kind_still_work(tmp_path):
 def test_escapes_are_decoded_one_by_one():
     """Python's escapes mean what they do in Python; other characters (and unknown escapes)
     stay as typed: "é" was mangled into "Ã©" by decoding all the text as unicode_escape."""
-    from charnn.cli import unescape
+    from charnn.cli.options import unescape
 
     assert unescape(None, None, "é\\n") == "é\n"
     assert unescape(None, None, "a\\tb\\\\c\\x41\\u00e9\\N{BULLET}\\d") == "a\tb\\cAé•\\d"
@@ -786,30 +788,40 @@ def test_a_bad_charnn_threads_is_one_line(tmp_path, model, command, value):
 MEMORY_CAP = 3 * 2**30  # RLIMIT_AS of the children below: a regression fails, it cannot swap the machine
 
 
+# Runs charnn under the cap and reports its exit status and its own peak resident memory
+# (ru_maxrss from wait4). Through this small process, not from pytest's: Linux carries a
+# process's ru_maxrss across exec from the process it was forked from, so a child of a large
+# pytest process would report pytest's size.
+CAPPED = r"""
+import json, os, resource, subprocess, sys
+cap, report = int(sys.argv[1]), sys.argv[2]
+proc = subprocess.Popen(sys.argv[3:], preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+_, status, usage = os.wait4(proc.pid, 0)
+with open(report, "w") as f:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024], f)
+"""
+
+
 def capped(*args, cap=MEMORY_CAP, timeout=120, **kw):
     """charnn as a real process under an address-space limit of ``cap`` bytes: (exit status,
-    stdout, stderr, the child's own peak resident memory in bytes)."""
-    import resource
+    stdout, stderr, its peak resident memory in bytes)."""
     import tempfile
-    import threading
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", **kw.pop("env", {}))
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "charnn", *map(str, args)], stdout=out, stderr=err,
-                                preexec_fn=limit, env=env, **kw)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.json")
+        proc = subprocess.Popen([sys.executable, "-c", CAPPED, str(cap), report, sys.executable, "-m", "charnn",
+                                 *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                start_new_session=True, **kw)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return code, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and charnn under it
+            proc.communicate()
+            raise AssertionError(f"charnn still running after {timeout} s: {args}")
+        with open(report) as f:
+            code, peak = json.load(f)
+    return code, out.decode(), err.decode(), peak
 
 
 def one_error_line(code, out, err, expected_code, *needles):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -118,7 +119,7 @@ def test_each_cell_keeps_what_the_estimate_says():
 # ----- the estimate against real runs -----
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from charnn import memory
 from charnn.cli import cli
 seen = []
@@ -131,19 +132,20 @@ try:
     cli.main(sys.argv[1:], prog_name="charnn", standalone_mode=False)
 except SystemExit:
     pass
-print(json.dumps({"checks": seen, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forking process (pytest).
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"checks": seen, "peak": peak}))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 @pytest.mark.parametrize("cell, extra", [("lstm", ["--batch-size", "64", "--seq-len", "100"]),
                                          ("gru", ["--batch-size", "64", "--seq-len", "100"]),
                                          ("lstm", ["--hidden", "1024", "--batch-size", "4", "--seq-len", "8"])])
 def test_the_estimate_is_above_the_peak_of_a_real_run_and_not_far(tmp_path, cell, extra):
-    """A training run's peak resident memory (ru_maxrss) is close to what the check predicted
-    (resident memory at the check + the estimate): the prediction at most 1.6 times it, and it
-    at most 1.25 times the prediction (the allocator's and numba's share varies from run to run:
-    once, in a long pytest session, +130 MB over the usual peak of the first two)."""
+    """A training run's peak resident memory (VmHWM) is at most what the check predicted
+    (resident memory at the check + the estimate), and the prediction at most 1.6 times it."""
     corpus = write_corpus(tmp_path, lines=3000)
     argv = ["train", str(corpus), "--out", str(tmp_path / "run"), "--cell", cell, "--max-steps", "2", "--eval-every",
             "2", "--val-fraction", "0.01", "--sample-length", "0", "-q", "--device", "cpu", *extra]
@@ -153,7 +155,7 @@ def test_the_estimate_is_above_the_peak_of_a_real_run_and_not_far(tmp_path, cell
     assert (tmp_path / "run" / "model.npz").exists(), r.stderr
     at, need = result["checks"][-1]
     predicted, peak = at + need, result["peak"]
-    assert peak <= 1.25 * predicted and predicted <= 1.6 * peak, (predicted / 2**20, peak / 2**20)
+    assert peak <= predicted <= 1.6 * peak, (predicted / 2**20, peak / 2**20)
 
 
 # ----- the limit in the commands (in-process: the refusals allocate nothing) -----

@@ -27,29 +27,6 @@ class Finite(click.FloatRange):
         return rv
 
 
-class MemorySize(click.ParamType):
-    """A size such as 8G, 500M or 2GiB, in bytes (memory.parse_size)."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        from ..memory import parse_size
-
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-def max_memory_option(f):
-    """--max-memory SIZE, for every command that checks its memory estimate (memory.py)."""
-    return click.option("--max-memory", type=MemorySize(), default=None,
-                        help="The most memory the command may use, e.g. 8G or 500M; options whose estimate "
-                             "passes it are refused before anything is allocated [the memory available now].")(f)
-
-
 def regular_file(path, what: str = "file"):
     """Refuse (exit 1) a path that is a FIFO, socket or device: opening one could wait forever."""
     kind = file_kind(path)

@@ -34,3 +34,19 @@ def run_export(model, out):
                f"vocabulary and configuration in the metadata")
     for name, shape in tensors.items():
         click.echo(f"  {name:<22} {tuple(shape)}")
+
+
+@click.command("export")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("out", type=click.Path(dir_okay=False))
+def export_command(model, out):
+    """Write MODEL (a model file or run folder) to OUT as a safetensors file under PyTorch's names
+    (embedding.weight, rnn.weight_ih_l0, ..., decoder.weight), for nn.Embedding, nn.RNN/LSTM/GRU
+    and nn.Linear; the vocabulary and configuration go in its metadata. charnn sample and
+    score read such files too.
+
+    \b
+      charnn export models/default shakespeare.safetensors
+      charnn sample shakespeare.safetensors -n 100
+    """
+    run_export(model, out)

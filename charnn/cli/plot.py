@@ -9,6 +9,7 @@ import click
 from ..io.metrics import MetricsError, curves
 from ..plot import FORMATS, PlotError, matplotlib_available, render, write_plot
 from .common import fail
+from .options import valid_text
 
 
 def shown(text) -> str:
@@ -41,3 +42,23 @@ def run_plot(runs, out, x, title):
         best = "no validation loss" if c.best is None else f"best validation loss {c.best[1]:.4f} at step {c.best[2]}"
         click.echo(f"{label}: {c.steps} steps, {best}")
     click.echo(f"wrote {shown(out)}")
+
+
+@click.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", default="loss.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The image file: .png or .svg.")
+@click.option("--x", "x", type=click.Choice(["steps", "tokens", "seconds"]), default="steps", show_default=True,
+              help="The horizontal axis: training steps, tokens seen, or elapsed seconds (resumes included).")
+@click.option("--title", default=None, callback=valid_text,
+              help="The plot's title [charnn training]; mathtext between $ signs, drawn as typed where "
+                   "matplotlib cannot read it.")
+def plot_command(runs, out, x, title):
+    """Plot training and validation loss of RUN [RUN...] (run folders or their metrics.jsonl),
+    overlaid, the best validation point of each starred. Needs matplotlib: pip install 'charnn[plot]'.
+
+    \b
+      charnn plot models/default                       loss.png
+      charnn plot runs/a runs/b --x seconds -o ab.svg  two runs against time
+    """
+    run_plot(runs, out, x, title)

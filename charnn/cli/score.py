@@ -11,18 +11,20 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .. import dynamic as dyn
+from ..backend import DEVICES
 from ..io.checkpoint import looks_like_model
 from ..io.corpus import same_text
 from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
-from .. import dynamic as dyn
-from .sample import load_for_use
-from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
 from ..io.vocab import iter_lines
 from ..memory import MemoryLimitError
-from .common import StdoutConsole, json_line
-from .progress import WorkProgress
+from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
 from ..wording import plural
+from .common import Finite, StdoutConsole, json_line, text_encoding
+from .options import max_memory_option
+from .progress import WorkProgress
+from .sample import load_for_use
 
 # Surprisal (bits) -> background colour, from "expected" to "very surprised".
 HEAT = [(1, None), (2, "#3a3a00"), (4, "#5f5f00"), (6, "#875f00"), (8, "#af5f00"), (11, "#d75f00"), (float("inf"), "#ff0000")]
@@ -231,3 +233,67 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
                   f"bits/token {summary['bits_per_token']:.4f}  perplexity {summary['perplexity']:.3f}")
     if summary["excluded"]:
         out.print(f"{plural(summary['excluded'], 'unknown character')} left out", style="dim")
+
+
+def _per_level(name: str) -> str:
+    """A dynamic-evaluation default per level, for help texts: "char 20, word 10"."""
+    return ", ".join(f"{level} {getattr(d, name):g}" for level, d in dyn.DEFAULTS.items())
+
+
+@click.command("score", epilog="""\b
+Examples:
+  echo "To be, or not to be, that is the question." | charnn score -
+  charnn score runs/small sentences.txt --format jsonl
+  charnn score val.txt --document --streams 8       held-out loss of a whole text
+  charnn score runs/small test.txt --document --dynamic --dynamic-tune heldout.txt""")
+@click.argument("args", nargs=-1, type=click.Path(allow_dash=True))
+@click.option("--document", is_flag=True, help="Score the whole input as one text with carried state.")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@click.option("--tokens", "show_tokens", is_flag=True, help="Show each token coloured by its surprisal.")
+@click.option("--strict", is_flag=True, help="Unknown characters are an error instead of being left out.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Lines scored together.")
+@click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--document: score this many pieces side by side (faster, slightly less context).")
+@click.option("--dynamic", is_flag=True,
+              help="--document: dynamic evaluation: adapt a copy of the weights to the text as it is read, "
+                   "one gradient step per segment after scoring it (the model file is not changed).")
+@click.option("--dynamic-lr", type=Finite(min=0), default=None,
+              help="--dynamic: the learning rate eta of the RMS-normalised step "
+                   f"[{_per_level('lr')}; 0 = static scoring].")
+@click.option("--dynamic-decay", type=Finite(0, 1), default=None,
+              help=f"--dynamic: the decay lambda towards the trained weights [{_per_level('decay')}].")
+@click.option("--dynamic-segment", type=click.IntRange(min=1), default=None,
+              help=f"--dynamic: tokens per segment, one update after each [{_per_level('segment')}].")
+@click.option("--dynamic-stats", type=click.Path(dir_okay=False), default=None,
+              help=f"--dynamic: training-side text to measure the mean squared gradients on (its last "
+                   f"{dyn.STATS_TOKENS:,} tokens) [the model's training corpus, its training part, "
+                   "if present and unchanged].")
+@click.option("--dynamic-tune", type=click.Path(dir_okay=False), default=None,
+              help="--dynamic: choose the learning rate and decay not given by a grid search on this "
+                   "held-out training-side text (never the scored text; keep it small: a pass over it for "
+                   "each grid point, "
+                   f"{len(dyn.LR_GRID) * len(dyn.DECAY_GRID)} in all).")
+@click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
+@click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@max_memory_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
+def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, dynamic, dynamic_lr, dynamic_decay,
+                  dynamic_segment, dynamic_stats, dynamic_tune, encoding, errors, device, max_memory, quiet):
+    """Score text: [MODEL] [FILE|-]. Each line of FILE (or stdin) is a sentence; prints its
+    log-probability, tokens, nats and bits per token and perplexity, then a summary.
+    MODEL defaults to the bundled Shakespeare model."""
+    if len(args) > 2:
+        raise click.UsageError("expected at most MODEL and FILE")
+    dyn = DynamicOptions(dynamic_lr, dynamic_decay, dynamic_segment, dynamic_stats, dynamic_tune)
+    if dynamic:
+        if not document:
+            raise click.UsageError("--dynamic adapts the model along one text: it needs --document")
+        if streams > 1:
+            raise click.UsageError("--dynamic reads the text as one stream: it cannot be used with --streams")
+        if dynamic_tune is not None and dynamic_lr is not None and dynamic_decay is not None:
+            raise click.UsageError("--dynamic-tune has nothing to choose: --dynamic-lr and --dynamic-decay are both given")
+    elif dyn.given():
+        raise click.UsageError(f"{dyn.given()[0]} applies to --dynamic only")
+    run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet,
+              dynamic=dyn if dynamic else None, max_memory=max_memory)

@@ -36,7 +36,7 @@ import numpy
 from numpy.lib import format as npy_format
 
 from . import safetensors_file
-from .fileio import atomic_write_bytes  # noqa: F401  (re-exported: train.py and tests use it)
+from .fileio import atomic_write_bytes  # noqa: F401  (re-exported: training and tests use it)
 from ..nn import cells
 from ..nn.model import LanguageModel, ModelConfig, ModelError
 from ..nn.optim import Adagrad, Adam, RMSprop

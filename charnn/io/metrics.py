@@ -1,6 +1,6 @@
 """Reading a run's metrics.jsonl into loss curves (what charnn plot draws).
 
-Each line is one JSON object (train.py writes them):
+Each line is one JSON object (training/folder.py writes them):
 
     {"type": "train", "step", "epoch", "tokens", "elapsed", "train_loss", "tokens_per_second", "lr"}
     {"type": "eval",  "step", "epoch", "tokens", "elapsed", "val_loss", "best_val_loss", ...}
@@ -9,7 +9,7 @@ Files written before the record type and the evaluation lines' tokens and elapse
 still read: a line without "type" is an evaluation when it has "val_loss" and a training line
 when it has "train_loss", and an x value a line lacks (tokens, seconds) is interpolated by step
 from the lines that have it. Their elapsed time restarted at each resume; it is made cumulative.
-A line torn by a kill (not JSON) is skipped, as train.py's resume skips it.
+A line torn by a kill (not JSON) is skipped, as training's resume skips it.
 
 What a line holds is checked before it is used, since the file may come from anywhere: a line
 is read at most MAX_LINE bytes at a time (a longer one is refused, never held whole), a step

@@ -37,10 +37,6 @@ from .ops import Ops
 from .optim import Grads, RowGrad
 
 
-FORGET_BIAS = cells.FORGET_BIAS  # (kept here too: the trainer and the CLI's checks import it from here)
-INPUT_SCALE = cells.INPUT_SCALE
-
-
 def join_states(xp, s0, s1) -> list:
     """The state of two column halves, joined back along the stream axis."""
     return [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
@@ -150,8 +146,8 @@ class ModelConfig:
         return size(self.outer_shapes()) + size(self.layer_shapes(0)) + above
 
 
-def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_BIAS,
-                input_scale: float = INPUT_SCALE) -> dict:
+def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = cells.FORGET_BIAS,
+                input_scale: float = cells.INPUT_SCALE) -> dict:
     """Host (float64 NumPy) parameters: recurrent and head weights U(-1/sqrt(H), 1/sqrt(H)) as
     PyTorch does, other biases 0 but for what the cell's init_bias sets (the LSTM's forget gate
     to ``forget_bias``, rows H:2H of each rnn.L.b); embeddings N(0, 1) as PyTorch's
@@ -221,7 +217,7 @@ class LanguageModel:
 
     @classmethod
     def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None,
-               forget_bias: float = FORGET_BIAS, input_scale: float = INPUT_SCALE) -> "LanguageModel":
+               forget_bias: float = cells.FORGET_BIAS, input_scale: float = cells.INPUT_SCALE) -> "LanguageModel":
         return cls(config, init_params(config, seed, forget_bias, input_scale), backend)
 
     @property
