@@ -88,7 +88,7 @@ def configurations(work: Path):
                                                    "--hidden", "200", "--batch-size", "20", "--seq-len", "35",
                                                    *run("j")]),
         ("train", "model for the rest", ["train", str(text), *run("model")]),
-        ("gradcheck", "defaults", ["gradcheck", "--cell", "lstm", "--layers", "2", "-q"]),
+        ("gradcheck", "lstm, the defaults", ["gradcheck", "--cell", "lstm", "-q"]),
         ("gradcheck", "seq-len 20000", ["gradcheck", "--cell", "lstm", "--layers", "1", "--embed", "0",
                                         "--level", "char", "--seq-len", "20000", "--max-elements", "1", "-q"]),
         ("gradcheck", "hidden 600 batch 200", ["gradcheck", "--cell", "gru", "--layers", "1", "--embed", "0",
@@ -116,14 +116,14 @@ def measure(argv) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=None, help="train, gradcheck, sample or score")
+    ap.add_argument("--only", default=None, help="train, gradcheck, sample or score (comma-separated)")
     ap.add_argument("--workdir", default=None, help="Where to write the corpus and runs (default: a temp folder).")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="charnn-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{'command':<10} {'configuration':<32} {'at check':>9} {'estimate':>9} {'predicted':>10} {'peak':>8} {'ratio':>6}")
     for command, label, argv in configurations(work):
-        if args.only and command != args.only:
+        if args.only and command not in args.only.split(","):
             if label == "model for the rest" and not (work / "model").exists():
                 measure(argv)  # sample and score read it
             continue

@@ -33,8 +33,8 @@ for a full softmax and C + V / C for a class-factored one (its per-position arra
 The peak of a training run is the largest of creating, a step and a save, times MARGIN (what
 the allocator holds besides the live arrays), plus ENGINE (the compiled kernels and the BLAS's
 buffers, loaded after the check). Measured against the peak resident memory of real runs
-(benchmarks/memory.py; benchmarks/README.md, "The memory estimate"), a step of a few hundred
-MB or more is estimated 8-17% above its peak, a tiny run some 60 MB above.
+(benchmarks/memory.py; benchmarks/README.md, "The memory estimate"), runs of 500 MB to 1.5 GB
+are estimated 8-14% above their peaks, smaller ones up to 25% above.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
 # check and the peak of a tiny training run; rounded up).
 ENGINE = 120 * MB
 # The allocator's share besides the live arrays (freed blocks it keeps, two threads' arenas):
-# the formulas alone came within 0-8% below some runs' peaks (benchmarks/README.md).
+# the formulas alone came to 1.00-1.09 of the peaks of large steps (benchmarks/README.md).
 MARGIN = 1.1
 SLOTS = {"adam": 2, "rmsprop": 1, "adagrad": 1, "sgd": 0}  # per-parameter arrays (nn/optim.py)
 DTYPE_BYTES = {"float32": 4, "float64": 8}
@@ -152,7 +152,8 @@ def gradcheck(shape: Shape, T: int, N: int, loaded: bool = False) -> Need:
     P = shape.params()
     model = P * 8 if loaded else P * 16
     need = max(model, P * 16 + step_activations(shape, T, N, 8)) + (T + 1) * N * 8 * 2
-    return Need(_with_margin(need), "the gradient check needs", "the float64 model, its gradients and a step's activations")
+    return Need(_with_margin(need), "the gradient check needs",
+                "the float64 model, its gradients and a step's activations")
 
 
 def beam(shape: Shape, beam_size: int, length: int, prime: int, no_repeat: int, D: int = 4) -> Need:
@@ -170,7 +171,8 @@ def beam(shape: Shape, beam_size: int, length: int, prime: int, no_repeat: int, 
 def inference(shape: Shape, T: int, N: int, D: int = 4, who: str = "scoring needs") -> Need:
     """What a forward pass over a (T, N) chunk allocates, with the host arrays of scoring
     (ids, targets, weights and the losses: 40 bytes a position)."""
-    return Need(_with_margin(inference_activations(shape, T, N, D) + 40 * T * N), who, "the batch's activations and logits")
+    return Need(_with_margin(inference_activations(shape, T, N, D) + 40 * T * N), who,
+                "the batch's activations and logits")
 
 
 def dynamic(shape: Shape, segment: int, D: int = 4) -> Need:
@@ -179,7 +181,8 @@ def dynamic(shape: Shape, segment: int, D: int = 4) -> Need:
     step's activations over one segment of one stream."""
     P = shape.params()
     need = 9 * P * D + step_activations(replace(shape, dropout=0.0), segment, 1, D)
-    return Need(_with_margin(need), "dynamic evaluation needs", "copies of the parameters for the update and a segment's activations")
+    return Need(_with_margin(need), "dynamic evaluation needs",
+                "copies of the parameters for the update and a segment's activations")
 
 
 # ----- what there is -----

@@ -178,7 +178,8 @@ def test_max_memory_in_a_config_file_and_its_kind(tmp_path):
     config.write_text('max-memory = "1M"\n')
     check_error(train(corpus, tmp_path / "a", "--max-steps", 2, "--config", config), 1, "more than --max-memory 1.0 MB")
     config.write_text("max-memory = 5\n")
-    check_error(train(corpus, tmp_path / "a", "--max-steps", 2, "--config", config), 2, 'max-memory must be a size in quotes (e.g. "8G"), not an integer')
+    check_error(train(corpus, tmp_path / "a", "--max-steps", 2, "--config", config), 2,
+                'max-memory must be a size in quotes (e.g. "8G"), not an integer')
     check_error(invoke("train", corpus, "--max-memory", "lots"), 2, "--max-memory", "not a size")
     assert not (tmp_path / "a").exists()
 

@@ -36,7 +36,8 @@ def load_config(ctx, param, value):
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{value}: not valid TOML: {e}") from None
     except RecursionError:  # the parser recurses into each nested array or table
-        raise click.BadParameter(f"{value}: not valid TOML for options: arrays or tables nested too deeply to read") from None
+        raise click.BadParameter(f"{value}: not valid TOML for options: arrays or tables nested too deeply "
+                                 f"to read") from None
     table = data.get(ctx.info_name, data)
     if not isinstance(table, dict):
         raise click.BadParameter(f"{value}: [{ctx.info_name}] must be a table")
