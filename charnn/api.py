@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy
 
 from .backend import get_backend
-from .io.checkpoint import default_model_path, load_model
+from .io.checkpoint import load_model, resolve
 from .io.vocab import Vocab, iter_lines
 from .nn.model import LanguageModel
 from .sample import generate as _generate
@@ -44,8 +44,9 @@ class Model:
 
 def load(path=None, device: str = "auto") -> Model:
     """Load a model file or run folder (default: the bundled Shakespeare model) in float32 on
-    ``device`` ("auto", "cpu" or "gpu")."""
-    path = Path(path) if path is not None else default_model_path()
+    ``device`` ("auto", "cpu" or "gpu"); ``Model.path`` is the model file. Raises
+    CheckpointError for anything but a model file (a FIFO included, which is never opened)."""
+    path = resolve(path)
     network, vocab, _ = load_model(path, get_backend(device, "float32"))
     return Model(network, vocab, path)
 

@@ -55,7 +55,15 @@ Progress = Optional[Callable[[int, int], None]]
 
 
 class DynamicError(ValueError):
-    """Dynamic evaluation cannot run as asked (bad hyperparameters, too little text)."""
+    """Dynamic evaluation cannot run as asked (bad hyperparameters, too little text, a loss
+    that is not finite)."""
+
+
+class _NonFinite(Exception):
+    """A segment's loss is not finite: ``at`` tokens were scored before it, ``P`` in all."""
+
+    def __init__(self, at: int, P: int):
+        self.at, self.P = at, P
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,15 @@ def score_dynamic(model: LanguageModel, vocab, text: str, settings: DynamicSetti
     the memory available (or ``max_memory`` bytes) is refused first (memory.MemoryLimitError)."""
     ids, toks, excluded = encode_known(vocab, text, strict)
     check_memory(model, settings.segment, len(ids), max_memory)
-    nll = _run(model, _with_start(vocab, ids), settings, stats, progress)
+    try:
+        nll = _run(model, _with_start(vocab, ids), settings, stats, progress)
+    except _NonFinite as e:
+        where = f"at token {e.at + 1:,} of {e.P:,}"
+        if e.at == 0 or settings.lr == 0:
+            raise DynamicError(f"the model gives a loss that is not a finite number {where}, before any update "
+                               f"(its weights overflow); dynamic evaluation cannot score with it") from None
+        raise DynamicError(f"dynamic evaluation diverged {where} (the adapted weights overflowed with learning "
+                           f"rate {settings.lr:g}); try a smaller dynamic learning rate") from None
     s = Scored(text=text, tokens=len(nll), logprob=-float(nll.sum()), excluded=excluded)
     if with_tokens:
         s.token_strings = toks
@@ -223,7 +239,8 @@ def score_dynamic(model: LanguageModel, vocab, text: str, settings: DynamicSetti
 
 def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, progress: Progress = None):
     """The negative log-likelihood (nats, float64 host array) of each token of ``seq`` after
-    the first, scored dynamically."""
+    the first, scored dynamically. Raises _NonFinite at the first segment whose loss is not
+    finite (the adapted weights overflowed: nothing after it can be finite either)."""
     P = len(seq) - 1
     out = numpy.zeros(max(P, 0))
     if P < 1:
@@ -240,6 +257,8 @@ def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, prog
             state = _copy_state(state)
             T = len(y)
             out[done:done + T] = to_host(cache["nll"]).astype(numpy.float64).reshape(T)  # scored first
+            if not numpy.isfinite(out[done:done + T]).all():
+                raise _NonFinite(done + int(numpy.argmin(numpy.isfinite(out[done:done + T]))), P)
             done += T
             if adapt and done < P:  # no step after the last segment: nothing is left to score
                 grads, _ = adapted.backward(cache)
@@ -272,8 +291,11 @@ def tune(model: LanguageModel, ids, stats: dict, segment: int, lrs=None, decays=
     results = []
     for n, (lr, d) in enumerate(grid):
         each = None if progress is None else (lambda done, total, n=n: progress(n * P + done, len(grid) * P))
-        nll = _run(model, ids, DynamicSettings(lr, d, segment), stats, each)
-        results.append((lr, d, float(nll.mean())))
+        try:
+            loss = float(_run(model, ids, DynamicSettings(lr, d, segment), stats, each).mean())
+        except _NonFinite:
+            loss = math.inf  # (diverged: never the best)
+        results.append((lr, d, loss))
     best = min(results, key=lambda r: (r[2] if math.isfinite(r[2]) else math.inf))
     return DynamicSettings(best[0], best[1], segment), results
 

@@ -59,14 +59,15 @@ def filter_probs(logits: numpy.ndarray, temperature: float, top_k: int | None = 
     return p
 
 
-def prime_ids(vocab: Vocab, prime: str) -> numpy.ndarray:
+def prime_ids(vocab: Vocab, prime: str, what: str = "--prime") -> numpy.ndarray:
     """Token ids of a prime text. Characters outside a char vocabulary are an error naming
-    them; unknown words map to <unk>."""
+    them (and ``what`` the text is: the option, or the server's field); unknown words map to
+    <unk>."""
     if vocab.level == "char":
         unknown = sorted({t for _, t in vocab.unknown(prime)})
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:10])
-            raise SampleError(f"--prime has characters the model does not know: {shown}")
+            raise SampleError(f"{what} has characters the model does not know: {shown}")
         return vocab.encode(prime)
     ids = vocab.encode(prime)
     if len(ids) and ids[-1] == vocab.eos_id and not prime.endswith("\n"):
@@ -74,10 +75,10 @@ def prime_ids(vocab: Vocab, prime: str) -> numpy.ndarray:
     return ids
 
 
-def start_ids(vocab: Vocab, prime: str = "") -> numpy.ndarray:
+def start_ids(vocab: Vocab, prime: str = "", what: str = "--prime") -> numpy.ndarray:
     """The tokens generation starts from: the prime's, or with none (or an empty one) the line
     separator, a newline at char level and <eos> at word level, as at the start of a line."""
-    ids = prime_ids(vocab, prime) if prime else numpy.zeros(0, dtype=numpy.int64)
+    ids = prime_ids(vocab, prime, what) if prime else numpy.zeros(0, dtype=numpy.int64)
     if len(ids) == 0:
         ids = numpy.array([vocab.start_id])
     return ids
@@ -123,12 +124,22 @@ class StopRule:
         return text[:min(found)] if found else text
 
 
+def prime_state(model: LanguageModel, ids: numpy.ndarray):
+    """The state of one stream after all but the last of ``ids`` (run as one chunk), a list
+    of (h, c) per layer with shapes (H, 1); None (a zero state) for a single token. The last
+    token is the first a Stepper is fed."""
+    if len(ids) <= 1:
+        return None
+    _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, None, store=False)
+    return state
+
+
 def warm_state(model: LanguageModel, ids: numpy.ndarray, N: int = 1) -> tuple:
     """A Stepper for ``N`` streams warmed on ``ids`` (all but the last run as one chunk), and
     the logits after feeding the last token."""
     stepper = model.stepper(N)
-    if len(ids) > 1:
-        _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, None, store=False)
+    state = prime_state(model, ids)
+    if state is not None:
         if N > 1:
             xp = model.xp
             state = [(xp.repeat(h, N, axis=1), None if c is None else xp.repeat(c, N, axis=1)) for h, c in state]
@@ -165,6 +176,39 @@ def check_prime_memory(model: LanguageModel, ids, max_memory: int | None = None)
     memory.check(need, f"--prime ({len(ids):,} tokens)", max_memory)
 
 
+def choose(logits: numpy.ndarray, temperature: float, rng: numpy.random.Generator, top_k: int | None = None,
+           top_p: float | None = None, ops=None) -> int:
+    """The next token from host logits (V,): drawn with ``rng`` after temperature, top-k and
+    top-p, or the argmax at temperature 0. The one choice of ``generate`` and the server."""
+    if temperature > 0 and top_k is None and top_p is None:
+        return sample_index(logits, temperature, rng, ops)
+    p = filter_probs(logits, temperature, top_k, top_p)
+    return draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
+
+
+class PieceText:
+    """A generated token's text: the token at char level; at word level a newline for
+    ``<eos>`` and the word detokenized against the text before it (no space at the start of a
+    line or before punctuation). Call it with each token id in order."""
+
+    def __init__(self, vocab: Vocab, prime: str = ""):
+        self.vocab = vocab
+        self.at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
+
+    def __call__(self, tok: int) -> str:
+        piece = self.vocab.tokens[tok]
+        if self.vocab.level != "word":
+            return piece
+        if piece == EOS:
+            self.at_line_start = True
+            return "\n"
+        from .io.vocab import detokenize
+
+        text = detokenize([piece]) if self.at_line_start else detokenize(["x", piece])[1:]
+        self.at_line_start = False
+        return text
+
+
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, prime: str = "",
              rng: numpy.random.Generator | None = None, stop_at=None,
@@ -183,25 +227,10 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
     ids = start_ids(vocab, prime)
     check_prime_memory(model, ids, max_memory)
     stepper, logits = warm_state(model, ids)
-    at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
+    piece_text = PieceText(vocab, prime)
     for _ in range(length):
-        if temperature > 0 and top_k is None and top_p is None:
-            tok = sample_index(to_host(logits)[0], temperature, rng, model.ops)
-        else:
-            p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
-            tok = draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
-        piece = vocab.tokens[tok]
-        if vocab.level == "word":
-            if piece == EOS:
-                text = "\n"
-                at_line_start = True
-            else:
-                from .io.vocab import detokenize
-
-                text = detokenize([piece]) if at_line_start else detokenize(["x", piece])[1:]
-                at_line_start = False
-        else:
-            text = piece
+        tok = choose(to_host(logits)[0], temperature, rng, top_k, top_p, model.ops)
+        text = piece_text(tok)
         yield text
         if stop.feed(text):
             return

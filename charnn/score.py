@@ -68,6 +68,22 @@ class Scored:
                 "perplexity": self.perplexity, "excluded": self.excluded}
 
 
+def surprisal_pairs(s: Scored) -> list:
+    """[[token, bits], ...] of a Scored made with tokens, bits rounded to 4 places."""
+    return [[t, round(b, 4)] for t, b in zip(s.token_strings, s.surprisal)]
+
+
+def score_row(s: Scored, index: int, with_tokens: bool = False) -> dict:
+    """One line's object of ``charnn score --format jsonl`` (and of the server's /v1/score):
+    the score, its 1-based ``index`` among the scored lines, and with ``with_tokens`` each
+    token's surprisal."""
+    obj = s.to_json()
+    obj["index"] = index
+    if with_tokens:
+        obj["token_surprisal_bits"] = surprisal_pairs(s)
+    return obj
+
+
 def summarize(items: list[Scored]) -> dict:
     tokens = sum(s.tokens for s in items)
     logprob = sum(s.logprob for s in items)

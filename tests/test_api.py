@@ -73,3 +73,18 @@ def test_load_the_bundled_model_and_errors():
     assert m.vocab.level == "char" and m.path.name == "model.npz"
     with pytest.raises(CheckpointError):
         api.load("no/such/model.npz")
+
+
+def test_load_refuses_a_fifo(tmp_path):
+    """The command line refused a named pipe as MODEL; api.load opened it and waited for a
+    writer forever. One function now resolves a model path for both."""
+    import os
+
+    from cli_support import time_limit
+
+    fifo = tmp_path / "model.npz"
+    os.mkfifo(fifo)
+    with time_limit(10), pytest.raises(CheckpointError, match="FIFO"):
+        api.load(fifo, device="cpu")
+    with time_limit(10), pytest.raises(CheckpointError, match="FIFO"):
+        api.load(tmp_path, device="cpu")  # a run folder whose model.npz is one

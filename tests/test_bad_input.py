@@ -17,7 +17,7 @@ import pytest
 
 from charnn.io import checkpoint
 
-from archive_support import BOMB_BYTES, Member, npy, npy_header, zip_bytes
+from archive_support import BOMB_BYTES, Member, npy, npy_header, st_bytes, st_layout, zip_bytes
 from cli_support import (TINY, check_error, check_ok, corpus_text, invoke, temp_files, time_limit, train,
                          write_corpus)
 
@@ -322,6 +322,150 @@ def test_crafted_model_files(tmp_path, model, make, needles):
         r = invoke("sample", folder, "-n", 5, "--device", "cpu")
         check_error(r, 1, str(folder / "model.npz"), *needles)
         assert r.stdout == ""
+
+
+# ----- safetensors files: held to the same bounds, in processes with a memory cap -----
+
+CAPPED_CHILD = """
+import json, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from click.testing import CliRunner
+from charnn.cli import cli
+results = []
+for args in json.loads(sys.argv[2]):
+    r = CliRunner().invoke(cli, args, input="the cat\\n")
+    crash = None if r.exception is None or isinstance(r.exception, SystemExit) else repr(r.exception)[:300]
+    results.append([r.exit_code, r.stderr, crash])
+print(json.dumps(results))
+"""
+CAP = 1536 << 20  # the child's address space: the import baseline is about 500 MB
+
+
+def capped(*commands, timeout=120) -> list:
+    """Each command (a list of arguments) in one child process whose address space is capped
+    (RLIMIT_AS): a file that made charnn grow without limit fails the test with a MemoryError
+    there instead of taking the machine down. [exit code, stderr, unexpected exception] each."""
+    argv = json.dumps([[str(a) for a in c] for c in commands])
+    proc = subprocess.run([sys.executable, "-c", CAPPED_CHILD, str(CAP), argv], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def every_model_command(path, tmp_path):
+    """The commands that read a model file, as argument lists."""
+    corpus = write_corpus(tmp_path)
+    return [["info", path], ["sample", path, "-n", 5, "--device", "cpu"], ["score", path, "-", "--device", "cpu"],
+            ["gradcheck", path, "--device", "cpu"], ["export", path, tmp_path / "x.safetensors"],
+            ["train", corpus, "--init-from", path, "--out", tmp_path / "ft", *TINY, "--max-steps", 2]]
+
+
+def refused_by_every_command(path, tmp_path, *needles):
+    for (code, err, crash), args in zip(capped(*every_model_command(path, tmp_path)), every_model_command(path, tmp_path)):
+        assert crash is None, (args, crash)
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in err, (args, code, err)
+        for needle in (str(path),) + needles:
+            assert needle in errors[0], (args, needle, errors[0])
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def model_as_safetensors(model, edit_metadata=None, edit_tensors=None):
+    """(header, data) of ``model`` (an npz) as export would write it, after the edits."""
+    from charnn.io import safetensors_file
+
+    ckpt = checkpoint.load(model)
+    metadata = {"format": "pt", "charnn.config": json.dumps(ckpt.config.to_json()),
+                "charnn.vocab": json.dumps(ckpt.vocab.to_json()), "charnn.meta": json.dumps({"progress": {"step": 3}})}
+    tensors = safetensors_file.to_torch(ckpt.config, ckpt.params)
+    if edit_metadata:
+        edit_metadata(metadata)
+    if edit_tensors:
+        edit_tensors(tensors)
+    return st_layout(tensors, metadata)
+
+
+def test_a_safetensors_file_claiming_a_billion_layers(tmp_path, model):
+    """The issue's 28 KB file grew every command to 9.7 GB in a minute; the same .npz was refused at once."""
+    def edit(md):
+        md["charnn.config"] = json.dumps(dict(json.loads(md["charnn.config"]), layers=10**9))
+    path = tmp_path / "layers.safetensors"
+    path.write_bytes(st_bytes(*model_as_safetensors(model, edit)))
+    assert path.stat().st_size < 64 << 10
+    refused_by_every_command(path, tmp_path, "1,000,000,000 layers")
+
+
+def test_safetensors_metadata_of_many_lists(tmp_path, model):
+    """A header whose charnn.meta held 1.3 million empty lists loaded with exit 0 (and a 60 MB
+    header cost 1.6 GB); the npz loader's cap on lists and objects holds for it too."""
+    def edit(md):
+        md["charnn.meta"] = '{"x": [' + "[]," * 1_300_000 + "[]]}"
+    path = tmp_path / "lists.safetensors"
+    path.write_bytes(st_bytes(*model_as_safetensors(model, edit)))
+    refused_by_every_command(path, tmp_path, "charnn.meta", "lists and objects")
+
+
+def test_an_unknown_safetensors_tensor_is_never_read(tmp_path, model):
+    """400 MB of an unknown tensor cost 820 MB before "unexpected tensors"; 1.2 GB of one (a
+    sparse file: no disk used) would pass the child's memory cap."""
+    header, data = model_as_safetensors(model)
+    n = 300_000_000
+    header["junk"] = {"dtype": "F32", "shape": [n], "data_offsets": [len(data), len(data) + 4 * n]}
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(st_bytes(header, data))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size + 4 * n)
+    refused_by_every_command(path, tmp_path, "unexpected tensors: junk")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_a_weight_finite_in_float64_but_not_in_float32(tmp_path, model, fmt):
+    """1e300: score said nan and exited 0, sample printed zzzz, score --tokens raised
+    StopIteration from the heat map. Every command refuses the file in one line naming the
+    weight; gradcheck, which computes in float64, checks it."""
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "npz":
+        def edit(arrays, meta):
+            arrays["param/rnn.0.Wh"] = arrays["param/rnn.0.Wh"].astype(numpy.float64)
+            arrays["param/rnn.0.Wh"][0, 0] = 1e300
+        rewrite(model, path, edit)
+        name = "parameter rnn.0.Wh"
+    else:
+        def edit(tensors):
+            tensors["rnn.weight_hh_l0"] = tensors["rnn.weight_hh_l0"].astype(numpy.float64)
+            tensors["rnn.weight_hh_l0"][0, 0] = 1e300
+        path.write_bytes(st_bytes(*model_as_safetensors(model, edit_tensors=edit)))
+        name = "tensor rnn.weight_hh_l0"
+    text = tmp_path / "lines.txt"
+    text.write_text("the cat\n")
+    for args in (["score", path, text], ["score", path, text, "--tokens"], ["score", path, text, "--document"],
+                 ["sample", path, "-n", 5], ["info", path], ["export", path, tmp_path / "x.safetensors"]):
+        r = invoke(*args, *(["--device", "cpu"] if args[0] in ("score", "sample") else []))
+        check_error(r, 1, str(path), f"{name} holds 1e+300, beyond the range of float32")
+        assert r.stdout == ""
+    assert checkpoint.load(path, "float64").params["rnn.0.Wh"][0, 0] == 1e300
+
+
+def test_dynamic_evaluation_that_diverges_is_one_line(tmp_path, model):
+    """--dynamic-lr 1e308 made the adapted weights infinite: a table of nan, or with --tokens
+    the heat map's StopIteration traceback."""
+    folder = model.parent.parent
+    text = tmp_path / "doc.txt"
+    text.write_text(corpus_text(20, seed=3))
+    for extra in ([], ["--tokens"], ["--format", "jsonl"]):
+        r = invoke("score", model, text, "--document", "--dynamic", "--dynamic-lr", "1e308",
+                   "--dynamic-stats", folder / "corpus.txt", "--device", "cpu", *extra)
+        check_error(r, 1, "dynamic evaluation diverged", "learning rate 1e+308")
+        assert r.stdout == ""
+
+
+def test_the_heat_map_shows_a_surprisal_that_is_not_a_number():
+    from charnn.cli.score import HEAT, heat_text
+
+    shown = heat_text(["a", "b", "c", "d"], [0.5, float("nan"), float("inf"), 3.0], "char")
+    styles = [str(span.style) for span in shown.spans]
+    assert shown.plain == "abcd" and styles == [f"on {HEAT[-1][1]}", f"on {HEAT[-1][1]}", f"on {HEAT[2][1]}"]
 
 
 # ----- option values (usage errors, exit 2) -----
@@ -673,6 +817,24 @@ def test_fifo_model_and_corpus_do_not_hang(tmp_path):
         assert len(err.strip().splitlines()) == 1
 
 
+def test_a_fifo_model_is_refused_by_every_command(tmp_path):
+    """`train --init-from f.safetensors`, f a named pipe, waited forever (info and sample refused
+    it): every command that reads a model, and a run folder whose model.npz is a FIFO, refuse
+    it without opening it (in a child process, so a regression hangs the child, not the suite)."""
+    fifo = tmp_path / "f.safetensors"
+    os.mkfifo(fifo)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / "model.npz")
+    commands = every_model_command(fifo, tmp_path) + [["sample", folder, "-n", 3, "--device", "cpu"],
+                                                      ["info", folder], ["export", folder, tmp_path / "y.safetensors"]]
+    for (code, err, crash), args in zip(capped(*commands, timeout=90), commands):
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert crash is None and code == 1 and len(errors) == 1, (args, code, err, crash)
+        assert "is a FIFO (named pipe), not a regular model file" in errors[0], (args, errors)
+        assert ("model.npz" if folder in args else str(fifo)) in errors[0]
+
+
 def test_score_reads_a_pipe_given_as_its_only_argument(tmp_path, model):
     """`charnn score <(cat lines.txt)`: deciding whether /dev/fd/N is a model must not read it."""
     lines = tmp_path / "lines.txt"
@@ -792,7 +954,7 @@ MEMORY_CAP = 3 * 2**30  # RLIMIT_AS of the children below: a regression fails, i
 # (ru_maxrss from wait4). Through this small process, not from pytest's: Linux carries a
 # process's ru_maxrss across exec from the process it was forked from, so a child of a large
 # pytest process would report pytest's size.
-CAPPED = r"""
+CAPPED_WRAPPER = r"""
 import json, os, resource, subprocess, sys
 cap, report = int(sys.argv[1]), sys.argv[2]
 proc = subprocess.Popen(sys.argv[3:], preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
@@ -802,7 +964,7 @@ with open(report, "w") as f:
 """
 
 
-def capped(*args, cap=MEMORY_CAP, timeout=120, **kw):
+def run_capped(*args, cap=MEMORY_CAP, timeout=120, **kw):
     """charnn as a real process under an address-space limit of ``cap`` bytes: (exit status,
     stdout, stderr, its peak resident memory in bytes)."""
     import tempfile
@@ -810,7 +972,7 @@ def capped(*args, cap=MEMORY_CAP, timeout=120, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **kw.pop("env", {}))
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.json")
-        proc = subprocess.Popen([sys.executable, "-c", CAPPED, str(cap), report, sys.executable, "-m", "charnn",
+        proc = subprocess.Popen([sys.executable, "-c", CAPPED_WRAPPER, str(cap), report, sys.executable, "-m", "charnn",
                                  *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                 start_new_session=True, **kw)
         try:
@@ -854,7 +1016,7 @@ def test_options_that_would_exhaust_the_machine_are_refused_before_allocating(tm
     argv = [{"C": corpus, "M": model}.get(a, a) for a in args]
     if args[0] == "train":
         argv += ["--out", tmp_path / "out", "--max-steps", 2, "-q"]
-    code, out, err, peak = capped(*argv, "--device", "cpu")
+    code, out, err, peak = run_capped(*argv, "--device", "cpu")
     msg = one_error_line(code, out, err, 1, needle, "available", "--max-memory")
     assert out == ""
     assert peak < 600 * 2**20, (peak / 2**20, msg)
@@ -865,7 +1027,7 @@ def test_a_normal_run_is_never_refused_under_the_cap(tmp_path):
     """The defaults' estimate is far below any machine's memory: a run with them trains under
     the 3 GB cap (whose room is what the check sees there)."""
     corpus = write_corpus(tmp_path, lines=400)
-    code, out, err, peak = capped("train", corpus, "--out", tmp_path / "run", "--max-steps", 3, "--device", "cpu", "-q",
+    code, out, err, peak = run_capped("train", corpus, "--out", tmp_path / "run", "--max-steps", 3, "--device", "cpu", "-q",
                                   "--sample-length", 0)
     assert code == 0, err
     assert (tmp_path / "run" / "model.npz").exists()
@@ -982,7 +1144,7 @@ def test_plot_skips_a_line_nested_too_deep_as_a_torn_one(tmp_path):
 def test_a_huge_metrics_line_costs_no_memory(tmp_path):
     """A 60 MB line of nested lists (180 MB cost 4.6 GB) is refused after its first 64 KiB."""
     run = plot_run(tmp_path / "run", b"[" + b"[1, 2, 3], " * 6_000_000 + b"[]]\n")
-    code, out, err, peak = capped("plot", run, "-o", tmp_path / "p.png")
+    code, out, err, peak = run_capped("plot", run, "-o", tmp_path / "p.png")
     one_error_line(code, out, err, 1, "line 3 is longer than 65,536 bytes")
     assert peak < 300 * 2**20, peak / 2**20
 

@@ -365,7 +365,7 @@ def test_file_ids_reads_only_the_end_of_a_large_file(tmp_path, monkeypatch):
 def test_dynamic_stats_of_a_large_file_costs_what_is_used(tmp_path, run):
     """score --dynamic-stats decoded the whole file into int64 ids for its last 20,000 tokens (a
     200 MB text cost 7 GB); now the end of the file, at a few hundred MB under the test's cap."""
-    from test_bad_input import capped
+    from test_bad_input import run_capped
 
     folder, _ = run
     big = tmp_path / "big.txt"
@@ -375,7 +375,7 @@ def test_dynamic_stats_of_a_large_file_costs_what_is_used(tmp_path, run):
             f.write(block)
     text = tmp_path / "text.txt"
     text.write_text(ODD * 4)
-    code, out, err, peak = capped("score", folder / "run", text, "--document", "--dynamic", "--dynamic-stats", big,
+    code, out, err, peak = run_capped("score", folder / "run", text, "--document", "--dynamic", "--dynamic-stats", big,
                                   "--device", "cpu", "-q")
     assert code == 0, err
     assert "gradient statistics from the last 20,000 tokens of" in err

@@ -698,6 +698,39 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, corpus):
     assert json.loads(r.stdout)["steps"] == step + 3
 
 
+def test_ctrl_c_during_the_final_evaluation_keeps_the_steps(tmp_path, corpus):
+    """Ctrl-C after the last step, while the final evaluation runs (a large validation file
+    makes it last seconds; the last step's metrics line says it began), exited 130 with no
+    model file: every step since the last scheduled evaluation was lost. The final evaluation
+    and save are now protected as the loop's are: the run saves, says what the loop says,
+    exits 130, and --resume continues it."""
+    out = tmp_path / "run"
+    val = write_corpus(tmp_path, "val.txt", lines=40_000, seed=1)
+    proc = charnn_process("train", corpus, "--val", val, "--out", out, *TINY, "--max-steps", 3, "--log-every", 1,
+                          "--eval-every", 1000)
+
+    def last_step_logged():
+        return has_metrics(out) and any(json.loads(line).get("step") == 3
+                                        for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip())
+    try:
+        assert wait_for(last_step_logged, proc), proc.communicate()
+        assert proc.poll() is None and not (out / "last.npz").exists()  # (the evaluation is still running)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = stderr.decode()
+    assert proc.returncode == 130, stderr
+    assert f"interrupted: checkpoint saved to {out / 'last.npz'}; continue with --resume --out {out}" in stderr
+    assert "Traceback" not in stderr and "Error" not in stderr and stdout == b""
+    assert progress(out / "last.npz")["step"] == 3
+    assert [m["type"] for m in metrics(out)][-1] == "eval"  # the final evaluation ran to its end
+    checkpoint.load(out / "model.npz")
+    r = check_ok(resume(out, "--max-steps", 5, "--json"))
+    assert json.loads(r.stdout)["steps"] == 5
+
+
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, corpus):
     out = tmp_path / "run"
     proc = long_run(corpus, out)

@@ -15,7 +15,7 @@ from .group import Group
 
 # command name -> the module of this package that declares it as <name>_command
 COMMANDS = {"train": "train", "sample": "sample", "score": "score", "gradcheck": "gradcheck", "plot": "plot",
-            "info": "info", "export": "export"}
+            "info": "info", "export": "export", "serve": "serve"}
 
 
 @click.group(cls=Group, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,4 +32,5 @@ def cli():
       charnn plot models/run           loss curves as a PNG or SVG
       charnn info models/run           what a model file holds
       charnn export MODEL m.safetensors  the weights under PyTorch's names
+      charnn serve                     the model over HTTP (OpenAI-style API, a page)
     """

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from ..backend import DEVICES, BackendError, get_backend
 from ..gradcheck import check_config, check_memory, check_model, count_checks, random_chunk
-from ..io.checkpoint import CheckpointError, load_model, resolve
+from ..io.checkpoint import CheckpointError, load, resolve
 from ..io.data import CorpusError, read_text
 from ..memory import MemoryLimitError
 from ..nn import cells
@@ -96,11 +96,11 @@ def _run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, le
 def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device, progress=None,
                    max_memory=None):
     try:
-        regular_file(resolve(path), "model file")
-        trained, vocab, ckpt = load_model(path)
+        ckpt = load(resolve(path), "float64")  # (gradient checks compute in float64)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     check_memory(ckpt.config, seq_len, batch_size, max_memory, loaded=True)
+    vocab = ckpt.vocab
     model = LanguageModel(ckpt.config, ckpt.params, get_backend(device, "float64"))
     T, N = seq_len, batch_size
     if text_path:

@@ -11,7 +11,6 @@ import click
 from ..io.checkpoint import CheckpointError, load, resolve
 from ..nn import cells
 from .common import fail, json_line
-from .sample import model_path
 
 SHOWN_TOKENS = 12
 
@@ -19,7 +18,7 @@ SHOWN_TOKENS = 12
 def describe(model) -> dict:
     """The facts about MODEL (a model file, a run folder, or None for the bundled default)."""
     try:
-        path = resolve(model_path(model))
+        path = resolve(model)
         ckpt = load(path)
     except CheckpointError as e:
         fail(str(e))

@@ -8,28 +8,21 @@ import click
 import numpy
 
 from ..backend import DEVICES, BackendError, get_backend
-from ..io.checkpoint import CheckpointError, default_model_path, load_model, resolve
+from ..io.checkpoint import CheckpointError, load_model, resolve
 from ..memory import MemoryLimitError
 from ..sample import (NO_REPEAT, SampleError, beam_search, check_beam_memory, check_prime_memory, generate,
                       start_ids)
-from .common import Finite, compile_notice, json_line, regular_file
+from .common import Finite, compile_notice, json_line
 from .options import max_memory_option, unescape
 
 
-def model_path(model):
-    """MODEL (a model file or run folder) or the bundled default, refused (CheckpointError, or
-    exit 1) unless it resolves to a regular file: np.load would wait on a FIFO forever."""
-    path = model if model is not None else default_model_path()
-    regular_file(resolve(path), "model file")
-    return path
-
-
 def load_for_use(model, device, quiet=False, with_checkpoint=False):
-    """(model, vocab, path) for sample/score: MODEL or the bundled default, on ``device``;
-    says when the engine will compile first (unless ``quiet``). ``with_checkpoint``: the
-    checkpoint (its metadata) too, as a fourth item."""
+    """(model, vocab, path) for sample/score: MODEL (checkpoint.resolve: a file, a run folder
+    or None for the bundled default) on ``device``, ``path`` its model file; says when the
+    engine will compile first (unless ``quiet``). ``with_checkpoint``: the checkpoint (its
+    metadata) too, as a fourth item."""
     try:
-        path = model_path(model)
+        path = resolve(model)
         backend = get_backend(device, "float32", announce=False)
         lm, vocab, ckpt = load_model(path, backend)
     except (CheckpointError, BackendError) as e:

@@ -19,7 +19,8 @@ from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
 from ..io.vocab import iter_lines
 from ..memory import MemoryLimitError
-from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
+from ..score import (ScoreError, score_document, score_lines, score_row, summarize, surprisal_pairs,
+                     unknown_report)
 from ..wording import plural
 from .common import Finite, StdoutConsole, json_line, text_encoding
 from .options import max_memory_option
@@ -42,12 +43,14 @@ def _looks_like_model(arg: str) -> bool:
 
 
 def heat_text(tokens, surprisal, level: str) -> Text:
+    """The tokens on backgrounds by surprisal (bits); one that is not a finite number (a model
+    with overflowing weights) is shown as the most surprising."""
     out = Text()
     for i, (tok, bits) in enumerate(zip(tokens, surprisal)):
         shown = {"\n": "⏎", "<eos>": "⏎"}.get(tok, tok)
         if level == "word" and i:
             out.append(" ")
-        style = next(colour for limit, colour in HEAT if bits < limit)
+        style = next((colour for limit, colour in HEAT if bits < limit), HEAT[-1][1])
         out.append(shown, style=f"on {style}" if style else "")
     return out
 
@@ -197,13 +200,9 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         summary["dynamic"] = used
     if fmt == "jsonl":
         for n, s in enumerate(items if not document else [], 1):
-            obj = s.to_json()
-            obj["index"] = n
-            if show_tokens:
-                obj["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(s.token_strings, s.surprisal)]
-            sys.stdout.write(json_line(obj))
+            sys.stdout.write(json_line(score_row(s, n, show_tokens)))
         if document and show_tokens:
-            summary["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(items[0].token_strings, items[0].surprisal)]
+            summary["token_surprisal_bits"] = surprisal_pairs(items[0])
         sys.stdout.write(json_line(summary))
         return
     out = StdoutConsole(highlight=False)

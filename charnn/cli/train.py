@@ -22,14 +22,13 @@ from ..nn.model import ModelError
 from ..nn.optim import weight_decay_problem
 from ..finetune import FineTuneError, InitFrom, merge_options
 from ..train import Finished, TrainConfig, Trainer, TrainError
+from ..training.folder import STDIN_NAME
 from ..io.vocab import VocabError
 from ..nn import cells, optim
 from ..wording import plural
 from .common import Finite, fail, json_line, regular_file, text_encoding
 from .config import load_config
 from .options import CellChoice, device_options, finite, max_memory_option, rate
-
-STDIN_NAME = "corpus-stdin.txt"  # where a corpus read from stdin is kept in the run folder
 
 
 def default_out(corpus: str, opts: dict) -> Path:
@@ -88,7 +87,7 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     init = None
     if init_from is not None:
         try:
-            init = InitFrom(init_from, extend_vocab)
+            init = InitFrom(init_from, extend_vocab, opts.get("dtype", "float32"))
             merge_options(opts, explicit | (given or set()), init.ckpt, init.path)
         except FineTuneError as e:
             raise click.ClickException(str(e)) from None

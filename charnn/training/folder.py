@@ -6,6 +6,9 @@ or a killed save leaves behind (nothing).
     metrics.jsonl   one JSON object per log interval and per evaluation
     tokens-*.uintN  the corpus encoded once (io/corpus.py), memory-mapped while training
     .lock           held while a trainer runs, so two trainers cannot share the folder
+    corpus-stdin.txt  a corpus read from stdin, kept for --resume
+
+run_file() says which of these a path is, for commands that must never replace them (export).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..io.metrics import MetricsError, read_lines
 from .config import TrainError
 
 METRICS_NAME = "metrics.jsonl"
+STDIN_NAME = "corpus-stdin.txt"  # where a corpus read from stdin is kept in the run folder
 
 
 class RunLock:
@@ -204,3 +208,16 @@ def checkpoint_meta(cfg, progress: dict, rng_state: dict, corpus_digest: str, va
     if init_record:
         meta["init_from"] = init_record
     return meta
+
+
+def run_file(path) -> str | None:
+    """What ``path`` (symbolic links resolved) is to the run folder it sits in, when training
+    writes it there ("the resume checkpoint last.npz"); None for any other file, and for any
+    file of a folder that holds no run (none of model.npz, last.npz, metrics.jsonl, .lock)."""
+    p = Path(os.path.realpath(path))
+    names = {ckpt_mod.BEST_NAME: "the best model", ckpt_mod.LAST_NAME: "the resume checkpoint",
+             METRICS_NAME: "the metrics", RunLock.NAME: "the lock", STDIN_NAME: "the corpus kept from stdin"}
+    if not any((p.parent / n).exists() for n in (ckpt_mod.BEST_NAME, ckpt_mod.LAST_NAME, METRICS_NAME, RunLock.NAME)):
+        return None
+    what = names.get(p.name) or ("a token cache" if p.name.startswith("tokens-") else None)
+    return f"{what} {p.name}" if what else None

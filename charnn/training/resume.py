@@ -163,7 +163,7 @@ def load_resumed(folder, overrides: dict, check_files: bool = True):
                              f"resume needs, so it cannot continue exactly; train in another --out, or move "
                              f"{ckpt_mod.BEST_NAME} away to start afresh here")
         raise TrainError(f"{out}: nothing to resume (no {ckpt_mod.LAST_NAME})")
-    saved = ckpt_mod.load(folder.last)
+    saved = ckpt_mod.load(folder.last, "float64")  # (finite in the file; in the run's dtype below)
     cfg = resume_config(folder.last, saved)
     for key, value in overrides.items():
         if key in RESUMABLE:
@@ -171,6 +171,7 @@ def load_resumed(folder, overrides: dict, check_files: bool = True):
         elif getattr(cfg, key) != value:
             raise TrainError(f"cannot resume with --{key.replace('_', '-')} {value}: the checkpoint was trained with "
                              f"{getattr(cfg, key)}")
+    ckpt_mod.check_values(folder.last, saved, cfg.dtype)
     check_unfinished(cfg, saved.meta["progress"], out)
     digest, val_digest = saved.meta.get("corpus_sha256"), saved.meta.get("val_sha256")
     if check_files:

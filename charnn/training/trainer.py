@@ -13,6 +13,7 @@ import contextlib
 import math
 import signal
 import time
+import types
 from pathlib import Path
 
 import numpy
@@ -42,14 +43,12 @@ class Trainer:
                  world: World | None = None, max_memory: int | None = None):
         """Args:
             init: a finetune.InitFrom: start from that model's weights and vocabulary.
-            corpus_stream: a binary stream (stdin) whose bytes are the corpus: read once into
-                ``cfg.corpus`` (a file in the run folder) after the folder is locked.
+            corpus_stream: a binary stream (stdin): the corpus, read once into ``cfg.corpus``
+                (a file in the run folder) once the folder is locked.
             announce: say on stderr which device ``--device auto`` chose.
             world: the data-parallel ranks (dist.py); default one process. Rank 0 locks the
-                folder, builds the token cache, writes every file and reports; every rank
-                trains its share of the streams.
-            max_memory: the bytes this process may use (--max-memory); default: refuse a run
-                whose estimate (memory.py) passes the memory available.
+                folder, builds the token cache, writes and reports; all train their streams.
+            max_memory: the bytes this process may use (--max-memory; default: what is available).
         """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
         self.folder = RunFolder(self.out)
@@ -338,7 +337,7 @@ class Trainer:
                              "device": self.backend.name, "config": cfg, "out": str(self.out)})
         window = LogWindow(self.backend.xp)
         reason = None
-        with ctrl_c_stops(self):
+        with ctrl_c_stops(self) as ctrl_c:  # from the first step to the last save
             while True:
                 reason = self._done(started)
                 if reason:
@@ -370,15 +369,19 @@ class Trainer:
                     if schedule.stop_early(cfg, p):
                         reason = "early_stopping"
                         break
-        if window.n:
-            self._close(window)
-        if reason == "interrupted":
-            self._check_model(self._train_sample_loss(), "training loss")
-            state = ranks.all_state(self.world, self.state)
-            ranks.together(self.world, lambda: self.save_last(state), root_only=True)
-        elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0):
-            # Stopped between scheduled evaluations (early stopping always stops right after one).
-            self.evaluate_and_save(sample=False, scheduled=False)
+            # A Ctrl-C from here on lets the final evaluation and save finish: no step is lost.
+            ctrl_c.message = "finishing the final evaluation and saving (Ctrl-C again to abort)"
+            if window.n:
+                self._close(window)
+            if reason == "interrupted":
+                self._check_model(self._train_sample_loss(), "training loss")
+                state = ranks.all_state(self.world, self.state)
+                ranks.together(self.world, lambda: self.save_last(state), root_only=True)
+            elif not (cfg.eval_every and p["step"] % cfg.eval_every == 0 and p["step"] > 0):
+                # Stopped between scheduled evaluations (early stopping always stops right after one).
+                self.evaluate_and_save(sample=False, scheduled=False)
+        if self.interrupted_here:
+            reason = "interrupted"  # (Ctrl-C after the last step: all saved, and said so, exit 130)
         self.reporter.end()
         return self.result(reason)
 
@@ -419,8 +422,10 @@ def summary(reason: str | None, progress: dict, folder: RunFolder, chunks: int) 
 def ctrl_c_stops(trainer: "Trainer"):
     """Inside, a first Ctrl-C asks the run to stop after the current step (and save a
     checkpoint); a second one stops at once (KeyboardInterrupt). Data-parallel, the request
-    reaches every rank with the next step's Allreduce."""
+    reaches every rank with the next step's Allreduce. Yields an object whose ``message`` is
+    what a first Ctrl-C says."""
     previous = signal.getsignal(signal.SIGINT)
+    said = types.SimpleNamespace(message="stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
     def on_sigint(signum, frame):
         if trainer.interrupted_here:
@@ -429,11 +434,11 @@ def ctrl_c_stops(trainer: "Trainer"):
         trainer.interrupted_here = True
         if trainer.sync is None:
             trainer.stop_requested = True
-        trainer.reporter.message("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        trainer.reporter.message(said.message)
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield
+        yield said
     finally:
         signal.signal(signal.SIGINT, previous)
 
