@@ -99,7 +99,7 @@ def configurations(work: Path):
         ("sample", "beam 20000 no guard", ["sample", str(model), "--beam-size", "20000", "-n", "30",
                                            "--no-repeat-ngram", "0", "--device", "cpu"]),
         ("score", "lines, batch 64", ["score", str(model), str(text), "--device", "cpu", "-q", "--format", "jsonl"]),
-        ("score", "document, 4096 streams", ["score", str(model), str(text), "--document", "--streams", "4096",
+        ("score", "document, 1024 streams", ["score", str(model), str(text), "--document", "--streams", "1024",
                                              "--device", "cpu", "-q"]),
     ]
     return out

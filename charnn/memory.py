@@ -28,7 +28,9 @@ for a full softmax and C + V / C for a class-factored one (its per-position arra
                         + 3 L G H^2 D   with --weight-drop: the masks and both copies of Wh
     a save              P D (3 + 2 S)   the model and its optimizer, a host copy of the
                                         parameters and the .npz built in memory
-    inference           M D (L H + G H + 2 V')   (scoring, sampling's prime, beam search's steps)
+    inference           M D (L H + 2 G H + 2 V')  (scoring, sampling's prime)
+    beam search         B D L H (2 G + 4 + 5 c)   the step's buffers for B beams (c = 1 for an
+                                        LSTM's cell state), their log-probabilities and texts
 
 The peak of a training run is the largest of creating, a step and a save, times MARGIN (what
 the allocator holds besides the live arrays), plus ENGINE (the compiled kernels and the BLAS's
@@ -120,9 +122,22 @@ def step_activations(shape: Shape, T: int, N: int, D: int) -> int:
 
 def inference_activations(shape: Shape, T: int, N: int, D: int) -> int:
     """Bytes a forward pass without a cache holds over a (T, N) chunk: every layer's outputs,
-    one layer's input projections, the logits and a temporary of them."""
+    the input projections of two layers (the last layer's is still held while the next one's
+    is made), the logits and a temporary of them."""
     G = cells.get(shape.cell).gates
-    return T * N * D * (shape.layers * shape.hidden + G * shape.hidden + 2 * shape.head_width())
+    projections = G * shape.hidden * min(shape.layers, 2)
+    return T * N * D * (shape.layers * shape.hidden + projections + 2 * shape.head_width())
+
+
+def stepper_buffers(shape: Shape, N: int, D: int) -> int:
+    """Bytes sampling's step (engine/stepper.py's FastStepper) holds for N streams: per layer
+    its [x; h] input, gate values and bias broadcast (G H each), an LSTM's c, next c and tanh c,
+    and, while beam search reorders the beams, two copies of the state; the hidden product (G H)
+    and the logits (V) once."""
+    cell = cells.get(shape.cell)
+    G, H, c = cell.gates, shape.hidden, 1 if cell.has_c else 0
+    per_layer = H * (2 * G + 2 + 3 * c + 2 * (1 + c))
+    return N * D * (shape.layers * per_layer + G * H + shape.vocab)
 
 
 def training(shape: Shape, T: int, N: int, optimizer: str = "adam", dtype: str = "float32",
@@ -157,14 +172,14 @@ def gradcheck(shape: Shape, T: int, N: int, loaded: bool = False) -> Need:
 
 
 def beam(shape: Shape, beam_size: int, length: int, prime: int, no_repeat: int, D: int = 4) -> Need:
-    """What beam search allocates: the prime's forward pass, a step of ``beam_size`` streams,
-    the (beam, V) log-probabilities, scores and their sort in float64 and int64 on the host
-    (about six such arrays at once), and the beams' token lists and n-gram tables (Python
-    objects, some 400 bytes a token with the repetition guard on)."""
+    """What beam search allocates: the prime's forward pass, the step's buffers for
+    ``beam_size`` streams, the (beam, V) log-probabilities, scores and their sort in float64 and
+    int64 on the host (about six such arrays at once), and the beams' token lists and n-gram
+    tables (Python objects, some 400 bytes a token with the repetition guard on)."""
     B, V = beam_size, shape.vocab
     per_token = 400 if no_repeat else 16
-    need = (inference_activations(shape, max(prime, 1), 1, D) + inference_activations(shape, 1, B, D)
-            + 6 * shape.layers * shape.hidden * B * D + 48 * B * V + B * (length + prime) * per_token)
+    need = (inference_activations(shape, max(prime, 1), 1, D) + stepper_buffers(shape, B, D)
+            + 48 * B * V + B * (length + prime) * per_token)
     return Need(_with_margin(need), "beam search needs", "the beams' states, log-probabilities and texts")
 
 
