@@ -30,6 +30,7 @@ requests by --rounds and --soak, time by --seconds and a per-request limit.
 from __future__ import annotations
 
 import os
+import re
 
 for _name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # as bench.py: they slow a current NumPy
     os.environ.pop(_name, None)
@@ -59,7 +60,8 @@ from charnn.sample import sample_index  # noqa: E402
 from serve_support import serve_env, serve_process  # noqa: E402
 
 PROMPT = "ROMEO:"
-EVENT = b"data: {"  # each streamed piece is one event that starts so; the end is data: [DONE]
+EVENT = b"data: {"  # each streamed event starts so; the end is data: [DONE]
+USAGE = re.compile(rb'"completion_tokens": (\d+)')  # in the last event (stream_options.include_usage)
 REQUEST_LIMIT = 300.0  # seconds: a request still open after this counts as an error
 
 
@@ -72,15 +74,17 @@ class Request:
 
 
 async def stream_one(client, url: str, tokens: int, seed: int) -> Request:
-    """One streamed completion; counts events in the raw bytes (no JSON parsing, so the client
-    costs the shared cores little)."""
+    """One streamed completion, read as raw bytes (no JSON parsing, so the client costs the
+    shared cores little): the first and last events' times, and the token count from the usage
+    event (an event holds one token, or the several that waited while the client was slow)."""
     import httpx
 
-    body = {"model": "x", "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0, "seed": seed, "stream": True}
+    body = {"model": "x", "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True}}
     out = Request()
     t0 = time.perf_counter()
     first = last = None
-    events, tail, done = 0, b"", False
+    events, tail, done, made, utail = 0, b"", False, None, b""
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -97,15 +101,20 @@ async def stream_one(client, url: str, tokens: int, seed: int) -> Request:
                 if b'"error"' in buf:
                     out.error = "error event"
                 done = done or b"[DONE]" in buf
+                window = utail + chunk  # (a usage split between chunks is found whole here)
+                found = USAGE.search(window)
+                if found:
+                    made = int(found.group(1))
+                utail = window[-64:]
                 tail = buf[-(len(EVENT) - 1):]  # a split marker is found once, never twice
     except httpx.HTTPError as e:
         out.error = type(e).__name__
         return out
     if not done and out.error is None:
         out.error = "no [DONE]"
-    # A length-limited choice is max_tokens tokens; a last event holding only finish_reason
-    # would be one event more, so the count is capped.
-    out.tokens = min(events, tokens)
+    if made is None and out.error is None:
+        out.error = "no usage event"
+    out.tokens = made or 0
     if first is not None:
         out.ttft = first - t0
         if out.tokens > 1:

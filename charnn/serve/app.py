@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from ..cli.common import json_line
@@ -260,31 +260,52 @@ class Service:
         prompt_tokens = sum(len(ids) for _, ids in req.prompts)
         if req.stream:
             # send_timeout: a client that stops reading is dropped after the time limit.
-            return EventSourceResponse(self._stream(seqs, sink, head, req), ping=15, sep="\n",
+            return EventSourceResponse(self._stream(seqs, sink, head, req, prompt_tokens), ping=15, sep="\n",
                                        shutdown_grace_period=SHUTDOWN_GRACE, send_timeout=self.limits.time_limit)
         return await self._collect(request, seqs, sink, head, req, prompt_tokens)
 
-    async def _stream(self, seqs, sink, head, req):
+    async def _stream(self, seqs, sink, head, req, prompt_tokens: int):
+        """The events of a streamed request. A client that keeps up gets an event a token; when
+        tokens wait in the queue (the client, the network or this event loop is slower than the
+        decoding), each choice's waiting pieces go out as one event, so a busy server sends
+        fewer, longer events instead of falling behind (with logprobs, still one a token)."""
         held = [Held(req.stops) for _ in seqs]
         prefix = _prefix(head)
+        made, timed_out = 0, False
         try:
             remaining = len(seqs)
-            while remaining:
-                ev = await sink.get()
-                i, h = ev[1], held[ev[1]]
-                if ev[0] == "piece":
-                    out = h.add(ev[2], ev[3])
-                    lp = None if ev[3] is None else h.logprobs(h.tokens[-1:])
-                    yield _chunk(prefix, i, out, None, lp)
-                    continue
-                remaining -= 1
-                if ev[2] == "timeout":
-                    yield json.dumps({"error": {"message": f"the request took longer than {self.limits.time_limit:g} s "
-                                                          f"(charnn serve --time-limit)",
-                                                "type": "timeout", "param": None}})
-                    break
-                out = h.end(ev[2])
-                yield _chunk(prefix, i, out, h.finish, None)
+            while remaining and not timed_out:
+                events = [await sink.get()]
+                while not sink.empty():
+                    events.append(sink.get_nowait())
+                pending: dict = {}  # choice -> text of its waiting pieces, sent as one event
+                for ev in events:
+                    i, h = ev[1], held[ev[1]]
+                    if ev[0] == "piece":
+                        made += 1
+                        out = h.add(ev[2], ev[3])
+                        if ev[3] is not None:
+                            yield _chunk(prefix, i, out, None, h.logprobs(h.tokens[-1:]))
+                        else:
+                            pending[i] = pending.get(i, "") + out
+                        continue
+                    remaining -= 1
+                    if i in pending:
+                        yield _chunk(prefix, i, pending.pop(i), None, None)
+                    if ev[2] == "timeout":
+                        yield json.dumps({"error": {"message": f"the request took longer than {self.limits.time_limit:g} "
+                                                              f"s (charnn serve --time-limit)",
+                                                    "type": "timeout", "param": None}})
+                        timed_out = True
+                        break
+                    out = h.end(ev[2])
+                    yield _chunk(prefix, i, out, h.finish, None)
+                for i, out in ({} if timed_out else pending).items():
+                    if out or len(events) == 1:  # (alone, a held-back piece still sends its "" event)
+                        yield _chunk(prefix, i, out, None, None)
+            if req.include_usage and not timed_out:
+                yield json.dumps({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
+                                                                   "total_tokens": prompt_tokens + made}})
             yield "[DONE]"
         finally:
             for seq in seqs:

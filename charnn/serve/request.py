@@ -92,7 +92,7 @@ def _text(v, name) -> str:
 
 
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-                     "stream", "logprobs", "user"}
+                     "stream", "stream_options", "logprobs", "user"}
 MAX_SEED = 2**64 - 1
 MAX_LOGPROBS = 5
 MAX_TEMPERATURE = 100.0
@@ -113,6 +113,7 @@ class Completion:
     seed: int | None
     stream: bool
     logprobs: int | None
+    include_usage: bool = False  # stream_options.include_usage: a last event with the usage
 
 
 def completion(obj: dict, vocab: Vocab, limits: Limits) -> Completion:
@@ -179,7 +180,27 @@ def completion(obj: dict, vocab: Vocab, limits: Limits) -> Completion:
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, f"stream must be true or false, not {_kind(stream)}", "stream")
     logprobs = _int(obj, "logprobs", None, 0, MAX_LOGPROBS)
-    return Completion(prompts, max_tokens, temperature, top_p, top_k, n, stops, seed, bool(stream), logprobs)
+    return Completion(prompts, max_tokens, temperature, top_p, top_k, n, stops, seed, bool(stream), logprobs,
+                      _include_usage(obj.get("stream_options"), bool(stream)))
+
+
+def _include_usage(options, stream: bool) -> bool:
+    """OpenAI's stream_options: {"include_usage": true} asks a stream for a last event that
+    holds the usage (and no choices)."""
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options must be an object, not {_kind(options)}", "stream_options")
+    if not stream:
+        raise ApiError(400, "stream_options applies to a streamed request (\"stream\": true) only", "stream_options")
+    for key in options:
+        if key != "include_usage":
+            raise ApiError(400, f"unknown field {key!r} in stream_options", "stream_options")
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise ApiError(400, f"stream_options.include_usage must be true or false, not {_kind(usage)}",
+                       "stream_options")
+    return usage
 
 
 SCORE_FIELDS = {"model", "input", "tokens"}

@@ -104,6 +104,7 @@ async function generate(event) {
       max_tokens: numberField("max-tokens", (s) => parseInt(s, 10)),
       seed: numberField("seed", (s) => parseInt(s, 10)),
       stream: true,
+      stream_options: {include_usage: true},  // a last event with the token count
     };
   } catch (e) {
     showError(e.message);
@@ -115,7 +116,7 @@ async function generate(event) {
   running = new AbortController();
   setRunning(true);
   $("generate-status").textContent = "generating…";
-  let tokens = 0, finish = null;
+  let tokens = null, finish = null;
   const started = performance.now();
   try {
     const resp = await fetch("/v1/completions",
@@ -125,19 +126,22 @@ async function generate(event) {
       if (data === "[DONE]") return true;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.usage) {  // the last event: no choices, the usage
+        tokens = chunk.usage.completion_tokens;
+        return false;
+      }
+      // An event holds one token, or several when the page reads slower than the server writes.
       const choice = chunk.choices[0];
       out.append(choice.text);
-      // One event a token ("" while held back for a stop string); the last may carry only the reason.
-      if (!choice.finish_reason || choice.text !== "") tokens += 1;
       if (choice.finish_reason) finish = choice.finish_reason;
       return false;
     });
     const seconds = (performance.now() - started) / 1000;
-    $("generate-status").textContent = `${tokens} tokens in ${seconds.toFixed(1)} s` +
+    $("generate-status").textContent = `${tokens === null ? "done" : tokens + " tokens"} in ${seconds.toFixed(1)} s` +
       (finish === "stop" ? ", ended at a stop string" : finish === "length" ? ", length reached" : "");
   } catch (e) {
     if (e.name === "AbortError") {
-      $("generate-status").textContent = `stopped after ${tokens} tokens`;
+      $("generate-status").textContent = `stopped after ${out.textContent.length.toLocaleString()} characters`;
     } else {
       $("generate-status").textContent = "";
       showError(e.message);
