@@ -13,8 +13,8 @@ Thin wrappers over the library, which stays the interface for anything finer:
 charnn.io.checkpoint.load_model, charnn.sample.generate and beam_search, charnn.score.score_lines
 and score_document, charnn.dynamic.dynamic_evaluation (score --dynamic), charnn.train.TrainConfig
 and Trainer. Errors are the library's exceptions
-(CheckpointError, SampleError, ScoreError, TrainError, CorpusError, ...), each with a one-line
-message; nothing here prints.
+(CheckpointError, SampleError, ScoreError, TrainError, CorpusError, MemoryLimitError, ...), each
+with a one-line message; nothing here prints.
 """
 
 from __future__ import annotations
@@ -76,13 +76,15 @@ def score(model: Model, lines, document: bool = False, strict: bool = False) -> 
     return score_lines(model.network, model.vocab, list(lines), strict=strict)
 
 
-def train(corpus, out, **options) -> dict:
+def train(corpus, out, max_memory: int | None = None, **options) -> dict:
     """Train on the text file ``corpus`` into the run folder ``out`` with the options of
     ``charnn train`` as keyword arguments (``hidden=128``, ``time_limit=60``, ``max_steps=500``,
     ``level="word"``, ...: the fields of charnn.train.TrainConfig). Without max_epochs, max_steps
     or time_limit it trains 10 epochs, as the command does. Silent; returns the command's --json
-    summary (``model``: the best model's file, ``val_loss``, ``steps``, ...)."""
+    summary (``model``: the best model's file, ``val_loss``, ``steps``, ...). A run whose memory
+    estimate passes the memory available, or ``max_memory`` bytes, is refused before it
+    allocates (charnn.memory.MemoryLimitError), as the command refuses it."""
     if not {"max_epochs", "max_steps", "time_limit"} & {k for k, v in options.items() if v is not None}:
         options["max_epochs"] = 10
     cfg = TrainConfig(corpus=str(corpus), out=str(out), **options)
-    return Trainer(cfg, Path(out), announce=False).run()
+    return Trainer(cfg, Path(out), announce=False, max_memory=max_memory).run()

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy
 
+from . import memory
 from .backend import to_device, to_host
 from .nn.model import LanguageModel
 from .io.vocab import EOS, Vocab
@@ -167,6 +168,14 @@ def sample_index(logits: numpy.ndarray, temperature: float, rng: numpy.random.Ge
     return index
 
 
+def check_prime_memory(model: LanguageModel, ids, max_memory: int | None = None):
+    """Refuse (memory.MemoryLimitError) a prime whose warm-up pass, one chunk of its length,
+    would pass the memory available or ``max_memory``."""
+    need = memory.inference(memory.Shape.of(model.config), len(ids), 1, numpy.dtype(model.dtype).itemsize,
+                            who="warming the state on it needs")
+    memory.check(need, f"--prime ({len(ids):,} tokens)", max_memory)
+
+
 def choose(logits: numpy.ndarray, temperature: float, rng: numpy.random.Generator, top_k: int | None = None,
            top_p: float | None = None, ops=None) -> int:
     """The next token from host logits (V,): drawn with ``rng`` after temperature, top-k and
@@ -202,17 +211,22 @@ class PieceText:
 
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, prime: str = "",
-             rng: numpy.random.Generator | None = None, stop_at=None) -> Iterator[str]:
+             rng: numpy.random.Generator | None = None, stop_at=None,
+             max_memory: int | None = None) -> Iterator[str]:
     """Yield ``length`` generated tokens (as text pieces) after ``prime``, ending early after
     the piece that completes a stop string (``stop_at``: a string or a list of them; see
     StopRule).
 
     With no prime, the state starts at zero and the first input is a newline (char level) or
-    ``<eos>`` (word level), i.e. the model starts as at the beginning of a line.
+    ``<eos>`` (word level), i.e. the model starts as at the beginning of a line. A prime whose
+    warm-up would pass the memory available (or ``max_memory`` bytes) is refused
+    (memory.MemoryLimitError) before anything is generated.
     """
     rng = rng or numpy.random.default_rng()
     stop = StopRule(stop_at)
-    stepper, logits = warm_state(model, start_ids(vocab, prime))
+    ids = start_ids(vocab, prime)
+    check_prime_memory(model, ids, max_memory)
+    stepper, logits = warm_state(model, ids)
     piece_text = PieceText(vocab, prime)
     for _ in range(length):
         tok = choose(to_host(logits)[0], temperature, rng, top_k, top_p, model.ops)
@@ -229,8 +243,23 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
 NO_REPEAT = {"char": 8, "word": 3}
 
 
+def check_beam_memory(model: LanguageModel, length: int, beam_size: int, prime_tokens: int, no_repeat: int,
+                      max_memory: int | None = None):
+    """Refuse (memory.MemoryLimitError) a beam search whose states, log-probabilities and beams
+    (memory.beam) would pass the memory available or ``max_memory`` bytes, blaming --beam-size
+    or --length, whichever lowers the estimate more."""
+    shape, D = memory.Shape.of(model.config), numpy.dtype(model.dtype).itemsize
+
+    def estimate(beam_size=beam_size, length=length):
+        return memory.beam(shape, beam_size, length, prime_tokens, no_repeat, D).bytes
+
+    subject = memory.culprit(estimate, {"--beam-size": ("beam_size", beam_size, 1), "--length": ("length", length, 1)},
+                             f"--prime ({prime_tokens:,} tokens)")
+    memory.check(memory.beam(shape, beam_size, length, prime_tokens, no_repeat, D), subject, max_memory)
+
+
 def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int, prime: str = "",
-                no_repeat: int | None = None):
+                no_repeat: int | None = None, max_memory: int | None = None):
     """The most likely continuation of ``length`` tokens found by beam search, among those in
     which no ``no_repeat``-gram of tokens occurs twice (default NO_REPEAT: 8 characters or 3
     words; 0 turns the guard off).
@@ -242,9 +271,13 @@ def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int,
     every beam has the same length. Eight characters is about a word and a half: words recur
     freely, phrases do not.
 
+    A search that would pass the memory available (or ``max_memory`` bytes) is refused
+    (memory.MemoryLimitError) before it starts.
+
     Returns (tokens as text, total log-probability in nats)."""
     n = NO_REPEAT[vocab.level] if no_repeat is None else no_repeat
     ids = start_ids(vocab, prime)
+    check_beam_memory(model, length, beam_size, len(ids), n, max_memory)
     stepper, logits = warm_state(model, ids, beam_size)
     xp = model.xp
     history = [int(t) for t in ids] if prime else []

@@ -20,11 +20,13 @@ from typing import Callable, Optional
 
 import numpy
 
+from . import memory
 from .backend import to_host
 from .io.data import EvalStreams
 from .nn.functional import perplexity
 from .nn.model import LanguageModel
 from .io.vocab import Vocab
+from .wording import plural
 
 LN2 = math.log(2)
 
@@ -131,15 +133,19 @@ def unknown_report(vocab: Vocab, lines: list[str]) -> list[tuple[int, int, str]]
 
 
 def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size: int = 64,
-                strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> list[Scored]:
+                strict: bool = False, with_tokens: bool = False, progress: Progress = None,
+                max_memory: int | None = None) -> list[Scored]:
     """Score each line as a sentence (see the module docstring). Blank lines are skipped.
 
     Args:
         progress: called with (lines scored, lines to score) before the first batch and after
             each one; blank lines are not counted.
+        max_memory: bytes the scoring may use (default: the memory available); the largest
+            batch, padded to its longest line, is checked against it before any is scored
+            (memory.MemoryLimitError).
     """
     sep = separator_id(vocab)
-    items = []
+    items, numbers = [], []  # numbers: each item's line number
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -149,8 +155,12 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
             ids, toks = ids[:-1], toks[:-1]  # encode() ends a line with <eos>; added below
         seq = numpy.concatenate([ids, [sep]]).astype(numpy.int64)
         items.append((line, seq, toks + [vocab.separator], excluded))
+        numbers.append(n)
     # Longest first, so each batch is padded little; results return in input order.
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
+    if order:  # the first batch is the largest: its longest line is the longest
+        _check_batch_memory(model, len(items[order[0]][1]), min(batch_size, len(order)), batch_size,
+                            numbers[order[0]], max_memory)
     results: list[Scored | None] = [None] * len(items)
     if progress:
         progress(0, len(items))
@@ -183,6 +193,17 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
     return results
 
 
+def _check_batch_memory(model, T: int, N: int, batch_size: int, line: int, max_memory):
+    """Refuse a batch of N lines padded to T tokens that would pass the memory available or
+    ``max_memory``: blaming --batch-size where one line alone would fit, else the line."""
+    shape, D = memory.Shape.of(model.config), numpy.dtype(model.dtype).itemsize
+    if N > 1 and memory.fits(memory.inference(shape, T, 1, D), max_memory):
+        subject = f"--batch-size {batch_size}"
+    else:
+        subject = f"line {line} ({plural(T - 1, 'token')}; --document scores a text of any length in pieces)"
+    memory.check(memory.inference(shape, T, N, D), subject, max_memory)
+
+
 def stream_losses(model: LanguageModel, streams: EvalStreams, columns: tuple[int, int] | None = None):
     """The evaluation loop that validation and document scoring share: for each chunk k of
     ``streams``, with the state carried from chunk to chunk and no dropout, yield (k, nll, w):
@@ -200,7 +221,8 @@ def stream_losses(model: LanguageModel, streams: EvalStreams, columns: tuple[int
 
 
 def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int = 1, seq_len: int = 200,
-                   strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> Scored:
+                   strict: bool = False, with_tokens: bool = False, progress: Progress = None,
+                   max_memory: int | None = None) -> Scored:
     """Score ``text`` as one token stream with carried state, every token predicted once, the
     first from the separator (newline or <eos>) as context.
 
@@ -209,12 +231,15 @@ def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int =
     training's validation does (data.EvalStreams).
 
     ``progress`` is called with (tokens predicted, tokens to predict) before the first chunk and
-    after each one."""
+    after each one. Streams whose chunks would pass the memory available (or ``max_memory``
+    bytes) are refused (memory.MemoryLimitError) before any is scored."""
     ids, toks, excluded = encode_known(vocab, text, strict)
     seq = numpy.concatenate([[vocab.start_id], ids]).astype(numpy.int64)
     if len(seq) < 2:
         return Scored(text=text, tokens=0, logprob=0.0, excluded=excluded)
     es = EvalStreams(seq, streams, seq_len)
+    need = memory.inference(memory.Shape.of(model.config), min(es.T, es.S), es.N, numpy.dtype(model.dtype).itemsize)
+    memory.check(need, f"--streams {streams}", max_memory)
     nll_all = numpy.zeros((es.N, es.S))
     done = 0
     if progress:

@@ -7,6 +7,7 @@ import sys
 import click
 
 from ..io.fileio import file_kind
+from .options import MemorySize
 
 
 def load_config(ctx, param, value):
@@ -34,6 +35,9 @@ def load_config(ctx, param, value):
         raise click.BadParameter(f"{value}: not valid UTF-8 at byte {e.start} (TOML files are UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{value}: not valid TOML: {e}") from None
+    except RecursionError:  # the parser recurses into each nested array or table
+        raise click.BadParameter(f"{value}: not valid TOML for options: arrays or tables nested too deeply "
+                                 f"to read") from None
     table = data.get(ctx.info_name, data)
     if not isinstance(table, dict):
         raise click.BadParameter(f"{value}: [{ctx.info_name}] must be a table")
@@ -63,6 +67,8 @@ def _config_kind(param) -> str:
         return "an integer"
     if isinstance(param.type, (click.types.FloatParamType, click.FloatRange)):
         return "a number"
+    if isinstance(param.type, MemorySize):
+        return 'a size in quotes (e.g. "8G")'
     return "a string"
 
 

@@ -7,22 +7,32 @@ import numpy
 from rich.table import Table
 
 from ..backend import DEVICES, BackendError, get_backend
-from ..gradcheck import check_config, check_model, count_checks, random_chunk
+from ..gradcheck import check_config, check_memory, check_model, count_checks, random_chunk
 from ..io.checkpoint import CheckpointError, load, resolve
 from ..io.data import CorpusError, read_text
+from ..memory import MemoryLimitError
 from ..nn import cells
 from ..nn.functional import class_bounds
 from ..nn.model import LanguageModel, ModelConfig
 from ..wording import plural
 from .common import Finite, StdoutConsole, regular_file
-from .options import CellChoice, int_list
+from .options import CellChoice, int_list, max_memory_option
 from .progress import WorkProgress
 
 VOCAB_SIZES = {"char": 7, "word": 40}
 
 
 def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
-                  text_path, seed, tolerance, max_elements, device, classes=6, quiet=False):
+                  text_path, seed, tolerance, max_elements, device, classes=6, quiet=False, max_memory=None):
+    try:
+        _run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout, text_path, seed,
+                       tolerance, max_elements, device, classes, quiet, max_memory)
+    except MemoryLimitError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, levels, dropout,
+                   text_path, seed, tolerance, max_elements, device, classes, quiet, max_memory):
     console = StdoutConsole()
     try:
         get_backend(device, "float64")
@@ -32,7 +42,7 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
     if model is not None:
         with WorkProgress("checking", "checks", quiet=quiet) as progress:
             runs.append(_check_trained(model, text_path, seq_len, batch_size, seed, tolerance,
-                                       max_elements or 40, device, progress))
+                                       max_elements or 40, device, progress, max_memory))
     else:
         planned = []  # (label, config)
         for cell in cells:
@@ -51,6 +61,8 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
                         label = (f"{cell} {n_layers}x{hidden} {'one-hot' if embed == 0 else f'embed {embed}'} {level}"
                                  + (f" {plural(len(bounds) - 1, 'class')}" if bounds else ""))
                         planned.append((label, cfg))
+        for _, cfg in planned:  # every one before the first runs
+            check_memory(cfg, seq_len, batch_size, max_memory)
         total = sum(count_checks(cfg) for _, cfg in planned)
         with WorkProgress("checking", "checks", quiet=quiet) as progress:
             done = 0
@@ -58,7 +70,8 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
                 def step(k, _n, label=label, done=done):
                     progress(done + k, total, description=label)
                 runs.append((label, check_config(cfg, T=seq_len, N=batch_size, seed=seed, tolerance=tolerance,
-                                                 device=device, max_elements=max_elements or 300, progress=step)))
+                                                 device=device, max_elements=max_elements or 300, progress=step,
+                                                 max_memory=max_memory)))
                 done += len(runs[-1][1])
     table = Table(title=f"Gradient check (float64, tolerance {tolerance:g})")
     for col in ("model", "parameter", "shape", "checked", "max rel error", ""):
@@ -80,11 +93,13 @@ def run_gradcheck(model, cells, layers, hidden, embeds, seq_len, batch_size, lev
     console.print(f"all {n} gradient checks passed (worst max relative error {worst:.2e})")
 
 
-def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device, progress=None):
+def _check_trained(path, text_path, seq_len, batch_size, seed, tolerance, max_elements, device, progress=None,
+                   max_memory=None):
     try:
         ckpt = load(resolve(path), "float64")  # (gradient checks compute in float64)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
+    check_memory(ckpt.config, seq_len, batch_size, max_memory, loaded=True)
     vocab = ckpt.vocab
     model = LanguageModel(ckpt.config, ckpt.params, get_backend(device, "float64"))
     T, N = seq_len, batch_size
@@ -135,9 +150,10 @@ Examples:
 @click.option("--max-elements", type=click.IntRange(min=1), default=None,
               help="Entries checked per parameter (default all up to 300; 40 with MODEL).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@max_memory_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
 def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, level, dropout, classes, text_path, seed,
-              tolerance, max_elements, device, quiet):
+              tolerance, max_elements, device, max_memory, quiet):
     """Compare the analytic gradients with numerical ones (float64, central differences).
 
     Without MODEL, builds small models for every combination of the options; with MODEL
@@ -148,4 +164,4 @@ def gradcheck_command(model, cell, layers, hidden, embed, seq_len, batch_size, l
                   hidden=hidden, embeds=embed, seq_len=seq_len, batch_size=batch_size,
                   levels=("char", "word") if level == "both" else (level,), dropout=dropout,
                   text_path=text_path, seed=seed, tolerance=tolerance, max_elements=max_elements,
-                  device=device, classes=classes, quiet=quiet)
+                  device=device, classes=classes, quiet=quiet, max_memory=max_memory)

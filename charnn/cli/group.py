@@ -10,8 +10,9 @@ import click
 
 
 class Group(click.Group):
-    """Turns a broken pipe on stdout into a quiet exit, as Unix tools do, and Ctrl-C into one
-    line and status 130 (train's own handler saves a checkpoint first).
+    """Turns a broken pipe on stdout into a quiet exit, as Unix tools do, Ctrl-C into one
+    line and status 130 (train's own handler saves a checkpoint first), and an allocation that
+    fails into one line and status 1.
 
     ``lazy`` maps a command's name to its module in this package, which defines
     ``<name>_command``: the module is imported when the command runs (or help lists it), so a
@@ -43,6 +44,11 @@ class Group(click.Group):
             _quiet_broken_pipe()
         except KeyboardInterrupt:
             interrupted()
+        except MemoryError as e:
+            # The commands estimate their memory before allocating (memory.py) and refuse what
+            # passes the limit; an allocation that fails anyway (the machine's memory taken by
+            # others meanwhile) is one line too.
+            raise click.ClickException(f"out of memory: {e or 'an allocation failed'}") from None
 
     def parse_args(self, ctx, args):
         try:  # --help and --version print here, outside invoke

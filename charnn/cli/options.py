@@ -1,5 +1,6 @@
 """Option types and callbacks that several commands share: cells from the registry, device
-and dtype, comma-separated integers, finite floats, and escapes typed on a command line."""
+and dtype, comma-separated integers, finite floats, sizes of memory, and text typed on a
+command line (its escapes, and bytes that are not text)."""
 
 from __future__ import annotations
 
@@ -83,9 +84,39 @@ def unescape(ctx, param, value):
         except UnicodeDecodeError as e:
             raise click.BadParameter(f"{value!r}: malformed escape {seq!r} ({e.reason})") from None
 
-    out = ESCAPE.sub(one, value) if "\\" in value else value
+    return valid_text(ctx, param, ESCAPE.sub(one, value) if "\\" in value else value)
+
+
+def valid_text(ctx, param, value):
+    """Refuse text that is not valid Unicode: a lone surrogate, or bytes of the command line
+    that were not UTF-8 (Python keeps them as lone surrogates, which no file or image can hold)."""
+    if value is None:
+        return None
     try:
-        out.encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError:
-        raise click.BadParameter(f"{value!r} is not valid text (a lone surrogate or undecodable bytes)") from None
-    return out
+        raise click.BadParameter(f"{ascii(value)} is not valid text (a lone surrogate or undecodable bytes)") from None
+    return value
+
+
+class MemorySize(click.ParamType):
+    """A size such as 8G, 500M or 2GiB, in bytes (memory.parse_size)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        from ..memory import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def max_memory_option(f):
+    """--max-memory SIZE, for every command that checks its memory estimate (memory.py)."""
+    return click.option("--max-memory", type=MemorySize(), default=None,
+                        help="The most memory the command may use, e.g. 8G or 500M; options whose estimate "
+                             "passes it are refused before anything is allocated [the memory available now].")(f)

@@ -9,9 +9,11 @@ import numpy
 
 from ..backend import DEVICES, BackendError, get_backend
 from ..io.checkpoint import CheckpointError, load_model, resolve
-from ..sample import SampleError, beam_search, generate, prime_ids
+from ..memory import MemoryLimitError
+from ..sample import (NO_REPEAT, SampleError, beam_search, check_beam_memory, check_prime_memory, generate,
+                      start_ids)
 from .common import Finite, compile_notice, json_line
-from .options import unescape
+from .options import max_memory_option, unescape
 
 
 def load_for_use(model, device, quiet=False, with_checkpoint=False):
@@ -30,11 +32,18 @@ def load_for_use(model, device, quiet=False, with_checkpoint=False):
 
 
 def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,
-               no_repeat=None):
+               no_repeat=None, max_memory=None):
     lm, vocab, path = load_for_use(model, device)
     try:
-        prime_ids(vocab, prime)  # a bad prime is an error before anything is written to stdout
-    except SampleError as e:
+        # A bad prime, or one or a beam that would pass the memory available, is an error
+        # before anything is written to stdout.
+        ids = start_ids(vocab, prime)
+        if beam_size:
+            n = NO_REPEAT[vocab.level] if no_repeat is None else no_repeat
+            check_beam_memory(lm, length, beam_size, len(ids), n, max_memory)
+        else:
+            check_prime_memory(lm, ids, max_memory)
+    except (SampleError, MemoryLimitError) as e:
         raise click.ClickException(str(e)) from None
     if seed is None:
         seed = int(numpy.random.default_rng().integers(2**31))
@@ -45,10 +54,11 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
         made = []
         try:
             if beam_size:
-                text, logprob = beam_search(lm, vocab, length, beam_size, prime, no_repeat)
+                text, logprob = beam_search(lm, vocab, length, beam_size, prime, no_repeat, max_memory)
                 pieces = [text]
             else:
-                pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=stop_at)
+                pieces = generate(lm, vocab, length, temperature, top_k, top_p, prime, rng, stop_at=stop_at,
+                                  max_memory=max_memory)
             if not as_json:
                 out.write(prime)
             for piece in pieces:
@@ -56,7 +66,7 @@ def run_sample(model, length, temperature, top_k, top_p, prime, seed, num_sample
                 if not as_json:
                     out.write(piece)
                     out.flush()
-        except SampleError as e:
+        except (SampleError, MemoryLimitError) as e:
             raise click.ClickException(str(e)) from None
         text = "".join(made)
         if as_json:
@@ -93,10 +103,11 @@ Examples:
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None,
               help="--beam-size: no n-gram of this many tokens twice in the text [8 characters, 3 words; 0 = off].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@max_memory_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample on stdout.")
 @click.pass_context
 def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size,
-                   no_repeat_ngram, device, as_json):
+                   no_repeat_ngram, device, max_memory, as_json):
     """Generate text from MODEL (a model file or run folder; default: the bundled
     Shakespeare model). Tokens stream to stdout as they are generated."""
     source = click.core.ParameterSource
@@ -113,4 +124,4 @@ def sample_command(ctx, model, length, temperature, top_k, top_p, prime, seed, n
     elif no_repeat_ngram is not None:
         raise click.UsageError("--no-repeat-ngram applies to --beam-size only")
     run_sample(model, length, temperature, top_k, top_p, prime, seed, num_samples, stop_at, beam_size, device, as_json,
-               no_repeat=no_repeat_ngram)
+               no_repeat=no_repeat_ngram, max_memory=max_memory)

@@ -14,13 +14,16 @@ from rich.text import Text
 from .. import dynamic as dyn
 from ..backend import DEVICES
 from ..io.checkpoint import looks_like_model
+from ..io.corpus import same_text
 from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
 from ..io.vocab import iter_lines
+from ..memory import MemoryLimitError
 from ..score import (ScoreError, score_document, score_lines, score_row, summarize, surprisal_pairs,
                      unknown_report)
 from ..wording import plural
 from .common import Finite, StdoutConsole, json_line, text_encoding
+from .options import max_memory_option
 from .progress import WorkProgress
 from .sample import load_for_use
 
@@ -69,29 +72,47 @@ class DynamicOptions:
 
 
 def _side_text(path: str, what: str, scored: str, encoding: str, errors: str) -> str:
-    """A training-side text (--dynamic-stats or --dynamic-tune), refused when it is the scored
-    text itself."""
+    """A training-side text (--dynamic-tune), refused when it is the scored text itself."""
+    _not_scored(path, what, scored, encoding, errors)
     try:
-        text = read_text(path, encoding, errors)
+        return read_text(path, encoding, errors)
     except CorpusError as e:
         raise click.ClickException(str(e)) from None
-    if text == scored:
+
+
+def _not_scored(path: str, what: str, scored: str, encoding: str, errors: str):
+    """Refuse a training-side text that is the scored text itself (compared as it is read, up
+    to the first difference)."""
+    try:
+        same = same_text(path, scored, encoding, errors)
+    except CorpusError as e:
+        raise click.ClickException(str(e)) from None
+    if same:
         raise click.ClickException(f"{path}: is the text being scored; {what} must be held-out training-side text, "
                                    f"never the scored text")
-    return text
+
+
+def _stats_ids(path: str, vocab, scored: str, encoding: str, errors: str):
+    """--dynamic-stats FILE's last STATS_TOKENS tokens (read from the end of the file)."""
+    _not_scored(path, "--dynamic-stats", scored, encoding, errors)
+    try:
+        return dyn.file_ids(path, vocab, encoding, errors)
+    except CorpusError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, show_tokens, encoding, errors, progress,
-                err: Console):
+                err: Console, max_memory=None):
     """Dynamic evaluation for score --document --dynamic: gradient statistics, the tuning if
     asked, then the scoring; says on ``err`` (one line) which hyperparameters it used.
     Returns (Scored, a dict of what was used, for the summary)."""
     base = dyn.DEFAULTS[vocab.level]
     segment = opts.segment or base.segment
     try:
+        # (before a word is said; the text's length in characters bounds its tokens)
+        dyn.check_memory(lm, segment, len(text), max_memory)
         if opts.stats is not None:
-            stats_text = _side_text(opts.stats, "--dynamic-stats", text, encoding, errors)
-            stats_ids = dyn.text_ids(vocab, stats_text)[-(dyn.STATS_TOKENS + 1):]
+            stats_ids = _stats_ids(opts.stats, vocab, text, encoding, errors)
             stats_from = f"the last {len(stats_ids) - 1:,} tokens of {opts.stats}"
             if len(stats_ids) < 2:
                 raise dyn.DynamicError(f"{opts.stats}: holds no token to measure gradient statistics on")
@@ -100,14 +121,14 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
         tune_text = None if opts.tune is None else _side_text(opts.tune, "--dynamic-tune", text, encoding, errors)
         if tune_text is not None and len(dyn.text_ids(vocab, tune_text)) < 2:
             raise dyn.DynamicError(f"{opts.tune}: holds no token to tune on")
-        stats = dyn.gradient_stats(lm, stats_ids, segment,
-                                   progress=lambda d, t: progress(d, t, "gradient statistics"))
+        stats = dyn.gradient_stats(lm, stats_ids, segment, progress=lambda d, t: progress(d, t, "gradient statistics"),
+                                   max_memory=max_memory)
         results = None
         if tune_text is not None and (opts.lr is None or opts.decay is None):
             settings, results = dyn.tune(lm, dyn.text_ids(vocab, tune_text), stats, segment,
                                          lrs=None if opts.lr is None else (opts.lr,),
                                          decays=None if opts.decay is None else (opts.decay,),
-                                         progress=lambda d, t: progress(d, t, "tuning"))
+                                         progress=lambda d, t: progress(d, t, "tuning"), max_memory=max_memory)
         else:
             settings = dyn.DynamicSettings(base.lr if opts.lr is None else opts.lr,
                                            base.decay if opts.decay is None else opts.decay, segment)
@@ -119,7 +140,7 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
                   f"{settings.decay:g} ({source['decay']}), segment {settings.segment} ({source['segment']}); "
                   f"gradient statistics from {stats_from}", highlight=False, markup=False, soft_wrap=True)
         scored = dyn.score_dynamic(lm, vocab, text, settings, stats, strict=strict, with_tokens=show_tokens,
-                                   progress=lambda d, t: progress(d, t, "scoring"))
+                                   progress=lambda d, t: progress(d, t, "scoring"), max_memory=max_memory)
     except dyn.DynamicError as e:
         raise click.ClickException(str(e)) from None
     used = {**settings.to_json(), "source": source, "stats": stats_from, "stats_tokens": len(stats_ids) - 1}
@@ -129,7 +150,7 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
 
 
 def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=False,
-              dynamic: DynamicOptions | None = None):
+              dynamic: DynamicOptions | None = None, max_memory=None):
     model_arg, file_arg = None, "-"
     if len(args) == 2:
         model_arg, file_arg = args
@@ -162,15 +183,15 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         with WorkProgress("scoring", unit, quiet=quiet, console=err) as progress:
             if dynamic is not None:
                 scored, used = run_dynamic(lm, vocab, ckpt.meta, path, text, dynamic, strict, show_tokens, encoding,
-                                           errors, progress, err)
+                                           errors, progress, err, max_memory)
                 items = [scored]
             elif document:
                 items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens,
-                                        progress=progress)]
+                                        progress=progress, max_memory=max_memory)]
             else:
                 items = score_lines(lm, vocab, lines, batch_size=batch_size, strict=strict, with_tokens=show_tokens,
-                                    progress=progress)
-    except ScoreError as e:
+                                    progress=progress, max_memory=max_memory)
+    except (ScoreError, MemoryLimitError) as e:
         raise click.ClickException(str(e)) from None
     summary = summarize(items)
     if document:
@@ -254,9 +275,10 @@ Examples:
 @click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@max_memory_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
 def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, dynamic, dynamic_lr, dynamic_decay,
-                  dynamic_segment, dynamic_stats, dynamic_tune, encoding, errors, device, quiet):
+                  dynamic_segment, dynamic_stats, dynamic_tune, encoding, errors, device, max_memory, quiet):
     """Score text: [MODEL] [FILE|-]. Each line of FILE (or stdin) is a sentence; prints its
     log-probability, tokens, nats and bits per token and perplexity, then a summary.
     MODEL defaults to the bundled Shakespeare model."""
@@ -273,4 +295,4 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
     elif dyn.given():
         raise click.UsageError(f"{dyn.given()[0]} applies to --dynamic only")
     run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet,
-              dynamic=dyn if dynamic else None)
+              dynamic=dyn if dynamic else None, max_memory=max_memory)

@@ -15,6 +15,7 @@ import click
 from ..backend import BackendError
 from ..dist import DistError, PeerStopped, RankError, env_rank, world_from_env
 from ..io.checkpoint import CheckpointError
+from ..memory import MemoryLimitError
 from ..io.data import CorpusError
 from ..nn.cells import FORGET_BIAS, INPUT_SCALE
 from ..nn.model import ModelError
@@ -27,7 +28,7 @@ from ..nn import cells, optim
 from ..wording import plural
 from .common import Finite, fail, json_line, regular_file, text_encoding
 from .config import load_config
-from .options import CellChoice, device_options, finite, rate
+from .options import CellChoice, device_options, finite, max_memory_option, rate
 
 
 def default_out(corpus: str, opts: dict) -> Path:
@@ -41,7 +42,7 @@ def _cells_with(has) -> str:
 
 
 def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from=None, extend_vocab=False,
-              given=None):
+              given=None, max_memory=None):
     try:
         world = world_from_env()
     except DistError as e:
@@ -50,7 +51,7 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
         raise click.ClickException(str(e)) from None
     try:
         return _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab,
-                    given)
+                    given, max_memory)
     except PeerStopped as e:  # (data-parallel only)
         sys.exit(e.code)
 
@@ -124,7 +125,8 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     return cfg, out_dir, overrides, init, stdin
 
 
-def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given):
+def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given,
+         max_memory=None):
     cfg, out_dir, overrides, init, stdin = _options(world, corpus, val_path, out, resume, explicit, opts, init_from,
                                                     extend_vocab, given)
     quiet = quiet or not world.root  # the other ranks print nothing but errors
@@ -135,7 +137,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         reporter = ConsoleReporter()
     trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides, init=init,
                       corpus_stream=sys.stdin.buffer if stdin and world.root else None, announce=not quiet,
-                      world=world)
+                      world=world, max_memory=max_memory)
     try:
         try:
             result = trainer.run()
@@ -151,7 +153,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         click.echo(str(e), err=True)
         return
     except (TrainError, CorpusError, CheckpointError, BackendError, ModelError, VocabError, FineTuneError,
-            RankError) as e:
+            RankError, MemoryLimitError) as e:
         if reporter:
             reporter.end()
         raise click.ClickException(str(e)) from None
@@ -276,10 +278,11 @@ Examples:
 @click.option("--extend-vocab", is_flag=True,
               help="With --init-from: add the corpus's characters or words the model never saw (new rows "
                    "initialised as a new model's) instead of refusing them.")
+@max_memory_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, as_json, quiet, **opts):
+def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, max_memory, as_json, quiet, **opts):
     """Train a language model on CORPUS (a UTF-8 text file, or - for stdin: read once into
     the run folder as corpus-stdin.txt, which --resume then reads).
 
@@ -294,4 +297,5 @@ def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, a
     explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == source.COMMANDLINE}
     given = {k for k in opts if ctx.get_parameter_source(k) in (source.COMMANDLINE, source.DEFAULT_MAP)}
     run_train(corpus=corpus, val_path=val_path, out=out, resume=resume, as_json=as_json, quiet=quiet,
-              explicit=explicit, opts=opts, init_from=init_from, extend_vocab=extend_vocab, given=given)
+              explicit=explicit, opts=opts, init_from=init_from, extend_vocab=extend_vocab, given=given,
+              max_memory=max_memory)

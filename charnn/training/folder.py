@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..io import checkpoint as ckpt_mod
 from ..io.fileio import file_kind
+from ..io.metrics import MetricsError, read_lines
 from .config import TrainError
 
 METRICS_NAME = "metrics.jsonl"
@@ -114,23 +115,23 @@ class RunFolder:
             return
         if file_kind(path):
             raise TrainError(f"{path}: is {file_kind(path)}, not a regular file; cannot resume")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise TrainError(f"{path}: not valid UTF-8 at byte {e.start} (charnn writes JSON lines); "
-                             f"move it away to resume") from None
         keep = []
-        for n, line in enumerate(lines, 1):
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            at = m.get("step", 0) if isinstance(m, dict) else None
-            if isinstance(at, bool) or not isinstance(at, (int, float)):
-                raise TrainError(f"{path}: line {n} is not a JSON object with a numeric step (charnn writes those); "
-                                 f"move the file away to resume")
-            if at <= step:
-                keep.append(line)
+        try:
+            for n, line in read_lines(path):  # (a line at a time, at most MAX_LINE bytes of it)
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                except (ValueError, RecursionError):  # an integer of 4,300 digits; nesting past the stack
+                    m = None
+                at = m.get("step", 0) if isinstance(m, dict) else None
+                if isinstance(at, bool) or not isinstance(at, (int, float)):
+                    raise TrainError(f"{path}: line {n} is not a JSON object with a numeric step (charnn writes "
+                                     f"those); move the file away to resume")
+                if at <= step:
+                    keep.append(line)
+        except MetricsError as e:
+            raise TrainError(f"{e}; move it away to resume") from None
         ckpt_mod.atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode("utf-8"))
 
     def save(self, best: bool, write_last, write_best):

@@ -26,7 +26,7 @@ from ..nn.functional import perplexity
 from ..nn.optim import clip_scale, global_norm
 from . import guard, ranks, schedule
 from .config import Reporter, TrainConfig, TrainError
-from .build import build_model, build_optimizer, device_state
+from .build import build_model, build_optimizer, check_memory, device_state, model_config
 from .data import evaluate, file_digest, prepare_data
 from .folder import RunFolder, RunLock, checkpoint_meta
 from .regularise import rank_dropout_masks, reset_some, weights_dropped
@@ -40,7 +40,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, reporter: Reporter | None = None,
                  overrides: dict | None = None, init=None, corpus_stream=None, announce: bool = True,
-                 world: World | None = None):
+                 world: World | None = None, max_memory: int | None = None):
         """Args:
             init: a finetune.InitFrom: start from that model's weights and vocabulary.
             corpus_stream: a binary stream (stdin): the corpus, read once into ``cfg.corpus``
@@ -48,6 +48,7 @@ class Trainer:
             announce: say on stderr which device ``--device auto`` chose.
             world: the data-parallel ranks (dist.py); default one process. Rank 0 locks the
                 folder, builds the token cache, writes and reports; all train their streams.
+            max_memory: the bytes this process may use (--max-memory; default: what is available).
         """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
         self.folder = RunFolder(self.out)
@@ -65,6 +66,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.init, self.corpus_stream, self.announce = init, corpus_stream, announce
         self.init_record = None
+        self.max_memory = max_memory
 
     # ----- setup -----
     def _setup(self):
@@ -81,6 +83,14 @@ class Trainer:
         hint = self.shared
         digest = saved.meta.get("corpus_sha256") if saved else hint.get("digest")
         vocab, start_config, start_params = (saved.vocab if saved else hint.get("vocab")), None, None
+        streams = max(1, cfg.batch_size // self.world.size)
+        if saved:
+            check_memory(cfg, saved.config, streams, self.max_memory, host_only=cfg.device != "cpu")
+        elif self.init is None:
+            # Before the corpus is read: with the smallest vocabulary there can be (the real
+            # one is checked once known), and on "auto" only what stays on the host.
+            check_memory(cfg, cfg.model_config(len(vocab) if vocab else 2), streams, self.max_memory,
+                         host_only=cfg.device != "cpu", vocab_known=vocab is not None)
         if self.init is not None:
             vocab, start_config, start_params = self.init.prepare(cfg)
             self.init_record = self.init.record()
@@ -95,7 +105,9 @@ class Trainer:
         self.val_ids = val_ids
         self.corpus_digest = saved.meta.get("corpus_sha256") if saved else digest or file_digest(cfg.corpus)
         self.val_digest = hint["val_digest"] if "val_digest" in hint else file_digest(cfg.val) if cfg.val else None
-        self.model = build_model(cfg, len(vocab), train_ids, saved, start_config, start_params, self.backend)
+        mcfg = model_config(cfg, len(vocab), train_ids, saved, start_config)
+        check_memory(cfg, mcfg, streams, self.max_memory, host_only=self.backend.device != "cpu")
+        self.model = build_model(cfg, mcfg, saved, start_params, self.backend)
         self.opt = build_optimizer(cfg, self.model)
         self.rng = numpy.random.default_rng(cfg.seed)
         self.progress = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,
