@@ -77,3 +77,15 @@ def device_state(state: list, part: tuple[int, int], backend) -> list:
     ``part`` (a, b), on the device."""
     xp, dtype, (a, b) = backend.xp, backend.dtype, part
     return [(to_device(h[:, a:b], xp, dtype), None if c is None else to_device(c[:, a:b], xp, dtype)) for h, c in state]
+
+
+def check_memory_early(cfg, saved, vocab, fine_tuning: bool, streams: int, max_memory):
+    """The memory check before the corpus is read: a resumed run's saved architecture; a new
+    one's with the smallest vocabulary there can be (the real one is checked once known), and
+    on "auto" only what stays on the host. (A fine-tuned run's is checked once its model is
+    read.)"""
+    if saved:
+        check_memory(cfg, saved.config, streams, max_memory, host_only=cfg.device != "cpu")
+    elif not fine_tuning:
+        check_memory(cfg, cfg.model_config(len(vocab) if vocab else 2), streams, max_memory,
+                     host_only=cfg.device != "cpu", vocab_known=vocab is not None)

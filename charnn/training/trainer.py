@@ -26,7 +26,7 @@ from ..nn.functional import perplexity
 from ..nn.optim import clip_scale, global_norm
 from . import guard, ranks, schedule
 from .config import Reporter, TrainConfig, TrainError
-from .build import build_model, build_optimizer, check_memory, device_state, model_config
+from .build import build_model, build_optimizer, check_memory, check_memory_early, device_state, model_config
 from .data import evaluate, file_digest, prepare_data
 from .folder import RunFolder, RunLock, checkpoint_meta
 from .regularise import rank_dropout_masks, reset_some, weights_dropped
@@ -64,9 +64,8 @@ class Trainer:
         self.saved_step = None  # the step of the checkpoint on disk
         self.elapsed_before = 0.0  # seconds of the runs this one resumes
         self.started = time.perf_counter()
-        self.init, self.corpus_stream, self.announce = init, corpus_stream, announce
+        self.init, self.corpus_stream, self.announce, self.max_memory = init, corpus_stream, announce, max_memory
         self.init_record = None
-        self.max_memory = max_memory
 
     # ----- setup -----
     def _setup(self):
@@ -84,13 +83,7 @@ class Trainer:
         digest = saved.meta.get("corpus_sha256") if saved else hint.get("digest")
         vocab, start_config, start_params = (saved.vocab if saved else hint.get("vocab")), None, None
         streams = max(1, cfg.batch_size // self.world.size)
-        if saved:
-            check_memory(cfg, saved.config, streams, self.max_memory, host_only=cfg.device != "cpu")
-        elif self.init is None:
-            # Before the corpus is read: with the smallest vocabulary there can be (the real
-            # one is checked once known), and on "auto" only what stays on the host.
-            check_memory(cfg, cfg.model_config(len(vocab) if vocab else 2), streams, self.max_memory,
-                         host_only=cfg.device != "cpu", vocab_known=vocab is not None)
+        check_memory_early(cfg, saved, vocab, self.init is not None, streams, self.max_memory)
         if self.init is not None:
             vocab, start_config, start_params = self.init.prepare(cfg)
             self.init_record = self.init.record()
@@ -136,8 +129,7 @@ class Trainer:
             self.state = device_state(saved.state, self.batches.part, self.backend)
 
     def _local_n(self) -> int:
-        a, b = self.batches.part
-        return b - a
+        return self.batches.part[1] - self.batches.part[0]
 
     def _shared_setup(self) -> dict:
         """What rank 0's setup found that the other ranks would otherwise read the corpus for."""
@@ -162,9 +154,8 @@ class Trainer:
         ckpt_mod.save(self.folder.best, self._checkpoint(False))
 
     def _save(self, best: bool):
-        """Save last.npz, and model.npz too when ``best`` (folder.RunFolder.save's order).
-        Data-parallel: a collective; rank 0 writes, with the state of every rank's streams,
-        once every rank is found to hold the same parameters."""
+        """Save last.npz, and model.npz when ``best`` (RunFolder.save's order); data-parallel, rank
+        0 writes all streams' state once every rank is found to hold the same parameters."""
         ranks.check_same_params(self.world, self.model.params, self.progress["step"])
         state = ranks.all_state(self.world, self.state)
         ranks.together(self.world, lambda: self.folder.save(best, lambda: self.save_last(state), self.save_best),
@@ -206,10 +197,9 @@ class Trainer:
         ranks.together(self.world, lambda: self.folder.append_metric(m), root_only=True)
 
     def evaluate_and_save(self, sample: bool = True, scheduled: bool = True):
-        """Evaluate, save model.npz if the model is the best so far, and save last.npz; a model
-        that fails the guard raises Diverged and nothing is written. ``sample``: show a
-        generated sample with the result; ``scheduled``: an evaluation of the eval_every
-        schedule (see schedule.record_evaluation)."""
+        """Evaluate, save model.npz if the model is the best so far, and last.npz (a model that
+        fails the guard raises Diverged, nothing written); ``sample``: show one; ``scheduled``:
+        one of the eval_every schedule (schedule.record_evaluation)."""
         p, cfg = self.progress, self.cfg
         if self.val_ids is None:
             self._check_model(self._train_sample_loss(), "training loss")
@@ -249,7 +239,7 @@ class Trainer:
                 self.folder.remove_stale_temp_files()
             return self._loop()
 
-    def _setup_from(self, shared: dict):
+    def _setup_from(self, shared: dict):  # (data-parallel: the ranks but 0, from what rank 0 found)
         self.shared = shared
         self._setup()
 
@@ -315,8 +305,7 @@ class Trainer:
         return reason or ("interrupted" if self.stop_requested else None)
 
     def lr_factor(self, elapsed: float | None = None) -> float:
-        """The schedule's factor for the next step; ``elapsed``: the run's seconds so far by the
-        clock all ranks agree on (default: this process's, read only when a time horizon needs it)."""
+        """The schedule's factor for the next step; ``elapsed``: the ranks' agreed clock."""
         p = self.progress
         horizon = p.get("horizon_seconds")
         if horizon and elapsed is None and self.cfg.lr_schedule == "cosine":
