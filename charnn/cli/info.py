@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import sys
 
+import click
+
 from ..io.checkpoint import CheckpointError, load, resolve
+from ..nn import cells
 from .common import fail, json_line
-from .sample import model_path
 
 SHOWN_TOKENS = 12
 
@@ -16,7 +18,7 @@ SHOWN_TOKENS = 12
 def describe(model) -> dict:
     """The facts about MODEL (a model file, a run folder, or None for the bundled default)."""
     try:
-        path = resolve(model_path(model))
+        path = resolve(model)
         ckpt = load(path)
     except CheckpointError as e:
         fail(str(e))
@@ -34,7 +36,8 @@ def describe(model) -> dict:
         "file_bytes": path.stat().st_size,
         "resumable": bool(ckpt.optim),
         "cell": c.cell, "layers": c.layers, "hidden": c.hidden, "embed": c.embed,
-        "activation": c.activation if c.cell == "rnn" else None, "tie": c.tie, "dropout": c.dropout,
+        "activation": c.activation if len(cells.get(c.cell).activations) > 1 else None, "tie": c.tie,
+        "dropout": c.dropout,
         "classes": c.n_classes, "parameters": c.n_params(),
         "vocab": {"level": v.level, "size": len(v), "tokenizer": v.tokenizer if v.level == "word" else None,
                   "first": v.tokens[:SHOWN_TOKENS]},
@@ -93,3 +96,18 @@ def text(d: dict) -> str:
 def run_info(model, as_json):
     d = describe(model)
     sys.stdout.write(json_line(d) if as_json else text(d))
+
+
+@click.command("info")
+@click.argument("model", required=False, type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (null where a field is unknown).")
+def info_command(model, as_json):
+    """Show what MODEL holds (a model file, run folder or .safetensors; default: the bundled
+    Shakespeare model): architecture, parameter count, file size, vocabulary, the training
+    corpus's digest, steps, tokens, validation loss and when it was saved.
+
+    \b
+      charnn info                      the bundled model
+      charnn info models/run --json    for programs
+    """
+    run_info(model, as_json)
