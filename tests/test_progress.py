@@ -13,7 +13,8 @@ from rich.console import Console
 
 from charnn.backend import get_backend
 from charnn.cli.common import COMPILING, compile_notice
-from charnn.cli.progress import ConsoleReporter, WorkProgress
+from charnn.cli.progress import WorkProgress
+from charnn.cli.train_progress import ConsoleReporter
 from charnn.engine import compiles_first
 from charnn.engine.settings import Settings
 from charnn.gradcheck import check_config, count_checks

@@ -132,7 +132,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
     quiet = quiet or not world.root  # the other ranks print nothing but errors
     reporter = None
     if not quiet:
-        from .progress import ConsoleReporter
+        from .train_progress import ConsoleReporter
 
         reporter = ConsoleReporter()
     trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides, init=init,
