@@ -19,6 +19,8 @@ from ..nn import cells
 from ..io.fileio import file_kind
 from .common import Finite, fail, text_encoding
 
+SEQ_LEN, BATCH_SIZE = 50, 32  # train's defaults (info --plan's too)
+
 
 class CellChoice(click.Choice):
     """A choice among the registered cells (nn/cells.py), read when a command line is parsed,
@@ -319,8 +321,8 @@ Examples:
 @click.option("--tokenizer", type=click.Choice(["regex", "whitespace"]), default="regex", show_default=True, help="Word level only.")
 @click.option("--vocab-size", type=click.IntRange(min=3), default=None, help="Word level: keep the most frequent words (others become <unk>).")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Word level: drop rarer words to <unk>.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True, help="Steps of backpropagation through time.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Parallel streams.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=SEQ_LEN, show_default=True, help="Steps of backpropagation through time.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True, help="Parallel streams.")
 @click.option("--optimizer", type=click.Choice(["adam", "adagrad", "rmsprop", "sgd"]), default="adam", show_default=True)
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Learning rate [adam 3e-3, rmsprop 2e-3, adagrad 0.1, sgd 1].")
 @click.option("--lr-decay", type=Finite(0, 1, min_open=True), default=1.0, show_default=True,
@@ -549,18 +551,38 @@ def plot_command(runs, out, x, title):
 @cli.command("info")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (null where a field is unknown).")
-def info_command(model, as_json):
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Show the CPU engine's path for MODEL's training steps and scoring passes, and why.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
+              help="With --plan: the streams of the work.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=SEQ_LEN, show_default=True,
+              help="With --plan: the time steps of the work.")
+@click.option("--measure", is_flag=True, help="With --plan: measure the candidate paths now (again) and keep the fastest.")
+def info_command(model, as_json, show_plan, batch_size, seq_len, measure):
     """Show what MODEL holds (a model file, run folder or .safetensors; default: the bundled
     Shakespeare model): architecture, parameter count, file size, vocabulary, the training
-    corpus's digest, steps, tokens, validation loss and when it was saved.
+    corpus's digest, steps, tokens, validation loss and when it was saved. With --plan: the
+    path the CPU engine runs MODEL's work on (the planner's choice, its timings, or the
+    rules' and why).
 
     \b
       charnn info                      the bundled model
       charnn info models/run --json    for programs
+      charnn info --plan --batch-size 64 --seq-len 100 --measure
     """
-    from .info import run_info
+    ctx = click.get_current_context()
+    if not show_plan:
+        given = [f"--{name.replace('_', '-')}" for name in ("batch_size", "seq_len", "measure")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: needs --plan")
+        from .info import run_info
 
-    run_info(model, as_json)
+        run_info(model, as_json)
+        return
+    from .info import run_plan
+
+    run_plan(model, batch_size, seq_len, measure, as_json)
 
 
 @cli.command("export")

@@ -93,3 +93,54 @@ def text(d: dict) -> str:
 def run_info(model, as_json):
     d = describe(model)
     sys.stdout.write(json_line(d) if as_json else text(d))
+
+
+def run_plan(model, N: int, T: int, measure: bool, as_json: bool):
+    """`charnn info --plan`: the CPU engine's path for MODEL's work of N streams x T steps."""
+    from ..backend import BackendError, get_backend
+    from ..engine.cpu import plan_report
+    from ..io.checkpoint import load_model
+
+    try:
+        path = resolve(model_path(model))
+        lm, _, _ = load_model(path, get_backend("cpu", "float32"))
+    except (CheckpointError, BackendError) as e:
+        fail(str(e))
+    report = {"path": str(path), **plan_report(lm, N, T, measure)}
+    sys.stdout.write(json_line(report) if as_json else plan_text(report, lm.config))
+
+
+def plan_text(r: dict, config) -> str:
+    c = config
+    arch = f"{c.cell}, {c.layers} layer{'s' * (c.layers > 1)} x {c.hidden} hidden"
+    lines = [f"{r['path']}: {arch}; {r['batch']} streams x {r['seq_len']} steps"]
+    if not r["kinds"]:
+        return "\n".join(lines + [f"  engine        {r['engine']} (no CPU engine: nothing to plan)"]) + "\n"
+    s = r["settings"]
+    free = " and ".join({"split": "the split over threads", "packed": "the packed products"}[k] for k in s["plans"])
+    lines.append(f"  settings      {s['threads']} thread{'s' * (s['threads'] > 1)}, compiled kernels "
+                 f"{'on' if s['kernels'] else 'off'}, compiled loops {'on' if s['loops'] else 'off'}, packed products "
+                 f"{'allowed' if s['packed'] else 'off'}; the planner chooses {free or 'nothing'}")
+    if "machine" in r:
+        m = r["machine"]
+        lines.append(f"  machine       {m['cpu']}; numpy {m['numpy']}; {m['blas']}; numba {m['numba']}; engine {m['engine']}")
+        lines.append(f"  plan file     {r['file']}")
+    for kind, d in r["kinds"].items():
+        if d["path"] is None:
+            lines.append(f"  {kind:<13} {d['why']}; the rules would run: {d['rule']}")
+            continue
+        if d["why"] != "measured":
+            lines.append(f"  {kind:<13} {d['path']} (the rules: {d['why']})")
+            continue
+        e = d["plan"]
+        lines.append(f"  {kind:<13} {d['path']} (measured {e['measured']} in {e['measuring_seconds']:.2f} s; the rules': "
+                     f"{d['rule']})")
+        for label in d["candidates"]:
+            if label in e["seconds"]:
+                how = f"{1e3 * e['seconds'][label]:9.2f} ms on {e['steps']} of {e['of']} steps"
+            elif label in e["estimates"]:
+                how = f"{'dropped':>9}    {1e3 * e['estimates'][label]:.2f} ms on its first {e['estimate_steps']} steps"
+            else:
+                how = f"{'untimed':>9}    (the budget went on compiling)"
+            lines.append(f"    {'*' if label == d['path'] else ' '} {label:<28} {how}")
+    return "\n".join(lines) + "\n"

@@ -16,13 +16,22 @@ import os
 from pathlib import Path
 
 
-def _cache_dir() -> Path:
+def source_digest() -> str:
+    """A digest of every engine source file (16 hex digits)."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
     for path in sorted(here.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charnn"
-    return base / f"numba-{digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
+
+
+def cache_base() -> Path:
+    """charnn's folder for what it caches on disk (compiled code, plans)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charnn"
+
+
+def _cache_dir() -> Path:
+    return cache_base() / f"numba-{source_digest()}"
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):

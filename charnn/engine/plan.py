@@ -1,0 +1,357 @@
+"""The planner: the engine times its candidate paths for a piece of work and keeps the fastest.
+
+A *path* (:class:`Path`) is how the engine runs a training step or a scoring pass: the split of
+the work over threads (parallel.py: "one" thread, the "batch" split, the "rows" split), the
+BLAS's threads for the one-thread path's chunk-wide products, and whether the LSTM's time
+loops use the packed products (packed.py). The rules (parallel.rule_path) pick one from the
+shape and the settings; they were tuned on Intel AVX-512 machines and are wrong on others (on
+an AMD Zen 4, config (a)'s training step ran faster on one thread than with the batch split).
+So, as FFTW plans a transform by timing its algorithms and keeps the result, and cuDNN's
+benchmark mode times each convolution algorithm for a shape once, the planner times the
+candidates (parallel.candidates) on the work's own inputs the first time it meets a piece of
+work, and keeps the fastest.
+
+Measuring (:meth:`Planner.measure`), within ``budget`` seconds of an injected clock:
+
+1. every candidate once on the first WARM_T time steps, untimed: whatever compiles on first
+   use (numba's cache, the packed products of a new shape) does so here (the rules' path
+   before the clock starts: the work would pay its first use without a planner too);
+2. every candidate once more, timed, which estimates what a time step costs on each; those
+   slower than FAR_SLOWER x the best drop out (on a few steps the fixed costs of a path, its
+   threads' hand-offs, weigh more than on the whole chunk);
+3. rounds of timed runs on the first ``Tm`` time steps, every candidate left in each round
+   (the machine's swings hit all alike), Tm as long as ROUNDS rounds can take in the budget
+   left (the whole chunk for small models, a few steps for large ones: a step's cost grows
+   with T on every path alike), grown when a round shows they cost less than estimated;
+   after each round those slower than SLOWER x the best median drop out. It ends when the
+   candidates left have ROUNDS runs on the whole chunk, or at the deadline.
+
+The fastest median wins, but the rules' path keeps the work unless another beats it by MARGIN
+(a choice between near-equals is left to the rules, not to the noise). Runs end at the
+deadline: the budget is overrun by at most one run. The caller then runs the whole work with
+the winner, so results depend on the plan, never on which run measured it.
+
+A plan is kept in memory and on disk (:class:`PlanFile`: JSON, written atomically; a file that
+cannot be read is ignored and replaced), in one file per machine key: the CPU model and flags,
+NumPy, its BLAS (threadpoolctl's view: library, version, kernel), numba, and a digest of the
+engine's sources; any change there starts a new file. Within it, a plan is keyed by the work
+(:func:`work_key`: kind, model shape, batch, sequence length rounded up to a power of two,
+settings). Work below MIN_FLOPS is not worth measuring: the rules run it.
+
+Nothing here knows the model's maths: the caller (cpu.CpuOps) gives the candidates and a
+function that runs the work on a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path as FilePath
+
+import numpy
+
+FORMAT = 1
+BUDGET = 0.75  # seconds of measuring for a new piece of work (plus at most one run past it)
+WARM_T = 2  # time steps of the untimed first run and of the estimate
+ROUNDS = 3
+SLOWER = 1.3  # a candidate this much slower than the best so far stops being timed
+FAR_SLOWER = 3.0  # the same on the first estimate (a few time steps: fixed costs weigh more)
+MARGIN = 0.05  # another path replaces the rules' only when faster by this fraction
+MIN_FLOPS = 2e7  # a piece of work of fewer GEMM FLOPs runs the rules' path unmeasured
+SPLITS = ("one", "batch", "rows")
+
+
+@dataclass(frozen=True)
+class Path:
+    """One way to run a piece of work: ``split`` ("one", "batch" or "rows"), ``blas`` (the
+    BLAS's threads for the one-thread path's chunk-wide products; None leaves them as they
+    are; the splits run it on one thread a half), ``packed`` (the LSTM loops' packed
+    products)."""
+
+    split: str
+    blas: int | None
+    packed: bool
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}")
+
+    @property
+    def label(self) -> str:
+        split = {"one": "one thread", "batch": "batch split", "rows": "row split"}[self.split]
+        if self.split == "one" and self.blas:
+            split += f", BLAS {self.blas}"
+        return f"{split}, {'packed' if self.packed else 'sgemm'}"
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "blas": self.blas, "packed": self.packed}
+
+    @classmethod
+    def from_json(cls, d) -> "Path":
+        """The path of a cache entry, or ValueError where it is not one."""
+        if not isinstance(d, dict) or set(d) != {"split", "blas", "packed"}:
+            raise ValueError("not a path")
+        blas, pk = d["blas"], d["packed"]
+        if not (blas is None or (type(blas) is int and blas >= 1)) or type(pk) is not bool:
+            raise ValueError("not a path")
+        return cls(d["split"], blas, pk)
+
+
+def bucket(T: int) -> int:
+    """T rounded up to a power of two: the sequence lengths that share a plan."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def work_key(kind: str, config, N: int, T: int, settings, xp=None, dtype="float32") -> str:
+    """The key of a piece of work: what it is, the model's shape, the batch, the sequence
+    length's bucket, the arrays, the settings that bound the candidates."""
+    c = config
+    knobs = "+".join(sorted(settings.plan)) or "none"
+    arrays = f"{getattr(xp, '__name__', 'numpy')} {numpy.dtype(dtype).name}"
+    return (f"{kind} {c.cell}{'-' + c.activation if c.cell == 'rnn' else ''} {c.layers}x{c.hidden} E{c.embed} "
+            f"V{c.vocab_size} C{c.n_classes}{' tied' if c.tie else ''} N{N} T{bucket(T)} {arrays} | threads "
+            f"{settings.threads}, kernels {int(settings.kernels)}, loops {int(settings.rowsplit)}, packed "
+            f"{int(settings.packed)}, plans {knobs}")
+
+
+def machine_key() -> dict:
+    """What a plan is valid for: the CPU (model, a digest of its flags), NumPy and its BLAS,
+    numba, the engine's sources."""
+    from . import source_digest
+
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                name = name.strip()
+                if name == "model name" and cpu == (platform.processor() or platform.machine()):
+                    cpu = value.strip()
+                elif name in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    blas = "unknown"
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = "; ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
+                         for i in threadpool_info() if i.get("user_api") == "blas") or "none"
+    except Exception:  # noqa: BLE001 - threadpoolctl missing or unable to look: keyed as unknown
+        pass
+    try:
+        import numba
+
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = "none"
+    return {"cpu": cpu, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "numpy": numpy.__version__,
+            "blas": blas, "numba": numba_version, "engine": source_digest()}
+
+
+class PlanFile:
+    """One machine key's plans on disk: ``{"format", "machine", "plans": {work key: entry}}``.
+    A missing, unreadable or foreign file reads as no plans."""
+
+    def __init__(self, path: FilePath, machine: dict):
+        self.path, self.machine = FilePath(path), machine
+
+    def load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("machine") == self.machine
+                and isinstance(data.get("plans"), dict)):
+            return {}
+        plans = {}
+        for key, entry in data["plans"].items():
+            try:
+                Path.from_json(entry["path"])
+            except (TypeError, KeyError, ValueError):
+                continue
+            plans[key] = entry
+        return plans
+
+    def save(self, key: str, entry: dict):
+        """Add one plan to the file (those another process wrote meanwhile are kept). Best
+        effort: a folder that cannot be written leaves the plan in memory only."""
+        from ..io.fileio import atomic_write_bytes
+
+        plans = self.load()
+        plans[key] = entry
+        data = {"format": FORMAT, "machine": self.machine, "plans": plans}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+        except OSError:
+            pass
+
+
+class Planner:
+    """Chooses a path for each piece of work: from memory, from the plan file, or by measuring.
+
+    Args:
+        folder: where the plan files live (default: charnn's cache folder's ``plans``).
+        clock: seconds, as time.perf_counter (tests pass a fake one).
+        budget: seconds of measuring per new piece of work.
+        machine: the machine key (default: :func:`machine_key`, looked up on first use).
+        min_flops: smaller work runs the rules' path unmeasured (the caller asks).
+    """
+
+    def __init__(self, folder=None, clock=time.perf_counter, budget: float = BUDGET, machine: dict | None = None,
+                 min_flops: float = MIN_FLOPS):
+        self.folder = None if folder is None else FilePath(folder)
+        self.clock, self.budget, self.min_flops = clock, budget, min_flops
+        self._machine = machine
+        self._plans = None
+        self._file = None
+        self._lock = threading.RLock()
+        self.measured = 0  # pieces of work measured by this planner
+        self.decided = {}  # work key -> the path this process runs it on (None: the rules'), for the caller
+
+    def machine(self) -> dict:
+        if self._machine is None:
+            self._machine = machine_key()
+        return self._machine
+
+    def file(self) -> PlanFile:
+        if self._file is None:
+            if self.folder is None:
+                from . import cache_base
+
+                self.folder = cache_base() / "plans"
+            digest = hashlib.sha256(json.dumps(self.machine(), sort_keys=True).encode()).hexdigest()[:16]
+            self._file = PlanFile(self.folder / f"plans-{digest}.json", self.machine())
+        return self._file
+
+    def entry(self, key: str) -> dict | None:
+        """The plan kept for ``key`` (its path, the timings that chose it), or None."""
+        with self._lock:
+            if self._plans is None:
+                self._plans = self.file().load()
+            return self._plans.get(key)
+
+    def forget(self, key: str):
+        """Drop the plan kept for ``key`` in memory (the next choice measures and replaces it
+        on disk)."""
+        with self._lock:
+            self.entry(key)
+            self._plans.pop(key, None)
+            self.decided.pop(key, None)
+
+    def choose(self, key: str, candidates: list, run, T: int) -> Path:
+        """The path for the work ``key``: the kept one if it is still a candidate, else the
+        fastest of ``candidates`` (the rules' first), measured by calling run(path, t) on the
+        first t time steps of the work (1 <= t <= T), and kept: on disk where every candidate
+        was timed, else (the budget spent before, on compiling) for this process only."""
+        if len(candidates) == 1:
+            return candidates[0]
+        with self._lock:
+            kept = self.entry(key)
+            if kept is not None:
+                path = Path.from_json(kept["path"])
+                if path in candidates:
+                    return path
+            m = self.measure(candidates, run, T)
+            entry = {"path": m.best.to_json(), "rule": candidates[0].label, "steps": m.steps, "of": T,
+                     "seconds": {p.label: t for p, t in m.timings.items()},
+                     "estimates": {p.label: t for p, t in m.estimates.items()}, "estimate_steps": m.estimate_steps,
+                     "untimed": [p.label for p in candidates if p not in m.estimates],
+                     "measuring_seconds": m.spent, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self._plans[key] = entry
+            if not entry["untimed"]:
+                self.file().save(key, entry)
+            self.measured += 1
+            return m.best
+
+    def measure(self, candidates: list, run, T: int) -> "Measured":
+        """Time ``candidates`` by run(path, t): the three phases of the module docstring."""
+        clock = self.clock
+        T1 = max(1, min(T, WARM_T))
+        # The rules' path first, before the clock starts: what it compiles or loads on first
+        # use (the engine's kernels from numba's cache, its packed products), the work would
+        # pay without a planner too. It is always warmed and timed.
+        run(candidates[0], T1)
+        start = clock()
+        deadline = start + self.budget
+        warm = [candidates[0]]
+        for path in candidates[1:]:
+            if clock() >= deadline:
+                break
+            run(path, T1)
+            warm.append(path)
+        first = {}
+        for path in warm:
+            if first and clock() >= deadline:
+                break
+            t0 = clock()
+            run(path, T1)
+            first[path] = clock() - t0
+        # On a few time steps the fixed costs of a path (its threads' hand-offs, packing the
+        # weights) weigh more than on the whole chunk: only the far slower drop out here.
+        fastest = min(first.values())
+        alive = [p for p in first if p == candidates[0] or first[p] <= FAR_SLOWER * fastest]
+        per_step = {p: first[p] / T1 for p in alive}
+        steps, times = T1, {}
+        while clock() < deadline:
+            # As many time steps as ROUNDS rounds of the candidates left can take in the time
+            # left (from the last costs seen): grown, with the samples so far dropped, while
+            # that at least doubles them.
+            round_cost = sum(per_step[p] for p in alive)
+            affordable = T if round_cost <= 0 else int(min(T, (deadline - clock()) / (ROUNDS * round_cost)))
+            if not times or affordable >= 2 * steps:
+                steps, times = max(steps, affordable) if times else max(T1, affordable), {p: [] for p in alive}
+            for path in alive:
+                if clock() >= deadline:
+                    break
+                t0 = clock()
+                run(path, steps)
+                times[path].append(clock() - t0)
+                per_step[path] = times[path][-1] / steps
+            medians = {p: statistics.median(v) for p, v in times.items() if v}
+            best = min(medians.values())
+            alive = [p for p in alive if p in medians and medians[p] <= SLOWER * best]
+            if steps >= T and all(len(times[p]) >= ROUNDS for p in alive):
+                break
+        timings = {p: statistics.median(v) for p, v in times.items() if v}
+        if not timings:  # no time left for a round: the estimates decide
+            timings, steps = first, T1
+        rule = candidates[0]
+        best = min(timings, key=timings.get)
+        if rule in timings and timings[best] > (1 - MARGIN) * timings[rule]:
+            best = rule
+        return Measured(best, timings, steps, first, T1, clock() - start)
+
+
+@dataclass
+class Measured:
+    """What :meth:`Planner.measure` found: the winner, the median seconds of each candidate
+    timed to the end on ``steps`` time steps, each one's first estimate on ``estimate_steps``
+    (those missing ran out of budget), and the seconds it all took."""
+
+    best: Path
+    timings: dict
+    steps: int
+    estimates: dict
+    estimate_steps: int
+    spent: float
+
+
+_shared = None
+_shared_lock = threading.Lock()
+
+
+def shared_planner() -> Planner:
+    """The process's planner (one for every model: a plan measured once serves all)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Planner()
+        return _shared
+
