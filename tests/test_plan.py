@@ -413,3 +413,27 @@ def test_info_plan_measures_and_shows_why(tmp_path):
             assert again["kinds"][kind]["path"] is None and "not measured yet" in again["kinds"][kind]["why"]
     forced = json.loads(info("--json", CHARNN_THREADS="1"))
     assert all(c.startswith("one thread") for c in forced["kinds"]["train"]["candidates"])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
+@pytest.mark.parametrize("N", [1, 3])
+def test_every_mode_of_the_samplers_step_matches_the_reference(cell, N):
+    """Sampling's step times its modes as it goes (engine/stepper.py's ThreadTuner): the BLAS
+    on one thread or its own, and packed products where the CPU has AVX-512 (the LSTM and the
+    RNN). Each gives the reference step's logits."""
+    from charnn.engine.threads import blas_threads
+
+    m = LanguageModel.create(ModelConfig(vocab_size=11, cell=cell, layers=2, hidden=16, embed=0), seed=2,
+                             backend=get_backend("cpu", "float32", settings=Settings(threads=2)))
+    ids = numpy.random.default_rng(0).integers(0, 11, (6, N))
+    stepper = m.stepper(N)
+    modes = stepper._tuner.modes
+    assert ((1, True) in modes) == (cell != "gru" and packed.usable(N))
+    for mode in modes:
+        stepper.set_state(m.initial_state(N))
+        state = None
+        for t in range(6):
+            with blas_threads(mode[0]):
+                fast = stepper._step(ids[t], mode[1]).copy()
+            slow, state = m.step(ids[t], state)
+            numpy.testing.assert_allclose(fast, slow, atol=1e-5, err_msg=str(mode))

@@ -3,7 +3,11 @@
 The reference (nn/model.py's Stepper) runs the model's forward over a chunk of one step; this
 twin concatenates each layer's input and recurrent weights once, so a step is one
 matrix-vector product per layer, then the gate math in place (the compiled step kernels on
-float32), and chooses the BLAS's thread count by timing (ThreadTuner).
+float32). How the products run is chosen by timing real steps as sampling goes (ThreadTuner):
+the BLAS on one thread, the BLAS on its own threads, or (float32 RNN and LSTM layers, where
+the CPU has AVX-512 and the settings allow) packed.py's products, the weights packed once.
+A step is cheap and its cost moves with the machine's load, so these are timed as the work
+goes (a few steps of each at the start and every 512 steps) rather than planned once.
 tests/test_engine.py compares the two.
 """
 
@@ -15,7 +19,7 @@ import numpy
 
 from ..backend import to_device
 from ..nn.cells import lstm_step_forward, sigmoid_
-from . import kernels
+from . import kernels, packed
 from .threads import SMALL_GEMM_FLOPS, blas_threads
 
 
@@ -64,7 +68,14 @@ class FastStepper:
         self.logits = xp.empty((N, cfg.vocab_size), dtype=dt)
         self.fused = ops is not None and ops.fused(self.a[0]) and cfg.cell != "rnn"
         small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
-        self._tuner = ThreadTuner() if xp is numpy and small else None
+        # The packed products, W packed once (float32 RNN and LSTM layers: the GRU keeps its
+        # hidden product apart), as a third mode for the tuner.
+        self.mm = None
+        if (small and cfg.cell != "gru" and ops is not None and getattr(ops, "settings", None) is not None
+                and ops.settings.packed and ops.fused(self.a[0]) and packed.usable(N)):
+            self.mm = [(packed.product(w.shape[0], w.shape[1], N), packed.packed(w, N)) for w in self.W]
+        modes = [(1, False), (None, False)] + ([(1, True)] if self.mm else [])
+        self._tuner = ThreadTuner(modes) if xp is numpy and small else None
 
     def _h(self, layer):
         """This layer's hidden state: the tail of its [x; h] buffer."""
@@ -84,17 +95,17 @@ class FastStepper:
 
         Matrix-vector products are memory bound: on a quiet machine two BLAS threads run them
         about twice as fast as one, but OpenBLAS's threads slow down tenfold when another
-        process holds a core. So the Stepper times both settings as it goes (a few steps of
-        each at the start and every 512 steps) and uses the faster."""
-        mode = self._tuner.pick() if self._tuner else None
+        process holds a core. So the Stepper times each mode as it goes (a few steps of each
+        at the start and every 512 steps) and uses the fastest."""
+        mode = self._tuner.pick() if self._tuner else (None, False)
         t0 = time.perf_counter()
-        with blas_threads(mode, self.xp):
-            out = self._step(ids)
+        with blas_threads(mode[0], self.xp):
+            out = self._step(ids, mode[1])
         if self._tuner:
             self._tuner.record(mode, time.perf_counter() - t0)
         return out
 
-    def _step(self, ids):
+    def _step(self, ids, use_packed=False):
         cfg, p, xp = self.model.config, self.model.params, self.xp
         ids = self.model.check_ids(numpy.asarray(ids).reshape(-1))
         H = cfg.hidden
@@ -113,6 +124,10 @@ class FastStepper:
                 Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
                 xp.matmul(Wh, xh[In:], out=self.hp)
                 xin = Wx @ xh[:In]
+            elif use_packed:
+                mm, Wp = self.mm[layer]
+                mm(Wp.ctypes.data, xh.ctypes.data, self.N, a_cat.ctypes.data, self.N)
+                xin = None
             else:
                 xp.matmul(self.W[layer], xh, out=a_cat)
                 xin = None
@@ -172,30 +187,31 @@ class FastStepper:
 
 
 class ThreadTuner:
-    """Chooses between one BLAS thread and the library default by timing both: ``trial`` steps
-    of each at the start and again every ``period`` steps, the faster median in between."""
+    """Chooses among ``modes`` (by default one BLAS thread and the library's own count) by
+    timing each: ``trial`` steps of each at the start and again every ``period`` steps, in
+    turn, the fastest median in between."""
 
-    MODES = (1, None)
-
-    def __init__(self, trial: int = 6, period: int = 512):
+    def __init__(self, modes=(1, None), trial: int = 6, period: int = 512):
+        self.modes = tuple(modes)
         self.trial, self.period = trial, period
         self.n = 0
-        self.times = {m: [] for m in self.MODES}
+        self.times = {m: [] for m in self.modes}
         self.best = self.chosen = None
 
     def pick(self):
         phase = self.n % self.period
-        if phase < 2 * self.trial:
-            return self.MODES[phase % 2]
-        if not self.chosen or phase == 2 * self.trial:
+        k = len(self.modes)
+        if phase < k * self.trial:
+            return self.modes[phase % k]
+        if not self.chosen or phase == k * self.trial:
             self.chosen = True
-            self.best = min(self.MODES, key=lambda m: sorted(self.times[m])[len(self.times[m]) // 2])
+            self.best = min(self.modes, key=lambda m: sorted(self.times[m])[len(self.times[m]) // 2])
         return self.best
 
     def record(self, mode, seconds: float):
         phase = self.n % self.period
         if phase == 0:
-            self.times = {m: [] for m in self.MODES}
-        if phase < 2 * self.trial:
+            self.times = {m: [] for m in self.modes}
+        if phase < len(self.modes) * self.trial:
             self.times[mode].append(seconds)
         self.n += 1
