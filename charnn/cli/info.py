@@ -143,4 +143,6 @@ def plan_text(r: dict, config) -> str:
             else:
                 how = f"{'untimed':>9}    (the budget went on compiling)"
             lines.append(f"    {'*' if label == d['path'] else ' '} {label:<28} {how}")
+    if r.get("sample"):
+        lines.append(f"  {'sample':<13} {'; '.join(r['sample']['modes'])}: {r['sample']['why']}")
     return "\n".join(lines) + "\n"

@@ -77,6 +77,14 @@ class FastStepper:
         modes = [(1, False), (None, False)] + ([(1, True)] if self.mm else [])
         self._tuner = ThreadTuner(modes) if xp is numpy and small else None
 
+    @property
+    def modes(self) -> list:
+        """The ways its products may run, which it times as it goes (labels)."""
+        if self._tuner is None:
+            return ["the BLAS's threads as they are"]
+        return [("packed" if pk else "BLAS") + (", 1 thread" if blas == 1 else (", its threads" if not pk else ""))
+                for blas, pk in self._tuner.modes]
+
     def _h(self, layer):
         """This layer's hidden state: the tail of its [x; h] buffer."""
         return self.xh[layer][-self.model.config.hidden:]
