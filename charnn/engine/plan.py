@@ -16,20 +16,26 @@ Measuring (:meth:`Planner.measure`), within ``budget`` seconds of an injected cl
 1. every candidate once on the first WARM_T time steps, untimed: whatever compiles on first
    use (numba's cache, the packed products of a new shape) does so here (the rules' path
    before the clock starts: the work would pay its first use without a planner too);
-2. every candidate once more, timed, which estimates what a time step costs on each; those
-   slower than FAR_SLOWER x the best drop out (on a few steps the fixed costs of a path, its
-   threads' hand-offs, weigh more than on the whole chunk);
+2. every candidate ESTIMATES times more on those steps, timed, which estimates what a time
+   step costs on each; those slower than FAR_SLOWER x the best drop out (on a few steps the
+   fixed costs of a path, its threads' hand-offs, weigh more than on the whole chunk);
 3. rounds of timed runs on the first ``Tm`` time steps, every candidate left in each round
    (the machine's swings hit all alike), Tm as long as ROUNDS rounds can take in the budget
    left (the whole chunk for small models, a few steps for large ones: a step's cost grows
    with T on every path alike), grown when a round shows they cost less than estimated;
-   after each round those slower than SLOWER x the best median drop out. It ends when the
-   candidates left have ROUNDS runs on the whole chunk, or at the deadline.
+   from a candidate's second run on, one slower than SLOWER x the best drops out. It ends
+   when the candidates left have ROUNDS runs on the whole chunk, or at the deadline.
 
-The fastest median wins, but the rules' path keeps the work unless another beats it by MARGIN
-(a choice between near-equals is left to the rules, not to the noise). Runs end at the
-deadline: the budget is overrun by at most one run. The caller then runs the whole work with
-the winner, so results depend on the plan, never on which run measured it.
+Candidates are compared by their fastest run, not their median: other work on the machine
+only ever adds time, and more to a path on two threads than to one on one, so a median
+follows the load of the moment, which a kept plan outlives (on this project's shared 2-core
+machine a plan measured by medians under load chose one thread for config (a) and then ran
+16% slower than the rules once the load had moved). The fastest run is what a path costs when
+it has the cores it asks for. The fastest wins, but the rules' path keeps the work unless
+another beats it by MARGIN (a choice between near-equals is left to the rules, not to the
+noise). Runs end at the deadline: the budget is overrun by at most one run. The caller then
+runs the whole work with the winner, so results depend on the plan, never on which run
+measured it.
 
 A plan is kept in memory and on disk (:class:`PlanFile`: JSON, written atomically; a file that
 cannot be read is ignored and replaced), in one file per machine key: the CPU model and flags,
@@ -46,8 +52,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -57,10 +63,11 @@ import numpy
 
 FORMAT = 1
 BUDGET = 0.75  # seconds of measuring for a new piece of work (plus at most one run past it)
-WARM_T = 2  # time steps of the untimed first run and of the estimate
-ROUNDS = 3
-SLOWER = 1.3  # a candidate this much slower than the best so far stops being timed
-FAR_SLOWER = 3.0  # the same on the first estimate (a few time steps: fixed costs weigh more)
+WARM_T = 2  # time steps of the untimed first run and of the estimates
+ESTIMATES = 2  # timed runs of each candidate on WARM_T steps
+ROUNDS = 5  # timed runs of each candidate left on the chosen time steps
+SLOWER = 1.3  # a candidate this much slower than the best so far stops being timed (after two runs)
+FAR_SLOWER = 3.0  # the same on the estimates (a few time steps: fixed costs weigh more)
 MARGIN = 0.05  # another path replaces the rules' only when faster by this fraction
 MIN_FLOPS = 2e7  # a piece of work of fewer GEMM FLOPs runs the rules' path unmeasured
 SPLITS = ("one", "batch", "rows")
@@ -273,35 +280,32 @@ class Planner:
     def measure(self, candidates: list, run, T: int) -> "Measured":
         """Time ``candidates`` by run(path, t): the three phases of the module docstring."""
         clock = self.clock
+        rule = candidates[0]
         T1 = max(1, min(T, WARM_T))
-        # The rules' path first, before the clock starts: what it compiles or loads on first
-        # use (the engine's kernels from numba's cache, its packed products), the work would
-        # pay without a planner too. It is always warmed and timed.
-        run(candidates[0], T1)
+        run(rule, T1)  # before the clock starts (see the module docstring)
         start = clock()
         deadline = start + self.budget
-        warm = [candidates[0]]
+        warm = [rule]
         for path in candidates[1:]:
             if clock() >= deadline:
                 break
             run(path, T1)
             warm.append(path)
         first = {}
-        for path in warm:
-            if first and clock() >= deadline:
-                break
-            t0 = clock()
-            run(path, T1)
-            first[path] = clock() - t0
-        # On a few time steps the fixed costs of a path (its threads' hand-offs, packing the
-        # weights) weigh more than on the whole chunk: only the far slower drop out here.
+        for _ in range(ESTIMATES):
+            for path in warm:
+                if first and clock() >= deadline:
+                    break
+                t0 = clock()
+                run(path, T1)
+                first[path] = min(first.get(path, math.inf), clock() - t0)
         fastest = min(first.values())
-        alive = [p for p in first if p == candidates[0] or first[p] <= FAR_SLOWER * fastest]
+        alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
         per_step = {p: first[p] / T1 for p in alive}
         steps, times = T1, {}
         while clock() < deadline:
             # As many time steps as ROUNDS rounds of the candidates left can take in the time
-            # left (from the last costs seen): grown, with the samples so far dropped, while
+            # left (from the fastest runs seen): grown, with the runs so far dropped, while
             # that at least doubles them.
             round_cost = sum(per_step[p] for p in alive)
             affordable = T if round_cost <= 0 else int(min(T, (deadline - clock()) / (ROUNDS * round_cost)))
@@ -313,16 +317,15 @@ class Planner:
                 t0 = clock()
                 run(path, steps)
                 times[path].append(clock() - t0)
-                per_step[path] = times[path][-1] / steps
-            medians = {p: statistics.median(v) for p, v in times.items() if v}
-            best = min(medians.values())
-            alive = [p for p in alive if p in medians and medians[p] <= SLOWER * best]
+                per_step[path] = min(times[path]) / steps
+            best = {p: min(v) for p, v in times.items() if v}
+            top = min(best.values())
+            alive = [p for p in alive if p in best and (len(times[p]) < 2 or best[p] <= SLOWER * top)]
             if steps >= T and all(len(times[p]) >= ROUNDS for p in alive):
                 break
-        timings = {p: statistics.median(v) for p, v in times.items() if v}
+        timings = {p: min(v) for p, v in times.items() if v}
         if not timings:  # no time left for a round: the estimates decide
             timings, steps = first, T1
-        rule = candidates[0]
         best = min(timings, key=timings.get)
         if rule in timings and timings[best] > (1 - MARGIN) * timings[rule]:
             best = rule

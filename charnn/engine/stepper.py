@@ -73,7 +73,10 @@ class FastStepper:
         self.mm = None
         if (small and cfg.cell != "gru" and ops is not None and getattr(ops, "settings", None) is not None
                 and ops.settings.packed and ops.fused(self.a[0]) and packed.usable(N)):
-            self.mm = [(packed.product(w.shape[0], w.shape[1], N), packed.packed(w, N)) for w in self.W]
+            # The buffers' addresses once: numpy's .ctypes costs about a microsecond a call.
+            self._packed_w = [packed.packed(w, N) for w in self.W]
+            self.mm = [(packed.product(w.shape[0], w.shape[1], N), wp.ctypes.data, xh.ctypes.data, a.ctypes.data)
+                       for w, wp, xh, a in zip(self.W, self._packed_w, self.xh, self.a)]
         modes = [(1, False), (None, False)] + ([(1, True)] if self.mm else [])
         self._tuner = ThreadTuner(modes) if xp is numpy and small else None
 
@@ -133,8 +136,8 @@ class FastStepper:
                 xp.matmul(Wh, xh[In:], out=self.hp)
                 xin = Wx @ xh[:In]
             elif use_packed:
-                mm, Wp = self.mm[layer]
-                mm(Wp.ctypes.data, xh.ctypes.data, self.N, a_cat.ctypes.data, self.N)
+                mm, w, x_, out = self.mm[layer]
+                mm(w, x_, self.N, out, self.N)  # a_cat is this layer's a here (not a GRU)
                 xin = None
             else:
                 xp.matmul(self.W[layer], xh, out=a_cat)
