@@ -137,11 +137,12 @@ def plan_text(r: dict, config) -> str:
                      f"{d['rule']})")
         for label in d["candidates"]:
             if label in e["seconds"]:
-                how = f"{1e3 * e['seconds'][label]:9.2f} ms on {e['steps']} of {e['of']} steps"
+                n = e.get("runs", {}).get(label)
+                how = f"{1e3 * e['seconds'][label]:9.2f} ms  fastest of {n} runs on {e['steps']} of {e['of']} steps"
             elif label in e["estimates"]:
-                how = f"{'dropped':>9}    {1e3 * e['estimates'][label]:.2f} ms on its first {e['estimate_steps']} steps"
+                how = f"{1e3 * e['estimates'][label]:9.2f} ms  on {e['estimate_steps']} step (then dropped or out of time)"
             else:
-                how = f"{'untimed':>9}    (the budget went on compiling)"
+                how = f"{'not timed':>9}     (the budget went on compiling)"
             lines.append(f"    {'*' if label == d['path'] else ' '} {label:<28} {how}")
     if r.get("sample"):
         lines.append(f"  {'sample':<13} {'; '.join(r['sample']['modes'])}: {r['sample']['why']}")

@@ -343,8 +343,8 @@ def plan_report(model, N: int, T: int, measure: bool = False) -> dict:
                 d.update(path=plan.Path.from_json(entry["path"]).label, why="measured", plan=entry)
         out["kinds"][kind] = d
     stepper = model.stepper(1)
-    out["sample"] = {"modes": getattr(stepper, "modes", []), "why": "timed as sampling goes (a few steps of each mode "
-                     "at the start and every 512 steps), never kept: a step's cost moves with the machine's load"}
+    out["sample"] = {"modes": getattr(stepper, "modes", []), "why": "timed as sampling goes (a few steps of each at "
+                     "the start and every 512 steps), never kept: a step's cost moves with the machine's load"}
     return out
 
 

@@ -16,26 +16,27 @@ Measuring (:meth:`Planner.measure`), within ``budget`` seconds of an injected cl
 1. every candidate once on the first WARM_T time steps, untimed: whatever compiles on first
    use (numba's cache, the packed products of a new shape) does so here (the rules' path
    before the clock starts: the work would pay its first use without a planner too);
-2. every candidate ESTIMATES times more on those steps, timed, which estimates what a time
-   step costs on each; those slower than FAR_SLOWER x the best drop out (on a few steps the
-   fixed costs of a path, its threads' hand-offs, weigh more than on the whole chunk);
-3. rounds of timed runs on the first ``Tm`` time steps, every candidate left in each round
-   (the machine's swings hit all alike), Tm as long as ROUNDS rounds can take in the budget
-   left (the whole chunk for small models, a few steps for large ones: a step's cost grows
-   with T on every path alike), grown when a round shows they cost less than estimated;
-   from a candidate's second run on, one slower than SLOWER x the best drops out. It ends
-   when the candidates left have ROUNDS runs on the whole chunk, or at the deadline.
+2. every candidate once more, timed, which estimates what a time step costs on each; those
+   slower than FAR_SLOWER x the best drop out (on one step the fixed costs of a path, its
+   threads' hand-offs, weigh more than on many);
+3. rounds of timed runs on the first ``steps`` time steps, every candidate left in each round
+   (the machine's swings hit all alike): at most MAX_STEPS steps, fewer where MIN_RUNS rounds
+   would not fit the budget left (a step's cost grows with T on every path alike, so many
+   short runs rank paths as whole chunks do and give more chances to see each at its best);
+   from its MIN_RUNS-th run on, a candidate slower than SLOWER x the best drops out. It ends
+   when those left have MAX_RUNS runs, or at the deadline.
 
 Candidates are compared by their fastest run, not their median: other work on the machine
 only ever adds time, and more to a path on two threads than to one on one, so a median
 follows the load of the moment, which a kept plan outlives (on this project's shared 2-core
-machine a plan measured by medians under load chose one thread for config (a) and then ran
-16% slower than the rules once the load had moved). The fastest run is what a path costs when
-it has the cores it asks for. The fastest wins, but the rules' path keeps the work unless
-another beats it by MARGIN (a choice between near-equals is left to the rules, not to the
-noise). Runs end at the deadline: the budget is overrun by at most one run. The caller then
-runs the whole work with the winner, so results depend on the plan, never on which run
-measured it.
+machine a plan measured by medians under load chose one thread for config (a), whose steps
+then took 16% longer than the rules' batch split once the load had moved). The fastest run is
+what a path costs when it has the cores it asks for. The fastest wins if it and the rules'
+path both ran MIN_RUNS times and it beats the rules' by MARGIN; otherwise the rules' path
+keeps the work (a choice between near-equals, or work too large to time every candidate
+MIN_RUNS times within the budget, is left to the rules, not to the noise). Runs end at the
+deadline: the budget is overrun by at most one run. The caller then runs the whole work with
+the winner, so results depend on the plan, never on which run measured it.
 
 A plan is kept in memory and on disk (:class:`PlanFile`: JSON, written atomically; a file that
 cannot be read is ignored and replaced), in one file per machine key: the CPU model and flags,
@@ -63,11 +64,12 @@ import numpy
 
 FORMAT = 1
 BUDGET = 0.75  # seconds of measuring for a new piece of work (plus at most one run past it)
-WARM_T = 2  # time steps of the untimed first run and of the estimates
-ESTIMATES = 2  # timed runs of each candidate on WARM_T steps
-ROUNDS = 5  # timed runs of each candidate left on the chosen time steps
-SLOWER = 1.3  # a candidate this much slower than the best so far stops being timed (after two runs)
-FAR_SLOWER = 3.0  # the same on the estimates (a few time steps: fixed costs weigh more)
+WARM_T = 1  # time steps of the untimed first run and of the estimate
+MAX_STEPS = 16  # time steps of a timed run at most: many short runs rather than a few long ones
+MIN_RUNS = 3  # timed runs a path needs to replace the rules' (and before it can drop out)
+MAX_RUNS = 15  # timed runs of each candidate at most
+SLOWER = 1.3  # a candidate this much slower than the best (fastest runs) stops being timed
+FAR_SLOWER = 3.0  # the same on the estimates (one time step: fixed costs weigh more)
 MARGIN = 0.05  # another path replaces the rules' only when faster by this fraction
 MIN_FLOPS = 2e7  # a piece of work of fewer GEMM FLOPs runs the rules' path unmeasured
 SPLITS = ("one", "batch", "rows")
@@ -256,7 +258,7 @@ class Planner:
         """The path for the work ``key``: the kept one if it is still a candidate, else the
         fastest of ``candidates`` (the rules' first), measured by calling run(path, t) on the
         first t time steps of the work (1 <= t <= T), and kept: on disk where every candidate
-        was timed, else (the budget spent before, on compiling) for this process only."""
+        ran at least once, else (the budget went on compiling) for this process only."""
         if len(candidates) == 1:
             return candidates[0]
         with self._lock:
@@ -268,75 +270,68 @@ class Planner:
             m = self.measure(candidates, run, T)
             entry = {"path": m.best.to_json(), "rule": candidates[0].label, "steps": m.steps, "of": T,
                      "seconds": {p.label: t for p, t in m.timings.items()},
+                     "runs": {p.label: n for p, n in (m.runs or {}).items()},
                      "estimates": {p.label: t for p, t in m.estimates.items()}, "estimate_steps": m.estimate_steps,
-                     "untimed": [p.label for p in candidates if p not in m.estimates],
+                     "untimed": [p.label for p in candidates if p not in m.estimates], "warmed": m.warmed,
                      "measuring_seconds": m.spent, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self._plans[key] = entry
-            if not entry["untimed"]:
+            if m.warmed:
                 self.file().save(key, entry)
             self.measured += 1
             return m.best
 
     def measure(self, candidates: list, run, T: int) -> "Measured":
-        """Time ``candidates`` by run(path, t): the three phases of the module docstring."""
+        """Time ``candidates`` by run(path, t): the phases of the module docstring."""
         clock = self.clock
         rule = candidates[0]
-        T1 = max(1, min(T, WARM_T))
-        run(rule, T1)  # before the clock starts (see the module docstring)
+        run(rule, WARM_T)  # before the clock starts (see the module docstring)
         start = clock()
         deadline = start + self.budget
         warm = [rule]
         for path in candidates[1:]:
             if clock() >= deadline:
                 break
-            run(path, T1)
+            run(path, WARM_T)
             warm.append(path)
         first = {}
-        for _ in range(ESTIMATES):
-            for path in warm:
-                if first and clock() >= deadline:
-                    break
-                t0 = clock()
-                run(path, T1)
-                first[path] = min(first.get(path, math.inf), clock() - t0)
+        for path in warm:
+            if first and clock() >= deadline:
+                break
+            t0 = clock()
+            run(path, WARM_T)
+            first[path] = clock() - t0
         fastest = min(first.values())
         alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
-        per_step = {p: first[p] / T1 for p in alive}
-        steps, times = T1, {}
-        while clock() < deadline:
-            # As many time steps as ROUNDS rounds of the candidates left can take in the time
-            # left (from the fastest runs seen): grown, with the runs so far dropped, while
-            # that at least doubles them.
-            round_cost = sum(per_step[p] for p in alive)
-            affordable = T if round_cost <= 0 else int(min(T, (deadline - clock()) / (ROUNDS * round_cost)))
-            if not times or affordable >= 2 * steps:
-                steps, times = max(steps, affordable) if times else max(T1, affordable), {p: [] for p in alive}
+        round_cost = sum(first[p] for p in alive) / WARM_T  # per time step
+        affordable = (deadline - clock()) / (MIN_RUNS * round_cost) if round_cost > 0 else T
+        steps = int(max(WARM_T, min(T, MAX_STEPS, affordable)))
+        times = {p: [] for p in alive}
+        while clock() < deadline and not all(len(times[p]) >= MAX_RUNS for p in alive):
             for path in alive:
                 if clock() >= deadline:
                     break
                 t0 = clock()
                 run(path, steps)
                 times[path].append(clock() - t0)
-                per_step[path] = min(times[path]) / steps
             best = {p: min(v) for p, v in times.items() if v}
             top = min(best.values())
-            alive = [p for p in alive if p in best and (len(times[p]) < 2 or best[p] <= SLOWER * top)]
-            if steps >= T and all(len(times[p]) >= ROUNDS for p in alive):
-                break
+            alive = [p for p in alive if p in best and (len(times[p]) < MIN_RUNS or best[p] <= SLOWER * top)]
         timings = {p: min(v) for p, v in times.items() if v}
-        if not timings:  # no time left for a round: the estimates decide
-            timings, steps = first, T1
-        best = min(timings, key=timings.get)
-        if rule in timings and timings[best] > (1 - MARGIN) * timings[rule]:
-            best = rule
-        return Measured(best, timings, steps, first, T1, clock() - start)
+        trusted = {p: t for p, t in timings.items() if len(times[p]) >= MIN_RUNS}
+        best = rule
+        if rule in trusted:
+            fastest = min(trusted, key=trusted.get)
+            if trusted[fastest] <= (1 - MARGIN) * trusted[rule]:
+                best = fastest
+        return Measured(best, timings, steps, first, WARM_T, clock() - start, len(warm) == len(candidates),
+                        {p: len(v) for p, v in times.items()})
 
 
 @dataclass
 class Measured:
-    """What :meth:`Planner.measure` found: the winner, the median seconds of each candidate
-    timed to the end on ``steps`` time steps, each one's first estimate on ``estimate_steps``
-    (those missing ran out of budget), and the seconds it all took."""
+    """What :meth:`Planner.measure` found: the winner, each candidate's fastest run on
+    ``steps`` time steps, each one's estimate on ``estimate_steps`` (those missing ran out of
+    budget), the seconds it all took, whether every candidate ran once, and the runs each got."""
 
     best: Path
     timings: dict
@@ -344,6 +339,8 @@ class Measured:
     estimates: dict
     estimate_steps: int
     spent: float
+    warmed: bool = True  # every candidate ran once (what compiles on first use has)
+    runs: dict = None  # candidate -> timed runs on ``steps``
 
 
 _shared = None

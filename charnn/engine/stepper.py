@@ -3,11 +3,7 @@
 The reference (nn/model.py's Stepper) runs the model's forward over a chunk of one step; this
 twin concatenates each layer's input and recurrent weights once, so a step is one
 matrix-vector product per layer, then the gate math in place (the compiled step kernels on
-float32). How the products run is chosen by timing real steps as sampling goes (ThreadTuner):
-the BLAS on one thread, the BLAS on its own threads, or (float32 RNN and LSTM layers, where
-the CPU has AVX-512 and the settings allow) packed.py's products, the weights packed once.
-A step is cheap and its cost moves with the machine's load, so these are timed as the work
-goes (a few steps of each at the start and every 512 steps) rather than planned once.
+float32), and chooses the BLAS's thread count by timing (ThreadTuner).
 tests/test_engine.py compares the two.
 """
 
@@ -19,7 +15,7 @@ import numpy
 
 from ..backend import to_device
 from ..nn.cells import lstm_step_forward, sigmoid_
-from . import kernels, packed
+from . import kernels
 from .threads import SMALL_GEMM_FLOPS, blas_threads
 
 
@@ -68,25 +64,14 @@ class FastStepper:
         self.logits = xp.empty((N, cfg.vocab_size), dtype=dt)
         self.fused = ops is not None and ops.fused(self.a[0]) and cfg.cell != "rnn"
         small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
-        # The packed products, W packed once (float32 RNN and LSTM layers: the GRU keeps its
-        # hidden product apart), as a third mode for the tuner.
-        self.mm = None
-        if (small and cfg.cell != "gru" and ops is not None and getattr(ops, "settings", None) is not None
-                and ops.settings.packed and ops.fused(self.a[0]) and packed.usable(N)):
-            # The buffers' addresses once: numpy's .ctypes costs about a microsecond a call.
-            self._packed_w = [packed.packed(w, N) for w in self.W]
-            self.mm = [(packed.product(w.shape[0], w.shape[1], N), wp.ctypes.data, xh.ctypes.data, a.ctypes.data)
-                       for w, wp, xh, a in zip(self.W, self._packed_w, self.xh, self.a)]
-        modes = [(1, False), (None, False)] + ([(1, True)] if self.mm else [])
-        self._tuner = ThreadTuner(modes) if xp is numpy and small else None
+        self._tuner = ThreadTuner() if xp is numpy and small else None
 
     @property
     def modes(self) -> list:
         """The ways its products may run, which it times as it goes (labels)."""
         if self._tuner is None:
             return ["the BLAS's threads as they are"]
-        return [("packed" if pk else "BLAS") + (", 1 thread" if blas == 1 else (", its threads" if not pk else ""))
-                for blas, pk in self._tuner.modes]
+        return ["BLAS on 1 thread" if m == 1 else "BLAS on its own threads" for m in ThreadTuner.MODES]
 
     def _h(self, layer):
         """This layer's hidden state: the tail of its [x; h] buffer."""
@@ -106,17 +91,17 @@ class FastStepper:
 
         Matrix-vector products are memory bound: on a quiet machine two BLAS threads run them
         about twice as fast as one, but OpenBLAS's threads slow down tenfold when another
-        process holds a core. So the Stepper times each mode as it goes (a few steps of each
-        at the start and every 512 steps) and uses the fastest."""
-        mode = self._tuner.pick() if self._tuner else (None, False)
+        process holds a core. So the Stepper times both settings as it goes (a few steps of
+        each at the start and every 512 steps) and uses the faster."""
+        mode = self._tuner.pick() if self._tuner else None
         t0 = time.perf_counter()
-        with blas_threads(mode[0], self.xp):
-            out = self._step(ids, mode[1])
+        with blas_threads(mode, self.xp):
+            out = self._step(ids)
         if self._tuner:
             self._tuner.record(mode, time.perf_counter() - t0)
         return out
 
-    def _step(self, ids, use_packed=False):
+    def _step(self, ids):
         cfg, p, xp = self.model.config, self.model.params, self.xp
         ids = self.model.check_ids(numpy.asarray(ids).reshape(-1))
         H = cfg.hidden
@@ -135,10 +120,6 @@ class FastStepper:
                 Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
                 xp.matmul(Wh, xh[In:], out=self.hp)
                 xin = Wx @ xh[:In]
-            elif use_packed:
-                mm, w, x_, out = self.mm[layer]
-                mm(w, x_, self.N, out, self.N)  # a_cat is this layer's a here (not a GRU)
-                xin = None
             else:
                 xp.matmul(self.W[layer], xh, out=a_cat)
                 xin = None
@@ -198,31 +179,30 @@ class FastStepper:
 
 
 class ThreadTuner:
-    """Chooses among ``modes`` (by default one BLAS thread and the library's own count) by
-    timing each: ``trial`` steps of each at the start and again every ``period`` steps, in
-    turn, the fastest median in between."""
+    """Chooses between one BLAS thread and the library default by timing both: ``trial`` steps
+    of each at the start and again every ``period`` steps, the faster median in between."""
 
-    def __init__(self, modes=(1, None), trial: int = 6, period: int = 512):
-        self.modes = tuple(modes)
+    MODES = (1, None)
+
+    def __init__(self, trial: int = 6, period: int = 512):
         self.trial, self.period = trial, period
         self.n = 0
-        self.times = {m: [] for m in self.modes}
+        self.times = {m: [] for m in self.MODES}
         self.best = self.chosen = None
 
     def pick(self):
         phase = self.n % self.period
-        k = len(self.modes)
-        if phase < k * self.trial:
-            return self.modes[phase % k]
-        if not self.chosen or phase == k * self.trial:
+        if phase < 2 * self.trial:
+            return self.MODES[phase % 2]
+        if not self.chosen or phase == 2 * self.trial:
             self.chosen = True
-            self.best = min(self.modes, key=lambda m: sorted(self.times[m])[len(self.times[m]) // 2])
+            self.best = min(self.MODES, key=lambda m: sorted(self.times[m])[len(self.times[m]) // 2])
         return self.best
 
     def record(self, mode, seconds: float):
         phase = self.n % self.period
         if phase == 0:
-            self.times = {m: [] for m in self.modes}
-        if phase < len(self.modes) * self.trial:
+            self.times = {m: [] for m in self.MODES}
+        if phase < 2 * self.trial:
             self.times[mode].append(seconds)
         self.n += 1
