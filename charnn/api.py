@@ -13,8 +13,8 @@ Thin wrappers over the library, which stays the interface for anything finer:
 charnn.io.checkpoint.load_model, charnn.sample.generate and beam_search, charnn.score.score_lines
 and score_document, charnn.dynamic.dynamic_evaluation (score --dynamic), charnn.train.TrainConfig
 and Trainer. Errors are the library's exceptions
-(CheckpointError, SampleError, ScoreError, TrainError, CorpusError, ...), each with a one-line
-message; nothing here prints.
+(CheckpointError, SampleError, ScoreError, TrainError, CorpusError, MemoryLimitError, ...), each
+with a one-line message; nothing here prints.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy
 
 from .backend import get_backend
-from .io.checkpoint import default_model_path, load_model
+from .io.checkpoint import load_model, resolve
 from .io.vocab import Vocab, iter_lines
 from .nn.model import LanguageModel
 from .sample import generate as _generate
@@ -44,17 +44,19 @@ class Model:
 
 def load(path=None, device: str = "auto") -> Model:
     """Load a model file or run folder (default: the bundled Shakespeare model) in float32 on
-    ``device`` ("auto", "cpu" or "gpu")."""
-    path = Path(path) if path is not None else default_model_path()
+    ``device`` ("auto", "cpu" or "gpu"); ``Model.path`` is the model file. Raises
+    CheckpointError for anything but a model file (a FIFO included, which is never opened)."""
+    path = resolve(path)
     network, vocab, _ = load_model(path, get_backend(device, "float32"))
     return Model(network, vocab, path)
 
 
 def generate(model: Model, length: int = 200, prime: str = "", temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_at: str | None = None) -> str:
+             stop_at=None) -> str:
     """``length`` tokens (characters or words) continuing ``prime``, as text without the prime;
-    the same seed gives the same text as ``charnn sample --seed``. Ends early after ``stop_at``."""
+    the same seed gives the same text as ``charnn sample --seed``. Ends early, as ``--stop-at``
+    does, once the text contains ``stop_at`` (a string or a list of them; see sample.StopRule)."""
     rng = numpy.random.default_rng(None if seed is None else [seed, 0])  # the command's first sample
     return "".join(_generate(model.network, model.vocab, length, temperature, top_k, top_p, prime, rng,
                              stop_at=stop_at))
@@ -74,13 +76,15 @@ def score(model: Model, lines, document: bool = False, strict: bool = False) -> 
     return score_lines(model.network, model.vocab, list(lines), strict=strict)
 
 
-def train(corpus, out, **options) -> dict:
+def train(corpus, out, max_memory: int | None = None, **options) -> dict:
     """Train on the text file ``corpus`` into the run folder ``out`` with the options of
     ``charnn train`` as keyword arguments (``hidden=128``, ``time_limit=60``, ``max_steps=500``,
     ``level="word"``, ...: the fields of charnn.train.TrainConfig). Without max_epochs, max_steps
     or time_limit it trains 10 epochs, as the command does. Silent; returns the command's --json
-    summary (``model``: the best model's file, ``val_loss``, ``steps``, ...)."""
+    summary (``model``: the best model's file, ``val_loss``, ``steps``, ...). A run whose memory
+    estimate passes the memory available, or ``max_memory`` bytes, is refused before it
+    allocates (charnn.memory.MemoryLimitError), as the command refuses it."""
     if not {"max_epochs", "max_steps", "time_limit"} & {k for k, v in options.items() if v is not None}:
         options["max_epochs"] = 10
     cfg = TrainConfig(corpus=str(corpus), out=str(out), **options)
-    return Trainer(cfg, Path(out), announce=False).run()
+    return Trainer(cfg, Path(out), announce=False, max_memory=max_memory).run()

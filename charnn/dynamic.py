@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 import numpy
 
+from . import memory
 from .backend import to_host
 from .nn.model import LanguageModel
 from .score import LN2, Scored, encode_known
@@ -54,7 +55,15 @@ Progress = Optional[Callable[[int, int], None]]
 
 
 class DynamicError(ValueError):
-    """Dynamic evaluation cannot run as asked (bad hyperparameters, too little text)."""
+    """Dynamic evaluation cannot run as asked (bad hyperparameters, too little text, a loss
+    that is not finite)."""
+
+
+class _NonFinite(Exception):
+    """A segment's loss is not finite: ``at`` tokens were scored before it, ``P`` in all."""
+
+    def __init__(self, at: int, P: int):
+        self.at, self.P = at, P
 
 
 @dataclass(frozen=True)
@@ -93,8 +102,7 @@ def text_ids(vocab, text: str) -> numpy.ndarray:
 
 
 def _with_start(vocab, ids) -> numpy.ndarray:
-    start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
-    return numpy.concatenate([[start], ids]).astype(numpy.int64)
+    return numpy.concatenate([[vocab.start_id], ids]).astype(numpy.int64)
 
 
 def _segments(ids, T: int):
@@ -109,18 +117,33 @@ def _copy_state(state):
     return [(h.copy(), None if c is None else c.copy()) for h, c in state]
 
 
+def check_memory(model: LanguageModel, segment: int, tokens: int, max_memory: int | None = None):
+    """Refuse (memory.MemoryLimitError) dynamic evaluation of ``model`` in segments of
+    ``segment`` tokens (of a text of ``tokens``) whose copies of the parameters and segment
+    activations (memory.dynamic) would pass the memory available or ``max_memory`` bytes."""
+    shape, D = memory.Shape.of(model.config), numpy.dtype(model.dtype).itemsize
+    T = max(1, min(segment, tokens))
+    lowest = min(d.segment for d in DEFAULTS.values())
+    subject = memory.culprit(lambda T=T: memory.dynamic(shape, T, D).bytes,
+                             {"--dynamic-segment": ("T", segment, min(lowest, T))},
+                             f"--dynamic on a {model.config.cell} {model.config.layers}x{model.config.hidden} model")
+    memory.check(memory.dynamic(shape, T, D), subject, max_memory)
+
+
 def gradient_stats(model: LanguageModel, ids, segment: int, max_tokens: int = STATS_TOKENS,
-                   progress: Progress = None) -> dict:
+                   progress: Progress = None, max_memory: int | None = None) -> dict:
     """MS_g: the mean squared gradient per parameter (arrays on the model's device) over the
     segments of ``ids``' last ``max_tokens`` + 1 tokens, read as one stream with the state
     carried and the weights fixed at the model's.
 
     Raises:
         DynamicError: fewer than two tokens.
+        memory.MemoryLimitError: the work would pass the memory available or ``max_memory``.
     """
     ids = numpy.asarray(ids, dtype=numpy.int64)[-(max_tokens + 1):]
     if len(ids) < 2:
         raise DynamicError("the text for the gradient statistics has fewer than two tokens")
+    check_memory(model, segment, len(ids) - 1, max_memory)
     xp = model.xp
     total = {k: xp.zeros_like(v) for k, v in model.params.items()}
     state, n, done = None, 0, 0
@@ -188,14 +211,25 @@ def _xp(a):
 
 
 def score_dynamic(model: LanguageModel, vocab, text: str, settings: DynamicSettings, stats: dict,
-                  strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> Scored:
+                  strict: bool = False, with_tokens: bool = False, progress: Progress = None,
+                  max_memory: int | None = None) -> Scored:
     """Score ``text`` as one stream (as score_document with one stream) while adapting a copy
     of the model's weights, segment by segment (module docstring). ``stats``: MS_g from
     :func:`gradient_stats` with the same segment length. The model is not changed.
 
-    ``progress`` is called with (tokens predicted, tokens to predict)."""
+    ``progress`` is called with (tokens predicted, tokens to predict). Work that would pass
+    the memory available (or ``max_memory`` bytes) is refused first (memory.MemoryLimitError)."""
     ids, toks, excluded = encode_known(vocab, text, strict)
-    nll = _run(model, _with_start(vocab, ids), settings, stats, progress)
+    check_memory(model, settings.segment, len(ids), max_memory)
+    try:
+        nll = _run(model, _with_start(vocab, ids), settings, stats, progress)
+    except _NonFinite as e:
+        where = f"at token {e.at + 1:,} of {e.P:,}"
+        if e.at == 0 or settings.lr == 0:
+            raise DynamicError(f"the model gives a loss that is not a finite number {where}, before any update "
+                               f"(its weights overflow); dynamic evaluation cannot score with it") from None
+        raise DynamicError(f"dynamic evaluation diverged {where} (the adapted weights overflowed with learning "
+                           f"rate {settings.lr:g}); try a smaller dynamic learning rate") from None
     s = Scored(text=text, tokens=len(nll), logprob=-float(nll.sum()), excluded=excluded)
     if with_tokens:
         s.token_strings = toks
@@ -205,7 +239,8 @@ def score_dynamic(model: LanguageModel, vocab, text: str, settings: DynamicSetti
 
 def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, progress: Progress = None):
     """The negative log-likelihood (nats, float64 host array) of each token of ``seq`` after
-    the first, scored dynamically."""
+    the first, scored dynamically. Raises _NonFinite at the first segment whose loss is not
+    finite (the adapted weights overflowed: nothing after it can be finite either)."""
     P = len(seq) - 1
     out = numpy.zeros(max(P, 0))
     if P < 1:
@@ -222,6 +257,8 @@ def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, prog
             state = _copy_state(state)
             T = len(y)
             out[done:done + T] = to_host(cache["nll"]).astype(numpy.float64).reshape(T)  # scored first
+            if not numpy.isfinite(out[done:done + T]).all():
+                raise _NonFinite(done + int(numpy.argmin(numpy.isfinite(out[done:done + T]))), P)
             done += T
             if adapt and done < P:  # no step after the last segment: nothing is left to score
                 grads, _ = adapted.backward(cache)
@@ -237,7 +274,7 @@ def _largest_product(model: LanguageModel, T: int) -> float:
 
 
 def tune(model: LanguageModel, ids, stats: dict, segment: int, lrs=None, decays=None,
-         progress: Progress = None) -> tuple[DynamicSettings, list]:
+         progress: Progress = None, max_memory: int | None = None) -> tuple[DynamicSettings, list]:
     """The (η, λ) of the grid with the lowest dynamic loss on ``ids`` (a held-out training-side
     text, from text_ids; never the text to be scored), ``stats`` measured with ``segment``.
 
@@ -249,12 +286,16 @@ def tune(model: LanguageModel, ids, stats: dict, segment: int, lrs=None, decays=
     P = len(ids) - 1
     if P < 1:
         raise DynamicError("the tuning text has fewer than two tokens")
+    check_memory(model, segment, P, max_memory)
     grid = [(lr, d) for lr in lrs for d in decays]
     results = []
     for n, (lr, d) in enumerate(grid):
         each = None if progress is None else (lambda done, total, n=n: progress(n * P + done, len(grid) * P))
-        nll = _run(model, ids, DynamicSettings(lr, d, segment), stats, each)
-        results.append((lr, d, float(nll.mean())))
+        try:
+            loss = float(_run(model, ids, DynamicSettings(lr, d, segment), stats, each).mean())
+        except _NonFinite:
+            loss = math.inf  # (diverged: never the best)
+        results.append((lr, d, loss))
     best = min(results, key=lambda r: (r[2] if math.isfinite(r[2]) else math.inf))
     return DynamicSettings(best[0], best[1], segment), results
 
@@ -279,13 +320,29 @@ def dynamic_evaluation(model: LanguageModel, vocab, text: str, stats_text: str, 
     return score_dynamic(model, vocab, text, settings, stats), settings
 
 
+def file_ids(path, vocab, encoding: str = "utf-8", errors: str = "strict", max_tokens: int = STATS_TOKENS):
+    """text_ids(vocab, the text of ``path``)[-(max_tokens + 1):], read from the end of the file
+    (io.corpus.tail_ids): a training-side text of any size costs about its last ``max_tokens``
+    tokens.
+
+    Raises:
+        io.corpus.CorpusError: the file is missing, a folder, a FIFO, binary or not decodable.
+    """
+    from .io.corpus import tail_ids
+
+    ids = tail_ids(path, vocab, max_tokens + 1, encoding, errors)
+    return ids if len(ids) > max_tokens else _with_start(vocab, ids)
+
+
 def training_corpus(meta: dict, model_path) -> tuple:
     """(path, train options) of the corpus a model file records it was trained on, when that
     file is present and unchanged (its SHA-256 equals the recorded one), else (None, why).
-    The path is tried as recorded (relative to the working folder) and then beside the model
-    file (a corpus read from stdin is kept in the run folder)."""
+    The path is tried as recorded (relative to the working folder it was trained in) and then
+    in the folder of the model file itself (a run folder, which keeps a corpus read from stdin
+    as corpus-stdin.txt), whatever the working folder now; ``model_path`` may be a run folder."""
     from pathlib import Path
 
+    from .io.checkpoint import CheckpointError, resolve
     from .io.fileio import file_kind, sha256_file
 
     train = meta.get("train") if isinstance(meta, dict) else None
@@ -294,9 +351,14 @@ def training_corpus(meta: dict, model_path) -> tuple:
     if not isinstance(corpus, str) or not corpus or not isinstance(digest, str):
         return None, "the model file does not record its training corpus"
     recorded = Path(corpus)
+    try:
+        folder = resolve(model_path).resolve().parent
+    except (CheckpointError, OSError):
+        folder = Path(model_path).resolve().parent
     candidates = [recorded]
-    if not recorded.is_absolute():
-        candidates.append(Path(model_path).resolve().parent / recorded.name)
+    if folder / recorded.name != recorded:
+        candidates.append(folder / recorded.name)
+    changed = False
     for path in candidates:
         if path.is_file() and not file_kind(path):
             try:
@@ -304,30 +366,35 @@ def training_corpus(meta: dict, model_path) -> tuple:
                     return path, train
             except OSError:
                 continue
-            return None, f"its training corpus {corpus} has changed since training"
+            changed = True
+    if changed:
+        return None, f"its training corpus {corpus} has changed since training"
     return None, f"its training corpus {corpus} is not found"
 
 
 def training_side_ids(meta: dict, vocab, model_path, max_tokens: int = STATS_TOKENS):
     """(ids, description): the last ``max_tokens`` + 1 tokens of the training part of the
     model's recorded corpus (the part before its validation tail, as training split it), or a
-    DynamicError saying why there are none."""
-    from .io.corpus import CorpusError, encode_ids
-    from .io.data import split_tail
+    DynamicError saying why there are none. Streamed: a count of the corpus's tokens, then only
+    those tokens kept (without a validation tail, read from the end of the file)."""
+    from .io.corpus import CorpusError, count_tokens, tail_ids, window_ids
 
     path, train = training_corpus(meta, model_path)
     if path is None:
         raise DynamicError(f"dynamic evaluation measures gradient statistics on training-side text and {train}; "
                            f"give it with --dynamic-stats FILE")
-    try:
-        ids = encode_ids(path, vocab, train.get("encoding", "utf-8"), train.get("errors", "strict"))
-    except (CorpusError, LookupError, ValueError) as e:
-        raise DynamicError(f"{path}: {e}") from None
+    encoding, errors = train.get("encoding", "utf-8"), train.get("errors", "strict")
     fraction = train.get("val_fraction", 0.1)
-    if not train.get("val") and isinstance(fraction, (int, float)) and 0 < fraction < 1:
-        try:
-            ids, _ = split_tail(ids, fraction)
-        except CorpusError:
-            pass
-    ids = numpy.asarray(ids[-(max_tokens + 1):], dtype=numpy.int64)
+    want = max_tokens + 1
+    try:
+        if not train.get("val") and isinstance(fraction, (int, float)) and 0 < fraction < 1:
+            n = count_tokens(path, vocab, encoding, errors)
+            n_val = int(round(n * fraction))  # as data.split_tail cuts it (too short a tail: none)
+            end = n - n_val if n_val >= 2 else n
+            ids = window_ids(path, vocab, max(0, end - want), end, encoding, errors)
+        else:
+            ids = tail_ids(path, vocab, want, encoding, errors, strict=True)
+    except (CorpusError, LookupError, ValueError) as e:
+        raise DynamicError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
+    ids = numpy.asarray(ids, dtype=numpy.int64)
     return ids, f"the last {len(ids) - 1:,} training tokens of {path}"

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from pathlib import Path
 
 from .io import checkpoint as ckpt_mod
 from .io.fileio import sha256_file
 from .io.vocab import Vocab, tokenize_line
-from .nn.model import INPUT_SCALE, ModelConfig, init_params
+from .nn.cells import INPUT_SCALE
+from .nn.model import ModelConfig, init_params
 from .wording import plural
 
 # TrainConfig fields fixed by the model, and how each is read from a checkpoint.
@@ -40,18 +40,6 @@ SHOWN = 5  # unknown tokens named in an error
 
 class FineTuneError(ValueError):
     """The model cannot start this run; the message says why (one line)."""
-
-
-def model_path(path) -> Path:
-    """The model file of MODEL: the file itself, or a run folder's model.npz."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / ckpt_mod.BEST_NAME).is_file():
-            raise FineTuneError(f"{p}: the run folder holds no {ckpt_mod.BEST_NAME} to start from")
-        return p / ckpt_mod.BEST_NAME
-    if not p.exists():
-        raise FineTuneError(f"{p}: no such file")
-    return p
 
 
 def arch_of(ckpt) -> dict:
@@ -138,10 +126,11 @@ class InitFrom:
     """The model a run starts from, loaded once; :meth:`prepare` gives the run's vocabulary,
     architecture and parameters for its corpus."""
 
-    def __init__(self, path, extend_vocab: bool = False):
-        self.path = model_path(path)
+    def __init__(self, path, extend_vocab: bool = False, dtype: str = "float32"):
+        """``path``: a model file or a run folder (its model.npz); ``dtype``: the run's."""
         try:
-            self.ckpt = ckpt_mod.load(self.path)
+            self.path = ckpt_mod.resolve(path, names=(ckpt_mod.BEST_NAME,), purpose=" to start from")
+            self.ckpt = ckpt_mod.load(self.path, dtype)
         except ckpt_mod.CheckpointError as e:
             raise FineTuneError(str(e)) from None
         self.extend_vocab = extend_vocab

@@ -12,15 +12,18 @@ fixed random sample of them (always including the largest-gradient entry).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy
 
+from . import memory
 from .backend import get_backend, to_device, to_host
 from .nn import cells
 from .nn.model import LanguageModel, ModelConfig
 
+# The command's smallest checks (its defaults), against which a memory estimate blames an option.
+SMALL = {"T": 5, "N": 3, "hidden": 5, "layers": 1, "embed": 0}
 EPS = 4e-3
 EPS_RELU = 1e-4  # a relu's kink must not fall inside the stencil
 FLOOR = 1e-6
@@ -40,6 +43,24 @@ def _loss(model, ids, targets, state, dropout_seed):
     rng = numpy.random.default_rng(dropout_seed)
     loss, _, _ = model.forward(ids, targets, state, train=model.config.dropout > 0, rng=rng, store=False)
     return float(to_host(loss))
+
+
+def check_memory(config: ModelConfig, T: int, N: int, max_memory: int | None = None, loaded: bool = False):
+    """Refuse (memory.MemoryLimitError) a check of ``config`` on a (T, N) chunk whose float64
+    model, gradients and activations would pass the memory available or ``max_memory``
+    (``loaded``: the model is a copy of one already in memory)."""
+    shape = memory.Shape.of(config)
+
+    def estimate(T=T, N=N, **changes):
+        return memory.gradcheck(replace(shape, **changes), T, N, loaded).bytes
+
+    options = {"--seq-len": ("T", T, SMALL["T"]), "--batch-size": ("N", N, SMALL["N"])}
+    if not loaded:
+        options.update({"--hidden": ("hidden", config.hidden, SMALL["hidden"]),
+                        "--layers": ("layers", config.layers, SMALL["layers"]),
+                        "--embed": ("embed", config.embed, SMALL["embed"])})
+    subject = memory.culprit(estimate, options, f"a {config.cell} {config.layers}x{config.hidden} model")
+    memory.check(memory.gradcheck(shape, T, N, loaded), subject, max_memory)
 
 
 def count_checks(config: ModelConfig) -> int:
@@ -85,7 +106,7 @@ def check_model(model: LanguageModel, ids, targets, state=None, tolerance: float
         if c is not None:
             arrays.append((f"state.{layer}.c", c, dc))
 
-    eps = EPS_RELU if model.config.cell == "rnn" and model.config.activation == "relu" else EPS
+    eps = EPS_RELU if model.config.activation == "relu" else EPS  # (only cells that accept relu use it)
     results = []
     if progress:
         progress(0, len(arrays))
@@ -127,9 +148,12 @@ def random_chunk(vocab_size: int, T: int, N: int, seed: int = 0):
 
 def check_config(config: ModelConfig, T: int = 5, N: int = 3, seed: int = 0, tolerance: float = 1e-6,
                  device: str = "cpu", max_elements: int = 300,
-                 progress: Optional[Callable[[int, int], None]] = None) -> list[CheckResult]:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 max_memory: int | None = None) -> list[CheckResult]:
     """Build a float64 model with ``config`` and check it on a random chunk (``progress``: as
-    check_model's)."""
+    check_model's), unless it would pass the memory available or ``max_memory`` bytes
+    (memory.MemoryLimitError, before anything is allocated)."""
+    check_memory(config, T, N, max_memory)
     model = LanguageModel.create(config, seed=seed, backend=get_backend(device, "float64"))
     # Random biases too, so no gradient is trivially zero.
     rng = numpy.random.default_rng(seed + 7)

@@ -7,11 +7,11 @@ every device. Tokens are yielded as they are made, so callers can stream them.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy
 
+from . import memory
 from .backend import to_device, to_host
 from .nn.model import LanguageModel
 from .io.vocab import EOS, Vocab
@@ -59,14 +59,15 @@ def filter_probs(logits: numpy.ndarray, temperature: float, top_k: int | None = 
     return p
 
 
-def prime_ids(vocab: Vocab, prime: str) -> numpy.ndarray:
+def prime_ids(vocab: Vocab, prime: str, what: str = "--prime") -> numpy.ndarray:
     """Token ids of a prime text. Characters outside a char vocabulary are an error naming
-    them; unknown words map to <unk>."""
+    them (and ``what`` the text is: the option, or the server's field); unknown words map to
+    <unk>."""
     if vocab.level == "char":
         unknown = sorted({t for _, t in vocab.unknown(prime)})
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:10])
-            raise SampleError(f"--prime has characters the model does not know: {shown}")
+            raise SampleError(f"{what} has characters the model does not know: {shown}")
         return vocab.encode(prime)
     ids = vocab.encode(prime)
     if len(ids) and ids[-1] == vocab.eos_id and not prime.endswith("\n"):
@@ -74,22 +75,71 @@ def prime_ids(vocab: Vocab, prime: str) -> numpy.ndarray:
     return ids
 
 
-def start_ids(vocab: Vocab, prime: str = "") -> numpy.ndarray:
+def start_ids(vocab: Vocab, prime: str = "", what: str = "--prime") -> numpy.ndarray:
     """The tokens generation starts from: the prime's, or with none (or an empty one) the line
     separator, a newline at char level and <eos> at word level, as at the start of a line."""
-    ids = prime_ids(vocab, prime) if prime else numpy.zeros(0, dtype=numpy.int64)
+    ids = prime_ids(vocab, prime, what) if prime else numpy.zeros(0, dtype=numpy.int64)
     if len(ids) == 0:
-        start = "\n" if vocab.level == "char" else EOS
-        ids = numpy.array([vocab.index.get(start, 0)])
+        ids = numpy.array([vocab.start_id])
     return ids
+
+
+class StopRule:
+    """When generation stops: as soon as the text generated so far (the prime not included)
+    contains one of the stop strings; the piece that completes it is the last one yielded.
+    The one rule of ``charnn sample --stop-at``, ``api.generate(stop_at=...)`` and the
+    server's ``stop``, so a stop string spans token boundaries ("\\n\\n" at char level) and
+    is found inside a piece (a word level piece is a whole word). Empty strings never stop.
+
+    ``feed(piece)`` returns whether to stop after this piece; ``matched`` is the stop string
+    found; ``cut(text)`` is ``text`` up to where its first stop string begins (OpenAI's API
+    returns the text without it)."""
+
+    def __init__(self, stops=None):
+        if stops is None:
+            stops = ()
+        elif isinstance(stops, str):
+            stops = (stops,)
+        self.stops = tuple(s for s in stops if s)
+        self._keep = max((len(s) for s in self.stops), default=1) - 1
+        self._tail = ""
+        self.matched: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+    def feed(self, piece: str) -> bool:
+        if not self.stops or self.matched is not None:
+            return self.matched is not None
+        window = self._tail + piece  # any stop that ends in this piece lies in the window
+        for s in self.stops:
+            if s in window:
+                self.matched = s
+                return True
+        self._tail = window[len(window) - self._keep:] if self._keep else ""
+        return False
+
+    def cut(self, text: str) -> str:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return text[:min(found)] if found else text
+
+
+def prime_state(model: LanguageModel, ids: numpy.ndarray):
+    """The state of one stream after all but the last of ``ids`` (run as one chunk), a list
+    of (h, c) per layer with shapes (H, 1); None (a zero state) for a single token. The last
+    token is the first a Stepper is fed."""
+    if len(ids) <= 1:
+        return None
+    _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, None, store=False)
+    return state
 
 
 def warm_state(model: LanguageModel, ids: numpy.ndarray, N: int = 1) -> tuple:
     """A Stepper for ``N`` streams warmed on ``ids`` (all but the last run as one chunk), and
     the logits after feeding the last token."""
     stepper = model.stepper(N)
-    if len(ids) > 1:
-        _, _, state = model.forward(ids[:-1].reshape(-1, 1), None, None, store=False)
+    state = prime_state(model, ids)
+    if state is not None:
         if N > 1:
             xp = model.xp
             state = [(xp.repeat(h, N, axis=1), None if c is None else xp.repeat(c, N, axis=1)) for h, c in state]
@@ -118,37 +168,71 @@ def sample_index(logits: numpy.ndarray, temperature: float, rng: numpy.random.Ge
     return index
 
 
+def check_prime_memory(model: LanguageModel, ids, max_memory: int | None = None):
+    """Refuse (memory.MemoryLimitError) a prime whose warm-up pass, one chunk of its length,
+    would pass the memory available or ``max_memory``."""
+    need = memory.inference(memory.Shape.of(model.config), len(ids), 1, numpy.dtype(model.dtype).itemsize,
+                            who="warming the state on it needs")
+    memory.check(need, f"--prime ({len(ids):,} tokens)", max_memory)
+
+
+def choose(logits: numpy.ndarray, temperature: float, rng: numpy.random.Generator, top_k: int | None = None,
+           top_p: float | None = None, ops=None) -> int:
+    """The next token from host logits (V,): drawn with ``rng`` after temperature, top-k and
+    top-p, or the argmax at temperature 0. The one choice of ``generate`` and the server."""
+    if temperature > 0 and top_k is None and top_p is None:
+        return sample_index(logits, temperature, rng, ops)
+    p = filter_probs(logits, temperature, top_k, top_p)
+    return draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
+
+
+class PieceText:
+    """A generated token's text: the token at char level; at word level a newline for
+    ``<eos>`` and the word detokenized against the text before it (no space at the start of a
+    line or before punctuation). Call it with each token id in order."""
+
+    def __init__(self, vocab: Vocab, prime: str = ""):
+        self.vocab = vocab
+        self.at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
+
+    def __call__(self, tok: int) -> str:
+        piece = self.vocab.tokens[tok]
+        if self.vocab.level != "word":
+            return piece
+        if piece == EOS:
+            self.at_line_start = True
+            return "\n"
+        from .io.vocab import detokenize
+
+        text = detokenize([piece]) if self.at_line_start else detokenize(["x", piece])[1:]
+        self.at_line_start = False
+        return text
+
+
 def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, prime: str = "",
-             rng: numpy.random.Generator | None = None, stop_at: str | None = None) -> Iterator[str]:
-    """Yield ``length`` generated tokens (as text pieces) after ``prime``.
+             rng: numpy.random.Generator | None = None, stop_at=None,
+             max_memory: int | None = None) -> Iterator[str]:
+    """Yield ``length`` generated tokens (as text pieces) after ``prime``, ending early after
+    the piece that completes a stop string (``stop_at``: a string or a list of them; see
+    StopRule).
 
     With no prime, the state starts at zero and the first input is a newline (char level) or
-    ``<eos>`` (word level), i.e. the model starts as at the beginning of a line.
+    ``<eos>`` (word level), i.e. the model starts as at the beginning of a line. A prime whose
+    warm-up would pass the memory available (or ``max_memory`` bytes) is refused
+    (memory.MemoryLimitError) before anything is generated.
     """
     rng = rng or numpy.random.default_rng()
-    stepper, logits = warm_state(model, start_ids(vocab, prime))
-    at_line_start = vocab.level == "word" and (not prime or prime.endswith("\n"))
+    stop = StopRule(stop_at)
+    ids = start_ids(vocab, prime)
+    check_prime_memory(model, ids, max_memory)
+    stepper, logits = warm_state(model, ids)
+    piece_text = PieceText(vocab, prime)
     for _ in range(length):
-        if temperature > 0 and top_k is None and top_p is None:
-            tok = sample_index(to_host(logits)[0], temperature, rng, model.ops)
-        else:
-            p = filter_probs(to_host(logits)[0], temperature, top_k, top_p)
-            tok = draw(p, rng) if temperature > 0 else int(numpy.argmax(p))
-        piece = vocab.tokens[tok]
-        if vocab.level == "word":
-            if piece == EOS:
-                text = "\n"
-                at_line_start = True
-            else:
-                from .io.vocab import detokenize
-
-                text = detokenize([piece]) if at_line_start else detokenize(["x", piece])[1:]
-                at_line_start = False
-        else:
-            text = piece
+        tok = choose(to_host(logits)[0], temperature, rng, top_k, top_p, model.ops)
+        text = piece_text(tok)
         yield text
-        if stop_at is not None and (piece == stop_at or text == stop_at):
+        if stop.feed(text):
             return
         logits = stepper.step(numpy.array([tok]))
 
@@ -159,8 +243,23 @@ def generate(model: LanguageModel, vocab: Vocab, length: int, temperature: float
 NO_REPEAT = {"char": 8, "word": 3}
 
 
+def check_beam_memory(model: LanguageModel, length: int, beam_size: int, prime_tokens: int, no_repeat: int,
+                      max_memory: int | None = None):
+    """Refuse (memory.MemoryLimitError) a beam search whose states, log-probabilities and beams
+    (memory.beam) would pass the memory available or ``max_memory`` bytes, blaming --beam-size
+    or --length, whichever lowers the estimate more."""
+    shape, D = memory.Shape.of(model.config), numpy.dtype(model.dtype).itemsize
+
+    def estimate(beam_size=beam_size, length=length):
+        return memory.beam(shape, beam_size, length, prime_tokens, no_repeat, D).bytes
+
+    subject = memory.culprit(estimate, {"--beam-size": ("beam_size", beam_size, 1), "--length": ("length", length, 1)},
+                             f"--prime ({prime_tokens:,} tokens)")
+    memory.check(memory.beam(shape, beam_size, length, prime_tokens, no_repeat, D), subject, max_memory)
+
+
 def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int, prime: str = "",
-                no_repeat: int | None = None):
+                no_repeat: int | None = None, max_memory: int | None = None):
     """The most likely continuation of ``length`` tokens found by beam search, among those in
     which no ``no_repeat``-gram of tokens occurs twice (default NO_REPEAT: 8 characters or 3
     words; 0 turns the guard off).
@@ -172,9 +271,13 @@ def beam_search(model: LanguageModel, vocab: Vocab, length: int, beam_size: int,
     every beam has the same length. Eight characters is about a word and a half: words recur
     freely, phrases do not.
 
+    A search that would pass the memory available (or ``max_memory`` bytes) is refused
+    (memory.MemoryLimitError) before it starts.
+
     Returns (tokens as text, total log-probability in nats)."""
     n = NO_REPEAT[vocab.level] if no_repeat is None else no_repeat
     ids = start_ids(vocab, prime)
+    check_beam_memory(model, length, beam_size, len(ids), n, max_memory)
     stepper, logits = warm_state(model, ids, beam_size)
     xp = model.xp
     history = [int(t) for t in ids] if prime else []
@@ -235,6 +338,3 @@ def _log_softmax_host(logits: numpy.ndarray) -> numpy.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     return z - numpy.log(numpy.exp(z).sum(axis=1, keepdims=True))
 
-
-def perplexity(nats_per_token: float) -> float:
-    return math.exp(min(nats_per_token, 700.0))

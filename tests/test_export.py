@@ -6,6 +6,7 @@ lines loading the file into nn.RNN / nn.LSTM / nn.GRU and giving charnn score's 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import numpy
@@ -214,3 +215,57 @@ def test_pytorch_gives_charnn_scores(tmp_path, cell, embed):
     check_ok(invoke("export", npz, out))
     for line, s in zip(LINES.splitlines(), scores(npz, tmp_path)):  # the model charnn trained, not the export
         assert torch_logprob(str(out), line) == pytest.approx(s["logprob"], rel=1e-5), line
+
+
+# ----- export never replaces a model or a run's files -----
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A trained run folder: model.npz, last.npz, metrics.jsonl and a token cache."""
+    from cli_support import train, write_corpus
+
+    folder = tmp_path_factory.mktemp("export-run")
+    corpus = write_corpus(folder)
+    check_ok(train(corpus, folder / "run", "--max-steps", 3))
+    return folder / "run"
+
+
+def unchanged(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_export_refuses_to_replace_the_runs_own_files(run_folder, tmp_path):
+    """`charnn export RUN RUN/last.npz` replaced the resume checkpoint with a safetensors file
+    (and --resume then failed); `export run/model.npz run/model.npz` the model itself."""
+    before = unchanged(run_folder)
+    cache = next(p for p in run_folder.iterdir() if p.name.startswith("tokens-"))
+    cases = [(run_folder, run_folder / "last.npz", "the resume checkpoint last.npz"),
+             (run_folder, run_folder / "model.npz", "the model file being exported"),
+             (run_folder / "model.npz", run_folder / "model.npz", "the model file being exported"),
+             (run_folder / "last.npz", run_folder / "model.npz", "the best model model.npz"),
+             (run_folder, run_folder / "metrics.jsonl", "the metrics metrics.jsonl"),
+             (run_folder, cache, f"a token cache {cache.name}"),
+             (run_folder, run_folder / "corpus-stdin.txt", "the corpus kept from stdin")]
+    link = tmp_path / "elsewhere.safetensors"
+    link.symlink_to(run_folder / "last.npz")
+    cases.append((run_folder, link, "the resume checkpoint last.npz"))
+    hard = tmp_path / "hard.npz"
+    os.link(run_folder / "model.npz", hard)
+    cases.append((run_folder, hard, "the model file being exported"))
+    for model, out, needle in cases:
+        check_error(invoke("export", model, out), 1, str(out), needle)
+    assert unchanged(run_folder) == before and link.is_symlink()
+    assert checkpoint.load(run_folder / "last.npz").optim  # still the resume checkpoint
+    # beside the run's files, a new name is fine
+    check_ok(invoke("export", run_folder, run_folder / "model.safetensors"))
+    check_ok(invoke("export", run_folder / "model.safetensors", tmp_path / "again.safetensors"))
+    (run_folder / "model.safetensors").unlink()
+    assert unchanged(run_folder) == before
+
+
+def test_export_to_names_a_run_uses_outside_a_run_folder(tmp_path):
+    """A folder that holds no run is not protected: model.npz there is just a name."""
+    npz = make_model(tmp_path / "m.npz")
+    other = tmp_path / "plain"
+    other.mkdir()
+    check_ok(invoke("export", npz, other / "metrics.jsonl"))

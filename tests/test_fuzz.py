@@ -1,7 +1,9 @@
 """Fuzzing the model-file loader: random bytes, and valid files with bytes flipped, cut or
 inserted (in the raw file, inside one zip member with a correct CRC, and in the metadata's
+values; for a safetensors file in the raw file, in its header's JSON and in its metadata's
 values) only ever raise CheckpointError, and never hang. (The vocabulary round trip on any
-Unicode text is fuzzed in test_vocab.py.)"""
+Unicode text is fuzzed in test_vocab.py; the memory a crafted file may cost, in
+test_loader_bounds.py.)"""
 
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charnn.io import checkpoint
+from charnn.io import checkpoint, safetensors_file
 from charnn.backend import get_backend, to_host
 from charnn.io.checkpoint import Checkpoint, CheckpointError
 from charnn.nn.model import LanguageModel, ModelConfig
 from charnn.nn.optim import make_optimizer
 from charnn.io.vocab import Vocab
 
-from cli_support import time_limit
+from archive_support import st_bytes, st_layout
+from cli_support import memory_cap, time_limit
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -49,6 +52,20 @@ def make_file(cell: str) -> bytes:
 VALID = {cell: make_file(cell) for cell in ("lstm", "gru")}
 
 
+def make_st(cell: str) -> tuple[dict, dict]:
+    """(header, tensors) of the same model as a safetensors file (as export writes it)."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "m.npz").write_bytes(VALID[cell])
+        ckpt = checkpoint.load(Path(d) / "m.npz")
+    metadata = {"format": "pt", "charnn.config": json.dumps(ckpt.config.to_json()),
+                "charnn.vocab": json.dumps(ckpt.vocab.to_json()), "charnn.meta": json.dumps({"progress": {"step": 1}})}
+    tensors = safetensors_file.to_torch(ckpt.config, ckpt.params)
+    return st_layout(tensors, metadata)
+
+
+VALID_ST = {cell: make_st(cell) for cell in ("lstm", "gru")}
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz") / "model.npz"
@@ -56,7 +73,7 @@ def scratch(tmp_path_factory):
 
 def load_only_raises_checkpoint_error(path, data: bytes):
     path.write_bytes(data)
-    with time_limit(5.0):
+    with time_limit(5.0), memory_cap():
         try:
             ckpt = checkpoint.load(path)
         except CheckpointError as e:
@@ -192,3 +209,57 @@ def test_model_config_from_json_raises_model_error(bounds):
 
     with pytest.raises(ModelError):
         ModelConfig.from_json({"vocab_size": 5, "class_bounds": bounds})
+
+
+# ----- safetensors files -----
+
+def test_the_valid_safetensors_files_load(scratch):
+    for header, data in VALID_ST.values():
+        assert load_only_raises_checkpoint_error(scratch, st_bytes(header, data)) is not None
+
+
+@FUZZ
+@given(data=st.binary(max_size=3000), length=st.integers(2, 4000))
+def test_random_bytes_after_a_safetensors_start(scratch, data, length):
+    load_only_raises_checkpoint_error(scratch, length.to_bytes(8, "little") + b"{" + data)
+
+
+@FUZZ
+@given(cell=st.sampled_from(sorted(VALID_ST)), edits=EDITS)
+def test_mutated_safetensors_files(scratch, cell, edits):
+    load_only_raises_checkpoint_error(scratch, apply(st_bytes(*VALID_ST[cell]), edits))
+
+
+@FUZZ
+@given(cell=st.sampled_from(sorted(VALID_ST)), edits=EDITS)
+def test_mutated_safetensors_headers(scratch, cell, edits):
+    """Bytes of the header's JSON edited, its length prefix kept true."""
+    header, data = VALID_ST[cell]
+    load_only_raises_checkpoint_error(scratch, st_bytes(apply(json.dumps(header).encode(), edits), data))
+
+
+@FUZZ
+@given(cell=st.sampled_from(sorted(VALID_ST)), picks=st.lists(st.tuples(st.integers(0, 10**6), JSON_VALUES, st.booleans()),
+                                                             min_size=1, max_size=3))
+def test_mutated_safetensors_header_values(scratch, cell, picks):
+    """Any value of the header (a tensor's dtype, shape or offsets, the metadata's strings, or
+    inside the config and vocabulary they hold) replaced by any JSON value, or deleted."""
+    header, data = VALID_ST[cell]
+    header = json.loads(json.dumps(header))
+    md = header["__metadata__"]
+    inner = {k: json.loads(md[k]) for k in ("charnn.config", "charnn.vocab")}
+    for index, value, delete in picks:
+        candidates = [("header",) + p for p in paths(header) if p] + [("inner",) + p for p in paths(inner) if len(p) > 1]
+        where, *path = candidates[index % len(candidates)]
+        parent = header if where == "header" else inner
+        for key in path[:-1]:
+            parent = parent[key]
+        if delete and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+    if isinstance(header.get("__metadata__"), dict):
+        for k, v in inner.items():
+            if k in header["__metadata__"]:
+                header["__metadata__"][k] = json.dumps(v)
+    load_only_raises_checkpoint_error(scratch, st_bytes(header, data))

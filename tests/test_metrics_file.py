@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-import charnn.train as train_mod
+import charnn.training.trainer as train_mod  # the loop, and the names it calls
 from charnn.io import checkpoint
 
 from cli_support import check_ok, invoke, metrics, train, write_corpus

@@ -70,6 +70,17 @@ def test_svg_overlays_runs_with_labels_and_the_best_points(tmp_path):
         assert label in texts, (label, texts)
 
 
+def test_a_run_past_its_best_is_shaded(tmp_path):
+    """Evaluations after the best that never beat it: the plot marks that stretch (the run
+    went past its best); a run whose last evaluation is its best has no such band."""
+    a = new_style(tmp_path / "over", [3.0, 2.5, 2.2, 2.0, 1.9, 1.8], [2.4, 1.7, 1.9])
+    b = new_style(tmp_path / "fine", [3.0, 2.5, 2.2, 2.0], [2.4, 2.1])
+    out = tmp_path / "ab.svg"
+    check_ok(invoke("plot", a, b, "-o", out))
+    texts = svg_texts(out)
+    assert "over past its best" in texts and "fine past its best" not in texts
+
+
 def test_same_folder_names_are_labelled_by_path(tmp_path):
     a = new_style(tmp_path / "x" / "run", [3.0, 2.0], [2.5])
     b = new_style(tmp_path / "y" / "run", [3.0, 2.1], [2.6])

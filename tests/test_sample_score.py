@@ -407,3 +407,27 @@ def test_compiled_softmax_draw_matches_the_numpy_path(V, temperature):
         picks = [sample_index(logits, temperature, a, ops) for _ in range(5)]
         assert picks == [draw(filter_probs(logits, temperature), b) for _ in range(5)]
         assert a.random() == b.random()
+
+
+def test_stop_rule_spans_pieces_and_finds_a_stop_inside_one():
+    from charnn.sample import StopRule
+
+    rule = StopRule("\n\n")
+    assert [rule.feed(p) for p in ["a", "\n", "b", "\n", "\n", "c"]] == [False] * 4 + [True, True]
+    assert rule.matched == "\n\n"
+    words = StopRule(["END", " the"])
+    assert not words.feed("once") and words.feed(" there") and words.matched == " the"  # inside a piece
+    assert words.cut("once there the END") == "once"
+    assert not StopRule("").feed("anything") and not StopRule(None) and not StopRule([])
+    assert StopRule(["x", ""]).stops == ("x",)
+
+
+def test_the_vocabulary_owns_its_separator():
+    from charnn.io.vocab import EOS, Vocab
+
+    char = Vocab.build_char("ab\nc")
+    assert char.separator == "\n" and char.separator_id == char.index["\n"] == char.start_id
+    no_newline = Vocab.build_char("abc")
+    assert no_newline.separator_id is None and no_newline.start_id == 0
+    word = Vocab("word", ["<unk>", EOS, "a"], "regex")
+    assert word.separator == EOS and word.separator_id == word.eos_id == word.start_id == 1

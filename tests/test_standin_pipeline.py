@@ -10,6 +10,7 @@ from standin import is_device, standin_backend
 
 import charnn.cli.sample
 import charnn.train
+import charnn.training.trainer
 from charnn.backend import get_backend
 from charnn.io.checkpoint import load
 from charnn.cli import cli
@@ -34,7 +35,7 @@ def train_args(corpus, out, cell):
 def use_backend(monkeypatch, make):
     def fake(device="auto", dtype="float32", announce=False):
         return make(getattr(numpy, dtype))
-    monkeypatch.setattr(charnn.train, "get_backend", fake)
+    monkeypatch.setattr(charnn.training.trainer, "get_backend", fake)
     monkeypatch.setattr(charnn.cli.sample, "get_backend", fake)
 
 
@@ -78,12 +79,12 @@ def test_standin_trainer_keeps_arrays_on_device(tmp_path, corpus):
     cfg = charnn.train.TrainConfig(corpus=str(corpus), cell="lstm", layers=1, hidden=8, seq_len=6, batch_size=3,
                                    max_steps=4, eval_every=2, dropout=0.1, dtype="float64", sample_length=5)
     trainer = charnn.train.Trainer(cfg, tmp_path / "run")
-    real = charnn.train.get_backend
-    charnn.train.get_backend = lambda *a, **k: standin_backend(numpy.float64)
+    real = charnn.training.trainer.get_backend
+    charnn.training.trainer.get_backend = lambda *a, **k: standin_backend(numpy.float64)
     try:
         trainer.run()
     finally:
-        charnn.train.get_backend = real
+        charnn.training.trainer.get_backend = real
     assert all(is_device(v) for v in trainer.model.params.values())
     assert all(is_device(v) for v in trainer.opt.state.values())
     assert all(is_device(h) and is_device(c) for h, c in trainer.state)

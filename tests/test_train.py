@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy
 import pytest
 
-import charnn.train as train_mod
+import charnn.training.regularise as regularise_mod
+import charnn.training.trainer as train_mod  # the loop, and the names it calls
 from charnn.io import checkpoint
 from charnn.io import corpus as corpus_mod
 from charnn.backend import to_host
@@ -99,7 +100,7 @@ def _one_step(monkeypatch, tmp_path, corpus, name, weight_drop):
     from charnn.nn.model import LanguageModel as Model
 
     seen, drawn = {}, []
-    real_lg, real_mask = Model.loss_and_grads, train_mod.dropout_mask
+    real_lg, real_mask = Model.loss_and_grads, regularise_mod.dropout_mask
 
     def loss_and_grads(self, *a, **k):
         seen["Wh"] = {n: v.copy() for n, v in self.params.items() if n.endswith(".Wh")}
@@ -112,7 +113,7 @@ def _one_step(monkeypatch, tmp_path, corpus, name, weight_drop):
         return drawn[-1]
 
     monkeypatch.setattr(Model, "loss_and_grads", loss_and_grads)
-    monkeypatch.setattr(train_mod, "dropout_mask", mask)
+    monkeypatch.setattr(regularise_mod, "dropout_mask", mask)
     cfg = TrainConfig(corpus=str(corpus), layers=2, hidden=8, seq_len=6, batch_size=3, optimizer="sgd", lr=0.5,
                       clip=0.0, max_steps=1, state_reset=0.0, dtype="float64", weight_drop=weight_drop,
                       lr_schedule="constant", sample_length=0, out=str(tmp_path / name))
@@ -188,9 +189,9 @@ def test_forget_bias_option_reaches_the_parameters(tmp_path, corpus):
 def test_forget_bias_default(tmp_path, corpus):
     assert TrainConfig(corpus="c").forget_bias == 0.0
     from charnn.cli import cli
-    from charnn.nn.model import FORGET_BIAS
+    from charnn.nn.cells import FORGET_BIAS
 
-    option = next(p for p in cli.commands["train"].params if p.name == "forget_bias")
+    option = next(p for p in cli.get_command(None, "train").params if p.name == "forget_bias")
     assert option.default == FORGET_BIAS == 0.0  # the CLI's literal default and the model's agree
     check_ok(train(corpus, tmp_path / "r", "--max-steps", 1))
     assert checkpoint.load(tmp_path / "r" / "last.npz").meta["train"]["forget_bias"] == 0.0
@@ -226,9 +227,9 @@ def test_a_run_saved_before_forget_bias_and_state_reset_resumes_with_their_old_v
 
 def test_input_scale_option_reaches_the_parameters(tmp_path, corpus):
     from charnn.cli import cli
-    from charnn.nn.model import INPUT_SCALE
+    from charnn.nn.cells import INPUT_SCALE
 
-    option = next(p for p in cli.commands["train"].params if p.name == "input_scale")
+    option = next(p for p in cli.get_command(None, "train").params if p.name == "input_scale")
     assert option.default == INPUT_SCALE == TrainConfig(corpus="c").input_scale
     for value in ("0", "1"):
         check_ok(train(corpus, tmp_path / value, "--input-scale", value, "--max-steps", 1, "--lr", "1e-12"))
@@ -697,6 +698,39 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, corpus):
     assert json.loads(r.stdout)["steps"] == step + 3
 
 
+def test_ctrl_c_during_the_final_evaluation_keeps_the_steps(tmp_path, corpus):
+    """Ctrl-C after the last step, while the final evaluation runs (a large validation file
+    makes it last seconds; the last step's metrics line says it began), exited 130 with no
+    model file: every step since the last scheduled evaluation was lost. The final evaluation
+    and save are now protected as the loop's are: the run saves, says what the loop says,
+    exits 130, and --resume continues it."""
+    out = tmp_path / "run"
+    val = write_corpus(tmp_path, "val.txt", lines=40_000, seed=1)
+    proc = charnn_process("train", corpus, "--val", val, "--out", out, *TINY, "--max-steps", 3, "--log-every", 1,
+                          "--eval-every", 1000)
+
+    def last_step_logged():
+        return has_metrics(out) and any(json.loads(line).get("step") == 3
+                                        for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip())
+    try:
+        assert wait_for(last_step_logged, proc), proc.communicate()
+        assert proc.poll() is None and not (out / "last.npz").exists()  # (the evaluation is still running)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = stderr.decode()
+    assert proc.returncode == 130, stderr
+    assert f"interrupted: checkpoint saved to {out / 'last.npz'}; continue with --resume --out {out}" in stderr
+    assert "Traceback" not in stderr and "Error" not in stderr and stdout == b""
+    assert progress(out / "last.npz")["step"] == 3
+    assert [m["type"] for m in metrics(out)][-1] == "eval"  # the final evaluation ran to its end
+    checkpoint.load(out / "model.npz")
+    r = check_ok(resume(out, "--max-steps", 5, "--json"))
+    assert json.loads(r.stdout)["steps"] == 5
+
+
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, corpus):
     out = tmp_path / "run"
     proc = long_run(corpus, out)
@@ -737,3 +771,28 @@ def test_final_message_gives_the_saved_models_loss(tmp_path, corpus, monkeypatch
     r = check_ok(invoke("train", corpus, "--out", tmp_path / "b", *loud, "--eval-every", "2", "--max-steps", "4"))
     last = r.stderr.splitlines()[-1]
     assert last.endswith("validation loss 2.0000 nats/token") and "best" not in last
+
+
+def test_a_run_past_its_best_says_so(tmp_path, corpus, monkeypatch):
+    """Without --patience, a run whose validation loss stops improving says so once, during the
+    run, and its closing line says how much of the run came after the best model; the metrics
+    and the JSON summary record the best model's step. With --patience neither note appears."""
+    loud = [a for a in TINY if a != "-q"]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "a", *loud, "--eval-every", "2", "--max-steps", "14"))
+    notes = [line for line in r.stderr.splitlines() if "has not improved for 3 evaluations" in line]
+    assert len(notes) == 1 and "best 2.0000 at step 4" in notes[0] and "--patience" in notes[0]
+    last = r.stderr.splitlines()[-1]
+    assert "the best model is from step 4, so the last 10 steps (71% of the run" in last
+    assert last.endswith("did not improve it")
+    evals = [m for m in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")) if m["type"] == "eval"]
+    assert [m["best_step"] for m in evals] == [2, 4, 4, 4, 4, 4, 4]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "b", *TINY, "--eval-every", "2", "--max-steps", "14",
+                        "--json"))
+    result = json.loads(r.stdout)
+    assert result["best_step"] == 4 and 0 <= result["best_train_seconds"] <= result["train_seconds"]
+    monkeypatch.setattr(train_mod, "evaluate", scripted([3.0, 2.0, 2.5, 2.6, 2.7]))
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "c", *loud, "--eval-every", "2", "--max-steps", "14",
+                        "--patience", "3"))
+    assert "has not improved" not in r.stderr and "did not improve it" not in r.stderr

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy
 import pytest
 
-import charnn.train as train_mod
+import charnn.training.folder as folder_mod
+import charnn.training.trainer as train_mod  # the loop, and the names it calls
 from charnn.io import checkpoint
 
 from cli_support import TINY, assert_same_params, check_error, check_ok, invoke, temp_files, train, train_losses, write_corpus
@@ -111,7 +112,7 @@ class Faults:
         monkeypatch.setattr(os, "fdopen", fdopen)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
-        monkeypatch.setattr(train_mod, "open", open_, raising=False)
+        monkeypatch.setattr(folder_mod, "open", open_, raising=False)
 
     def hit(self, label: str, before=None):
         self.points.append(label)

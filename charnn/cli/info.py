@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 import sys
 
+import click
+
 from ..io.checkpoint import CheckpointError, load, resolve
+from ..nn import cells
 from .common import fail, json_line
-from .sample import model_path
+from .options import BATCH_SIZE, SEQ_LEN
 
 SHOWN_TOKENS = 12
 
@@ -16,7 +19,7 @@ SHOWN_TOKENS = 12
 def describe(model) -> dict:
     """The facts about MODEL (a model file, a run folder, or None for the bundled default)."""
     try:
-        path = resolve(model_path(model))
+        path = resolve(model)
         ckpt = load(path)
     except CheckpointError as e:
         fail(str(e))
@@ -34,7 +37,8 @@ def describe(model) -> dict:
         "file_bytes": path.stat().st_size,
         "resumable": bool(ckpt.optim),
         "cell": c.cell, "layers": c.layers, "hidden": c.hidden, "embed": c.embed,
-        "activation": c.activation if c.cell == "rnn" else None, "tie": c.tie, "dropout": c.dropout,
+        "activation": c.activation if len(cells.get(c.cell).activations) > 1 else None, "tie": c.tie,
+        "dropout": c.dropout,
         "classes": c.n_classes, "parameters": c.n_params(),
         "vocab": {"level": v.level, "size": len(v), "tokenizer": v.tokenizer if v.level == "word" else None,
                   "first": v.tokens[:SHOWN_TOKENS]},
@@ -102,7 +106,7 @@ def run_plan(model, N: int, T: int, measure: bool, as_json: bool):
     from ..io.checkpoint import load_model
 
     try:
-        path = resolve(model_path(model))
+        path = resolve(model)
         lm, _, _ = load_model(path, get_backend("cpu", "float32"))
     except (CheckpointError, BackendError) as e:
         fail(str(e))
@@ -147,3 +151,36 @@ def plan_text(r: dict, config) -> str:
     if r.get("sample"):
         lines.append(f"  {'sample':<13} {'; '.join(r['sample']['modes'])}: {r['sample']['why']}")
     return "\n".join(lines) + "\n"
+
+
+@click.command("info")
+@click.argument("model", required=False, type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (null where a field is unknown).")
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Show the CPU engine's path for MODEL's training steps and scoring passes, and why.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
+              help="With --plan: the streams of the work (train's default).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=SEQ_LEN, show_default=True,
+              help="With --plan: the time steps of the work (train's default).")
+@click.option("--measure", is_flag=True, help="With --plan: measure the candidate paths now (again) and keep the fastest.")
+def info_command(model, as_json, show_plan, batch_size, seq_len, measure):
+    """Show what MODEL holds (a model file, run folder or .safetensors; default: the bundled
+    Shakespeare model): architecture, parameter count, file size, vocabulary, the training
+    corpus's digest, steps, tokens, validation loss and when it was saved. With --plan: the
+    path the CPU engine runs MODEL's work on (the planner's choice, its timings, or the
+    rules' and why).
+
+    \b
+      charnn info                      the bundled model
+      charnn info models/run --json    for programs
+      charnn info --plan --batch-size 64 --seq-len 100 --measure
+    """
+    if not show_plan:
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ("batch_size", "seq_len", "measure")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: needs --plan")
+        run_info(model, as_json)
+        return
+    run_plan(model, batch_size, seq_len, measure, as_json)

@@ -17,6 +17,7 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn, Time
                            TimeRemainingColumn)
 from rich.text import Text
 
+from ..nn.functional import perplexity
 from ..train import Reporter
 from ..wording import plural
 from .common import compile_notice
@@ -121,7 +122,7 @@ class ConsoleReporter(Reporter):
             return f"{loss:.3f}"
         if self.level == "char":
             return f"{loss:.3f} ({loss / math.log(2):.2f} bpc)"
-        return f"{loss:.3f} (ppl {math.exp(min(loss, 700)):.1f})"
+        return f"{loss:.3f} (ppl {perplexity(loss):.1f})"
 
     def log(self, m: dict):
         if self.quiet:
@@ -147,7 +148,7 @@ class ConsoleReporter(Reporter):
             self.console.print("  sample: " + shown.replace("\n", "\n          "), highlight=False, markup=False)
 
     def message(self, text: str):
-        self.console.print(text, highlight=False, markup=False)
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # the terminal wraps it
 
     def end(self):
         if self.progress is not None:

@@ -11,16 +11,21 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .. import dynamic as dyn
+from ..backend import DEVICES
 from ..io.checkpoint import looks_like_model
+from ..io.corpus import same_text
 from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
-from .. import dynamic as dyn
-from .sample import load_for_use
-from ..score import ScoreError, score_document, score_lines, summarize, unknown_report
 from ..io.vocab import iter_lines
-from .common import StdoutConsole, json_line
-from .progress import WorkProgress
+from ..memory import MemoryLimitError
+from ..score import (ScoreError, score_document, score_lines, score_row, summarize, surprisal_pairs,
+                     unknown_report)
 from ..wording import plural
+from .common import Finite, StdoutConsole, json_line, text_encoding
+from .options import max_memory_option
+from .progress import WorkProgress
+from .sample import load_for_use
 
 # Surprisal (bits) -> background colour, from "expected" to "very surprised".
 HEAT = [(1, None), (2, "#3a3a00"), (4, "#5f5f00"), (6, "#875f00"), (8, "#af5f00"), (11, "#d75f00"), (float("inf"), "#ff0000")]
@@ -38,12 +43,14 @@ def _looks_like_model(arg: str) -> bool:
 
 
 def heat_text(tokens, surprisal, level: str) -> Text:
+    """The tokens on backgrounds by surprisal (bits); one that is not a finite number (a model
+    with overflowing weights) is shown as the most surprising."""
     out = Text()
     for i, (tok, bits) in enumerate(zip(tokens, surprisal)):
         shown = {"\n": "⏎", "<eos>": "⏎"}.get(tok, tok)
         if level == "word" and i:
             out.append(" ")
-        style = next(colour for limit, colour in HEAT if bits < limit)
+        style = next((colour for limit, colour in HEAT if bits < limit), HEAT[-1][1])
         out.append(shown, style=f"on {style}" if style else "")
     return out
 
@@ -65,29 +72,47 @@ class DynamicOptions:
 
 
 def _side_text(path: str, what: str, scored: str, encoding: str, errors: str) -> str:
-    """A training-side text (--dynamic-stats or --dynamic-tune), refused when it is the scored
-    text itself."""
+    """A training-side text (--dynamic-tune), refused when it is the scored text itself."""
+    _not_scored(path, what, scored, encoding, errors)
     try:
-        text = read_text(path, encoding, errors)
+        return read_text(path, encoding, errors)
     except CorpusError as e:
         raise click.ClickException(str(e)) from None
-    if text == scored:
+
+
+def _not_scored(path: str, what: str, scored: str, encoding: str, errors: str):
+    """Refuse a training-side text that is the scored text itself (compared as it is read, up
+    to the first difference)."""
+    try:
+        same = same_text(path, scored, encoding, errors)
+    except CorpusError as e:
+        raise click.ClickException(str(e)) from None
+    if same:
         raise click.ClickException(f"{path}: is the text being scored; {what} must be held-out training-side text, "
                                    f"never the scored text")
-    return text
+
+
+def _stats_ids(path: str, vocab, scored: str, encoding: str, errors: str):
+    """--dynamic-stats FILE's last STATS_TOKENS tokens (read from the end of the file)."""
+    _not_scored(path, "--dynamic-stats", scored, encoding, errors)
+    try:
+        return dyn.file_ids(path, vocab, encoding, errors)
+    except CorpusError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, show_tokens, encoding, errors, progress,
-                err: Console):
+                err: Console, max_memory=None):
     """Dynamic evaluation for score --document --dynamic: gradient statistics, the tuning if
     asked, then the scoring; says on ``err`` (one line) which hyperparameters it used.
     Returns (Scored, a dict of what was used, for the summary)."""
     base = dyn.DEFAULTS[vocab.level]
     segment = opts.segment or base.segment
     try:
+        # (before a word is said; the text's length in characters bounds its tokens)
+        dyn.check_memory(lm, segment, len(text), max_memory)
         if opts.stats is not None:
-            stats_text = _side_text(opts.stats, "--dynamic-stats", text, encoding, errors)
-            stats_ids = dyn.text_ids(vocab, stats_text)[-(dyn.STATS_TOKENS + 1):]
+            stats_ids = _stats_ids(opts.stats, vocab, text, encoding, errors)
             stats_from = f"the last {len(stats_ids) - 1:,} tokens of {opts.stats}"
             if len(stats_ids) < 2:
                 raise dyn.DynamicError(f"{opts.stats}: holds no token to measure gradient statistics on")
@@ -96,14 +121,14 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
         tune_text = None if opts.tune is None else _side_text(opts.tune, "--dynamic-tune", text, encoding, errors)
         if tune_text is not None and len(dyn.text_ids(vocab, tune_text)) < 2:
             raise dyn.DynamicError(f"{opts.tune}: holds no token to tune on")
-        stats = dyn.gradient_stats(lm, stats_ids, segment,
-                                   progress=lambda d, t: progress(d, t, "gradient statistics"))
+        stats = dyn.gradient_stats(lm, stats_ids, segment, progress=lambda d, t: progress(d, t, "gradient statistics"),
+                                   max_memory=max_memory)
         results = None
         if tune_text is not None and (opts.lr is None or opts.decay is None):
             settings, results = dyn.tune(lm, dyn.text_ids(vocab, tune_text), stats, segment,
                                          lrs=None if opts.lr is None else (opts.lr,),
                                          decays=None if opts.decay is None else (opts.decay,),
-                                         progress=lambda d, t: progress(d, t, "tuning"))
+                                         progress=lambda d, t: progress(d, t, "tuning"), max_memory=max_memory)
         else:
             settings = dyn.DynamicSettings(base.lr if opts.lr is None else opts.lr,
                                            base.decay if opts.decay is None else opts.decay, segment)
@@ -115,7 +140,7 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
                   f"{settings.decay:g} ({source['decay']}), segment {settings.segment} ({source['segment']}); "
                   f"gradient statistics from {stats_from}", highlight=False, markup=False, soft_wrap=True)
         scored = dyn.score_dynamic(lm, vocab, text, settings, stats, strict=strict, with_tokens=show_tokens,
-                                   progress=lambda d, t: progress(d, t, "scoring"))
+                                   progress=lambda d, t: progress(d, t, "scoring"), max_memory=max_memory)
     except dyn.DynamicError as e:
         raise click.ClickException(str(e)) from None
     used = {**settings.to_json(), "source": source, "stats": stats_from, "stats_tokens": len(stats_ids) - 1}
@@ -125,7 +150,7 @@ def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, 
 
 
 def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=False,
-              dynamic: DynamicOptions | None = None):
+              dynamic: DynamicOptions | None = None, max_memory=None):
     model_arg, file_arg = None, "-"
     if len(args) == 2:
         model_arg, file_arg = args
@@ -158,15 +183,15 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         with WorkProgress("scoring", unit, quiet=quiet, console=err) as progress:
             if dynamic is not None:
                 scored, used = run_dynamic(lm, vocab, ckpt.meta, path, text, dynamic, strict, show_tokens, encoding,
-                                           errors, progress, err)
+                                           errors, progress, err, max_memory)
                 items = [scored]
             elif document:
                 items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens,
-                                        progress=progress)]
+                                        progress=progress, max_memory=max_memory)]
             else:
                 items = score_lines(lm, vocab, lines, batch_size=batch_size, strict=strict, with_tokens=show_tokens,
-                                    progress=progress)
-    except ScoreError as e:
+                                    progress=progress, max_memory=max_memory)
+    except (ScoreError, MemoryLimitError) as e:
         raise click.ClickException(str(e)) from None
     summary = summarize(items)
     if document:
@@ -175,13 +200,9 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
         summary["dynamic"] = used
     if fmt == "jsonl":
         for n, s in enumerate(items if not document else [], 1):
-            obj = s.to_json()
-            obj["index"] = n
-            if show_tokens:
-                obj["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(s.token_strings, s.surprisal)]
-            sys.stdout.write(json_line(obj))
+            sys.stdout.write(json_line(score_row(s, n, show_tokens)))
         if document and show_tokens:
-            summary["token_surprisal_bits"] = [[t, round(b, 4)] for t, b in zip(items[0].token_strings, items[0].surprisal)]
+            summary["token_surprisal_bits"] = surprisal_pairs(items[0])
         sys.stdout.write(json_line(summary))
         return
     out = StdoutConsole(highlight=False)
@@ -211,3 +232,67 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
                   f"bits/token {summary['bits_per_token']:.4f}  perplexity {summary['perplexity']:.3f}")
     if summary["excluded"]:
         out.print(f"{plural(summary['excluded'], 'unknown character')} left out", style="dim")
+
+
+def _per_level(name: str) -> str:
+    """A dynamic-evaluation default per level, for help texts: "char 20, word 10"."""
+    return ", ".join(f"{level} {getattr(d, name):g}" for level, d in dyn.DEFAULTS.items())
+
+
+@click.command("score", epilog="""\b
+Examples:
+  echo "To be, or not to be, that is the question." | charnn score -
+  charnn score runs/small sentences.txt --format jsonl
+  charnn score val.txt --document --streams 8       held-out loss of a whole text
+  charnn score runs/small test.txt --document --dynamic --dynamic-tune heldout.txt""")
+@click.argument("args", nargs=-1, type=click.Path(allow_dash=True))
+@click.option("--document", is_flag=True, help="Score the whole input as one text with carried state.")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl"]), default="table", show_default=True)
+@click.option("--tokens", "show_tokens", is_flag=True, help="Show each token coloured by its surprisal.")
+@click.option("--strict", is_flag=True, help="Unknown characters are an error instead of being left out.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Lines scored together.")
+@click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--document: score this many pieces side by side (faster, slightly less context).")
+@click.option("--dynamic", is_flag=True,
+              help="--document: dynamic evaluation: adapt a copy of the weights to the text as it is read, "
+                   "one gradient step per segment after scoring it (the model file is not changed).")
+@click.option("--dynamic-lr", type=Finite(min=0), default=None,
+              help="--dynamic: the learning rate eta of the RMS-normalised step "
+                   f"[{_per_level('lr')}; 0 = static scoring].")
+@click.option("--dynamic-decay", type=Finite(0, 1), default=None,
+              help=f"--dynamic: the decay lambda towards the trained weights [{_per_level('decay')}].")
+@click.option("--dynamic-segment", type=click.IntRange(min=1), default=None,
+              help=f"--dynamic: tokens per segment, one update after each [{_per_level('segment')}].")
+@click.option("--dynamic-stats", type=click.Path(dir_okay=False), default=None,
+              help=f"--dynamic: training-side text to measure the mean squared gradients on (its last "
+                   f"{dyn.STATS_TOKENS:,} tokens) [the model's training corpus, its training part, "
+                   "if present and unchanged].")
+@click.option("--dynamic-tune", type=click.Path(dir_okay=False), default=None,
+              help="--dynamic: choose the learning rate and decay not given by a grid search on this "
+                   "held-out training-side text (never the scored text; keep it small: a pass over it for "
+                   "each grid point, "
+                   f"{len(dyn.LR_GRID) * len(dyn.DECAY_GRID)} in all).")
+@click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
+@click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@max_memory_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr (there is none when stderr is not a terminal).")
+def score_command(args, document, fmt, show_tokens, strict, batch_size, streams, dynamic, dynamic_lr, dynamic_decay,
+                  dynamic_segment, dynamic_stats, dynamic_tune, encoding, errors, device, max_memory, quiet):
+    """Score text: [MODEL] [FILE|-]. Each line of FILE (or stdin) is a sentence; prints its
+    log-probability, tokens, nats and bits per token and perplexity, then a summary.
+    MODEL defaults to the bundled Shakespeare model."""
+    if len(args) > 2:
+        raise click.UsageError("expected at most MODEL and FILE")
+    dyn = DynamicOptions(dynamic_lr, dynamic_decay, dynamic_segment, dynamic_stats, dynamic_tune)
+    if dynamic:
+        if not document:
+            raise click.UsageError("--dynamic adapts the model along one text: it needs --document")
+        if streams > 1:
+            raise click.UsageError("--dynamic reads the text as one stream: it cannot be used with --streams")
+        if dynamic_tune is not None and dynamic_lr is not None and dynamic_decay is not None:
+            raise click.UsageError("--dynamic-tune has nothing to choose: --dynamic-lr and --dynamic-decay are both given")
+    elif dyn.given():
+        raise click.UsageError(f"{dyn.given()[0]} applies to --dynamic only")
+    run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet,
+              dynamic=dyn if dynamic else None, max_memory=max_memory)

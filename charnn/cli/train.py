@@ -15,16 +15,20 @@ import click
 from ..backend import BackendError
 from ..dist import DistError, PeerStopped, RankError, env_rank, world_from_env
 from ..io.checkpoint import CheckpointError
+from ..memory import MemoryLimitError
 from ..io.data import CorpusError
-from ..nn.model import FORGET_BIAS, INPUT_SCALE, ModelError
+from ..nn.cells import FORGET_BIAS, INPUT_SCALE
+from ..nn.model import ModelError
 from ..nn.optim import weight_decay_problem
 from ..finetune import FineTuneError, InitFrom, merge_options
 from ..train import Finished, TrainConfig, Trainer, TrainError
+from ..training.folder import STDIN_NAME
 from ..io.vocab import VocabError
-from .common import fail, json_line, regular_file
+from ..nn import cells, optim
 from ..wording import plural
-
-STDIN_NAME = "corpus-stdin.txt"  # where a corpus read from stdin is kept in the run folder
+from .common import Finite, fail, json_line, regular_file, text_encoding
+from .config import load_config
+from .options import BATCH_SIZE, SEQ_LEN, CellChoice, device_options, finite, max_memory_option, rate
 
 
 def default_out(corpus: str, opts: dict) -> Path:
@@ -32,8 +36,13 @@ def default_out(corpus: str, opts: dict) -> Path:
     return Path("models") / f"{stem}-{opts['cell']}-{opts['layers']}x{opts['hidden']}"
 
 
+def _cells_with(has) -> str:
+    """The registered cells with a property, as a command line names them: "--cell lstm"."""
+    return "--cell " + " or ".join(name for name, c in cells.CELLS.items() if has(c))
+
+
 def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from=None, extend_vocab=False,
-              given=None):
+              given=None, max_memory=None):
     try:
         world = world_from_env()
     except DistError as e:
@@ -42,7 +51,7 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
         raise click.ClickException(str(e)) from None
     try:
         return _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab,
-                    given)
+                    given, max_memory)
     except PeerStopped as e:  # (data-parallel only)
         sys.exit(e.code)
 
@@ -78,7 +87,7 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     init = None
     if init_from is not None:
         try:
-            init = InitFrom(init_from, extend_vocab)
+            init = InitFrom(init_from, extend_vocab, opts.get("dtype", "float32"))
             merge_options(opts, explicit | (given or set()), init.ckpt, init.path)
         except FineTuneError as e:
             raise click.ClickException(str(e)) from None
@@ -90,8 +99,14 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     problem = weight_decay_problem(opts["optimizer"], opts["lr"], opts["weight_decay"])
     if problem:
         raise click.BadParameter(problem, param_hint="--weight-decay")
-    if opts["cell"] != "lstm" and opts["forget_bias"] != FORGET_BIAS:
-        raise click.BadParameter("applies to --cell lstm only", param_hint="--forget-bias")
+    cell = cells.get(opts["cell"])
+    if not cell.forget_gate and opts["forget_bias"] != FORGET_BIAS:
+        raise click.BadParameter(f"applies to {_cells_with(lambda c: c.forget_gate)} only", param_hint="--forget-bias")
+    # Only an activation asked for: a model file from before this check (a GRU saved with relu,
+    # which it ignored) still fine-tunes.
+    if "activation" in explicit | (given or set()) and opts["activation"] not in cell.activations:
+        raise click.BadParameter(f"{opts['activation']} applies to {_cells_with(lambda c: opts['activation'] in c.activations)} "
+                                 f"only", param_hint="--activation")
     if opts["embed"] and opts["input_scale"] != INPUT_SCALE:
         raise click.BadParameter("applies to one-hot input (--embed 0) only", param_hint="--input-scale")
     if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
@@ -110,7 +125,8 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
     return cfg, out_dir, overrides, init, stdin
 
 
-def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given):
+def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given,
+         max_memory=None):
     cfg, out_dir, overrides, init, stdin = _options(world, corpus, val_path, out, resume, explicit, opts, init_from,
                                                     extend_vocab, given)
     quiet = quiet or not world.root  # the other ranks print nothing but errors
@@ -121,7 +137,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         reporter = ConsoleReporter()
     trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides, init=init,
                       corpus_stream=sys.stdin.buffer if stdin and world.root else None, announce=not quiet,
-                      world=world)
+                      world=world, max_memory=max_memory)
     try:
         try:
             result = trainer.run()
@@ -137,7 +153,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         click.echo(str(e), err=True)
         return
     except (TrainError, CorpusError, CheckpointError, BackendError, ModelError, VocabError, FineTuneError,
-            RankError) as e:
+            RankError, MemoryLimitError) as e:
         if reporter:
             reporter.end()
         raise click.ClickException(str(e)) from None
@@ -163,7 +179,123 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         else:
             said = f", validation loss {val:.4f} nats/token" if val is not None else ""
         click.echo(f"saved {result['model']} after {plural(result['steps'], 'step')} ({result['tokens_per_second']:,.0f} tokens/s)"
-                   + said, err=True)
+                   + said + past_best(result, trainer.cfg.patience), err=True)
     if result["stopped"] == "interrupted":
         click.echo(f"interrupted: checkpoint saved to {result['checkpoint']}; continue with --resume --out {out_dir}", err=True)
         sys.exit(130)
+
+
+def past_best(result: dict, patience) -> str:
+    """The closing line's note on a run whose best model is older than its last steps, when no
+    --patience would have stopped it: how much of the run went past the best point."""
+    best, steps = result.get("best_step"), result["steps"]
+    if patience or best is None or not steps or best >= steps:
+        return ""
+    past = steps - best
+    note = f"; the best model is from step {best:,}, so the last {plural(past, 'step')} ({past / steps:.0%} of the run"
+    seconds, best_seconds = result.get("train_seconds"), result.get("best_train_seconds")
+    if seconds and best_seconds is not None:
+        note += f", {seconds - best_seconds:,.0f} s"
+    return note + ") did not improve it"
+
+
+@click.command("train", epilog="""\b
+Examples:
+  charnn train corpora/shakespeare.txt --time-limit 900
+  charnn train ptb.train.txt --level word --tokenizer whitespace --embed 200 --hidden 200
+  head -c 50000 corpus.txt | charnn train - --out runs/small --max-steps 500
+  charnn train --resume --out runs/small --max-steps 1000      train a run further
+  charnn train new.txt --init-from models/default --extend-vocab --max-steps 300
+  mpiexec -n 2 charnn train corpora/shakespeare.txt --out runs/two    (pip install 'charnn[mpi]')""")
+@click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
+@click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
+@click.option("--cell", type=CellChoice(), default="lstm", show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
+@click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--weight-drop", type=Finite(0, 1, max_open=True), default=0.0, show_default=True,
+              help="DropConnect on the recurrent weights (AWD-LSTM's weight drop): at each step each "
+                   "hidden-to-hidden weight is zeroed with this chance, the same ones at every time step.")
+@click.option("--state-reset", type=Finite(0, 1), default=0.01, show_default=True,
+              help="Chance per stream and chunk that its carried state restarts from zero, so the model learns to start cold anywhere.")
+@click.option("--forget-bias", type=float, default=cells.FORGET_BIAS, show_default=True, callback=finite,
+              help="LSTM only: the forget gate's initial bias.")
+@click.option("--input-scale", type=Finite(0, None), default=cells.INPUT_SCALE, show_default=True,
+              help="One-hot input only (--embed 0): layer 0's input weights start U(-this, this), about the scale an embedding gives; 0 = U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's nn.LSTM.")
+@click.option("--activation", type=click.Choice(["tanh", "relu"]), default="tanh", show_default=True, help="Vanilla RNN only.")
+@click.option("--tie/--no-tie", default=False, show_default=True, help="Tie output weights to the embedding (needs --embed = --hidden).")
+@click.option("--classes", type=click.IntRange(min=-1), default=-1, show_default=True,
+              help="Classes of a class-factored softmax (faster with large vocabularies); 0 = full softmax; -1 = about sqrt(V) for word vocabularies over 1,000 words.")
+@click.option("--tokenizer", type=click.Choice(["regex", "whitespace"]), default="regex", show_default=True, help="Word level only.")
+@click.option("--vocab-size", type=click.IntRange(min=3), default=None, help="Word level: keep the most frequent words (others become <unk>).")
+@click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Word level: drop rarer words to <unk>.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=SEQ_LEN, show_default=True, help="Steps of backpropagation through time.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True, help="Parallel streams.")
+@click.option("--optimizer", type=click.Choice(optim.OPTIMIZERS), default=optim.OPTIMIZERS[0], show_default=True)
+@click.option("--lr", type=Finite(min=0, min_open=True), default=None,
+              help=f"Learning rate [{', '.join(f'{name} {rate(optim.DEFAULT_LR[name])}' for name in optim.OPTIMIZERS)}].")
+@click.option("--lr-decay", type=Finite(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Multiply the learning rate by this after each evaluation that does not improve on the best.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="cosine", show_default=True,
+              help="cosine: hold --lr for the first --lr-hold of the run's limit (--max-steps, --max-epochs "
+                   "or --time-limit), then lower it along a half cosine to --lr-floor, so a run ends at a "
+                   "low rate; constant: keep --lr (README: the quick start with each).")
+@click.option("--lr-floor", type=Finite(0, 1), default=0.05, show_default=True,
+              help="The cosine schedule's last rate, as a fraction of --lr.")
+@click.option("--lr-hold", type=Finite(0, 1, max_open=True), default=0.6, show_default=True,
+              help="The fraction of the cosine schedule's horizon spent at the full rate before "
+                   "its decay starts (warm-up, stable, decay).")
+@click.option("--weight-decay", type=Finite(min=0), default=0.0, show_default=True,
+              help="Adam only: decoupled weight decay (AdamW); each step multiplies the weight "
+                   "matrices by 1 - lr x this (not the biases, nor an untied --embed table).")
+@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Steps over which the rate rises linearly to --lr.")
+@click.option("--clip", type=Finite(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Stop after this many epochs of the whole run [10 unless --max-steps or --time-limit].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps of the whole run.")
+@click.option("--time-limit", type=Finite(min=0, min_open=True), default=None, help="Stop after this many seconds (this process).")
+@click.option("--val-fraction", type=Finite(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Hold out the last fraction of the corpus for validation.")
+@click.option("--val", "val_path", type=click.Path(dir_okay=True), default=None, help="A separate validation file (instead of --val-fraction).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=500, show_default=True, help="Steps between evaluations and checkpoints.")
+@click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True, help="Steps between progress lines and metrics.")
+@click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True, help="Stop after this many evaluations without improvement; 0 = never.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@device_options
+@click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding, help="Text encoding of the corpus.")
+@click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True,
+              help="What to do with bytes the encoding cannot decode.")
+@click.option("--sample-length", type=click.IntRange(min=0), default=200, show_default=True, help="Tokens sampled at each evaluation.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder [models/<corpus>-<cell>-<layers>x<hidden>].")
+@click.option("--config", type=click.Path(dir_okay=False), callback=load_config, is_eager=True, expose_value=False,
+              help="A TOML file of option values (its [train] table, or top level), e.g. hidden = 512; "
+                   "options on the command line override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--init-from", type=click.Path(dir_okay=True), default=None,
+              help="Fine-tune: start from this model file or run folder (its model.npz): its weights, vocabulary "
+                   "and architecture, with a fresh optimizer.")
+@click.option("--extend-vocab", is_flag=True,
+              help="With --init-from: add the corpus's characters or words the model never saw (new rows "
+                   "initialised as a new model's) instead of refusing them.")
+@max_memory_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.pass_context
+def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, max_memory, as_json, quiet, **opts):
+    """Train a language model on CORPUS (a UTF-8 text file, or - for stdin: read once into
+    the run folder as corpus-stdin.txt, which --resume then reads).
+
+    Saves the best model by validation loss to OUT/model.npz and a full checkpoint (for
+    --resume) to OUT/last.npz at every evaluation. Ctrl-C saves a checkpoint and exits 130.
+
+    On several processes or machines: mpiexec -n K charnn train CORPUS ... trains one model,
+    data-parallel, each process on --batch-size/K of the streams (needs the mpi extra:
+    pip install 'charnn[mpi]'; see the README's "Training on several machines").
+    """
+    source = click.core.ParameterSource
+    explicit = {k for k in list(opts) + ["val_path"] if ctx.get_parameter_source(k) == source.COMMANDLINE}
+    given = {k for k in opts if ctx.get_parameter_source(k) in (source.COMMANDLINE, source.DEFAULT_MAP)}
+    run_train(corpus=corpus, val_path=val_path, out=out, resume=resume, as_json=as_json, quiet=quiet,
+              explicit=explicit, opts=opts, init_from=init_from, extend_vocab=extend_vocab, given=given,
+              max_memory=max_memory)

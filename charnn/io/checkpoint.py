@@ -10,10 +10,12 @@ loading one never runs code: an array of Python objects is refused. It holds
     state/L/h|c    float   the carried hidden state (H, N), in "last" checkpoints only, where
                            N is the metadata's train.batch_size
 
-Loading reads nothing the configuration does not call for: the zip directory and metadata are
-size-capped, a name outside this table is refused unread, and each array's dtype, shape and
-byte count (in its .npy header and the zip directory) are checked before its data is inflated.
-Only stored and deflated members are read, and only the format versions in ``READS``.
+Loading reads nothing the configuration does not call for: the zip directory (npz_file.py) and
+metadata (bounds.py) are size-capped, a name outside this table is refused unread, and each
+array's dtype, shape and byte count (in its .npy header and the zip directory) are checked
+before its data is inflated. Only stored and deflated members are read, and only the format versions in ``READS``.
+Every value must be finite in the dtype it will be computed in (float32 unless the caller says).
+A safetensors file (safetensors_file.py) is held to the same checks in the same order.
 
 The same file serves CPU and GPU: arrays are stored as host arrays and moved on load.
 Saving writes a temporary file in the target folder, fsyncs it and renames it over the
@@ -22,21 +24,18 @@ target, so a crash leaves either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
-import codecs
 import io
 import json
-import math
 import os
-import re
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
-from numpy.lib import format as npy_format
 
-from . import safetensors_file
-from .fileio import atomic_write_bytes  # noqa: F401  (re-exported: train.py and tests use it)
+from . import bounds, npz_file, safetensors_file
+from .fileio import atomic_write_bytes, file_kind  # noqa: F401  (atomic_write_bytes: training and tests use it)
 from ..nn import cells
 from ..nn.model import LanguageModel, ModelConfig, ModelError
 from ..nn.optim import Adagrad, Adam, RMSprop
@@ -91,56 +90,86 @@ def save(path, ckpt: Checkpoint):
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def resolve(path) -> Path:
-    """A model file path from a file or a run folder (its best model, else its last checkpoint)."""
-    p = Path(path)
+def resolve(model=None, names=(BEST_NAME, LAST_NAME), purpose: str = "") -> Path:
+    """The model file that MODEL names: the one place where a path becomes a model file, for
+    the command line, fine-tuning and the Python API alike.
+
+    Args:
+        model: a model file, a run folder (its first file of ``names``: the best model, else
+            the last checkpoint), or None for the bundled default (:func:`default_model_path`).
+        purpose: said after a run folder's missing file (e.g. " to start from").
+
+    Raises:
+        CheckpointError: a missing path, a run folder without any of ``names``, or a FIFO,
+            socket or device (opening a FIFO waits for a writer, forever without one).
+    """
+    p = default_model_path() if model is None else Path(model)
     if p.is_dir():
-        for name in (BEST_NAME, LAST_NAME):
-            if (p / name).is_file():
-                return p / name
-        raise CheckpointError(f"{p}: folder holds no {BEST_NAME} or {LAST_NAME}")
-    if not p.exists():
+        found = next((p / n for n in names if (p / n).exists() and not (p / n).is_dir()), None)
+        if found is None:
+            raise CheckpointError(f"{p}: the run folder holds no {' or '.join(names)}{purpose}")
+        p = found  # (a FIFO named model.npz is refused below, not passed over)
+    elif not p.exists():
         raise CheckpointError(f"{p}: no such file")
+    kind = file_kind(p)
+    if kind:
+        raise CheckpointError(f"{p}: is {kind}, not a regular model file")
     return p
 
 
-def load(path) -> Checkpoint:
-    """Read and validate a model file without unpickling anything, and without inflating
-    anything the file's configuration does not call for.
+def load(path, dtype="float32") -> Checkpoint:
+    """Read and validate a model file (npz or safetensors) without unpickling anything, and
+    without reading or allocating anything the file's configuration does not call for.
 
-    The zip directory is read first (its size capped), then each member's name and ``.npy``
-    header; then the metadata (its size capped), whose configuration says which arrays the
-    file must hold; each array's name, dtype, shape and the byte count the zip directory
-    declares are checked against it before its data is read. So no file, however crafted,
-    costs much more memory or time than the honest model it claims to be.
+    The file's directory is read first (the zip directory or the safetensors header, its size
+    capped), then the metadata (its size, lists, objects and values capped: bounds.py), whose
+    configuration says which arrays the file must hold; each array's name, dtype, shape and
+    byte count are checked against it before its data is read. So no file, however crafted,
+    costs much more memory or time than the honest model it claims to be. The values are
+    then checked in ``dtype``: a float64 1e300 is finite in the file but infinite in float32.
+
+    Args:
+        path: a model file or run folder (see :func:`resolve`).
+        dtype: the float dtype the arrays will be computed in (the backend's).
 
     Raises:
         CheckpointError: naming the path and what is wrong (not a model file, truncated,
             unknown or newer format version, pickled objects, members or shapes that do not
-            match the configuration, ...).
+            match the configuration, values not finite in ``dtype``, ...).
     """
     p = resolve(path)
+    dtype = numpy.dtype(dtype)
     try:
-        f = _CappedFile(p)
+        # Not blocking on open, then a regular file or nothing: a FIFO put in its place after
+        # resolve() looked must not make this wait.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read: {e.strerror or e}") from None
+    f = npz_file.CappedFile(fd)
     with f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{p}: not a regular file")
+        os.set_blocking(fd, True)
+        size = os.fstat(fd).st_size
         try:
             head = f.read(9)
             if head[:4] != b"PK\x03\x04":
                 if safetensors_file.looks_like(head):
-                    return _read_safetensors(p)
+                    f.seek(0)
+                    return _read_safetensors(p, f, size, dtype)
                 raise CheckpointError(f"{p}: not a charnn model file")
             f.seek(0)
-            f.cap = MAX_DIRECTORY
+            f.cap = npz_file.MAX_DIRECTORY
             with zipfile.ZipFile(f) as z:
                 f.cap = None
-                return _read(p, z, os.fstat(f.fileno()).st_size)
+                return _read(p, z, size, dtype)
         except CheckpointError:
             raise
-        except _TooLarge:
+        except npz_file.NpzFileError as e:
+            raise CheckpointError(f"{p}: {e}") from None
+        except npz_file.TooLarge:
             raise CheckpointError(f"{p}: not a charnn model file (its zip directory is over "
-                                  f"{MAX_DIRECTORY >> 20} MiB)") from None
+                                  f"{npz_file.MAX_DIRECTORY >> 20} MiB)") from None
         except Exception as e:
             # The bytes are untrusted: zipfile, zlib and NumPy's header parser can raise many
             # types (BadZipFile, EOFError, zlib.error, ValueError, RecursionError, ...).
@@ -148,54 +177,13 @@ def load(path) -> Checkpoint:
                                   f"({type(e).__name__}: {_one_line(e)})") from None
 
 
-# Limits on what a file may make the loader read before its configuration is known. A 2-layer
-# LSTM's last.npz has 31 members and a directory of about 2 KB; the metadata is mostly the
-# vocabulary (a million words take about 10 MB of JSON).
-MAX_DIRECTORY = 1 << 20  # bytes of zip central directory (about 15,000 members)
-MAX_HEADER = 4096  # bytes of one .npy header (NumPy writes 128)
-MAX_META_CONTAINERS = 10_000  # lists and objects in the metadata JSON (see _parse_meta)
-# A JSON string literal, as an unrolled loop: (?:[^"\\]|\\.)* kept a backtracking frame per
-# character (80 MB for a 512 KB string); this consumes runs of plain characters at once.
-_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-MAX_META = 64 << 20  # bytes of metadata JSON, and at most 1 MiB more than 16x the file's size
+# Limits on what a file may make the loader read before its configuration is known: the zip
+# directory's and a .npy header's are npz_file.py's; the metadata's (mostly the vocabulary: a
+# million words take about 10 MB of JSON) are bounds.py's, for both formats.
+MAX_META = bounds.MAX_META  # bytes of metadata JSON, and at most 1 MiB more than 16x the file's size
+MAX_META_CONTAINERS = bounds.MAX_META_CONTAINERS  # lists and objects in the metadata JSON
 OPTIM_SLOTS = frozenset(s for cls in (Adagrad, Adam, RMSprop) for s in cls.slots)
-_CHUNK = 1 << 20  # bytes read (and inflated) at a time
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _CappedFile(io.FileIO):
-    """A file whose reads fail while ``cap`` is set and a read asks for more: zipfile reads the
-    whole central directory in one call, whatever size the end record claims."""
-
-    cap = None
-
-    def read(self, n=-1):
-        if self.cap is not None:
-            want = n if n is not None and n >= 0 else os.fstat(self.fileno()).st_size - self.tell()
-            if want > self.cap:
-                raise _TooLarge
-        return super().read(n)
-
-
-@dataclass
-class _Member:
-    info: zipfile.ZipInfo
-    dtype: numpy.dtype
-    shape: tuple
-    fortran: bool
-    offset: int  # bytes of magic and header before the data
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _one_line(e) -> str:
-    return " ".join(str(e).split())[:200]
+_one_line = bounds.one_line
 
 
 def _kind(name: str) -> str | None:
@@ -212,62 +200,7 @@ def _kind(name: str) -> str | None:
     return None
 
 
-def _header(p: Path, z: zipfile.ZipFile, name: str, info: zipfile.ZipInfo) -> _Member:
-    """The .npy header of a member, read without reading its data."""
-    with z.open(info) as f:
-        start = f.read(len(_NPY_MAGIC) + 2)
-        if len(start) < len(_NPY_MAGIC) + 2 or not start.startswith(_NPY_MAGIC):
-            raise CheckpointError(f"{p}: not a valid model file (member {name!r} is not a NumPy array)")
-        major = start[-2]
-        if major not in (1, 2):
-            raise CheckpointError(f"{p}: member {name!r} is a .npy file of version {major}, which charnn does not read")
-        size_bytes = f.read(2 if major == 1 else 4)
-        length = int.from_bytes(size_bytes, "little")
-        if len(size_bytes) < (2 if major == 1 else 4) or length > MAX_HEADER:
-            raise CheckpointError(f"{p}: member {name!r} has a malformed .npy header")
-        text = f.read(length)
-    if len(text) < length:
-        raise CheckpointError(f"{p}: member {name!r} is truncated")
-    fp = io.BytesIO(start + size_bytes + text)
-    npy_format.read_magic(fp)
-    reader = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
-    try:
-        shape, fortran, dtype = reader(fp, max_header_size=MAX_HEADER)
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, OverflowError) as e:
-        raise CheckpointError(f"{p}: member {name!r} has a malformed .npy header ({_one_line(e)})") from None
-    if dtype.hasobject:
-        raise CheckpointError(f"{p}: refused: the file holds pickled Python objects, which charnn never loads")
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
-        raise CheckpointError(f"{p}: member {name!r} declares a negative shape {shape}")
-    m = _Member(info, dtype, shape, fortran, len(start) + len(size_bytes) + length)
-    if m.offset + m.nbytes != info.file_size:
-        # What the header declares and what the zip directory declares must agree, so the
-        # data read below is exactly the size that was checked.
-        raise CheckpointError(f"{p}: member {name!r} is malformed (its header declares {m.nbytes} bytes of data, "
-                              f"the zip directory {info.file_size - m.offset})")
-    return m
-
-
-def _read_array(z: zipfile.ZipFile, m: _Member) -> numpy.ndarray:
-    """The member's data: exactly the checked byte count, read a chunk at a time (the zip's
-    checksum is verified as the last chunk arrives)."""
-    a = numpy.empty(m.shape[::-1] if m.fortran else m.shape, dtype=m.dtype)
-    view = memoryview(a.reshape(-1).view(numpy.uint8)) if a.size else memoryview(b"")
-    with z.open(m.info) as f:
-        f.read(m.offset)
-        pos = 0
-        while pos < m.nbytes:
-            chunk = f.read(min(_CHUNK, m.nbytes - pos))
-            if not chunk:
-                raise EOFError(f"member {m.info.filename!r} ends after {pos} of {m.nbytes} bytes")
-            view[pos: pos + len(chunk)] = chunk
-            pos += len(chunk)
-        f.read(1)  # at the end: makes zipfile check the CRC even for an empty array
-    return a.T if m.fortran else a
-
-
-def _read(p: Path, z: zipfile.ZipFile, file_size: int) -> Checkpoint:
+def _read(p: Path, z: zipfile.ZipFile, file_size: int, dtype: numpy.dtype) -> Checkpoint:
     if "meta.npy" not in z.namelist():
         raise CheckpointError(f"{p}: not a charnn model file (no metadata)")
     members = {}
@@ -283,14 +216,14 @@ def _read(p: Path, z: zipfile.ZipFile, file_size: int) -> Checkpoint:
             raise CheckpointError(f"{p}: member {info.filename!r} uses a compression charnn does not read "
                                   f"(only stored or deflated members)")
         members[name] = info
-    headers = {name: _header(p, z, name, info) for name, info in members.items()}
+    headers = {name: npz_file.read_header(z, name, info) for name, info in members.items()}
     m = headers.pop("meta")
     if m.dtype != numpy.uint8 or len(m.shape) != 1:
         raise CheckpointError(f"{p}: malformed metadata")
     limit = min(MAX_META, 16 * file_size + (1 << 20))
     if m.nbytes > limit:
         raise CheckpointError(f"{p}: malformed metadata ({m.nbytes} bytes; a charnn model file's is at most {limit})")
-    meta = _parse_meta(p, _read_array(z, m))
+    meta = _parse_meta(p, npz_file.read_array(z, m))
     config, vocab = _config(p, meta)
     shapes = _expected_shapes(p, config, meta, headers)
     arrays = {}
@@ -300,39 +233,88 @@ def _read(p: Path, z: zipfile.ZipFile, file_size: int) -> Checkpoint:
         if h.shape != shapes[name]:
             raise CheckpointError(f"{p}: {_describe(name)} has shape {h.shape}, expected {shapes[name]}")
     for name, h in headers.items():
-        arrays[name] = _read_array(z, h)
+        arrays[name] = npz_file.read_array(z, h)
+        _check_values(p, _describe(name), arrays[name], dtype)
     return _assemble(p, config, vocab, meta, arrays)
 
 
-def _read_safetensors(p: Path) -> Checkpoint:
-    """A model exported by charnn export (or made elsewhere under the same names): see
-    safetensors_file.py. Held to the same checks as a model file: configuration, vocabulary,
-    each tensor's name and shape, finite values."""
+def _read_safetensors(p: Path, f, file_size: int, dtype: numpy.dtype) -> Checkpoint:
+    """A model exported by charnn export (or made elsewhere under the same names), open as
+    ``f``: see safetensors_file.py. Held to the same checks as a model file, in the same order:
+    the header alone, the metadata (configuration and vocabulary), the layer count against the
+    tensors held, each tensor's name and shape against the configuration, then the data, each
+    tensor's values finite in ``dtype``."""
     try:
-        meta, tensors = safetensors_file.read(p)
-    except ImportError:
-        raise CheckpointError(f"{p}: reading safetensors files needs the safetensors package: "
-                              f"pip install safetensors") from None
+        metadata, entries = safetensors_file.read_header(f, file_size)
+        meta = safetensors_file.meta_of(metadata, {name: e.shape for name, e in entries.items()})
     except safetensors_file.SafetensorsFileError as e:
         raise CheckpointError(f"{p}: {e}") from None
     config, vocab = _config(p, meta)
+    _check_layers(p, config, len(entries), "tensor")
     expected = safetensors_file.torch_shapes(config)
     for name in expected:
-        if name not in tensors:
+        if name not in entries:
             raise CheckpointError(f"{p}: tensor {name} is missing (a {config.cell} of {config.layers} layers)")
-    extra = set(tensors) - set(expected)
+    extra = set(entries) - set(expected)
     if extra:
-        raise CheckpointError(f"{p}: unexpected tensors: {', '.join(sorted(extra))}")
-    for name, a in tensors.items():
-        if a.shape != expected[name]:
-            raise CheckpointError(f"{p}: tensor {name} has shape {a.shape}, expected {expected[name]}")
-        if not numpy.isfinite(a).all():
-            raise CheckpointError(f"{p}: tensor {name} holds NaN or infinite values")
+        shown = sorted(extra)
+        raise CheckpointError(f"{p}: unexpected tensors: {', '.join(n[:80] for n in shown[:5])}"
+                              + (f" and {len(shown) - 5:,} more" if len(shown) > 5 else ""))
+    for name, e in entries.items():
+        if e.shape != expected[name]:
+            raise CheckpointError(f"{p}: tensor {name} has shape {e.shape}, expected {expected[name]}")
+    tensors = {}
     try:
+        for name, e in entries.items():
+            tensors[name] = safetensors_file.read_tensor(f, e)
+            _check_values(p, f"tensor {name}", tensors[name], dtype)
         params = safetensors_file.from_torch(config, tensors)
     except safetensors_file.SafetensorsFileError as e:
         raise CheckpointError(f"{p}: {e}") from None
+    for name, a in params.items():  # GRU's and others' b = bias_ih + bias_hh: a sum can overflow
+        _check_values(p, _describe(f"param/{name}"), a, dtype)
     return Checkpoint(config=config, vocab=vocab, params=params, meta=meta)
+
+
+_VALUES = 1 << 18  # values checked at a time (a float64 chunk cast to float32: 1 MiB)
+
+
+def _check_values(p: Path, what: str, a: numpy.ndarray, dtype: numpy.dtype):
+    """Refuse an array with a value that is not finite, in the file or once cast to ``dtype``
+    (the dtype it will be computed in): 1e300 is a float64 but infinity as a float32."""
+    flat = a.ravel(order="K")  # (a view, in the array's own memory order)
+    narrower = dtype.itemsize < a.dtype.itemsize
+    for i in range(0, flat.size, _VALUES):
+        part = flat[i: i + _VALUES]
+        if not numpy.isfinite(part).all():
+            raise CheckpointError(f"{p}: {what} holds NaN or infinite values")
+        if narrower:
+            with numpy.errstate(over="ignore"):
+                bad = ~numpy.isfinite(part.astype(dtype))
+            if bad.any():
+                raise CheckpointError(f"{p}: {what} holds {part[bad][0]:.4g}, beyond the range of {dtype.name} "
+                                      f"(the dtype it is computed in)")
+
+
+def check_values(p, ckpt: Checkpoint, dtype):
+    """Refuse (CheckpointError) a checkpoint loaded with a wider dtype that holds a value not
+    finite in ``dtype`` (a resumed run knows its dtype only from the file's metadata)."""
+    dtype = numpy.dtype(dtype)
+    for kind, arrays in (("param", ckpt.params), ("optim", ckpt.optim)):
+        for name, a in arrays.items():
+            _check_values(p, _describe(f"{kind}/{name}"), a, dtype)
+    for layer, pair in enumerate(ckpt.state or ()):
+        for part, a in zip("hc", pair):
+            if a is not None:
+                _check_values(p, _describe(f"state/{layer}/{part}"), a, dtype)
+
+
+def _check_layers(p: Path, config: ModelConfig, held: int, what: str):
+    """Refuse a configuration of more layers than the file holds arrays, before anything loops
+    over its layers: a crafted count (say 10**12) must not make loading hang or grow."""
+    if config.layers > held:
+        raise CheckpointError(f"{p}: the config has {plural(config.layers, 'layer')} but the file holds only "
+                              f"{plural(held, what)}")
 
 
 def looks_like_model(path) -> bool:
@@ -353,21 +335,9 @@ def _describe(name: str) -> str:
 
 def _parse_meta(p: Path, raw: numpy.ndarray) -> dict:
     try:
-        text = codecs.utf_8_decode(raw, "strict", True)[0]
-        # An empty list costs Python about 60 bytes for its two characters: metadata of
-        # "[[],[],...]" would take 30 times its size in memory. A model file's metadata holds a
-        # few dozen lists and objects (the bundled model's: 9), so their number is capped
-        # before parsing (counted outside string literals).
-        bare = _STRINGS.sub("", text)
-        containers = bare.count("[") + bare.count("{")
-        if containers > MAX_META_CONTAINERS:
-            raise ValueError(f"{containers:,} lists and objects, more than a model file's metadata holds")
-        meta = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        # ValueError: not UTF-8, not JSON, or an integer of more than 4,300 digits;
-        # RecursionError: nesting deeper than the parser's stack.
-        raise CheckpointError(f"{p}: malformed metadata (not UTF-8 JSON a charnn model file holds: "
-                              f"{_one_line(e)[:80]})") from None
+        meta = bounds.parse_json(raw)  # (its size was checked before it was read)
+    except bounds.BoundsError as e:
+        raise CheckpointError(f"{p}: malformed metadata (not UTF-8 JSON a charnn model file holds: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a charnn model file")
     version = meta.get("version")
@@ -399,10 +369,7 @@ def _expected_shapes(p: Path, config: ModelConfig, meta: dict, headers: dict) ->
     """name -> the shape the configuration calls for, for every array member; refuses members
     it does not call for and parameters it calls for but the file lacks."""
     params = [n[6:] for n in headers if n.startswith("param/")]
-    if config.layers > len(params):
-        # Checked before param_shapes(), which loops over the layers: a crafted layer count
-        # (say 10**12) must not make loading hang.
-        raise CheckpointError(f"{p}: the config has {plural(config.layers, 'layer')} but the file holds only {plural(len(params), 'parameter')}")
+    _check_layers(p, config, len(params), "parameter")  # before param_shapes(), which loops over the layers
     expected = config.param_shapes()
     for name in expected:
         if f"param/{name}" not in headers:
@@ -439,8 +406,6 @@ def _assemble(p: Path, config: ModelConfig, vocab: Vocab, meta: dict, arrays: di
     params, optim, state_parts = {}, {}, {}
     for name, a in arrays.items():
         kind, _, rest = name.partition("/")
-        if not numpy.isfinite(a).all():
-            raise CheckpointError(f"{p}: {_describe(name)} holds NaN or infinite values")
         {"param": params, "optim": optim, "state": state_parts}[kind][rest] = a
     state = None
     if state_parts:
@@ -449,8 +414,9 @@ def _assemble(p: Path, config: ModelConfig, vocab: Vocab, meta: dict, arrays: di
 
 
 def load_model(path, backend=None):
-    """(model, vocab, checkpoint) from a model file or run folder."""
-    ckpt = load(path)
+    """(model, vocab, checkpoint) from a model file or run folder, its values checked in the
+    backend's dtype (float32 without one)."""
+    ckpt = load(path, backend.dtype if backend is not None else "float32")
     try:
         return ckpt.model(backend), ckpt.vocab, ckpt
     except ModelError as e:

@@ -57,18 +57,9 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
     stdin = str(path) == "-"
     if stdin:
         p = "<stdin>"
-    elif not p.exists():
-        raise CorpusError(f"{p}: no such file")
-    elif p.is_dir():
-        raise CorpusError(f"{p}: is a directory, not a text file")
-    elif not pipes and file_kind(p):
-        raise CorpusError(f"{p}: is {file_kind(p)}, not a regular file")
-    try:
-        if not getattr(codecs.lookup(encoding), "_is_text_encoding", True):
-            raise CorpusError(f"{encoding!r} is not a text encoding")
-        decoder = codecs.getincrementaldecoder(encoding)(errors)
-    except (LookupError, TypeError):
-        raise CorpusError(f"unknown encoding {encoding!r}") from None
+    else:
+        _check_readable(p, pipes)
+    decoder = _decoder(encoding, errors)
     wide = codecs.lookup(encoding).name.replace("-", "").startswith(("utf16", "utf32"))
     offset = 0
     lines = 0  # newlines in the blocks before this one
@@ -120,6 +111,27 @@ def iter_text(path, encoding: str = "utf-8", errors: str = "strict", block: int 
                 yield text
             if final:
                 break
+
+
+def _check_readable(p: Path, pipes: bool = False):
+    """Refuse (CorpusError) a path that is missing, a folder, or (unless ``pipes``) a FIFO or
+    device, which could make a reader wait forever."""
+    if not p.exists():
+        raise CorpusError(f"{p}: no such file")
+    if p.is_dir():
+        raise CorpusError(f"{p}: is a directory, not a text file")
+    if not pipes and file_kind(p):
+        raise CorpusError(f"{p}: is {file_kind(p)}, not a regular file")
+
+
+def _decoder(encoding: str, errors: str):
+    """An incremental decoder of a text encoding (CorpusError for an unknown or non-text one)."""
+    try:
+        if not getattr(codecs.lookup(encoding), "_is_text_encoding", True):
+            raise CorpusError(f"{encoding!r} is not a text encoding")
+        return codecs.getincrementaldecoder(encoding)(errors)
+    except (LookupError, TypeError):
+        raise CorpusError(f"unknown encoding {encoding!r}") from None
 
 
 def _open_stream(p):
@@ -286,3 +298,161 @@ def encode_ids(path, vocab: Vocab, encoding="utf-8", errors="strict") -> numpy.n
     with tempfile.TemporaryDirectory() as tmp:
         n = encode_to_file(path, vocab, Path(tmp) / "ids", encoding, errors)
         return numpy.fromfile(Path(tmp) / "ids", dtype=vocab.dtype(), count=n)
+
+
+# ----- reading only the part of a text that is used -----
+#
+# Dynamic evaluation measures its statistics on the last few thousand tokens of a training-side
+# text (dynamic.py): those are read, not the whole file. From the end where the encoding lets a
+# reader start anywhere (UTF-8, whose continuation bytes mark where a character starts, and
+# single-byte encodings), streamed otherwise; either way the memory held is what is used plus
+# one block.
+
+TAIL_START = 1 << 16  # bytes first read from the end; then four times as many, up to TAIL_MAX
+TAIL_MAX = 1 << 26
+
+
+def iter_ids(path, vocab: Vocab, encoding: str = "utf-8", errors: str = "strict") -> Iterator[numpy.ndarray]:
+    """The token ids of ``path`` (int64) block by block, streamed: every character at char
+    level (-1 for one outside the vocabulary), each line's words then <eos> at word level
+    (<unk> for an unknown word)."""
+    if vocab.level == "char":
+        for piece in iter_text(path, encoding, errors):
+            yield vocab.encode(piece)
+        return
+    buf: list = []
+    get = vocab.index.get
+    for line in iter_lines(path, encoding, errors):
+        buf.extend(get(t, 0) for t in tokenize_line(line, vocab.tokenizer))
+        buf.append(vocab.eos_id)
+        if len(buf) >= 1 << 16:
+            yield numpy.asarray(buf, dtype=numpy.int64)
+            buf = []
+    if buf:
+        yield numpy.asarray(buf, dtype=numpy.int64)
+
+
+def _known(path, ids, strict: bool, at: int = 0):
+    """``ids`` without the -1 of characters outside a char vocabulary, or with ``strict`` a
+    CorpusError naming the first (``at``: the token position of ids[0])."""
+    bad = ids < 0
+    if not bad.any():
+        return ids
+    if strict:
+        raise CorpusError(f"{path}: holds a character outside the model's vocabulary (near token "
+                          f"{at + int(numpy.argmax(bad)):,})")
+    return ids[~bad]
+
+
+def count_tokens(path, vocab: Vocab, encoding: str = "utf-8", errors: str = "strict", strict: bool = True) -> int:
+    """The number of tokens of ``path`` (streamed; ``strict``: a character outside a char
+    vocabulary is an error, else it is not counted)."""
+    n = 0
+    for ids in iter_ids(path, vocab, encoding, errors):
+        n += len(_known(path, ids, strict, n))
+    return n
+
+
+def window_ids(path, vocab: Vocab, start: int, stop: int, encoding: str = "utf-8", errors: str = "strict",
+               strict: bool = True) -> numpy.ndarray:
+    """Tokens ``start`` to ``stop`` - 1 of ``path`` (int64), streamed, holding only those."""
+    out, n = [], 0
+    for ids in iter_ids(path, vocab, encoding, errors):
+        ids = _known(path, ids, strict, n)
+        a, b = max(start - n, 0), min(stop - n, len(ids))
+        if a < b:
+            out.append(ids[a:b])
+        n += len(ids)
+        if n >= stop:
+            break
+    return numpy.concatenate(out) if out else numpy.zeros(0, dtype=numpy.int64)
+
+
+def tail_ids(path, vocab: Vocab, count: int, encoding: str = "utf-8", errors: str = "strict",
+             strict: bool = False) -> numpy.ndarray:
+    """The last ``count`` tokens of ``path`` (int64; all of them when it holds fewer), characters
+    outside a char vocabulary left out (an error with ``strict``). Read from the end where the
+    encoding allows it (see above), so a text of any size costs about what is used.
+
+    Raises:
+        CorpusError: as iter_text (missing, a folder, a FIFO, binary, not decodable).
+    """
+    p = Path(path)
+    _check_readable(p)
+    _decoder(encoding, errors)
+    if _seekable(encoding):
+        size = p.stat().st_size
+        chunk = max(TAIL_START, 8 * count)  # (8 bytes a token: most texts need one read)
+        while True:
+            length = min(chunk, size)
+            ids = _tail_block(p, vocab, size, length, encoding, errors, strict)
+            if ids is not None and (len(ids) >= count or length == size):
+                return ids[len(ids) - min(count, len(ids)):]
+            if length == size or chunk >= TAIL_MAX:
+                break  # mostly characters outside the vocabulary, or lines this long: stream it
+            chunk *= 4
+    # Streamed: one block at a time, the last ``count`` tokens kept.
+    kept = numpy.zeros(0, dtype=numpy.int64)
+    n = 0
+    for ids in iter_ids(p, vocab, encoding, errors):
+        ids = _known(p, ids, strict, n)
+        n += len(ids)
+        kept = numpy.concatenate([kept, ids])[-count:] if count else kept
+    return kept
+
+
+def _seekable(encoding: str) -> bool:
+    """Whether a reader can start at any byte of a text in ``encoding`` and find where the
+    next character starts: UTF-8, or an encoding of one byte per character."""
+    name = codecs.lookup(encoding).name
+    if name in ("utf-8", "utf-8-sig"):
+        return True
+    decoder = codecs.getincrementaldecoder(encoding)("replace")
+    try:
+        return all(len(decoder.decode(bytes([b]))) == 1 for b in range(256))
+    except (UnicodeError, ValueError):
+        return False
+
+
+def _tail_block(p: Path, vocab: Vocab, size: int, length: int, encoding: str, errors: str, strict: bool):
+    """The tokens of the last ``length`` bytes of ``p`` from the first place a token can start
+    there (a character's first byte; at word level, after the first newline), or None when
+    no such place is in them."""
+    start = size - length
+    with open(p, "rb") as f:
+        f.seek(start)
+        data = f.read(length)
+    utf8 = codecs.lookup(encoding).name.startswith("utf-8")
+    skip = 0
+    if start > 0:
+        if vocab.level == "word":
+            skip = data.find(b"\n") + 1
+            if skip == 0:
+                return None
+        elif utf8:
+            while skip < len(data) and 0x80 <= data[skip] < 0xC0:  # continuation bytes
+                skip += 1
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"{p}: looks like a binary file (NUL byte at offset {start + nul}), not text")
+    try:  # (utf-8-sig past the start is plain UTF-8: a U+FEFF there is a character)
+        text = data[skip:].decode("utf-8" if utf8 and start > 0 else encoding, errors)
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{p}: not valid {encoding} at byte {start + skip + e.start}; pass --encoding "
+                          f"(e.g. latin-1) or --errors replace") from None
+    if start == 0:
+        text = text.lstrip("\ufeff") if text.startswith("\ufeff") else text
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _known(p, vocab.encode(text), strict)
+
+
+def same_text(path, text: str, encoding: str = "utf-8", errors: str = "strict") -> bool:
+    """Whether ``path`` holds ``text`` (newlines and a byte-order mark as iter_text reads them),
+    read only as far as the first difference."""
+    at = 0
+    for piece in iter_text(path, encoding, errors):
+        if text[at:at + len(piece)] != piece:
+            return False
+        at += len(piece)
+    return at == len(text)

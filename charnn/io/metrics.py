@@ -1,6 +1,6 @@
 """Reading a run's metrics.jsonl into loss curves (what charnn plot draws).
 
-Each line is one JSON object (train.py writes them):
+Each line is one JSON object (training/folder.py writes them):
 
     {"type": "train", "step", "epoch", "tokens", "elapsed", "train_loss", "tokens_per_second", "lr"}
     {"type": "eval",  "step", "epoch", "tokens", "elapsed", "val_loss", "best_val_loss", ...}
@@ -9,7 +9,13 @@ Files written before the record type and the evaluation lines' tokens and elapse
 still read: a line without "type" is an evaluation when it has "val_loss" and a training line
 when it has "train_loss", and an x value a line lacks (tokens, seconds) is interpolated by step
 from the lines that have it. Their elapsed time restarted at each resume; it is made cumulative.
-A line torn by a kill (not JSON) is skipped, as train.py's resume skips it.
+A line torn by a kill (not JSON) is skipped, as training's resume skips it.
+
+What a line holds is checked before it is used, since the file may come from anywhere: a line
+is read at most MAX_LINE bytes at a time (a longer one is refused, never held whole), a step
+is an integer from 0 to MAX_STEP, tokens and seconds are finite numbers from 0 to MAX_X, and
+a loss a finite number from 0 to MAX_LOSS. A line that breaks one of these is refused with its
+file, line number and field; nothing reaches the plot that matplotlib cannot place on an axis.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import numpy
 from .fileio import file_kind
 
 METRICS_NAME = "metrics.jsonl"
+MAX_LINE = 1 << 16  # bytes; charnn's lines hold a few hundred
+MAX_STEP = 10**15
+MAX_X = 1e18  # tokens seen, elapsed seconds
+MAX_LOSS = 1e6  # nats per token (training stops a run above 2 ln V, some 30 for a million words)
 # --x choice -> the field of a line that holds it
 X_FIELDS = {"steps": "step", "tokens": "tokens", "seconds": "elapsed"}
 
@@ -59,22 +69,74 @@ def metrics_path(run) -> Path:
     return p
 
 
-def read_records(path: Path) -> list[dict]:
-    """The JSON objects of a metrics file, each with a "type" ("train", "eval" or its own)."""
+def read_lines(path: Path):
+    """(line number, text) of each line of a metrics file (newline dropped), read a line at a
+    time and at most MAX_LINE bytes of it, so a line of any length costs no more than that.
+
+    Raises:
+        MetricsError: unreadable, a line longer than MAX_LINE bytes, or one that is not UTF-8
+            (each naming the file and the line).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise MetricsError(f"{path}: not valid UTF-8 at byte {e.start} (not a charnn metrics file)") from None
+        f = open(path, "rb")
     except OSError as e:
         raise MetricsError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        n, offset = 0, 0
+        while True:
+            try:
+                raw = f.readline(MAX_LINE + 1)
+            except OSError as e:
+                raise MetricsError(f"{path}: cannot read: {e.strerror or e}") from None
+            if not raw:
+                return
+            n += 1
+            if len(raw) > MAX_LINE:
+                raise MetricsError(f"{path}: line {n} is longer than {MAX_LINE:,} bytes (charnn writes lines of a "
+                                   f"few hundred); not a charnn metrics file")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MetricsError(f"{path}: not valid UTF-8 at byte {offset + e.start} (line {n}); "
+                                   f"not a charnn metrics file") from None
+            offset += len(raw)
+            yield n, text.rstrip("\r\n")
+
+
+def parse_line(text: str):
+    """The JSON value of a line, or None for one that is not JSON (torn by a kill) or nests
+    deeper than the parser's stack."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+# field -> (its kind, for the message; whether a value is valid)
+_FIELDS = {
+    "step": ("an integer from 0 to 10^15", lambda v: type(v) is int and 0 <= v <= MAX_STEP),  # noqa: E721
+    "tokens": ("a number from 0 to 10^18", lambda v: _number(v) and 0 <= v <= MAX_X),
+    "elapsed": ("a number of seconds from 0 to 10^18", lambda v: _number(v) and 0 <= v <= MAX_X),
+    "train_loss": ("a loss from 0 to 10^6", lambda v: _number(v) and 0 <= v <= MAX_LOSS),
+    "val_loss": ("a loss from 0 to 10^6", lambda v: _number(v) and 0 <= v <= MAX_LOSS),
+}
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a metrics file, each with a "type" ("train", "eval" or its own).
+
+    Raises:
+        MetricsError: a line over MAX_LINE bytes, not UTF-8, or with a step, tokens, elapsed
+            time or loss out of range (module docstring), naming the file, line and field.
+    """
     records, offset, last = [], 0.0, None
-    for line in text.splitlines():
-        try:
-            m = json.loads(line)
-        except ValueError:
+    for n, line in read_lines(path):
+        m = parse_line(line)
+        if not isinstance(m, dict) or "step" not in m:
             continue
-        if not isinstance(m, dict) or not _number(m.get("step")):
-            continue
+        for key, (kind, ok) in _FIELDS.items():
+            if key in m and m[key] is not None and not ok(m[key]):
+                raise MetricsError(f"{path}: line {n}: {key} is {_shown(m[key])}, not {kind}; not a charnn metrics file")
         if "type" not in m:  # a file of an older charnn
             m = dict(m, type="eval" if "val_loss" in m else "train" if "train_loss" in m else None)
             if _number(m.get("elapsed")):
@@ -84,6 +146,17 @@ def read_records(path: Path) -> list[dict]:
                 last = m["elapsed"]
         records.append(m)
     return records
+
+
+def _shown(v) -> str:
+    """A value for a message, at most 40 characters (a 4,000-digit step is shown by its length)."""
+    if type(v) is int and abs(v) >= 10**30:  # noqa: E721  (str() of a huge int is slow and long)
+        return f"an integer of {len(str(abs(v))):,} digits"
+    try:
+        text = json.dumps(v)
+    except (ValueError, TypeError, RecursionError):
+        text = str(type(v).__name__)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def curves(run, x: str = "steps") -> Curves:

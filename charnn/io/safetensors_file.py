@@ -26,17 +26,24 @@ The file's metadata (strings, as safetensors requires) holds ``format`` = ``pt``
 options, progress, corpus digest, date). A file made elsewhere needs only ``charnn.vocab``; the
 architecture is then read from the tensors' shapes (tanh for a vanilla RNN, full softmax).
 
-The ``safetensors`` package (its NumPy API) reads and writes the files: a format of raw tensors
-and a JSON header, nothing in it runs on load.
+The ``safetensors`` package (its NumPy API) writes the files: a format of raw tensors and a JSON
+header, nothing in it runs on load. charnn reads them itself, bounded as a model file is
+(checkpoint.py): the header (its size, lists, objects and tensor count capped; each tensor's
+dtype, shape and data offsets checked against each other and the file's size) is read alone,
+then the metadata (bounds.py's caps), and only then, once checkpoint.py has checked the names
+and shapes against the configuration, the data, a tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
 import numpy
 
 from ..nn import cells
+from . import bounds
 from .fileio import atomic_write_bytes
 
 SUFFIX = ".safetensors"
@@ -44,7 +51,10 @@ META_CONFIG, META_VOCAB, META_TRAIN = "charnn.config", "charnn.vocab", "charnn.m
 DTYPES = {"F16": numpy.float16, "F32": numpy.float32, "F64": numpy.float64}
 # What a model file's metadata carries over (the RNG state only serves a resume, which needs last.npz).
 KEPT_META = ("train", "progress", "corpus_sha256", "val_sha256", "created")
-MAX_META = 64 << 20  # bytes of metadata, as checkpoint.py's
+MAX_HEADER = bounds.MAX_META + (1 << 20)  # bytes of header: the metadata, as checkpoint.py's, and the entries
+MAX_TENSORS = 15_000  # tensors in a header (a model file's zip directory holds about as many members)
+MAX_DIMS = 8  # sizes in one tensor's shape (charnn's have one or two)
+_CHUNK = 1 << 20  # bytes read at a time
 
 
 class SafetensorsFileError(ValueError):
@@ -54,7 +64,7 @@ class SafetensorsFileError(ValueError):
 def looks_like(head: bytes) -> bool:
     """Whether a file's first 9 bytes start a safetensors file: an 8-byte little-endian header
     length, then the header's JSON object."""
-    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_META + (1 << 20)
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_HEADER
 
 
 def torch_names(config) -> dict:
@@ -114,13 +124,14 @@ def from_torch(config, tensors: dict) -> dict:
     extra = cells.get(config.cell).extra
     for layer in range(config.layers):
         bias_ih, bias_hh = tensors[f"rnn.bias_ih_l{layer}"], tensors[f"rnn.bias_hh_l{layer}"]
-        if "bhn" in extra:  # GRU: only the r and z rows of bias_hh add to bias_ih
-            b = bias_ih.copy()
-            b[: 2 * H] += bias_hh[: 2 * H]
-            params[f"rnn.{layer}.b"] = b
-            params[f"rnn.{layer}.bhn"] = bias_hh[2 * H:].copy()
-        else:
-            params[f"rnn.{layer}.b"] = bias_ih + bias_hh
+        with numpy.errstate(over="ignore"):  # (a sum that overflows is refused by the loader, naming it)
+            if "bhn" in extra:  # GRU: only the r and z rows of bias_hh add to bias_ih
+                b = bias_ih.copy()
+                b[: 2 * H] += bias_hh[: 2 * H]
+                params[f"rnn.{layer}.b"] = b
+                params[f"rnn.{layer}.bhn"] = bias_hh[2 * H:].copy()
+            else:
+                params[f"rnn.{layer}.b"] = bias_ih + bias_hh
     if config.tie and not numpy.array_equal(tensors["decoder.weight"], tensors["embedding.weight"]):
         raise SafetensorsFileError("the configuration ties decoder.weight to embedding.weight, but they differ")
     return params
@@ -139,39 +150,117 @@ def save(path, config, vocab_json: dict, params: dict, meta: dict):
     atomic_write_bytes(path, to_bytes(to_torch(config, params), metadata=metadata))
 
 
-def read(path) -> tuple[dict, dict]:
-    """(metadata, tensors) of a safetensors model file: the metadata as a charnn model file's
-    (its config, vocab and training fields; the config read from the shapes when the file has
-    none), the tensors by PyTorch name as host arrays, each of a float dtype.
+@dataclass(frozen=True)
+class Entry:
+    """One tensor as the header declares it: its data is ``nbytes`` bytes at ``start`` in the file."""
+
+    dtype: numpy.dtype  # little-endian float16, float32 or float64
+    shape: tuple
+    start: int
+    nbytes: int
+
+
+def read_header(f, file_size: int) -> tuple[dict, dict]:
+    """(metadata, entries) of the safetensors file open as ``f`` (at its start, ``file_size``
+    bytes long): the metadata as the header holds it (str -> str), the entries by name. Reads
+    the header alone; its size, its lists and objects, its tensor count, and each tensor's
+    dtype, shape and place in the file are checked before anything else is read or allocated.
 
     Raises:
-        SafetensorsFileError: not a safetensors file, malformed metadata, no vocabulary, a tensor
-            that is not float16/32/64 or a layout no charnn cell has.
+        SafetensorsFileError: not a safetensors file, or a header charnn does not read.
     """
-    from safetensors import SafetensorError, safe_open
-
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or n > file_size - 8:
+        raise SafetensorsFileError(f"not a valid safetensors file (its header length {n:,} does not fit "
+                                   f"the file's {file_size:,} bytes)")
+    if n > MAX_HEADER:
+        raise SafetensorsFileError(f"not a valid safetensors file (its header is over {MAX_HEADER >> 20} MiB)")
+    raw = f.read(n)
+    if len(raw) < n:
+        raise SafetensorsFileError("not a valid safetensors file (truncated header)")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            shapes = {}
-            for name in f.keys():
-                s = f.get_slice(name)
-                if s.get_dtype() not in DTYPES:
-                    raise SafetensorsFileError(f"tensor {name} has dtype {s.get_dtype()}, expected F16, F32 or F64")
-                shapes[name] = tuple(s.get_shape())
-            meta = _meta(metadata, shapes)
-            tensors = {name: f.get_tensor(name) for name in shapes}
-    except SafetensorError as e:
-        raise SafetensorsFileError(f"not a valid safetensors file ({' '.join(str(e).split())[:160]})") from None
-    return meta, tensors
+        # Each tensor's entry is an object and two lists; its values, at most four and its dims.
+        header = bounds.parse_json(raw, MAX_HEADER, 3 * MAX_TENSORS + 2, (4 + MAX_DIMS) * MAX_TENSORS + 1000,
+                                   unique_keys=True)
+    except bounds.BoundsError as e:
+        raise SafetensorsFileError(f"not a valid safetensors file (its header: {e})") from None
+    del raw
+    if not isinstance(header, dict):
+        raise SafetensorsFileError("not a valid safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsFileError("not a valid safetensors file (__metadata__ is not an object of strings)")
+    if len(header) > MAX_TENSORS:
+        raise SafetensorsFileError(f"holds {len(header):,} tensors, more than a charnn model has")
+    entries = {name: _entry(name, e) for name, e in header.items()}
+    # The tensors' data must tile the rest of the file, as the safetensors package requires.
+    data = n + 8
+    at = 0
+    for name, e in sorted(entries.items(), key=lambda ne: (ne[1].start, ne[1].nbytes)):
+        if e.start != at:
+            raise SafetensorsFileError(f"not a valid safetensors file (tensor {name}'s data starts at byte {e.start:,} "
+                                       f"of the data, not {at:,})")
+        at += e.nbytes
+    if at != file_size - data:
+        raise SafetensorsFileError(f"not a valid safetensors file (its tensors hold {at:,} bytes of data, "
+                                   f"the file {file_size - data:,})")
+    return metadata, {name: Entry(e.dtype, e.shape, e.start + data, e.nbytes) for name, e in entries.items()}
 
 
-def _meta(metadata: dict, shapes: dict) -> dict:
+def _entry(name: str, e) -> Entry:
+    """An entry with its start within the data, checked for kind and consistency."""
+    if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+        raise SafetensorsFileError(f"not a valid safetensors file (the entry of tensor {name[:80]} is not "
+                                   f"{{dtype, shape, data_offsets}})")
+    if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
+        raise SafetensorsFileError(f"tensor {name} has dtype {str(e['dtype'])[:20]}, expected F16, F32 or F64")
+    shape, offsets = e["shape"], e["data_offsets"]
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_count(d) for d in shape)):
+        raise SafetensorsFileError(f"not a valid safetensors file (tensor {name}'s shape is not "
+                                   f"a list of at most {MAX_DIMS} sizes)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(d) for d in offsets)
+            and offsets[0] <= offsets[1]):
+        raise SafetensorsFileError(f"not a valid safetensors file (tensor {name}'s data_offsets are not [begin, end])")
+    dtype = numpy.dtype(DTYPES[e["dtype"]]).newbyteorder("<")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise SafetensorsFileError(f"not a valid safetensors file (tensor {name}'s shape {tuple(shape)} takes "
+                                   f"{nbytes:,} bytes, its data_offsets {offsets[1] - offsets[0]:,})")
+    return Entry(dtype, tuple(shape), offsets[0], nbytes)
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0  # noqa: E721  (bool is an int; true is not a size)
+
+
+def read_tensor(f, entry: Entry) -> numpy.ndarray:
+    """The tensor's data from the open file, exactly ``entry.nbytes``, read a chunk at a time."""
+    a = numpy.empty(entry.shape, dtype=entry.dtype)
+    view = memoryview(a.reshape(-1).view(numpy.uint8)) if a.size else memoryview(b"")
+    f.seek(entry.start)
+    pos = 0
+    while pos < entry.nbytes:
+        got = f.readinto(view[pos: pos + _CHUNK])
+        if not got:
+            raise SafetensorsFileError(f"not a valid safetensors file (truncated: a tensor ends after {pos:,} "
+                                       f"of {entry.nbytes:,} bytes)")
+        pos += got
+    return a
+
+
+def meta_of(metadata: dict, shapes: dict) -> dict:
+    """The header's metadata as a charnn model file's: its config, vocab and training fields (the
+    config read from the ``shapes`` when the file has none), each parsed within bounds.py's caps.
+
+    Raises:
+        SafetensorsFileError: no vocabulary, or metadata that is not JSON a model file holds.
+    """
     def parsed(key):
         try:
-            return json.loads(metadata[key])
-        except (ValueError, RecursionError):
-            raise SafetensorsFileError(f"malformed metadata: {key} is not JSON") from None
+            return bounds.parse_json(metadata[key])
+        except bounds.BoundsError as e:
+            raise SafetensorsFileError(f"malformed metadata: {key} is not JSON a charnn model file holds ({e})") from None
 
     if META_VOCAB not in metadata:
         raise SafetensorsFileError(f"holds no vocabulary (metadata {META_VOCAB}: "

@@ -88,6 +88,24 @@ class Vocab:
     def eos_id(self) -> int | None:
         return 1 if self.level == "word" else None
 
+    @property
+    def separator(self) -> str:
+        """The token that ends a line: a newline at char level, ``<eos>`` at word level."""
+        return "\n" if self.level == "char" else EOS
+
+    @property
+    def separator_id(self) -> int | None:
+        """The separator's id; None for a char vocabulary that never saw a newline."""
+        return self.index.get(self.separator)
+
+    @property
+    def start_id(self) -> int:
+        """The context a text starts from, as at the start of a line: the separator, or token
+        0 where the vocabulary has none (a corpus without newlines). Sampling without a
+        prime, document scoring and dynamic evaluation all start here."""
+        sep = self.separator_id
+        return 0 if sep is None else sep
+
     # ----- building -----
     @classmethod
     def build_char(cls, chars: Iterable[str]) -> "Vocab":

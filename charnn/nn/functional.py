@@ -7,6 +7,8 @@ positions in a chunk, and a column j = t*N + n of a (D, M) matrix is stream n at
 
 from __future__ import annotations
 
+import math
+
 import numpy
 
 from ..backend import array_module, to_device
@@ -228,3 +230,9 @@ def class_log_probs(X, Wc, bc, W, b, bounds):
         a, z = bounds[k], bounds[k + 1]
         out[:, a:z] = log_softmax_rows(X.T @ W[a:z].T + b[a:z]) + lc[:, k: k + 1]
     return out
+
+
+def perplexity(nats_per_token: float) -> float:
+    """exp(nats per token), capped at exp(700) so that a diverged loss shows as a huge number
+    instead of overflowing (float64 overflows just past exp(709))."""
+    return math.exp(min(nats_per_token, 700.0))

@@ -37,10 +37,6 @@ from .ops import Ops
 from .optim import Grads, RowGrad
 
 
-FORGET_BIAS = cells.FORGET_BIAS  # (kept here too: the trainer and the CLI's checks import it from here)
-INPUT_SCALE = cells.INPUT_SCALE
-
-
 def join_states(xp, s0, s1) -> list:
     """The state of two column halves, joined back along the stream axis."""
     return [(xp.concatenate([h0, h1], axis=1), None if c0 is None else xp.concatenate([c0, c1], axis=1))
@@ -108,18 +104,22 @@ class ModelConfig:
         except (TypeError, ValueError, OverflowError) as e:
             raise ModelError(f"model config is malformed: {e}") from None
 
-    def param_shapes(self) -> dict:
-        V, E, H, G = self.vocab_size, self.embed, self.hidden, self.gates
+    def layer_shapes(self, layer: int) -> dict:
+        """The shapes of one recurrent layer's parameters, by their short names (Wx, Wh, b and
+        the cell's extra ones); every layer above the first has the same."""
+        E, H, G = self.embed, self.hidden, self.gates
+        In = (E or self.vocab_size) if layer == 0 else H
+        shapes = {"Wx": (G * H, In), "Wh": (G * H, H), "b": (G * H,)}
+        for name, shape in cells.get(self.cell).extra.items():
+            shapes[name] = shape(H)
+        return shapes
+
+    def outer_shapes(self) -> dict:
+        """The shapes of the parameters outside the recurrent layers (embedding, head, classes)."""
+        V, E, H = self.vocab_size, self.embed, self.hidden
         shapes = {}
         if E:
             shapes["embed.W"] = (V, E)
-        for layer in range(self.layers):
-            In = (E or V) if layer == 0 else H
-            shapes[f"rnn.{layer}.Wx"] = (G * H, In)
-            shapes[f"rnn.{layer}.Wh"] = (G * H, H)
-            shapes[f"rnn.{layer}.b"] = (G * H,)
-            for name, shape in cells.get(self.cell).extra.items():
-                shapes[f"rnn.{layer}.{name}"] = shape(H)
         if not self.tie:
             shapes["head.W"] = (V, H)
         shapes["head.b"] = (V,)
@@ -128,12 +128,26 @@ class ModelConfig:
             shapes["class.b"] = (self.n_classes,)
         return shapes
 
+    def param_shapes(self) -> dict:
+        outer = self.outer_shapes()
+        shapes = {"embed.W": outer.pop("embed.W")} if "embed.W" in outer else {}
+        for layer in range(self.layers):
+            shapes.update({f"rnn.{layer}.{name}": s for name, s in self.layer_shapes(layer).items()})
+        shapes.update(outer)
+        return shapes
+
     def n_params(self) -> int:
-        return sum(math.prod(s) for s in self.param_shapes().values())
+        """The parameter count, from the shapes of the first two layers (no loop over the
+        layers, so a crafted or mistyped layer count costs nothing to count)."""
+        def size(shapes):
+            return sum(math.prod(s) for s in shapes.values())
+
+        above = size(self.layer_shapes(1)) * (self.layers - 1) if self.layers > 1 else 0
+        return size(self.outer_shapes()) + size(self.layer_shapes(0)) + above
 
 
-def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = FORGET_BIAS,
-                input_scale: float = INPUT_SCALE) -> dict:
+def init_params(config: ModelConfig, seed: int = 0, forget_bias: float = cells.FORGET_BIAS,
+                input_scale: float = cells.INPUT_SCALE) -> dict:
     """Host (float64 NumPy) parameters: recurrent and head weights U(-1/sqrt(H), 1/sqrt(H)) as
     PyTorch does, other biases 0 but for what the cell's init_bias sets (the LSTM's forget gate
     to ``forget_bias``, rows H:2H of each rnn.L.b); embeddings N(0, 1) as PyTorch's
@@ -203,7 +217,7 @@ class LanguageModel:
 
     @classmethod
     def create(cls, config: ModelConfig, seed: int = 0, backend: Backend | None = None,
-               forget_bias: float = FORGET_BIAS, input_scale: float = INPUT_SCALE) -> "LanguageModel":
+               forget_bias: float = cells.FORGET_BIAS, input_scale: float = cells.INPUT_SCALE) -> "LanguageModel":
         return cls(config, init_params(config, seed, forget_bias, input_scale), backend)
 
     @property
