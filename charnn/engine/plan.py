@@ -32,9 +32,11 @@ follows the load of the moment, which a kept plan outlives (on this project's sh
 machine a plan measured by medians under load chose one thread for config (a), whose steps
 then took 16% longer than the rules' batch split once the load had moved). The fastest run is
 what a path costs when it has the cores it asks for. The fastest wins if it and the rules'
-path both ran MIN_RUNS times and it beats the rules' by MARGIN; otherwise the rules' path
-keeps the work (a choice between near-equals, or work too large to time every candidate
-MIN_RUNS times within the budget, is left to the rules, not to the noise). Runs end at the
+path both ran MIN_RUNS times and it beats the rules' by MARGIN, in its fastest run and in its
+median both (a path that is faster only at its best, in a burst of quiet, does not replace the
+rules'); otherwise the rules' path keeps the work (a choice between near-equals, or work too
+large to time every candidate MIN_RUNS times within the budget, is left to the rules, not to
+the noise). Runs end at the
 deadline: the budget is overrun by at most one run. The caller then runs the whole work with
 the winner, so results depend on the plan, never on which run measured it.
 
@@ -55,6 +57,7 @@ import hashlib
 import json
 import math
 import platform
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -321,7 +324,9 @@ class Planner:
         best = rule
         if rule in trusted:
             fastest = min(trusted, key=trusted.get)
-            if trusted[fastest] <= (1 - MARGIN) * trusted[rule]:
+            typical = {p: statistics.median(times[p]) for p in (rule, fastest)}
+            if (trusted[fastest] <= (1 - MARGIN) * trusted[rule]
+                    and typical[fastest] <= (1 - MARGIN) * typical[rule]):
                 best = fastest
         return Measured(best, timings, steps, first, WARM_T, clock() - start, len(warm) == len(candidates),
                         {p: len(v) for p, v in times.items()})
