@@ -71,9 +71,9 @@ def test_it_picks_the_fastest_and_keeps_it_on_disk(tmp_path):
     assert data["machine"] == MACHINE and data["format"] == plan.FORMAT
     entry = data["plans"]["k"]
     assert Path.from_json(entry["path"]) == FAST and entry["rule"] == RULE.label and entry["of"] == 50
-    assert entry["steps"] == plan.MAX_STEPS  # many short runs
-    assert entry["seconds"][FAST.label] == pytest.approx(5e-4 * plan.MAX_STEPS)
-    assert entry["seconds"][RULE.label] == pytest.approx(1e-3 * plan.MAX_STEPS)
+    assert entry["steps"] == 50  # the whole work
+    assert entry["seconds"][FAST.label] == pytest.approx(5e-4 * 50)
+    assert entry["seconds"][RULE.label] == pytest.approx(1e-3 * 50)
     assert entry["runs"][FAST.label] == plan.MAX_RUNS
     assert entry["runs"][RULE.label] == plan.MIN_RUNS  # then dropped: 2x the fastest
     assert SLOW.label not in entry["runs"] and SLOW.label in entry["estimates"]  # 4x: dropped on its estimate
@@ -197,22 +197,26 @@ def test_a_folder_that_cannot_be_written_keeps_the_plan_in_memory(tmp_path):
 
 
 def test_measuring_time_is_bounded(tmp_path):
-    """Large work (a step of 100 time steps costing 0.4 s on each of 8 paths): the candidates
-    are timed on a few time steps, and the clock runs past the budget by at most one run."""
+    """Large work (a step of 100 time steps costing 0.4 s on each of 8 paths): estimated on
+    its first 1 and 4 steps, never run whole, and the rules' path keeps it; the clock passes
+    the deadline by one estimate's runs at most. Smaller work is timed whole in rounds, and no
+    round's run starts that would end past the deadline."""
     clock = FakeClock()
     paths = [Path(s, b, pk) for pk in (True, False) for s, b in (("batch", 1), ("one", 1), ("one", 2), ("rows", 1))]
-    cost = {p: 4e-3 * (1 + 0.05 * i) for i, p in enumerate(paths)}
+    cost = {p: 4e-3 * (1 - 0.05 * i) for i, p in enumerate(paths)}  # the last 35% faster than the rules'
     calls = []
     p = planner(tmp_path, clock)
-    run = runner(clock, cost, calls)
-    best = p.choose("big", paths, run, 100)
-    rule_warm = cost[paths[0]] * plan.WARM_T  # before the clock starts
-    longest = max(cost[q] * t for q, t in calls)
-    assert clock.now - rule_warm <= p.budget + longest
-    entry = p.entry("big")
-    assert entry["steps"] < 100 and entry["measuring_seconds"] <= p.budget + longest
-    assert best == paths[0]  # the others are at most 5% apart per step: the rules' keeps it
-    assert all(t <= 100 for _, t in calls)
+    best = p.choose("big", paths, runner(clock, cost, calls), 100)
+    rule_first = cost[paths[0]]  # its first step, before the clock starts
+    assert clock.now - rule_first <= p.budget + max(cost.values()) * (1 + plan.PROBE_T)
+    assert best == paths[0] and not p.entry("big")["runs"]
+    assert max(t for _, t in calls) == plan.PROBE_T
+    medium = {q: c / 10 for q, c in cost.items()}  # whole runs of 40 ms or less: rounds fit
+    clock.now, calls = 0.0, []
+    p = planner(tmp_path / "m", clock)
+    best = p.choose("medium", paths, runner(clock, medium, calls), 100)
+    assert best == paths[-1] and clock.now - medium[paths[0]] <= p.budget
+    assert p.entry("medium")["runs"][paths[-1].label] >= plan.MIN_RUNS
 
 
 def test_compiling_that_eats_the_budget_leaves_no_plan_on_disk(tmp_path):

@@ -142,9 +142,10 @@ def plan_text(r: dict, config) -> str:
         for label in d["candidates"]:
             if label in e["seconds"]:
                 n = e.get("runs", {}).get(label)
-                how = f"{1e3 * e['seconds'][label]:9.2f} ms  fastest of {n} runs on {e['steps']} of {e['of']} steps"
+                how = f"{1e3 * e['seconds'][label]:9.2f} ms  fastest of {n} runs of all {e['steps']} steps"
             elif label in e["estimates"]:
-                how = f"{1e3 * e['estimates'][label]:9.2f} ms  on {e['estimate_steps']} step (then dropped or out of time)"
+                how = (f"{1e3 * e['estimates'][label]:9.2f} ms  estimated from its first 1 and {e['estimate_steps']} "
+                       "steps (dropped, or no time left)")
             else:
                 how = f"{'not timed':>9}     (the budget went on compiling)"
             lines.append(f"    {'*' if label == d['path'] else ' '} {label:<28} {how}")

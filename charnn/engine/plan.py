@@ -13,18 +13,21 @@ work, and keeps the fastest.
 
 Measuring (:meth:`Planner.measure`), within ``budget`` seconds of an injected clock:
 
-1. every candidate once on the first WARM_T time steps, untimed: whatever compiles on first
-   use (numba's cache, the packed products of a new shape) does so here (the rules' path
-   before the clock starts: the work would pay its first use without a planner too);
-2. every candidate once more, timed, which estimates what a time step costs on each; those
-   slower than FAR_SLOWER x the best drop out (on one step the fixed costs of a path, its
-   threads' hand-offs, weigh more than on many);
-3. rounds of timed runs on the first ``steps`` time steps, every candidate left in each round
-   (the machine's swings hit all alike): at most MAX_STEPS steps, fewer where MIN_RUNS rounds
-   would not fit the budget left (a step's cost grows with T on every path alike, so many
-   short runs rank paths as whole chunks do and give more chances to see each at its best);
-   from its MIN_RUNS-th run on, a candidate slower than SLOWER x the best drops out. It ends
-   when those left have MAX_RUNS runs, or at the deadline.
+1. every candidate once on the work's first time step, untimed: whatever compiles on first use
+   (numba's cache, the packed products of a new shape) does so here (the rules' path before
+   the clock starts: the work would pay its first use without a planner too);
+2. every candidate timed on its first step and on its first PROBE_T, which estimates what the
+   whole work costs on it (its fixed costs and its cost per step); those slower than
+   FAR_SLOWER x the best drop out;
+3. rounds of timed runs of the whole work, every candidate left in each round (the machine's
+   swings hit all alike), where MIN_RUNS rounds fit the budget left; from its MIN_RUNS-th
+   run on, a candidate slower than SLOWER x the best drops out. It ends when those left have
+   MAX_RUNS runs, or when no run left would end before the deadline.
+
+The work is timed whole, never on its first few steps alone: on this machine a training step
+of config (a) on one thread took 2.8 ms on 16 of its 50 steps, less than the batch split's
+3.9, but 15 ms on all 50, twice the batch split's 7 (a chunk's activations outgrow one core's
+cache as T grows; two cores have two caches).
 
 Candidates are compared by their fastest run, not their median: other work on the machine
 only ever adds time, and more to a path on two threads than to one on one, so a median
@@ -36,9 +39,10 @@ path both ran MIN_RUNS times and it beats the rules' by MARGIN, in its fastest r
 median both (a path that is faster only at its best, in a burst of quiet, does not replace the
 rules'); otherwise the rules' path keeps the work (a choice between near-equals, or work too
 large to time every candidate MIN_RUNS times within the budget, is left to the rules, not to
-the noise). Runs end at the
-deadline: the budget is overrun by at most one run. The caller then runs the whole work with
-the winner, so results depend on the plan, never on which run measured it.
+the noise). No timed run of the whole work starts that would end past the deadline (by its
+estimate); the first step's and the estimates' runs may overrun it by one each. The caller
+then runs the whole work with the winner, so results depend on the plan, never on which run
+measured it.
 
 A plan is kept in memory and on disk (:class:`PlanFile`: JSON, written atomically; a file that
 cannot be read is ignored and replaced), in one file per machine key: the CPU model and flags,
@@ -67,12 +71,11 @@ import numpy
 
 FORMAT = 1
 BUDGET = 0.75  # seconds of measuring for a new piece of work (plus at most one run past it)
-WARM_T = 1  # time steps of the untimed first run and of the estimate
-MAX_STEPS = 16  # time steps of a timed run at most: many short runs rather than a few long ones
+PROBE_T = 4  # time steps of the second run of the estimate (the first: one)
 MIN_RUNS = 3  # timed runs a path needs to replace the rules' (and before it can drop out)
-MAX_RUNS = 15  # timed runs of each candidate at most
+MAX_RUNS = 9  # timed runs of each candidate at most
 SLOWER = 1.3  # a candidate this much slower than the best (fastest runs) stops being timed
-FAR_SLOWER = 3.0  # the same on the estimates (one time step: fixed costs weigh more)
+FAR_SLOWER = 3.0  # the same on the estimates
 MARGIN = 0.05  # another path replaces the rules' only when faster by this fraction
 MIN_FLOPS = 2e7  # a piece of work of fewer GEMM FLOPs runs the rules' path unmeasured
 SPLITS = ("one", "batch", "rows")
@@ -287,38 +290,50 @@ class Planner:
         """Time ``candidates`` by run(path, t): the phases of the module docstring."""
         clock = self.clock
         rule = candidates[0]
-        run(rule, WARM_T)  # before the clock starts (see the module docstring)
+        run(rule, 1)  # before the clock starts (see the module docstring)
         start = clock()
         deadline = start + self.budget
         warm = [rule]
         for path in candidates[1:]:
             if clock() >= deadline:
                 break
-            run(path, WARM_T)
+            run(path, 1)
             warm.append(path)
+        # What the whole work costs on each, from timed runs on 1 and on PROBE_T time steps (a
+        # straight line through the two: a path's fixed costs and its cost per step).
+        probe = min(T, PROBE_T)
         first = {}
         for path in warm:
             if first and clock() >= deadline:
                 break
             t0 = clock()
-            run(path, WARM_T)
-            first[path] = clock() - t0
+            run(path, 1)
+            t1 = clock()
+            if probe > 1:
+                run(path, probe)
+            t2 = clock()
+            one, some = t1 - t0, t2 - t1
+            first[path] = one if probe == 1 else some if probe == T else one + (some - one) * (T - 1) / (probe - 1)
         fastest = min(first.values())
         alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
-        round_cost = sum(first[p] for p in alive) / WARM_T  # per time step
-        affordable = (deadline - clock()) / (MIN_RUNS * round_cost) if round_cost > 0 else T
-        steps = int(max(WARM_T, min(T, MAX_STEPS, affordable)))
+        estimates = dict(first)
         times = {p: [] for p in alive}
-        while clock() < deadline and not all(len(times[p]) >= MAX_RUNS for p in alive):
-            for path in alive:
-                if clock() >= deadline:
+        if MIN_RUNS * sum(first[p] for p in alive) <= deadline - clock():
+            while not all(len(times[p]) >= MAX_RUNS for p in alive):
+                ran = False
+                for path in alive:
+                    if clock() + first[path] > deadline:  # no run starts that would end past it
+                        continue
+                    t0 = clock()
+                    run(path, T)
+                    times[path].append(clock() - t0)
+                    first[path] = min(times[path])
+                    ran = True
+                if not ran:
                     break
-                t0 = clock()
-                run(path, steps)
-                times[path].append(clock() - t0)
-            best = {p: min(v) for p, v in times.items() if v}
-            top = min(best.values())
-            alive = [p for p in alive if p in best and (len(times[p]) < MIN_RUNS or best[p] <= SLOWER * top)]
+                best = {p: min(v) for p, v in times.items() if v}
+                top = min(best.values())
+                alive = [p for p in alive if p in best and (len(times[p]) < MIN_RUNS or best[p] <= SLOWER * top)]
         timings = {p: min(v) for p, v in times.items() if v}
         trusted = {p: t for p, t in timings.items() if len(times[p]) >= MIN_RUNS}
         best = rule
@@ -328,15 +343,16 @@ class Planner:
             if (trusted[fastest] <= (1 - MARGIN) * trusted[rule]
                     and typical[fastest] <= (1 - MARGIN) * typical[rule]):
                 best = fastest
-        return Measured(best, timings, steps, first, WARM_T, clock() - start, len(warm) == len(candidates),
-                        {p: len(v) for p, v in times.items()})
+        return Measured(best, timings, T, estimates, probe, clock() - start, len(warm) == len(candidates),
+                        {p: len(v) for p, v in times.items() if v})
 
 
 @dataclass
 class Measured:
-    """What :meth:`Planner.measure` found: the winner, each candidate's fastest run on
-    ``steps`` time steps, each one's estimate on ``estimate_steps`` (those missing ran out of
-    budget), the seconds it all took, whether every candidate ran once, and the runs each got."""
+    """What :meth:`Planner.measure` found: the winner, each candidate's fastest run of the
+    whole work (``steps`` time steps), each one's estimate of it from runs on 1 and
+    ``estimate_steps`` steps (those missing ran out of budget), the seconds it all took,
+    whether every candidate ran once, and the timed runs each got."""
 
     best: Path
     timings: dict
