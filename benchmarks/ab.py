@@ -1,4 +1,4 @@
-"""Two versions of charnn side by side: training steps and sampled tokens, old against new.
+"""Two versions of charnn side by side: training steps, scoring passes and sampled tokens, old against new.
 
     git worktree add /tmp/charnn-old <commit>       # the version to compare with
     python benchmarks/ab.py /tmp/charnn-old          # against this checkout
@@ -7,9 +7,13 @@
 Each version runs in a worker process of its own (its tree first on PYTHONPATH); the workers
 take turns, a block of steps each, with a pause between blocks, so the machine's swings hit
 both alike and neither's idle threads slow the other. Configurations are bench.py's. The table
-gives the median time of a training step (batch split and all, Adam and the clip included)
-and of a sampled token (batch 1, `charnn sample`'s path), and new/old as a ratio of rates.
-OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are unset for the workers (see bench.py).
+gives the median time of a training step (batch split and all, Adam and the clip included),
+of a scoring pass over the same chunk (model.nll, no gradient) and of a sampled token (batch
+1, `charnn sample`'s path), and new/old as a ratio of rates. OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE are unset for the workers (see bench.py). Each worker runs with the
+environment as it is plus --env: a version with the engine's planner measures its paths in
+its first step of each kind (untimed: the first of each block is dropped) or reads the plans
+its earlier runs kept.
 """
 
 from __future__ import annotations
@@ -67,6 +71,14 @@ def worker():
                 opt.step(grads, clip_scale(norm, 5.0))
                 times.append(time.perf_counter() - t)
             out = {"times": times}
+        elif cmd["cmd"] == "score":
+            times = []
+            for j in range(cmd["steps"]):
+                x, y = data[j % 8, :-1], data[j % 8, 1:]
+                t = time.perf_counter()
+                model.nll(x, y)
+                times.append(time.perf_counter() - t)
+            out = {"times": times}
         else:
             times = []
             for _ in range(cmd["tokens"]):
@@ -110,11 +122,13 @@ def main():
 
     blas = [i.get("architecture") for i in threadpool_info() if i.get("user_api") == "blas"]
     print(f"# OpenBLAS kernel (this process, variables unset for the workers): {blas}; env {extra or 'as is'}")
-    print(f"{'config':8} {'train old ms':>12} {'train new ms':>12} {'new/old':>8} {'sample old us':>13} {'sample new us':>13} {'new/old':>8}")
+    print(f"{'config':8} {'train old ms':>12} {'train new ms':>12} {'new/old':>8} {'score old ms':>12} {'score new ms':>12} "
+          f"{'new/old':>8} {'sample old us':>13} {'sample new us':>13} {'new/old':>8}")
     for name in args.configs.split(","):
         files = {s: ask(p, cmd="setup", config=name)["file"] for s, p in sides.items()}
         assert files["old"] != files["new"], files
         train = {s: [] for s in sides}
+        score = {s: [] for s in sides}
         sample = {s: [] for s in sides}
         for block in range(args.blocks):
             order = ("old", "new") if block % 2 == 0 else ("new", "old")
@@ -122,11 +136,16 @@ def main():
                 train[s] += ask(sides[s], cmd="train", steps=args.steps)["times"][1:]
                 time.sleep(0.3)
             for s in order:
+                score[s] += ask(sides[s], cmd="score", steps=args.steps)["times"][1:]
+                time.sleep(0.3)
+            for s in order:
                 sample[s] += ask(sides[s], cmd="sample", tokens=args.tokens)["times"][10:]
                 time.sleep(0.3)
         tr = {s: 1e3 * float(numpy.median(v)) for s, v in train.items()}
+        sc = {s: 1e3 * float(numpy.median(v)) for s, v in score.items()}
         sa = {s: 1e6 * float(numpy.median(v)) for s, v in sample.items()}
         print(f"{name:8} {tr['old']:12.2f} {tr['new']:12.2f} {tr['old'] / tr['new']:8.3f} "
+              f"{sc['old']:12.2f} {sc['new']:12.2f} {sc['old'] / sc['new']:8.3f} "
               f"{sa['old']:13.1f} {sa['new']:13.1f} {sa['old'] / sa['new']:8.3f}", flush=True)
     for p in sides.values():
         p.stdin.close()

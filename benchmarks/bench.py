@@ -18,6 +18,10 @@ run and before each round of the configuration's training blocks (this machine's
 by up to 40% within minutes, so a peak measured once at the start may be far from the speed
 while a configuration ran).
 
+charnn runs with its settings as the environment gives them (CHARNN_*): by default the engine's
+planner measures its paths in the first step of each kind (an untimed one) or reads the plans
+an earlier run kept; each row ends with the paths charnn ran (see charnn info --plan).
+
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set (some machines here set them for old OpenBLAS
 builds), slow a current NumPy; this script unsets both for its own process and reports which
 kernel threadpoolctl then sees.
@@ -108,6 +112,13 @@ class CharnnSide:
     def score(self, x, y):
         nll, _ = self.model.nll(x, y)
         return float(nll.mean())
+
+    def paths(self, T, N) -> dict:
+        """The engine's path for this model's training step and scoring pass ("train", "score":
+        the planner's or the rules', see charnn info --plan)."""
+        from charnn.engine.cpu import plan_report
+
+        return {kind: d["path"] for kind, d in plan_report(self.model, N, T)["kinds"].items()}
 
     def sampler(self):
         from charnn.sample import sample_index
@@ -241,6 +252,7 @@ def run_config(name, cfg, repeats, threads, sample_tokens, peak=0.0):
         "train": {k: float(numpy.median(v)) for k, v in train.items()},
         "train_all": train,
         "score": {k: float(numpy.median(v)) for k, v in score.items()},
+        "paths": sides[0].paths(T, N),
         "sample": sample,
         "flops_per_token": flops_per_token(cfg),
         "gemm_peak_flops": peak,
@@ -307,7 +319,8 @@ def print_row(r, peak, flush=False):
           f"score {r['score']['charnn']:,.0f} vs {r['score']['pytorch']:,.0f} = {r['score']['charnn'] / r['score']['pytorch']:.2f}x | "
           f"{fpt / 1e6:.2f} MFLOP/tok, sgemm peak {peak / 1e9:.0f} GFLOP/s, GEMM-bound {peak / fpt:,.0f} tok/s, "
           f"peak {c * fpt / peak:.0%} vs {t * fpt / peak:.0%}"
-          + (f" | RSS {mem.get('charnn', 0):.0f} vs {mem.get('pytorch', 0):.0f} MiB" if mem else ""), flush=flush)
+          + (f" | RSS {mem.get('charnn', 0):.0f} vs {mem.get('pytorch', 0):.0f} MiB" if mem else "")
+          + (f" | paths: train {r['paths']['train']}; score {r['paths']['score']}" if r.get("paths") else ""), flush=flush)
 
 
 if __name__ == "__main__":

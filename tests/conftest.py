@@ -1,6 +1,14 @@
-"""Shared pytest setup: tests marked ``gpu`` skip, with the reason, where CuPy sees no device."""
+"""Shared pytest setup: tests marked ``gpu`` skip, with the reason, where CuPy sees no device;
+the engine's planner is off."""
+
+import os
 
 import pytest
+
+# The planner (charnn/engine/plan.py) times the engine's paths the first time it meets a shape:
+# off for the suite and the commands its tests start (their paths are fixed, and measuring
+# would cost CI time); tests of the planner turn it on with settings of their own.
+os.environ["CHARNN_PLAN"] = "0"
 
 from charnn import backend
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,7 @@ import click
 from ..io.checkpoint import CheckpointError, load, resolve
 from ..nn import cells
 from .common import fail, json_line
+from .options import BATCH_SIZE, SEQ_LEN
 
 SHOWN_TOKENS = 12
 
@@ -98,16 +99,89 @@ def run_info(model, as_json):
     sys.stdout.write(json_line(d) if as_json else text(d))
 
 
+def run_plan(model, N: int, T: int, measure: bool, as_json: bool):
+    """`charnn info --plan`: the CPU engine's path for MODEL's work of N streams x T steps."""
+    from ..backend import BackendError, get_backend
+    from ..engine.cpu import plan_report
+    from ..io.checkpoint import load_model
+
+    try:
+        path = resolve(model)
+        lm, _, _ = load_model(path, get_backend("cpu", "float32"))
+    except (CheckpointError, BackendError) as e:
+        fail(str(e))
+    report = {"path": str(path), **plan_report(lm, N, T, measure)}
+    sys.stdout.write(json_line(report) if as_json else plan_text(report, lm.config))
+
+
+def plan_text(r: dict, config) -> str:
+    c = config
+    arch = f"{c.cell}, {c.layers} layer{'s' * (c.layers > 1)} x {c.hidden} hidden"
+    lines = [f"{r['path']}: {arch}; {r['batch']} streams x {r['seq_len']} steps"]
+    if not r["kinds"]:
+        return "\n".join(lines + [f"  engine        {r['engine']} (no CPU engine: nothing to plan)"]) + "\n"
+    s = r["settings"]
+    free = " and ".join({"split": "the split over threads", "packed": "the packed products"}[k] for k in s["plans"])
+    lines.append(f"  settings      {s['threads']} thread{'s' * (s['threads'] > 1)}, compiled kernels "
+                 f"{'on' if s['kernels'] else 'off'}, compiled loops {'on' if s['loops'] else 'off'}, packed products "
+                 f"{'allowed' if s['packed'] else 'off'}; the planner chooses {free or 'nothing'}")
+    if "machine" in r:
+        m = r["machine"]
+        lines.append(f"  machine       {m['cpu']}; numpy {m['numpy']}; {m['blas']}; numba {m['numba']}; engine {m['engine']}")
+        lines.append(f"  plan file     {r['file']}")
+    for kind, d in r["kinds"].items():
+        if d["path"] is None:
+            lines.append(f"  {kind:<13} {d['why']}; the rules would run: {d['rule']}")
+            continue
+        if d["why"] != "measured":
+            lines.append(f"  {kind:<13} {d['path']} (the rules: {d['why']})")
+            continue
+        e = d["plan"]
+        lines.append(f"  {kind:<13} {d['path']} (measured {e['measured']} in {e['measuring_seconds']:.2f} s; the rules': "
+                     f"{d['rule']})")
+        for label in d["candidates"]:
+            if label in e["seconds"]:
+                n = e.get("runs", {}).get(label)
+                how = f"{1e3 * e['seconds'][label]:9.2f} ms  fastest of {n} runs of all {e['steps']} steps"
+            elif label in e["estimates"]:
+                how = (f"{1e3 * e['estimates'][label]:9.2f} ms  estimated from its first 1 and {e['estimate_steps']} "
+                       "steps (dropped, or no time left)")
+            else:
+                how = f"{'not timed':>9}     (the budget went on compiling)"
+            lines.append(f"    {'*' if label == d['path'] else ' '} {label:<28} {how}")
+    if r.get("sample"):
+        lines.append(f"  {'sample':<13} {'; '.join(r['sample']['modes'])}: {r['sample']['why']}")
+    return "\n".join(lines) + "\n"
+
+
 @click.command("info")
 @click.argument("model", required=False, type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (null where a field is unknown).")
-def info_command(model, as_json):
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Show the CPU engine's path for MODEL's training steps and scoring passes, and why.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
+              help="With --plan: the streams of the work (train's default).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=SEQ_LEN, show_default=True,
+              help="With --plan: the time steps of the work (train's default).")
+@click.option("--measure", is_flag=True, help="With --plan: measure the candidate paths now (again) and keep the fastest.")
+def info_command(model, as_json, show_plan, batch_size, seq_len, measure):
     """Show what MODEL holds (a model file, run folder or .safetensors; default: the bundled
     Shakespeare model): architecture, parameter count, file size, vocabulary, the training
-    corpus's digest, steps, tokens, validation loss and when it was saved.
+    corpus's digest, steps, tokens, validation loss and when it was saved. With --plan: the
+    path the CPU engine runs MODEL's work on (the planner's choice, its timings, or the
+    rules' and why).
 
     \b
       charnn info                      the bundled model
       charnn info models/run --json    for programs
+      charnn info --plan --batch-size 64 --seq-len 100 --measure
     """
-    run_info(model, as_json)
+    if not show_plan:
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ("batch_size", "seq_len", "measure")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: needs --plan")
+        run_info(model, as_json)
+        return
+    run_plan(model, batch_size, seq_len, measure, as_json)

@@ -13,6 +13,8 @@ import click
 from ..backend import DEVICES, DTYPES
 from ..nn import cells
 
+SEQ_LEN, BATCH_SIZE = 50, 32  # train's defaults (info --plan's too)
+
 
 class CellChoice(click.Choice):
     """A choice among the registered cells (nn/cells.py), read when a command line is parsed,

@@ -28,7 +28,7 @@ from ..nn import cells, optim
 from ..wording import plural
 from .common import Finite, fail, json_line, regular_file, text_encoding
 from .config import load_config
-from .options import CellChoice, device_options, finite, max_memory_option, rate
+from .options import BATCH_SIZE, SEQ_LEN, CellChoice, device_options, finite, max_memory_option, rate
 
 
 def default_out(corpus: str, opts: dict) -> Path:
@@ -230,8 +230,8 @@ Examples:
 @click.option("--tokenizer", type=click.Choice(["regex", "whitespace"]), default="regex", show_default=True, help="Word level only.")
 @click.option("--vocab-size", type=click.IntRange(min=3), default=None, help="Word level: keep the most frequent words (others become <unk>).")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True, help="Word level: drop rarer words to <unk>.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=50, show_default=True, help="Steps of backpropagation through time.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Parallel streams.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=SEQ_LEN, show_default=True, help="Steps of backpropagation through time.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True, help="Parallel streams.")
 @click.option("--optimizer", type=click.Choice(optim.OPTIMIZERS), default=optim.OPTIMIZERS[0], show_default=True)
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None,
               help=f"Learning rate [{', '.join(f'{name} {rate(optim.DEFAULT_LR[name])}' for name in optim.OPTIMIZERS)}].")

@@ -11,11 +11,16 @@ An instance may carry what a parallel strategy (parallel.py) asks of the maths i
 gradients' products handed to a shared tail, the batch split) and ``head_threads`` (the
 class-factored head's passes on two threads). The strategies derive such instances with
 :meth:`CpuOps.derive`; the model passes them through without knowing what they carry.
+
+A whole training step or scoring pass runs on a path (plan.Path: the split over threads, the
+packed products): the rules' (parallel.rule_path), or, where the settings leave a knob free
+and a planner is given (the engine's default, from CHARNN_* variables), the fastest candidate
+measured the first time the work's shape is met (:meth:`CpuOps.planned`, plan.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy
@@ -24,9 +29,10 @@ from ..backend import register_engine
 from ..nn.functional import class_xent_backward, class_xent_forward
 from ..nn.ops import Ops
 from ..nn.optim import RowGrad
-from . import heads, kernels, layers, loops, parallel
+from . import heads, kernels, layers, loops, parallel, plan
+from .plan import Path
 from .settings import Settings, default_settings
-from .threads import blas_threads, in_row_blocks, loop_threads, run_in_two, share_in_two
+from .threads import blas_threads, in_row_blocks, in_worker, loop_threads, run_in_two, share_in_two
 
 
 def _rows_in_two(fn, rows: int, two: bool):
@@ -43,6 +49,8 @@ class CpuOps(Ops):
     two: bool = False
     defer: Callable | None = None
     head_threads: int = 1
+    path: Path | None = None  # the path of the work at hand (None: the rules decide)
+    planner: object = field(default=None, compare=False)  # plan.Planner, where the settings plan
 
     name = "cpu"
     accelerated = frozenset({
@@ -53,6 +61,42 @@ class CpuOps(Ops):
 
     def derive(self, **changes) -> "CpuOps":
         return replace(self, **changes)
+
+    def with_path(self, path: Path) -> "CpuOps":
+        """These operations running ``path`` (its packed products in the settings the layers
+        read)."""
+        return replace(self, path=path, settings=replace(self.settings, packed=path.packed))
+
+    def planned(self, kind: str, model, T: int, N: int, run) -> "CpuOps":
+        """The operations for a piece of work of ``kind`` ("train", "score") on T x N tokens:
+        with the planner's path where there is a choice to make (plan.py), measured on first
+        meeting by calling run(ops, t), which does the work's first t time steps with ``ops``;
+        else these (the rules decide)."""
+        if self.path is not None or self.planner is None or not self.settings.plan:
+            return self
+        key = plan.work_key(kind, model.config, N, T, self.settings, model.xp, model.dtype)
+        path = self.planner.decided.get(key, False)  # what this process ran before, or False
+        if path is False:
+            path = None
+            if self.unplanned(kind, model, T, N) is None:
+                candidates = parallel.candidates(kind, self, model, N)
+                path = self.planner.choose(key, candidates, lambda p, t: run(self.with_path(p), t), T)
+            self.planner.decided[key] = path
+        return self if path is None else self.with_path(path)
+
+    def unplanned(self, kind: str, model, T: int, N: int) -> str | None:
+        """Why the rules choose the path of this work instead of the planner, or None."""
+        if self.planner is None or not self.settings.plan:
+            return "the settings leave nothing to measure (CHARNN_PLAN=0, or the knobs set)"
+        if model.xp is not numpy or numpy.dtype(model.dtype) != numpy.float32:
+            return "the planner measures float32 NumPy work only"
+        if in_worker():
+            return "asked from charnn's worker thread"
+        if work_flops(model.config, T, N) < self.planner.min_flops:
+            return f"too small to be worth measuring (under {self.planner.min_flops:.0e} FLOPs)"
+        if len(parallel.candidates(kind, self, model, N)) == 1:
+            return "one candidate"
+        return None
 
     def fused(self, *arrays) -> bool:
         """Whether the compiled kernels take these arrays: float32 NumPy, kernels on."""
@@ -246,10 +290,83 @@ class CpuOps(Ops):
 
     # ----- whole training steps: the parallel strategies -----
     def loss_and_grads(self, model, ids, targets, state, masks, train, sparse):
-        return parallel.loss_and_grads(self, model, ids, targets, state, masks, train, sparse)
+        def first(ops, t):
+            cut = None if masks is None else [mk[:, :t] for mk in masks]
+            parallel.loss_and_grads(ops, model, ids[:t], targets[:t], state, cut, train, sparse)
+
+        ops = self.planned("train", model, *ids.shape, first)
+        return parallel.loss_and_grads(ops, model, ids, targets, state, masks, train, sparse)
 
     def nll(self, model, ids, targets, state, weights):
-        return parallel.nll(self, model, ids, targets, state, weights)
+        def first(ops, t):
+            parallel.nll(ops, model, ids[:t], targets[:t], state, None if weights is None else weights[:t])
+
+        ops = self.planned("score", model, *ids.shape, first)
+        return parallel.nll(ops, model, ids, targets, state, weights)
 
 
-register_engine("cpu", lambda settings=None: CpuOps(settings or default_settings()))
+def work_flops(config, T: int, N: int) -> float:
+    """GEMM FLOPs of a forward pass over T x N tokens (a one-hot input's projection is a
+    gather; the head counted as a full softmax)."""
+    c = config
+    per_token = 2.0 * c.hidden * c.vocab_size
+    for layer in range(c.layers):
+        In = c.hidden if layer else c.embed  # 0 for one-hot input
+        per_token += 2.0 * c.gates * c.hidden * (c.hidden + In)
+    return per_token * T * N
+
+
+def plan_report(model, N: int, T: int, measure: bool = False) -> dict:
+    """What the engine runs for a training step and a scoring pass of N streams x T steps of
+    ``model`` (with its backend's operations), and why: per kind, the rules' path, the
+    candidates, and the plan kept (its path, when it was measured, each candidate's median
+    seconds) or the reason there is none. ``measure``: measure now (again), on random tokens."""
+    ops = model.ops
+    if not isinstance(ops, CpuOps):
+        return {"engine": getattr(ops, "name", "reference"), "kinds": {}}
+    planner = ops.planner
+    out = {"engine": ops.name, "settings": {"threads": ops.settings.threads, "kernels": ops.settings.kernels,
+                                            "loops": ops.settings.rowsplit, "packed": ops.settings.packed,
+                                            "plans": sorted(ops.settings.plan)},
+           "batch": N, "seq_len": T, "kinds": {}}
+    if planner is not None:
+        out["machine"] = planner.machine()
+        out["file"] = str(planner.file().path)
+    V = model.config.vocab_size
+    rng = numpy.random.default_rng(0)
+    ids, targets = rng.integers(0, V, (T, N)), rng.integers(0, V, (T, N))
+    for kind in ("train", "score"):
+        rule = parallel.rule_path(kind, ops, model, N)
+        d = {"rule": rule.label, "candidates": [c.label for c in parallel.candidates(kind, ops, model, N)]}
+        why = ops.unplanned(kind, model, T, N)
+        if why is not None:
+            d.update(path=rule.label, why=why)
+        else:
+            key = plan.work_key(kind, model.config, N, T, ops.settings, model.xp, model.dtype)
+            d["key"] = key
+            if measure:
+                planner.forget(key)
+                if kind == "train":
+                    model.loss_and_grads(ids, targets, None, rng=numpy.random.default_rng(0), sparse=True)
+                else:
+                    model.nll(ids, targets)
+            entry = planner.entry(key)
+            if entry is None:
+                d.update(path=None, why="not measured yet: the first piece of this work will be (or --measure now)")
+            else:
+                d.update(path=plan.Path.from_json(entry["path"]).label, why="measured", plan=entry)
+        out["kinds"][kind] = d
+    stepper = model.stepper(1)
+    out["sample"] = {"modes": getattr(stepper, "modes", []), "why": "timed as sampling goes (a few steps of each at "
+                     "the start and every 512 steps), never kept: a step's cost moves with the machine's load"}
+    return out
+
+
+def engine_ops(settings: Settings | None = None) -> CpuOps:
+    """The engine's operations for ``settings`` (default: the process's), with the process's
+    planner where the settings leave a knob to it."""
+    settings = settings or default_settings()
+    return CpuOps(settings, planner=plan.shared_planner() if settings.plan else None)
+
+
+register_engine("cpu", engine_ops)

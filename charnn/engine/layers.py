@@ -28,6 +28,8 @@ def layer_forward(cell, XP, Wh, h0, c0, bhn, store, compiled_loop=False, packed=
 
 
 def _layer_forward(cell, XP, Wh, h0, c0, bhn, store, compiled_loop, packed):
+    if cell == "lstm" and compiled_loop:
+        return loops.lstm_forward_one(XP, Wh, h0, c0, store, packed)
     GH, T, N = XP.shape
     H = Wh.shape[1]
     dtype = XP.dtype
@@ -36,8 +38,6 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store, compiled_loop, packed):
     S = T if store else 1
     A = numpy.empty((S, GH, N), dtype=dtype)
     h, c = numpy.ascontiguousarray(h0), None if c0 is None else numpy.ascontiguousarray(c0)
-    if cell == "lstm" and compiled_loop:
-        return loops.lstm_forward_one(XP, Wh, h0, c0, store, packed)
     if cell == "lstm":
         # Without store, two cell-state buffers take turns: c_prev and c must not be one
         # buffer, or LLVM's alias check sends the step kernel down its scalar path (3x slower).

@@ -19,6 +19,12 @@ of them; the maths never sees a thread.
 - **Shared class head**: with a class-factored softmax, the recurrent layers run on two halves
   of the streams, the output layer once on the whole batch between them, its compiled passes
   split by class; its large weight gradient is computed once and never summed.
+- **One thread**: the whole batch at once, the chunk-wide products with ``blas`` BLAS threads.
+
+Which of them runs is a :class:`~charnn.engine.plan.Path` (the split, the BLAS threads of the
+one-thread path, the packed products): the operations' own (``ops.path``, the planner's choice,
+plan.py), or where they carry none the rules (:func:`rule_path`). :func:`candidates` lists the
+paths the planner may time for a piece of work.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import numpy
 
 from ..nn.model import join_states
 from ..nn.optim import Grads, add_grads
-from . import loops
+from . import loops, packed
+from .plan import Path
 from .threads import Deferred, blas_threads, in_worker, run_in_two, with_tail
 
 # From this many FLOPs of weight-gradient products per half batch, the halves share them at
@@ -41,7 +48,62 @@ def split_columns(ops, model, N: int) -> list:
     the NumPy backend and N >= 8, else one range."""
     if model.xp is not numpy or N < 8 or ops.settings.threads < 2:
         return [(0, N)]
+    return _halves(N)
+
+
+def _halves(N: int) -> list:
     return [(0, N // 2), (N // 2, N)]
+
+
+def rule_path(kind: str, ops, model, N: int) -> Path:
+    """The path the rules choose for ``kind`` of work ("train" or "score") on N streams: the
+    batch split from 8 streams with two threads, the row split instead for a training step of
+    thin half batches (use_row_split), else one thread with the BLAS's threads as they are."""
+    if len(split_columns(ops, model, N)) == 1:
+        return Path("one", None, ops.settings.packed)
+    if kind == "train" and use_row_split(ops, model, N):
+        return Path("rows", 1, ops.settings.packed)
+    return Path("batch", 1, ops.settings.packed)
+
+
+def candidates(kind: str, ops, model, N: int) -> list:
+    """The paths the planner may time for ``kind`` of work on N streams, the rules' first:
+    the knobs the settings leave free (Settings.plan) take each value that can run here. The
+    split: one thread (the chunk-wide products on one BLAS thread or on ``threads``), the batch
+    split (from 2 streams), the row split (an LSTM with compiled loops and an even hidden
+    size). The packed products: on and off, where the LSTM's compiled loops use them."""
+    rule = rule_path(kind, ops, model, N)
+    free, threads = ops.settings.plan, ops.settings.threads
+    splits = [(rule.split, rule.blas)]
+    if "split" in free and threads >= 2 and model.xp is numpy:
+        splits += [("one", 1), ("one", threads)]
+        if N >= 2:
+            splits.append(("batch", 1))
+        if _rows_possible(ops, model):
+            splits.append(("rows", 1))
+    packs = [rule.packed]
+    if "packed" in free and _packed_matters(ops, model):
+        packs = [rule.packed, not rule.packed]
+    out = []
+    for p in packs:
+        for split, blas in splits:
+            path = Path(split, blas, p)
+            if path not in out:
+                out.append(path)
+    return out
+
+
+def _rows_possible(ops, model) -> bool:
+    cfg = model.config
+    return (cfg.cell == "lstm" and model.xp is numpy and ops.settings.threads >= 2
+            and ops.compiled_loop("lstm", model.params["rnn.0.Wh"]) and loops.usable(cfg.hidden))
+
+
+def _packed_matters(ops, model) -> bool:
+    """Whether the packed products would run in this model's time loops (the LSTM's compiled
+    loops, on a CPU where packed.py can run)."""
+    return (model.config.cell == "lstm" and ops.compiled_loop("lstm", model.params["rnn.0.Wh"])
+            and packed.available())
 
 
 def run_split(model, parts, work, blas=True):
@@ -90,17 +152,19 @@ def shared_tail(model, T: int, N: int):
 
 
 def loss_and_grads(ops, model, ids, targets, state, masks, train, sparse):
-    """model.loss_and_grads on the engine: one of the strategies above, or the whole batch at
-    once where no split applies."""
+    """model.loss_and_grads on the engine: one of the strategies above (the operations' path,
+    or the rules')."""
     T, N = ids.shape
-    parts = split_columns(ops, model, N)
-    if len(parts) == 1:
-        loss, cache, new_state = model.forward(ids, targets, state, train=train, dropout_masks=masks, ops=ops)
-        grads, _ = model.backward(cache, sparse, ops=ops)
+    path = ops.path or rule_path("train", ops, model, N)
+    if path.split == "one":
+        with blas_threads(path.blas, model.xp):
+            loss, cache, new_state = model.forward(ids, targets, state, train=train, dropout_masks=masks, ops=ops)
+            grads, _ = model.backward(cache, sparse, ops=ops)
         return loss, grads, new_state
-    if use_row_split(ops, model, N):
+    if path.split == "rows":
         with blas_threads(1, model.xp):
             return _row_split(ops, model, ids, targets, state, train, masks, sparse)
+    parts = _halves(N)
     if model.config.class_bounds:
         with blas_threads(1, model.xp):
             return _shared_head(ops, model, ids, targets, state, train, masks, parts, sparse)
@@ -192,15 +256,41 @@ def _shared_head(ops, model, ids, targets, state, train, masks, parts, sparse):
 
 
 def nll(ops, model, ids, targets, state, weights):
-    """model.nll on the engine: the streams split across cores like :func:`loss_and_grads`."""
+    """model.nll on the engine: the streams split across cores like :func:`loss_and_grads`
+    (the operations' path, or the rules'), or each layer split by hidden units (the row
+    split's forward: :func:`_row_nll`)."""
+    path = ops.path or rule_path("score", ops, model, ids.shape[1])
+
     def work(a, b):
         w = None if weights is None else weights[:, a:b]
         _, cache, st = model.forward(ids[:, a:b], targets[:, a:b], _sub_state(state, a, b), weights=w, store=False,
                                      ops=ops)
         return cache["nll"], st
 
-    results = run_split(model, split_columns(ops, model, ids.shape[1]), work)
-    if len(results) == 1:
-        return results[0]
-    (n0, s0), (n1, s1) = results
+    if path.split == "one":
+        with blas_threads(path.blas, model.xp):
+            return work(0, ids.shape[1])
+    if path.split == "rows":
+        with blas_threads(1, model.xp):
+            return _row_nll(ops, model, ids, targets, state, weights)
+    (n0, s0), (n1, s1) = run_split(model, _halves(ids.shape[1]), work)
     return model.xp.concatenate([n0, n1], axis=1), join_states(model.xp, s0, s1)
+
+
+def _row_nll(ops, model, ids, targets, state, weights):
+    """nll with the recurrent layers split by hidden units (as :func:`_row_split`'s forward)
+    and the output layer on two halves of the positions, in two threads."""
+    xp = model.xp
+    T, N = ids.shape
+    two = ops.derive(two=True, head_threads=ops.settings.threads)
+    X, _, new_state = model.body_forward(ids, state, False, None, None, False, ops=two)
+    t = T // 2 if T > 1 else T
+    cuts = [(0, t), (t, T)] if t < T else [(0, T)]
+
+    def head(tt):
+        a, b = tt
+        w = None if weights is None else weights[a:b]
+        return model.head_forward(X[:, a * N:b * N], targets[a:b], w, False, ops=ops)[1]
+
+    parts = run_in_two(head, *cuts) if len(cuts) == 2 else [head(cuts[0])]
+    return xp.concatenate(parts).reshape(T, N), new_state

@@ -66,6 +66,13 @@ class FastStepper:
         small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
         self._tuner = ThreadTuner() if xp is numpy and small else None
 
+    @property
+    def modes(self) -> list:
+        """The ways its products may run, which it times as it goes (labels)."""
+        if self._tuner is None:
+            return ["the BLAS's threads as they are"]
+        return ["BLAS on 1 thread" if m == 1 else "BLAS on its own threads" for m in ThreadTuner.MODES]
+
     def _h(self, layer):
         """This layer's hidden state: the tail of its [x; h] buffer."""
         return self.xh[layer][-self.model.config.hidden:]
