@@ -6,7 +6,7 @@
 
 For each configuration both sides train the same architecture (same sizes, batch, sequence
 length, Adam, global-norm clip 5) on the same random token stream, in alternating blocks of
-three steps (the first untimed) with a pause between blocks, so machine noise hits both alike
+three steps (the first untimed: --warmup) with a pause between blocks, so machine noise hits both alike
 and neither side's idle-spinning threads slow the other; the table gives medians of the
 per-step rates and their ratio. Sampling is batch 1, one token at a time (PyTorch with
 oneDNN on and off; the faster is compared). Scoring is a forward pass over N x T tokens with no
@@ -197,12 +197,12 @@ def timed(fn, n):
     return times
 
 
-def run_config(name, cfg, repeats, threads, sample_tokens, peak=0.0):
+def run_config(name, cfg, repeats, threads, sample_tokens, peak=0.0, warmup=1):
     import torch
 
     level, cell, L, H, N, T, V, E = cfg
-    block = 3  # steps per side per round; the first of each block is not timed
-    rounds = max(1, -(-repeats // (block - 1)))
+    block = warmup + 2  # steps per side per round; the first ``warmup`` of each block are not timed
+    rounds = max(1, -(-repeats // 2))
     n_chunks = rounds * block
     stream = token_stream(V, n_chunks * N * (T + 1) + 1)
     chunks = stream[: n_chunks * N * (T + 1)].reshape(n_chunks, T + 1, N)
@@ -220,12 +220,12 @@ def run_config(name, cfg, repeats, threads, sample_tokens, peak=0.0):
                 x, y = numpy.ascontiguousarray(chunks[k, :-1]), numpy.ascontiguousarray(chunks[k, 1:])
                 t = time.perf_counter()
                 s.train_step(x, y)
-                if j:
+                if j >= warmup:
                     train[s.name].append(N * T / (time.perf_counter() - t))
             for j in range(block):
                 t = time.perf_counter()
                 s.score(x, y)
-                if j:
+                if j >= warmup:
                     score[s.name].append(N * T / (time.perf_counter() - t))
             time.sleep(PAUSE)
     sample = {}
@@ -282,6 +282,9 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10, help="Training steps timed per side (after 3 warm-up).")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="Untimed steps at the start of each block (on this project's VM a core idle for the "
+                         "0.3 s pause runs the next 20-30 ms slower).")
     ap.add_argument("--sample-tokens", type=int, default=300)
     ap.add_argument("--no-memory", action="store_true", help="Skip the peak-memory subprocesses.")
     ap.add_argument("--json", help="Also write the results to this file.")
@@ -299,7 +302,7 @@ def main():
     results = []
     with threadpool_limits(args.threads):
         for name in args.configs.split(","):
-            r = run_config(name, CONFIGS[name], args.repeats, args.threads, args.sample_tokens, peak)
+            r = run_config(name, CONFIGS[name], args.repeats, args.threads, args.sample_tokens, peak, args.warmup)
             if not args.no_memory:
                 r["peak_mib"] = {side: peak_memory(name, side) for side in ("charnn", "pytorch")}
             results.append(r)

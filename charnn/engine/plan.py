@@ -76,6 +76,7 @@ MIN_RUNS = 3  # timed runs a path needs to replace the rules' (and before it can
 MAX_RUNS = 9  # timed runs of each candidate at most
 SLOWER = 1.3  # a candidate this much slower than the best (fastest runs) stops being timed
 FAR_SLOWER = 3.0  # the same on the estimates
+TRIES = 3  # processes that measure a piece of work whose candidates did not all run within the budget
 MARGIN = 0.05  # another path replaces the rules' only when faster by this fraction
 MIN_FLOPS = 2e7  # a piece of work of fewer GEMM FLOPs runs the rules' path unmeasured
 SPLITS = ("one", "batch", "rows")
@@ -229,6 +230,7 @@ class Planner:
         self._lock = threading.RLock()
         self.measured = 0  # pieces of work measured by this planner
         self.decided = {}  # work key -> the path this process runs it on (None: the rules'), for the caller
+        self._measured_here = set()
 
     def machine(self) -> dict:
         if self._machine is None:
@@ -259,19 +261,24 @@ class Planner:
             self.entry(key)
             self._plans.pop(key, None)
             self.decided.pop(key, None)
+            self._measured_here.discard(key)
 
     def choose(self, key: str, candidates: list, run, T: int) -> Path:
         """The path for the work ``key``: the kept one if it is still a candidate, else the
         fastest of ``candidates`` (the rules' first), measured by calling run(path, t) on the
-        first t time steps of the work (1 <= t <= T), and kept: on disk where every candidate
-        ran at least once, else (the budget went on compiling) for this process only."""
+        first t time steps of the work (1 <= t <= T), and kept. A plan whose measuring ran out
+        of budget before every candidate had run once (compiling, on a fresh install) is
+        measured again by the next TRIES - 1 processes that meet the work, then kept as it is
+        (work that large keeps the rules' path)."""
         if len(candidates) == 1:
             return candidates[0]
         with self._lock:
             kept = self.entry(key)
+            tries = 0
             if kept is not None:
                 path = Path.from_json(kept["path"])
-                if path in candidates:
+                tries = 0 if kept.get("warmed", True) else int(kept.get("tries", 1))
+                if path in candidates and (tries == 0 or tries >= TRIES or key in self._measured_here):
                     return path
             m = self.measure(candidates, run, T)
             entry = {"path": m.best.to_json(), "rule": candidates[0].label, "steps": m.steps, "of": T,
@@ -279,10 +286,11 @@ class Planner:
                      "runs": {p.label: n for p, n in (m.runs or {}).items()},
                      "estimates": {p.label: t for p, t in m.estimates.items()}, "estimate_steps": m.estimate_steps,
                      "untimed": [p.label for p in candidates if p not in m.estimates], "warmed": m.warmed,
+                     "tries": 0 if m.warmed else tries + 1,
                      "measuring_seconds": m.spent, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self._plans[key] = entry
-            if m.warmed:
-                self.file().save(key, entry)
+            self._measured_here.add(key)
+            self.file().save(key, entry)
             self.measured += 1
             return m.best
 
