@@ -291,13 +291,14 @@ def test_fused_adam_in_two_threads_equals_one(monkeypatch):
     result, bit for bit, as with the threads off, and the plain NumPy update's to float32
     rounding."""
     from charnn.engine import kernels
-    from charnn.engine.cpu import CpuOps
+    from charnn.engine.cpu import ADAM_HALF, CpuOps
     from charnn.engine.settings import Settings
 
     if not kernels.available:
         pytest.skip("numba not installed")
     rng = numpy.random.default_rng(2)
-    init = {"big": rng.normal(size=(513, 257)).astype(numpy.float32), "b": rng.normal(size=9).astype(numpy.float32)}
+    rows = 2 * ADAM_HALF // 257 + 3  # large enough for two threads: each half over ADAM_HALF values
+    init = {"big": rng.normal(size=(rows, 257)).astype(numpy.float32), "b": rng.normal(size=9).astype(numpy.float32)}
     grads = [{k: rng.normal(size=v.shape).astype(numpy.float32) for k, v in init.items()} for _ in range(3)]
     results = []
     for threads, kern in ((2, "numba"), (1, "numba"), (2, "numpy")):

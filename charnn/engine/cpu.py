@@ -35,6 +35,14 @@ from .settings import Settings, default_settings
 from .threads import blas_threads, in_row_blocks, in_worker, loop_threads, run_in_two, share_in_two
 
 
+# Adam's compiled pass runs in two threads only where each would update this many values or
+# more: handing half of it to the worker thread costs more than it saves below (2026-12-05,
+# Zen 4, one float32 array: 131,072 values 47 us on one thread and 120 on two, 262,144 92
+# against 155, 524,288 194 against 204, 1,048,576 353 against 318; config (a)'s 107,713
+# parameters had taken two threads from a half of 65,536).
+ADAM_HALF = 1 << 19
+
+
 def _rows_in_two(fn, rows: int, two: bool):
     """fn(slice) over rows [0, rows): two halves in two threads with ``two``, else at once."""
     if not two:
@@ -244,7 +252,7 @@ class CpuOps(Ops):
             for p, g, m, v in part:
                 kernels.adam_update(p, g, m, v, step, inv, F(opt.b1), F(opt.b2), F(opt.eps), gscale)
 
-        if self.settings.threads >= 2 and sum(len(q[0]) for q in groups[1]) >= 1 << 16:
+        if self.settings.threads >= 2 and sum(len(q[0]) for q in groups[1]) >= ADAM_HALF:
             run_in_two(run, *groups)
         else:
             run(groups[0] + groups[1])
