@@ -112,8 +112,9 @@ class CpuOps(Ops):
                 and all(type(a) is numpy.ndarray and a.dtype == numpy.float32 for a in arrays))
 
     def compiled_loop(self, cell: str, a) -> bool:
-        """Whether an LSTM layer's whole time loop runs as one compiled call (loops.py)."""
-        return cell == "lstm" and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
+        """Whether an LSTM's or a tanh RNN's whole time loop runs as one compiled call
+        (loops.py; the RNN's from two streams)."""
+        return cell in ("lstm", "rnn") and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
 
     # ----- recurrent layers -----
     def _fusable(self, cell, a, activation):

@@ -53,6 +53,8 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store, compiled_loop, packed):
             c = ct
         cache = {"A": A, "hs": hs, "h0": h0, "cs": cs, "tcs": tcs, "c0": c0} if store else None
         return hs, (hs[:, T - 1].copy(), c.copy()), cache
+    if cell == "rnn" and compiled_loop and N > 1:
+        return loops.rnn_forward_one(XP, Wh, h0, store)
     if cell == "rnn":
         for t in range(T):
             s = t if store else 0
@@ -106,6 +108,8 @@ def _layer_backward_loop(cell, dhs, cache, Wh, compiled_loop, packed):
             kernels.lstm_step_backward(t, A[t], c_prev, tcs[t], dhs, dh_next, dc, dXP)
             numpy.matmul(WhT, dXP[:, t], out=dh_next)
         return dXP, dh_next, dc, None
+    if cell == "rnn" and compiled_loop and N > 1:
+        return loops.rnn_backward_loop_one(dhs, cache, Wh) + (None, None)
     if cell == "rnn":
         for t in reversed(range(T)):
             kernels.rnn_step_backward(t, hs, dhs, dh_next, dXP)

@@ -229,6 +229,56 @@ if kernels.available:
         return True
 
 
+    @jit
+    def rnn_loop_forward(sgemm, Wh, h0, XP, A, hs, store):
+        """A tanh RNN layer's forward loop on one core (layers.py's, compiled): each step's
+        product by the BLAS's sgemm with the arguments NumPy's matmul gives it there (the
+        previous state read where it lies in hs, T*N apart), then kernels.rnn_step_forward.
+        A (S, H, N) holds the products (all T of them with ``store``)."""
+        T, N = hs.shape[1], hs.shape[2]
+        for t in range(T):
+            s = t if store else 0
+            if t == 0:
+                _gemm(sgemm, _NO_MM, Wh, _NO_PACK, h0, h0.shape[1], A[s])
+            else:
+                _gemm(sgemm, _NO_MM, Wh, _NO_PACK, hs[:, t - 1], T * N, A[s])
+            kernels.rnn_step_forward(t, A[s], XP, hs)
+
+    @jit
+    def rnn_loop_backward(sgemm, WhT, hs, dhs, dh, dXP):
+        """The backward loop of rnn_loop_forward (layers.py's, compiled): dh (H, N) carries
+        dL/dh back (zeros in, dL/dh0 out); writes dXP (H, T, N)."""
+        T, N = hs.shape[1], hs.shape[2]
+        for t in range(T - 1, -1, -1):
+            kernels.rnn_step_backward(t, hs, dhs, dh, dXP)
+            _gemm(sgemm, _NO_MM, WhT, _NO_PACK, dXP[:, t], T * N, dh)
+
+
+def rnn_forward_one(XP, Wh, h0, store=True):
+    """layers.layer_forward for a tanh RNN of N >= 2 streams, its time loop one compiled call
+    (the same products and kernels as layers.py's Python loop: the same results bit for bit;
+    for one stream NumPy's matmul calls sgemv instead, whose sums round otherwise)."""
+    sgemm, _ = _find_blas()
+    H, T, N = XP.shape
+    XP = numpy.ascontiguousarray(XP)
+    hs = numpy.empty((H, T, N), dtype=XP.dtype)
+    A = numpy.empty((T if store else 1, H, N), dtype=XP.dtype)
+    rnn_loop_forward(sgemm, numpy.ascontiguousarray(Wh), numpy.ascontiguousarray(h0), XP, A, hs, store)
+    cache = {"A": A, "hs": hs, "h0": h0, "activation": "tanh"} if store else None
+    return hs, (hs[:, T - 1].copy(), None), cache
+
+
+def rnn_backward_loop_one(dhs, cache, Wh):
+    """layers._layer_backward_loop for a cache of :func:`rnn_forward_one`: (dXP, dh0)."""
+    sgemm, _ = _find_blas()
+    hs = cache["hs"]
+    H, T, N = hs.shape
+    dXP = numpy.empty((H, T, N), dtype=hs.dtype)
+    dh = numpy.zeros((H, N), dtype=hs.dtype)
+    rnn_loop_backward(sgemm, kernels.transposed(Wh), hs, numpy.ascontiguousarray(dhs), dh, dXP)
+    return dXP, dh
+
+
 def _packed_for(W, N: int, use_packed: bool):
     """(product, W packed) for the loops' products W @ (K, N) where packed.py can do them and
     ``use_packed`` allows, else (a stand-in never called, an empty array): the loops then call
