@@ -194,25 +194,27 @@ def test_dynamic_step_matches_the_reference_bit_for_bit(decay):
 
 
 @needs_loops
-@pytest.mark.parametrize("N,T", [(16, 7), (5, 3), (2, 1)])
-def test_compiled_rnn_loop_gives_the_python_loops_bits(N, T):
-    """A tanh RNN's whole time loop in one compiled call makes the calls the Python loop makes
-    (the same sgemm, the same kernels): every output equal bit for bit, and the caches
-    interchangeable."""
-    case = layer_case("rnn", 24, N, T, seed=4)
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+@pytest.mark.parametrize("N,T", [(16, 7), (32, 4), (5, 3), (2, 1)])
+def test_compiled_rnn_and_gru_loops_give_the_python_loops_bits(cell, N, T):
+    """A tanh RNN's or a GRU's whole time loop in one compiled call makes the calls the Python
+    loop makes (the same sgemm, the same kernels): every output equal bit for bit, and the
+    caches interchangeable."""
+    case = layer_case(cell, 24, N, T, seed=4)
     loop = CpuOps(Settings(threads=1, rowsplit=False))
     compiled = CpuOps(Settings(threads=1, rowsplit=True))
-    assert compiled.compiled_loop("rnn", case[0]) and not loop.compiled_loop("rnn", case[0])
-    want = run_layer(loop, "rnn", "tanh", case)
-    got = run_layer(compiled, "rnn", "tanh", case)
+    assert compiled.compiled_loop(cell, case[0]) and not loop.compiled_loop(cell, case[0])
+    want = run_layer(loop, cell, "tanh", case)
+    got = run_layer(compiled, cell, "tanh", case)
+    assert got.keys() == want.keys()
     for name in want:
         if want[name] is None:
             assert got[name] is None, name
         else:
             numpy.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    XP, Wh, h0, _, extra, dhs = case
-    _, _, cache = compiled.layer_forward("rnn", XP, Wh, h0, None, extra, True)
-    dXP = loop.layer_backward("rnn", dhs.copy(), cache, Wh)[0]
+    XP, Wh, h0, c0, extra, dhs = case
+    _, _, cache = compiled.layer_forward(cell, XP, Wh, h0, c0, extra, True)
+    dXP = loop.layer_backward(cell, dhs.copy(), cache, Wh)[0]
     numpy.testing.assert_array_equal(dXP, want["dXP"])
 
 

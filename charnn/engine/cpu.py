@@ -112,9 +112,9 @@ class CpuOps(Ops):
                 and all(type(a) is numpy.ndarray and a.dtype == numpy.float32 for a in arrays))
 
     def compiled_loop(self, cell: str, a) -> bool:
-        """Whether an LSTM's or a tanh RNN's whole time loop runs as one compiled call
-        (loops.py; the RNN's from two streams)."""
-        return cell in ("lstm", "rnn") and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
+        """Whether a layer's whole time loop runs as one compiled call (loops.py: the LSTM's;
+        the GRU's and the tanh RNN's from two streams)."""
+        return cell in ("lstm", "gru", "rnn") and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
 
     # ----- recurrent layers -----
     def _fusable(self, cell, a, activation):

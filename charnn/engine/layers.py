@@ -65,6 +65,8 @@ def _layer_forward(cell, XP, Wh, h0, c0, bhn, store, compiled_loop, packed):
         return hs, (hs[:, T - 1].copy(), None), cache
     if cell != "gru":
         raise ValueError(f"no compiled gate kernels for the cell {cell!r}")
+    if compiled_loop and N > 1:
+        return loops.gru_forward_one(XP, Wh, h0, bhn, store)
     HN = numpy.empty((S, H, N), dtype=dtype)
     hp = numpy.empty((GH, N), dtype=dtype)
     h_prev = h
@@ -115,6 +117,9 @@ def _layer_backward_loop(cell, dhs, cache, Wh, compiled_loop, packed):
             kernels.rnn_step_backward(t, hs, dhs, dh_next, dXP)
             numpy.matmul(WhT, dXP[:, t], out=dh_next)
         return dXP, dh_next, None, None
+    if compiled_loop and N > 1:
+        dXP, dh, dHP = loops.gru_backward_loop_one(dhs, cache, Wh)
+        return dXP, dh, None, dHP
     HN = cache["HN"]
     h0c = numpy.ascontiguousarray(h0)
     dHP = numpy.empty((GH, T, N), dtype=dtype)

@@ -254,6 +254,80 @@ if kernels.available:
             _gemm(sgemm, _NO_MM, WhT, _NO_PACK, dXP[:, t], T * N, dh)
 
 
+    @jit
+    def gru_loop_forward(sgemm, Wh, h0, XP, bhn, A, hp, HN, hs, store, flat):
+        """A GRU layer's forward loop on one core (layers.py's, compiled): each step's product
+        hp = Wh @ h_prev by sgemm as NumPy's matmul calls it, then the step kernel (the flat
+        one with ``flat``), each called with the state's layout the Python loop gives it
+        (h0 contiguous, then a column block of hs)."""
+        T, N = hs.shape[1], hs.shape[2]
+        for t in range(T):
+            s = t if store else 0
+            if t == 0:
+                _gemm(sgemm, _NO_MM, Wh, _NO_PACK, h0, h0.shape[1], hp)
+                if flat:
+                    kernels.gru_step_forward_flat(t, A[s], hp, XP, bhn, h0, HN[s], hs)
+                else:
+                    kernels.gru_step_forward(t, A[s], hp, XP, bhn, h0, HN[s], hs)
+            else:
+                h_prev = hs[:, t - 1]
+                _gemm(sgemm, _NO_MM, Wh, _NO_PACK, h_prev, T * N, hp)
+                if flat:
+                    kernels.gru_step_forward_flat(t, A[s], hp, XP, bhn, h_prev, HN[s], hs)
+                else:
+                    kernels.gru_step_forward(t, A[s], hp, XP, bhn, h_prev, HN[s], hs)
+
+    @jit
+    def gru_loop_backward(sgemm, WhT, A, HN, hs, h0, dhs, dh, dXP, dHP, tmp):
+        """The backward loop of gru_loop_forward (layers.py's, compiled): dh (H, N) carries
+        dL/dh back (zeros in, dL/dh0 out); writes dXP and dHP (3H, T, N)."""
+        T, N = hs.shape[1], hs.shape[2]
+        H = hs.shape[0]
+        for t in range(T - 1, -1, -1):
+            if t > 0:
+                kernels.gru_step_backward(t, A[t], HN[t], hs[:, t - 1], dhs, dh, dXP, dHP)
+            else:
+                kernels.gru_step_backward(t, A[t], HN[t], h0, dhs, dh, dXP, dHP)
+            _gemm(sgemm, _NO_MM, WhT, _NO_PACK, dHP[:, t], T * N, tmp)
+            for j in range(H):
+                for n in range(N):
+                    dh[j, n] += tmp[j, n]
+
+
+def gru_forward_one(XP, Wh, h0, bhn, store=True):
+    """layers.layer_forward for a GRU of N >= 2 streams, its time loop one compiled call (as
+    :func:`rnn_forward_one`: the same results bit for bit)."""
+    sgemm, _ = _find_blas()
+    GH, T, N = XP.shape
+    H = GH // 3
+    dtype = XP.dtype
+    XP = numpy.ascontiguousarray(XP)
+    S = T if store else 1
+    hs = numpy.empty((H, T, N), dtype=dtype)
+    A = numpy.empty((S, GH, N), dtype=dtype)
+    HN = numpy.empty((S, H, N), dtype=dtype)
+    hp = numpy.empty((GH, N), dtype=dtype)
+    gru_loop_forward(sgemm, numpy.ascontiguousarray(Wh), numpy.ascontiguousarray(h0), XP, bhn, A, hp, HN, hs, store,
+                     N % 32 != 0)
+    cache = {"A": A, "hs": hs, "h0": h0, "HN": HN} if store else None
+    return hs, (hs[:, T - 1].copy(), None), cache
+
+
+def gru_backward_loop_one(dhs, cache, Wh):
+    """layers._layer_backward_loop for a GRU's cache: (dXP, dh0, dHP)."""
+    sgemm, _ = _find_blas()
+    A, hs, HN = cache["A"], cache["hs"], cache["HN"]
+    H, T, N = hs.shape
+    GH = A.shape[1]
+    dXP = numpy.empty((GH, T, N), dtype=hs.dtype)
+    dHP = numpy.empty((GH, T, N), dtype=hs.dtype)
+    dh = numpy.zeros((H, N), dtype=hs.dtype)
+    tmp = numpy.empty((H, N), dtype=hs.dtype)
+    gru_loop_backward(sgemm, kernels.transposed(Wh), A, HN, hs, numpy.ascontiguousarray(cache["h0"]),
+                      numpy.ascontiguousarray(dhs), dh, dXP, dHP, tmp)
+    return dXP, dh, dHP
+
+
 def rnn_forward_one(XP, Wh, h0, store=True):
     """layers.layer_forward for a tanh RNN of N >= 2 streams, its time loop one compiled call
     (the same products and kernels as layers.py's Python loop: the same results bit for bit;
