@@ -13,8 +13,9 @@ work, and keeps the fastest.
 
 Measuring (:meth:`Planner.measure`), within ``budget`` seconds of an injected clock:
 
-1. every candidate once on the work's first time step, untimed: whatever compiles on first use
-   (numba's cache, the packed products of a new shape) does so here (the rules' path before
+1. every candidate once on the work's first time step and once on its first PROBE_T, untimed:
+   whatever compiles or allocates on first use (numba's cache, the packed products of a new
+   shape, the buffers kept for a shape) does so here (the rules' path before
    the clock starts: the work would pay its first use without a planner too);
 2. every candidate timed on its first step and on its first PROBE_T, which estimates what the
    whole work costs on it (its fixed costs and its cost per step); those slower than
@@ -298,18 +299,23 @@ class Planner:
         """Time ``candidates`` by run(path, t): the phases of the module docstring."""
         clock = self.clock
         rule = candidates[0]
-        run(rule, 1)  # before the clock starts (see the module docstring)
+        probe = min(T, PROBE_T)
+
+        def warm_up(path):  # both lengths the estimate times: buffers are kept per shape
+            run(path, 1)
+            if probe > 1:
+                run(path, probe)
+        warm_up(rule)  # before the clock starts (see the module docstring)
         start = clock()
         deadline = start + self.budget
         warm = [rule]
         for path in candidates[1:]:
             if clock() >= deadline:
                 break
-            run(path, 1)
+            warm_up(path)
             warm.append(path)
         # What the whole work costs on each, from timed runs on 1 and on PROBE_T time steps (a
         # straight line through the two: a path's fixed costs and its cost per step).
-        probe = min(T, PROBE_T)
         first = {}
         for path in warm:
             if first and clock() >= deadline:
@@ -320,8 +326,7 @@ class Planner:
             if probe > 1:
                 run(path, probe)
             t2 = clock()
-            one, some = t1 - t0, t2 - t1
-            first[path] = one if probe == 1 else some if probe == T else one + (some - one) * (T - 1) / (probe - 1)
+            first[path] = estimate(t1 - t0, t2 - t1, probe, T)
         fastest = min(first.values())
         alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
         estimates = dict(first)
@@ -353,6 +358,22 @@ class Planner:
                 best = fastest
         return Measured(best, timings, T, estimates, probe, clock() - start, len(warm) == len(candidates),
                         {p: len(v) for p, v in times.items() if v})
+
+
+def estimate(one: float, some: float, probe: int, T: int) -> float:
+    """What T time steps cost, from one run on 1 step (``one``) and one on ``probe`` steps
+    (``some``): a straight line through the two (fixed costs and a cost per step). Where the
+    probe ran no slower than the single step (a first call woken late, another process in the
+    way), the line says nothing (its slope would be zero or negative, and an estimate below
+    zero once dropped every candidate but the rules' as "far slower" than it): the probe's
+    cost per step is taken for every step instead, which bounds the work from above."""
+    if probe == 1:
+        return one
+    if probe == T:
+        return some
+    if some <= one:
+        return some * T / probe
+    return one + (some - one) * (T - 1) / (probe - 1)
 
 
 @dataclass
