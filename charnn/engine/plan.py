@@ -101,6 +101,12 @@ class Path:
             raise ValueError(f"unknown split {self.split!r}")
 
     @property
+    def wakes_blas(self) -> bool:
+        """Whether the path's products run on several of OpenBLAS's threads (which go on
+        spinning after them)."""
+        return self.split == "one" and (self.blas is None or self.blas > 1)
+
+    @property
     def label(self) -> str:
         split = {"one": "one thread", "batch": "batch split", "rows": "row split"}[self.split]
         if self.split == "one" and self.blas:
@@ -299,7 +305,12 @@ class Planner:
             return m.best
 
     def measure(self, candidates: list, run, T: int) -> "Measured":
-        """Time ``candidates`` by run(path, t): the phases of the module docstring."""
+        """Time ``candidates`` by run(path, t): the phases of the module docstring, for the
+        paths that keep OpenBLAS on one thread first and then for those that wake its threads
+        (each group its share of the budget): once woken for a product, OpenBLAS's threads spin
+        on the cores for about a tenth of a second, and a split run beside them took twice its
+        time (config (a) on the Zen 4, 2026-12-05: the batch split 10.5 ms a step for the first
+        four steps after the one thread with two BLAS threads, 5.5 ms in a run of its own)."""
         clock = self.clock
         rule = candidates[0]
         probe = min(T, PROBE_T)
@@ -310,31 +321,39 @@ class Planner:
                 run(path, probe)
         warm_up(rule)  # before the clock starts (see the module docstring)
         start = clock()
-        deadline = start + self.budget
-        warm = [rule]
-        for path in candidates[1:]:
-            if clock() >= deadline:
-                break
-            warm_up(path)
-            warm.append(path)
-        # What the whole work costs on each, from timed runs on 1 and on PROBE_T time steps (a
-        # straight line through the two: a path's fixed costs and its cost per step).
-        first = {}
-        for path in warm:
-            if first and clock() >= deadline:
-                break
-            t0 = clock()
-            run(path, 1)
-            t1 = clock()
-            if probe > 1:
-                run(path, probe)
-            t2 = clock()
-            first[path] = estimate(t1 - t0, t2 - t1, probe, T)
-        fastest = min(first.values())
-        alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
-        estimates = dict(first)
-        times = {p: [] for p in alive}
-        if MIN_RUNS * sum(first[p] for p in alive) <= deadline - clock():
+        groups = [g for g in ([p for p in candidates if not p.wakes_blas],
+                              [p for p in candidates if p.wakes_blas]) if g]
+        estimates, times, warmed = {}, {}, True
+        for i, group in enumerate(groups):
+            left = start + self.budget - clock()
+            deadline = clock() + max(0.0, left) * len(group) / sum(len(g) for g in groups[i:])
+            warm = []
+            for path in group:
+                if path != rule:
+                    if clock() >= deadline:
+                        break
+                    warm_up(path)
+                warm.append(path)
+            warmed = warmed and len(warm) == len(group)
+            # What the whole work costs on each, from timed runs on 1 and on PROBE_T time steps
+            # (a straight line through the two: a path's fixed costs and its cost per step).
+            first = {}
+            for path in warm:
+                if first and clock() >= deadline:
+                    break
+                t0 = clock()
+                run(path, 1)
+                t1 = clock()
+                if probe > 1:
+                    run(path, probe)
+                t2 = clock()
+                first[path] = estimate(t1 - t0, t2 - t1, probe, T)
+            estimates.update(first)
+            fastest = min(estimates.values())
+            alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
+            times.update({p: [] for p in alive})
+            if MIN_RUNS * sum(first[p] for p in alive) > deadline - clock():
+                continue
             while not all(len(times[p]) >= MAX_RUNS for p in alive):
                 ran = False
                 for path in alive:
@@ -359,7 +378,7 @@ class Planner:
             if (trusted[fastest] <= (1 - MARGIN) * trusted[rule]
                     and typical[fastest] <= (1 - MARGIN) * typical[rule]):
                 best = fastest
-        return Measured(best, timings, T, estimates, probe, clock() - start, len(warm) == len(candidates),
+        return Measured(best, timings, T, estimates, probe, clock() - start, warmed,
                         {p: len(v) for p, v in times.items() if v})
 
 
