@@ -26,6 +26,7 @@ from typing import Callable
 import numpy
 
 from ..backend import register_engine
+from ..nn import cells
 from ..nn.functional import class_xent_backward, class_xent_forward
 from ..nn.ops import Ops
 from ..nn.optim import RowGrad
@@ -112,20 +113,27 @@ class CpuOps(Ops):
                 and all(type(a) is numpy.ndarray and a.dtype == numpy.float32 for a in arrays))
 
     def compiled_loop(self, cell: str, a) -> bool:
-        """Whether a layer's whole time loop runs as one compiled call (loops.py: the LSTM's;
-        the GRU's and the tanh RNN's from two streams)."""
-        return cell in ("lstm", "gru", "rnn") and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
+        """Whether a layer's whole time loop runs as one compiled call with the packed products
+        and the row split available (loops.py: the cells of layers.LOOPED, the LSTM)."""
+        return cell in layers.LOOPED and self.blas_loops(a)
+
+    def blas_loops(self, a) -> bool:
+        """Whether compiled time loops that call the BLAS may run (layers.py says for which
+        cells: LOOPED, and SGEMM_LOOPED from two streams)."""
+        return self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
 
     # ----- recurrent layers -----
     def _fusable(self, cell, a, activation):
-        return cell in layers.FUSED and (cell != "rnn" or activation == "tanh") and self.fused(a)
+        # The kernels compute tanh where a cell takes an activation (the RNN's relu is not fused).
+        return (cell in layers.FUSED and (not cells.get(cell).takes_activation or activation == "tanh")
+                and self.fused(a))
 
     def layer_forward(self, cell, XP, Wh, h0, c0, extra, store, activation="tanh"):
         if self.two:  # the row split (parallel.py chose it: a float32 LSTM, loops available)
             return loops.lstm_forward(XP, Wh, h0, c0, store, self.settings.packed)
         if self._fusable(cell, XP, activation):
-            return layers.layer_forward(cell, XP, Wh, h0, c0, extra.get("bhn"), store,
-                                        self.compiled_loop(cell, XP), self.settings.packed)
+            return layers.layer_forward(cell, XP, Wh, h0, c0, extra.get("bhn"), store, self.blas_loops(XP),
+                                        self.settings.packed)
         with loop_threads(2.0 * Wh.size * XP.shape[2]):
             return super().layer_forward(cell, XP, Wh, h0, c0, extra, store, activation)
 
@@ -133,8 +141,7 @@ class CpuOps(Ops):
         if cache.get("rows"):
             return loops.lstm_backward(dhs, cache, Wh, self.settings.packed)
         if self._fusable(cell, dhs, cache.get("activation", "tanh")):
-            return layers.layer_backward(cell, dhs, cache, Wh, self.defer, self.compiled_loop(cell, dhs),
-                                         self.settings.packed)
+            return layers.layer_backward(cell, dhs, cache, Wh, self.defer, self.blas_loops(dhs), self.settings.packed)
         with loop_threads(2.0 * Wh.size * dhs.shape[2]):
             return super().layer_backward(cell, dhs, cache, Wh)
 
@@ -287,7 +294,7 @@ class CpuOps(Ops):
     def stepper(self, model, N=1):
         from .stepper import FastStepper
 
-        if model.config.cell in FastStepper.CELLS and model.xp is numpy:
+        if model.config.cell in layers.FUSED and model.xp is numpy:
             return FastStepper(model, N, self)
         return super().stepper(model, N)
 

@@ -314,7 +314,7 @@ def gru_forward_one(XP, Wh, h0, bhn, store=True):
 
 
 def gru_backward_loop_one(dhs, cache, Wh):
-    """layers._layer_backward_loop for a GRU's cache: (dXP, dh0, dHP)."""
+    """layers.layer_backward's loop for a GRU's cache: (dXP, dh0, dHP)."""
     sgemm, _ = _find_blas()
     A, hs, HN = cache["A"], cache["hs"], cache["HN"]
     H, T, N = hs.shape
@@ -328,7 +328,7 @@ def gru_backward_loop_one(dhs, cache, Wh):
     return dXP, dh, dHP
 
 
-def rnn_forward_one(XP, Wh, h0, store=True):
+def rnn_forward_one(XP, Wh, h0, bhn=None, store=True):
     """layers.layer_forward for a tanh RNN of N >= 2 streams, its time loop one compiled call
     (the same products and kernels as layers.py's Python loop: the same results bit for bit;
     for one stream NumPy's matmul calls sgemv instead, whose sums round otherwise)."""
@@ -343,14 +343,14 @@ def rnn_forward_one(XP, Wh, h0, store=True):
 
 
 def rnn_backward_loop_one(dhs, cache, Wh):
-    """layers._layer_backward_loop for a cache of :func:`rnn_forward_one`: (dXP, dh0)."""
+    """layers.layer_backward's loop for a cache of :func:`rnn_forward_one`: (dXP, dh0, None)."""
     sgemm, _ = _find_blas()
     hs = cache["hs"]
     H, T, N = hs.shape
     dXP = numpy.empty((H, T, N), dtype=hs.dtype)
     dh = numpy.zeros((H, N), dtype=hs.dtype)
     rnn_loop_backward(sgemm, kernels.transposed(Wh), hs, numpy.ascontiguousarray(dhs), dh, dXP)
-    return dXP, dh
+    return dXP, dh, None
 
 
 def _packed_for(W, N: int, use_packed: bool):
