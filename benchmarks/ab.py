@@ -112,7 +112,10 @@ def main():
     ap.add_argument("new", nargs="?", default=os.path.dirname(HERE), help="this version's tree [this checkout]")
     ap.add_argument("--configs", default="a,b,c-gru,c-rnn,d")
     ap.add_argument("--blocks", type=int, default=10, help="blocks per side and configuration")
-    ap.add_argument("--steps", type=int, default=3, help="training steps per block (the first untimed)")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps (and scoring passes) per block")
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="untimed steps before them in each block (a core idle through the pause between "
+                         "blocks runs the next 20-30 ms slower on this project's VM; 1 until 2026-12-05)")
     ap.add_argument("--tokens", type=int, default=200, help="sampled tokens per block")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for both workers, e.g. CHARNN_PACKED=0")
     args = ap.parse_args()
@@ -133,10 +136,10 @@ def main():
         for block in range(args.blocks):
             order = ("old", "new") if block % 2 == 0 else ("new", "old")
             for s in order:
-                train[s] += ask(sides[s], cmd="train", steps=args.steps)["times"][1:]
+                train[s] += ask(sides[s], cmd="train", steps=args.warmup + args.steps)["times"][args.warmup:]
                 time.sleep(0.3)
             for s in order:
-                score[s] += ask(sides[s], cmd="score", steps=args.steps)["times"][1:]
+                score[s] += ask(sides[s], cmd="score", steps=args.warmup + args.steps)["times"][args.warmup:]
                 time.sleep(0.3)
             for s in order:
                 sample[s] += ask(sides[s], cmd="sample", tokens=args.tokens)["times"][10:]

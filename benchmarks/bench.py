@@ -6,7 +6,7 @@
 
 For each configuration both sides train the same architecture (same sizes, batch, sequence
 length, Adam, global-norm clip 5) on the same random token stream, in alternating blocks of
-three steps (the first untimed: --warmup) with a pause between blocks, so machine noise hits both alike
+steps (the first six untimed: --warmup) with a pause between blocks, so machine noise hits both alike
 and neither side's idle-spinning threads slow the other; the table gives medians of the
 per-step rates and their ratio. Sampling is batch 1, one token at a time (PyTorch with
 oneDNN on and off; the faster is compared). Scoring is a forward pass over N x T tokens with no
@@ -281,10 +281,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=10, help="Training steps timed per side (after 3 warm-up).")
-    ap.add_argument("--warmup", type=int, default=1,
-                    help="Untimed steps at the start of each block (on this project's VM a core idle for the "
-                         "0.3 s pause runs the next 20-30 ms slower).")
+    ap.add_argument("--repeats", type=int, default=10, help="Training steps timed per side (two a block, after --warmup).")
+    ap.add_argument("--warmup", type=int, default=6,
+                    help="Untimed steps at the start of each block, so that what is timed is a run of steps "
+                         "as training runs them (on this project's VM a core idle through the 0.3 s pause runs "
+                         "the next 20-30 ms slower: config (a)'s batch split 10 ms a step for three steps, then "
+                         "5.5; --warmup 1 measures that start, as this script did until 2026-12-05).")
     ap.add_argument("--sample-tokens", type=int, default=300)
     ap.add_argument("--no-memory", action="store_true", help="Skip the peak-memory subprocesses.")
     ap.add_argument("--json", help="Also write the results to this file.")

@@ -85,7 +85,7 @@ def test_a_path_replaces_the_rules_only_when_faster_at_best_and_typically(tmp_pa
     path 10% faster in all of them; a path faster only in its rare unhindered runs (its
     median three times its best) does not replace the rules'."""
     clock = FakeClock()
-    mostly = [1, 3] + [3, 1, 3, 3, 3] * 10  # its first run, its estimate, then one run in five unhindered
+    mostly = [1, 1, 3] + [3, 1, 3, 3, 3] * 10  # its warm-up (two runs), its estimate, then one run in five unhindered
 
     def run(path, t):
         clock.now += {RULE: 1e-3, FAST: 0.9e-3}[path] * t * next(slowed[path])
@@ -112,6 +112,27 @@ def test_the_rules_path_stays_against_a_near_tie(tmp_path):
     assert planner(tmp_path, clock).choose("k", [RULE, FAST, SLOW], runner(clock, cost), 50) == RULE
     cost[FAST] = 0.9e-3
     assert planner(tmp_path / "b", clock).choose("k", [RULE, FAST, SLOW], runner(clock, cost), 50) == FAST
+
+
+def test_a_probe_faster_than_the_single_step_drops_no_candidate(tmp_path):
+    """A candidate whose timed single step was slowed (woken late, another process in the way)
+    so that its PROBE_T run took less: a straight line through the two fell below zero, and
+    "far slower" than that dropped every other candidate, the fastest among them (config (a)'s
+    training on the Zen 4, 2026-12-05). The estimate is bounded below by the probe's rate."""
+    assert plan.estimate(0.010, 0.004, 4, 50) == pytest.approx(0.004 * 50 / 4)
+    assert plan.estimate(0.001, 0.004, 4, 50) == pytest.approx(0.001 + 0.003 * 49 / 3)
+    clock = FakeClock()
+    cost = {RULE: 1e-3, FAST: 5e-4, SLOW: 0.9e-3}
+    calls = []
+    base = runner(clock, cost, calls)
+
+    def run(path, t):
+        base(path, t)
+        if path == SLOW and t == 1 and calls.count((SLOW, 1)) == 2:
+            clock.now += 0.05  # its timed single step (the first ran untimed), slowed
+    assert planner(tmp_path, clock).choose("k", [RULE, SLOW, FAST], run, 50) == FAST
+    assert all(e > 0 for e in json.loads((tmp_path / "plans").glob("*.json").__next__().read_text())
+               ["plans"]["k"]["estimates"].values())
 
 
 def test_a_kept_plan_is_reused_in_the_process_and_the_next(tmp_path):

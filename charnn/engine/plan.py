@@ -13,8 +13,9 @@ work, and keeps the fastest.
 
 Measuring (:meth:`Planner.measure`), within ``budget`` seconds of an injected clock:
 
-1. every candidate once on the work's first time step, untimed: whatever compiles on first use
-   (numba's cache, the packed products of a new shape) does so here (the rules' path before
+1. every candidate once on the work's first time step and once on its first PROBE_T, untimed:
+   whatever compiles or allocates on first use (numba's cache, the packed products of a new
+   shape, the buffers kept for a shape) does so here (the rules' path before
    the clock starts: the work would pay its first use without a planner too);
 2. every candidate timed on its first step and on its first PROBE_T, which estimates what the
    whole work costs on it (its fixed costs and its cost per step); those slower than
@@ -96,6 +97,12 @@ class Path:
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}")
+
+    @property
+    def wakes_blas(self) -> bool:
+        """Whether the path's products run on several of OpenBLAS's threads (which go on
+        spinning after them)."""
+        return self.split == "one" and (self.blas is None or self.blas > 1)
 
     @property
     def label(self) -> str:
@@ -295,38 +302,55 @@ class Planner:
             return m.best
 
     def measure(self, candidates: list, run, T: int) -> "Measured":
-        """Time ``candidates`` by run(path, t): the phases of the module docstring."""
+        """Time ``candidates`` by run(path, t): the phases of the module docstring, for the
+        paths that keep OpenBLAS on one thread first and then for those that wake its threads
+        (each group its share of the budget): once woken for a product, OpenBLAS's threads spin
+        on the cores for about a tenth of a second, and a split run beside them took twice its
+        time (config (a) on the Zen 4, 2026-12-05: the batch split 10.5 ms a step for the first
+        four steps after the one thread with two BLAS threads, 5.5 ms in a run of its own)."""
         clock = self.clock
         rule = candidates[0]
-        run(rule, 1)  # before the clock starts (see the module docstring)
-        start = clock()
-        deadline = start + self.budget
-        warm = [rule]
-        for path in candidates[1:]:
-            if clock() >= deadline:
-                break
-            run(path, 1)
-            warm.append(path)
-        # What the whole work costs on each, from timed runs on 1 and on PROBE_T time steps (a
-        # straight line through the two: a path's fixed costs and its cost per step).
         probe = min(T, PROBE_T)
-        first = {}
-        for path in warm:
-            if first and clock() >= deadline:
-                break
-            t0 = clock()
+
+        def warm_up(path):  # both lengths the estimate times: buffers are kept per shape
             run(path, 1)
-            t1 = clock()
             if probe > 1:
                 run(path, probe)
-            t2 = clock()
-            one, some = t1 - t0, t2 - t1
-            first[path] = one if probe == 1 else some if probe == T else one + (some - one) * (T - 1) / (probe - 1)
-        fastest = min(first.values())
-        alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
-        estimates = dict(first)
-        times = {p: [] for p in alive}
-        if MIN_RUNS * sum(first[p] for p in alive) <= deadline - clock():
+        warm_up(rule)  # before the clock starts (see the module docstring)
+        start = clock()
+        groups = [g for g in ([p for p in candidates if not p.wakes_blas],
+                              [p for p in candidates if p.wakes_blas]) if g]
+        estimates, times, warmed = {}, {}, True
+        for i, group in enumerate(groups):
+            left = start + self.budget - clock()
+            deadline = clock() + max(0.0, left) * len(group) / sum(len(g) for g in groups[i:])
+            warm = []
+            for path in group:
+                if path != rule:
+                    if clock() >= deadline:
+                        break
+                    warm_up(path)
+                warm.append(path)
+            warmed = warmed and len(warm) == len(group)
+            # What the whole work costs on each, from timed runs on 1 and on PROBE_T time steps
+            # (a straight line through the two: a path's fixed costs and its cost per step).
+            first = {}
+            for path in warm:
+                if first and clock() >= deadline:
+                    break
+                t0 = clock()
+                run(path, 1)
+                t1 = clock()
+                if probe > 1:
+                    run(path, probe)
+                t2 = clock()
+                first[path] = estimate(t1 - t0, t2 - t1, probe, T)
+            estimates.update(first)
+            fastest = min(estimates.values())
+            alive = [p for p in first if p == rule or first[p] <= FAR_SLOWER * fastest]
+            times.update({p: [] for p in alive})
+            if MIN_RUNS * sum(first[p] for p in alive) > deadline - clock():
+                continue
             while not all(len(times[p]) >= MAX_RUNS for p in alive):
                 ran = False
                 for path in alive:
@@ -351,8 +375,24 @@ class Planner:
             if (trusted[fastest] <= (1 - MARGIN) * trusted[rule]
                     and typical[fastest] <= (1 - MARGIN) * typical[rule]):
                 best = fastest
-        return Measured(best, timings, T, estimates, probe, clock() - start, len(warm) == len(candidates),
+        return Measured(best, timings, T, estimates, probe, clock() - start, warmed,
                         {p: len(v) for p, v in times.items() if v})
+
+
+def estimate(one: float, some: float, probe: int, T: int) -> float:
+    """What T time steps cost, from one run on 1 step (``one``) and one on ``probe`` steps
+    (``some``): a straight line through the two (fixed costs and a cost per step). Where the
+    probe ran no slower than the single step (a first call woken late, another process in the
+    way), the line says nothing (its slope would be zero or negative, and an estimate below
+    zero once dropped every candidate but the rules' as "far slower" than it): the probe's
+    cost per step is taken for every step instead, which bounds the work from above."""
+    if probe == 1:
+        return one
+    if probe == T:
+        return some
+    if some <= one:
+        return some * T / probe
+    return one + (some - one) * (T - 1) / (probe - 1)
 
 
 @dataclass
