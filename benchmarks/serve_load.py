@@ -22,9 +22,12 @@ token and time per token (per request: (last token - first token) / (tokens - 1)
 p99, errors. Then the engine's stepper alone at the same N (its batched step, and the step with
 a token drawn per stream, which is what the server adds to it), and the server's memory (RSS
 from /proc) over a soak of short requests by 16 clients. The clients run in this process
-(httpx, asyncio) on the same cores as the server: they cost it CPU, which this counts as the
-server's overhead; the table shows each side's CPU (100% = one core). Every run is bounded:
-requests by --rounds and --soak, time by --seconds and a per-request limit.
+(asyncio) on the same cores as the server, so they cost it CPU: by default each is a raw
+socket client (RawClient: keep-alive HTTP/1.1, the answer searched as bytes for the event
+markers, no JSON parsed; --client httpx, the client before 2026-12-05, is kept), which used
+2-9% of one core at 1-64 clients on 2026-12-05; the table shows each side's CPU (100% = one
+core). Every run is bounded: requests by --rounds and --soak, time by --seconds
+and a per-request limit.
 """
 
 from __future__ import annotations

@@ -164,9 +164,9 @@ def test_stream_gives_the_same_text_piece_by_piece(served, lm_vocab):
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 25, "seed": 5, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     evs = events(r.text)
-    # An event a token while the client keeps up; tokens that wait go out together (this
-    # in-process client reads only once the stream has ended, so some always wait).
-    assert 2 <= len(evs) <= 26
+    # The first piece at once, then what was made since the last event, at most an event per
+    # 10 ms, the end at once: one event when the whole text was made before the first went out.
+    assert 1 <= len(evs) <= 26
     assert all(e["object"] == "text_completion" and e["choices"][0]["index"] == 0 for e in evs)
     assert [e["choices"][0]["finish_reason"] for e in evs] == [None] * (len(evs) - 1) + ["length"]
     assert "".join(e["choices"][0]["text"] for e in evs) == alone(lm_vocab, length=25, seed=5)
