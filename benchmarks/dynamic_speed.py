@@ -44,7 +44,12 @@ def worker():
             lm, vocab, ckpt = load_model(path, get_backend("cpu", "float32"))
             text = cmd["text"]
             segment = dyn.DEFAULTS[vocab.level].segment
-            ids, _ = dyn.training_side_ids(ckpt.meta, vocab, path, cmd["stats_tokens"])
+            # (in charnn.dynamic_run since 2026-12-05; charnn.dynamic in older checkouts)
+            try:
+                from charnn.dynamic_run import training_side_ids
+            except ImportError:
+                training_side_ids = dyn.training_side_ids
+            ids, _ = training_side_ids(ckpt.meta, vocab, path, cmd["stats_tokens"])
             stats = dyn.gradient_stats(lm, ids, segment, cmd["stats_tokens"])
             score_document(lm, vocab, text[:2000])  # compiled code loaded, products packed once
             dyn.score_dynamic(lm, vocab, text[:2000], dyn.DEFAULTS[vocab.level], stats)

@@ -11,7 +11,9 @@ it computes, from fixed seeds: the loss and gradients of a chunk, the parameters
 Adam steps with clipping, the carried state, 40 sampled tokens (plain, top-k/top-p, greedy),
 beam search, line scores and a document score; and for each cell a short training run through
 the library (losses of its metrics, the saved parameters, the resumable checkpoint's progress)
-with dropout, weight drop, state resets, weight decay and the cosine schedule. Each result is
+with dropout, weight drop, state resets, weight decay and the cosine schedule; and dynamic
+evaluation (statistics, scores, a tuning over a given grid, score --dynamic with its rates
+given) of a small char and word model. Each result is
 hashed (SHA-256 of its bytes), so two versions compare exactly: a refactoring that moves code
 must show 0 differences. ``--against`` runs the other tree in a subprocess with its checkout
 first on PYTHONPATH, under the same environment.
@@ -143,10 +145,62 @@ def training_fingerprints(out: dict):
                 out[f"{name}/progress"] = hashlib.sha256(json.dumps(progress, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def dynamic_fingerprints(out: dict):
+    """Dynamic evaluation of a small char and word model: the gradient statistics, scores with
+    and without decay, a tuning over a grid given (searched as given), and the command line's
+    whole pipeline with the rates given (statistics from the recorded corpus, or a file)."""
+    import numpy
+    from click.testing import CliRunner
+
+    from charnn import api
+    from charnn import dynamic as dyn
+    from charnn.backend import get_backend
+    from charnn.cli import cli
+    from charnn.io.checkpoint import load_model
+
+    rng = numpy.random.default_rng(1)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "by", "sea"]
+
+    def text_of(n):
+        return "".join(" ".join(rng.choice(words, size=rng.integers(3, 9))) + ".\n" for _ in range(n))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus, scored, stats_file = Path(tmp) / "corpus.txt", Path(tmp) / "scored.txt", Path(tmp) / "stats.txt"
+        corpus.write_text(text_of(300), encoding="utf-8")
+        scored.write_text(text_of(12), encoding="utf-8")
+        stats_file.write_text(text_of(40), encoding="utf-8")
+        for level in ("char", "word"):
+            run = Path(tmp) / f"dyn-{level}"
+            api.train(corpus, run, level=level, hidden=16, layers=2, seq_len=10, batch_size=4, max_steps=30,
+                      eval_every=10, log_every=5, sample_length=10, device="cpu", seed=2)
+            for dtype in ("float32", "float64"):
+                name = f"dynamic-{level}-{dtype}"
+                lm, vocab, _ = load_model(run / "model.npz", get_backend("cpu", dtype))
+                ms = dyn.gradient_stats(lm, dyn.text_ids(vocab, stats_file.read_text()), 6)
+                out[f"{name}/stats"] = digest(*(numpy.asarray(ms[k]) for k in sorted(ms)))
+                text = scored.read_text()
+                for lr, decay in ((1e-3, 0.0), (3e-3, 1e-2)):
+                    s = dyn.score_dynamic(lm, vocab, text, dyn.DynamicSettings(lr, decay, 6), ms, with_tokens=True)
+                    out[f"{name}/score-{lr:g}-{decay:g}"] = digest(numpy.array(s.surprisal))
+                best, results = dyn.tune(lm, dyn.text_ids(vocab, text_of(6)), ms, 6, lrs=(1e-4, 1e-3, 1e-2),
+                                         decays=(0.0, 1e-3))
+                out[f"{name}/tune"] = digest(numpy.array([r[2] for r in results]),
+                                             numpy.array([best.lr, best.decay, best.segment]))
+            for what, extra in (("recorded", []), ("file", ["--dynamic-stats", stats_file, "--dynamic-segment", "7"])):
+                r = CliRunner().invoke(cli, [str(a) for a in ["score", run, scored, "--document", "--dynamic",
+                                                              "--dynamic-lr", "0.002", "--dynamic-decay", "0.001",
+                                                              "--format", "jsonl", "--device", "cpu", "-q", *extra]])
+                summary = json.loads(r.stdout.splitlines()[-1]) if r.exit_code == 0 else {"error": r.output}
+                kept = {k: summary.get(k) for k in ("tokens", "logprob", "nats_per_token", "error")}
+                kept["dynamic"] = {k: v for k, v in summary.get("dynamic", {}).items() if k != "stats"}
+                out[f"dynamic-{level}-cli-{what}"] = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprints() -> dict:
     out: dict = {}
     model_fingerprints(out)
     training_fingerprints(out)
+    dynamic_fingerprints(out)
     return out
 
 

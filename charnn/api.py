@@ -6,12 +6,14 @@
     print(api.generate(m, 100, prime="ROMEO:", temperature=0.8, seed=1))
     for s in api.score(m, ["To be, or not to be, that is the question."]):
         print(s.tokens, s.logprob, s.bits_per_token, s.perplexity)
+    s, used = api.score_dynamic(m, open("heldout.txt").read())   # score --document --dynamic
+    print(s.nats_per_token, used.describe())
     result = api.train("corpora/shakespeare.txt", "runs/try", hidden=128, time_limit=60)
     m = api.load(result["model"])
 
 Thin wrappers over the library, which stays the interface for anything finer:
 charnn.io.checkpoint.load_model, charnn.sample.generate and beam_search, charnn.score.score_lines
-and score_document, charnn.dynamic.dynamic_evaluation (score --dynamic), charnn.train.TrainConfig
+and score_document, charnn.dynamic_run.evaluate (score --dynamic), charnn.train.TrainConfig
 and Trainer. Errors are the library's exceptions
 (CheckpointError, SampleError, ScoreError, TrainError, CorpusError, MemoryLimitError, ...), each
 with a one-line message; nothing here prints.
@@ -19,12 +21,14 @@ with a one-line message; nothing here prints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
 
 from .backend import get_backend
+from .dynamic import DynamicSettings
+from .dynamic_run import DynamicPlan, evaluate
 from .io.checkpoint import load_model, resolve
 from .io.vocab import Vocab, iter_lines
 from .nn.model import LanguageModel
@@ -40,6 +44,7 @@ class Model:
     network: LanguageModel
     vocab: Vocab
     path: Path
+    meta: dict = field(default_factory=dict, repr=False, compare=False)  # the file's metadata (its training run)
 
 
 def load(path=None, device: str = "auto") -> Model:
@@ -47,8 +52,8 @@ def load(path=None, device: str = "auto") -> Model:
     ``device`` ("auto", "cpu" or "gpu"); ``Model.path`` is the model file. Raises
     CheckpointError for anything but a model file (a FIFO included, which is never opened)."""
     path = resolve(path)
-    network, vocab, _ = load_model(path, get_backend(device, "float32"))
-    return Model(network, vocab, path)
+    network, vocab, ckpt = load_model(path, get_backend(device, "float32"))
+    return Model(network, vocab, path, ckpt.meta)
 
 
 def generate(model: Model, length: int = 200, prime: str = "", temperature: float = 1.0,
@@ -74,6 +79,21 @@ def score(model: Model, lines, document: bool = False, strict: bool = False) -> 
     if isinstance(lines, str):
         lines = iter_lines(lines)
     return score_lines(model.network, model.vocab, list(lines), strict=strict)
+
+
+def score_dynamic(model: Model, text: str, settings: DynamicSettings | None = None, strict: bool = False,
+                  encoding: str = "utf-8", errors: str = "strict") -> tuple[Scored, DynamicPlan]:
+    """Score ``text`` as one stream with dynamic evaluation, as ``charnn score --document
+    --dynamic`` does: a copy of the weights adapts to the text as it is read (the model is not
+    changed). ``settings`` (charnn.dynamic.DynamicSettings) as the command's --dynamic-*
+    options, each None chosen as there: η and λ tuned on the validation text the model file
+    names (never on ``text``), else the defaults; gradient statistics on the training part of
+    its recorded corpus, which must be present and unchanged, or on ``settings.stats``.
+    ``encoding``/``errors``: how the files in ``settings`` are read. Returns (the score, the
+    plan: the settings used and where each came from; ``plan.describe()`` says it in words).
+    Raises DynamicError, CorpusError or MemoryLimitError with a one-line message."""
+    return evaluate(model.network, model.vocab, text, settings, model.meta, model.path, strict=strict,
+                    encoding=encoding, errors=errors)
 
 
 def train(corpus, out, max_memory: int | None = None, **options) -> dict:

@@ -29,14 +29,16 @@ embedding of a word it lacks) has MS_g = 0: with the paper's decay it would drif
 at λ ε / mean(s).
 
 Hyperparameters (η, λ, segment length) are chosen on training-side text, never on the text
-being scored: DEFAULTS per level (see benchmarks/README.md, "Dynamic evaluation"), or
-:func:`tune`'s grid search on a held-out training-side text.
+being scored: :func:`tune`'s grid search on a held-out training-side text (the grid extended
+past an edge where the best sits on it, :func:`search`), or DEFAULTS per level (see
+benchmarks/README.md, "Dynamic evaluation"). Which texts those are for a model file, and the
+whole run of ``score --dynamic``, is charnn.dynamic_run.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import numpy
@@ -69,22 +71,41 @@ class _NonFinite(Exception):
 
 @dataclass(frozen=True)
 class DynamicSettings:
-    """η (``lr``), λ (``decay``) and the segment length in tokens."""
+    """Dynamic evaluation's settings: η (``lr``), λ (``decay``), the segment length in tokens,
+    and the training-side texts it reads (paths). A value left None is chosen (dynamic_run):
+    η and λ on held-out training-side text (``tune``, else the validation text the model file
+    names) or, with none, the level's DEFAULTS; the segment from DEFAULTS; the gradient
+    statistics on ``stats``, else the training part of the model's recorded corpus. Never the
+    scored text: a ``stats`` or ``tune`` file that is the scored text is refused."""
 
-    lr: float
-    decay: float
-    segment: int
+    lr: float | None = None
+    decay: float | None = None
+    segment: int | None = None
+    stats: str | None = None
+    tune: str | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
+                                        and self.lr >= 0):
             raise DynamicError(f"the dynamic learning rate must be a finite number >= 0, got {self.lr}")
-        if not (isinstance(self.decay, (int, float)) and math.isfinite(self.decay) and 0 <= self.decay <= 1):
+        if self.decay is not None and not (isinstance(self.decay, (int, float)) and math.isfinite(self.decay)
+                                           and 0 <= self.decay <= 1):
             raise DynamicError(f"the dynamic decay must be a number in [0, 1], got {self.decay}")
-        if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
+        if self.segment is not None and (isinstance(self.segment, bool) or not isinstance(self.segment, int)
+                                         or self.segment < 1):
             raise DynamicError(f"the dynamic segment must be a positive number of tokens, got {self.segment}")
 
+    def given(self) -> list:
+        """The names of the settings given (not None), in field order."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def chosen(self) -> bool:
+        """Whether η, λ and the segment all have values (as scoring needs)."""
+        return None not in (self.lr, self.decay, self.segment)
+
     def to_json(self) -> dict:
-        return asdict(self)
+        """η, λ and the segment."""
+        return {"lr": self.lr, "decay": self.decay, "segment": self.segment}
 
 
 # Chosen on training-side text (benchmarks/README.md, "Dynamic evaluation").
@@ -220,6 +241,9 @@ def score_dynamic(model: LanguageModel, vocab, text: str, settings: DynamicSetti
 
     ``progress`` is called with (tokens predicted, tokens to predict). Work that would pass
     the memory available (or ``max_memory`` bytes) is refused first (memory.MemoryLimitError)."""
+    if not settings.chosen():
+        raise DynamicError(f"scoring needs the dynamic learning rate, decay and segment, got {settings.to_json()}; "
+                           "dynamic_run.evaluate chooses those not given")
     ids, toks, excluded = encode_known(vocab, text, strict)
     check_memory(model, settings.segment, len(ids), max_memory)
     try:
@@ -274,128 +298,91 @@ def _largest_product(model: LanguageModel, T: int) -> float:
     return 2.0 * max(p.size for p in model.params.values()) * T
 
 
-def tune(model: LanguageModel, ids, stats: dict, segment: int, lrs=None, decays=None,
-         progress: Progress = None, max_memory: int | None = None) -> tuple[DynamicSettings, list]:
-    """The (η, λ) of the grid with the lowest dynamic loss on ``ids`` (a held-out training-side
-    text, from text_ids; never the text to be scored), ``stats`` measured with ``segment``.
+# How far tune()'s default grid may extend past its edges: η within these; λ up to 1, down to
+# DECAY_FLOOR (η = 0 and λ = 0 are edges of their own: nothing is below them).
+LR_LIMITS = (1e-6, 0.1)
+DECAY_FLOOR = 1e-6
+
+
+def ladder(x: float, up: bool) -> float:
+    """The next value above (``up``) or below ``x`` > 0 on the default grids' ladder, ... 1e-4,
+    3e-4, 1e-3, 3e-3 ... (1 and 3 in each decade): 1e-4 -> 3e-4 up, 3e-5 down."""
+    k = math.floor(math.log10(x) + 1e-9)
+    m = x / 10.0 ** k  # in [1, 10)
+    if up:
+        v = 3 * 10.0 ** k if m < 3 - 1e-9 else 10.0 ** (k + 1)
+    else:
+        v = 3 * 10.0 ** (k - 1) if m <= 1 + 1e-9 else 10.0 ** k if m <= 3 + 1e-9 else 3 * 10.0 ** k
+    return float(f"{v:.0e}")
+
+
+def search(loss: Callable[[float, float], float], lrs, decays, extend_lr: bool = True, extend_decay: bool = True):
+    """The (η, λ) of the lowest ``loss(lr, decay)`` (one that is not finite is never the lowest):
+    first the grid lrs x decays, in order; then, while the best sits on an edge of the values
+    tried (the highest or lowest η, the highest or lowest λ) that may extend, the next value
+    past that edge on the ladder, with the best's other value, until the loss turns up or a
+    limit is reached (LR_LIMITS; λ in [DECAY_FLOOR, 1]; η = 0 and λ = 0 are floors). Ties go
+    to the first tried.
 
     Returns:
-        (settings, results): results a list of (lr, decay, nats per token), in grid order.
+        ((lr, decay), results): results a list of (lr, decay, loss) in the order tried.
     """
-    lrs = tuple(LR_GRID if lrs is None else lrs)
-    decays = tuple(DECAY_GRID if decays is None else decays)
+    losses = {}
+    for lr in lrs:
+        for d in decays:
+            if (lr, d) not in losses:
+                losses[lr, d] = loss(lr, d)
+    while True:
+        best = min(losses, key=lambda k: losses[k] if math.isfinite(losses[k]) else math.inf)
+        if not math.isfinite(losses[best]):
+            break
+        lr, d = best
+        tried_lr, tried_d = {k[0] for k in losses}, {k[1] for k in losses}
+        nexts = []
+        if extend_lr and lr == max(tried_lr) and ladder(lr, True) <= LR_LIMITS[1] * (1 + 1e-9) and lr > 0:
+            nexts.append((ladder(lr, True), d))
+        if extend_lr and lr == min(tried_lr) and lr > 0 and ladder(lr, False) >= LR_LIMITS[0] * (1 - 1e-9):
+            nexts.append((ladder(lr, False), d))
+        if extend_decay and d == max(tried_d) and 0 < d < 1:
+            nexts.append((lr, min(ladder(d, True), 1.0)))
+        if extend_decay and d == min(tried_d) and d > 0 and ladder(d, False) >= DECAY_FLOOR * (1 - 1e-9):
+            nexts.append((lr, ladder(d, False)))
+        nexts = [k for k in nexts if k not in losses]
+        if not nexts:
+            break
+        for k in nexts:
+            losses[k] = loss(*k)
+    return best, [(lr, d, v) for (lr, d), v in losses.items()]
+
+
+def tune(model: LanguageModel, ids, stats: dict, segment: int, lrs=None, decays=None,
+         progress: Progress = None, max_memory: int | None = None) -> tuple[DynamicSettings, list]:
+    """The (η, λ) with the lowest dynamic loss on ``ids`` (a held-out training-side text, from
+    text_ids; never the text to be scored), ``stats`` measured with ``segment``, by
+    :func:`search`: a grid left None is the default one (LR_GRID, DECAY_GRID), extended past
+    an edge where the best sits on it; a grid given is searched as given.
+
+    Returns:
+        (settings, results): results a list of (lr, decay, nats per token), in the order tried
+        (the grid's first).
+    """
+    grid = (len(tuple(LR_GRID if lrs is None else lrs)) * len(tuple(DECAY_GRID if decays is None else decays)))
     P = len(ids) - 1
     if P < 1:
         raise DynamicError("the tuning text has fewer than two tokens")
     check_memory(model, segment, P, max_memory)
-    grid = [(lr, d) for lr in lrs for d in decays]
-    results = []
-    for n, (lr, d) in enumerate(grid):
-        each = None if progress is None else (lambda done, total, n=n: progress(n * P + done, len(grid) * P))
+    passes = []
+
+    def loss(lr, d):
+        n = len(passes)
+        passes.append((lr, d))
+        total = max(grid, n + 1) * P
+        each = None if progress is None else (lambda done, _, n=n: progress(n * P + done, total))
         try:
-            loss = float(_run(model, ids, DynamicSettings(lr, d, segment), stats, each).mean())
+            return float(_run(model, ids, DynamicSettings(lr, d, segment), stats, each).mean())
         except _NonFinite:
-            loss = math.inf  # (diverged: never the best)
-        results.append((lr, d, loss))
-    best = min(results, key=lambda r: (r[2] if math.isfinite(r[2]) else math.inf))
+            return math.inf  # (diverged: never the best)
+
+    best, results = search(loss, tuple(LR_GRID if lrs is None else lrs), tuple(DECAY_GRID if decays is None else decays),
+                           extend_lr=lrs is None, extend_decay=decays is None)
     return DynamicSettings(best[0], best[1], segment), results
-
-
-def dynamic_evaluation(model: LanguageModel, vocab, text: str, stats_text: str, lr: float | None = None,
-                       decay: float | None = None, segment: int | None = None, tune_text: str | None = None,
-                       stats_tokens: int = STATS_TOKENS) -> tuple[Scored, DynamicSettings]:
-    """Dynamic evaluation in one call, for Python users and benchmarks: MS_g on ``stats_text``
-    (training-side text), η and λ given, tuned on ``tune_text`` (those not given), or the
-    level's DEFAULTS; then ``text`` scored. Returns (score, the settings used)."""
-    base = DEFAULTS[vocab.level]
-    segment = base.segment if segment is None else segment
-    DynamicSettings(base.lr if lr is None else lr, base.decay if decay is None else decay, segment)  # validate
-    if tune_text is not None and tune_text == text:
-        raise DynamicError("the tuning text is the text to be scored; tune on held-out training-side text")
-    stats = gradient_stats(model, text_ids(vocab, stats_text), segment, stats_tokens)
-    if tune_text is not None and (lr is None or decay is None):
-        settings, _ = tune(model, text_ids(vocab, tune_text), stats, segment,
-                           lrs=None if lr is None else (lr,), decays=None if decay is None else (decay,))
-    else:
-        settings = DynamicSettings(base.lr if lr is None else lr, base.decay if decay is None else decay, segment)
-    return score_dynamic(model, vocab, text, settings, stats), settings
-
-
-def file_ids(path, vocab, encoding: str = "utf-8", errors: str = "strict", max_tokens: int = STATS_TOKENS):
-    """text_ids(vocab, the text of ``path``)[-(max_tokens + 1):], read from the end of the file
-    (io.corpus.tail_ids): a training-side text of any size costs about its last ``max_tokens``
-    tokens.
-
-    Raises:
-        io.corpus.CorpusError: the file is missing, a folder, a FIFO, binary or not decodable.
-    """
-    from .io.corpus import tail_ids
-
-    ids = tail_ids(path, vocab, max_tokens + 1, encoding, errors)
-    return ids if len(ids) > max_tokens else _with_start(vocab, ids)
-
-
-def training_corpus(meta: dict, model_path) -> tuple:
-    """(path, train options) of the corpus a model file records it was trained on, when that
-    file is present and unchanged (its SHA-256 equals the recorded one), else (None, why).
-    The path is tried as recorded (relative to the working folder it was trained in) and then
-    in the folder of the model file itself (a run folder, which keeps a corpus read from stdin
-    as corpus-stdin.txt), whatever the working folder now; ``model_path`` may be a run folder."""
-    from pathlib import Path
-
-    from .io.checkpoint import CheckpointError, resolve
-    from .io.fileio import file_kind, sha256_file
-
-    train = meta.get("train") if isinstance(meta, dict) else None
-    digest = meta.get("corpus_sha256") if isinstance(meta, dict) else None
-    corpus = train.get("corpus") if isinstance(train, dict) else None
-    if not isinstance(corpus, str) or not corpus or not isinstance(digest, str):
-        return None, "the model file does not record its training corpus"
-    recorded = Path(corpus)
-    try:
-        folder = resolve(model_path).resolve().parent
-    except (CheckpointError, OSError):
-        folder = Path(model_path).resolve().parent
-    candidates = [recorded]
-    if folder / recorded.name != recorded:
-        candidates.append(folder / recorded.name)
-    changed = False
-    for path in candidates:
-        if path.is_file() and not file_kind(path):
-            try:
-                if sha256_file(path) == digest:
-                    return path, train
-            except OSError:
-                continue
-            changed = True
-    if changed:
-        return None, f"its training corpus {corpus} has changed since training"
-    return None, f"its training corpus {corpus} is not found"
-
-
-def training_side_ids(meta: dict, vocab, model_path, max_tokens: int = STATS_TOKENS):
-    """(ids, description): the last ``max_tokens`` + 1 tokens of the training part of the
-    model's recorded corpus (the part before its validation tail, as training split it), or a
-    DynamicError saying why there are none. Streamed: a count of the corpus's tokens, then only
-    those tokens kept (without a validation tail, read from the end of the file)."""
-    from .io.corpus import CorpusError, count_tokens, tail_ids, window_ids
-
-    path, train = training_corpus(meta, model_path)
-    if path is None:
-        raise DynamicError(f"dynamic evaluation measures gradient statistics on training-side text and {train}; "
-                           f"give it with --dynamic-stats FILE")
-    encoding, errors = train.get("encoding", "utf-8"), train.get("errors", "strict")
-    fraction = train.get("val_fraction", 0.1)
-    want = max_tokens + 1
-    try:
-        if not train.get("val") and isinstance(fraction, (int, float)) and 0 < fraction < 1:
-            n = count_tokens(path, vocab, encoding, errors)
-            n_val = int(round(n * fraction))  # as data.split_tail cuts it (too short a tail: none)
-            end = n - n_val if n_val >= 2 else n
-            ids = window_ids(path, vocab, max(0, end - want), end, encoding, errors)
-        else:
-            ids = tail_ids(path, vocab, want, encoding, errors, strict=True)
-    except (CorpusError, LookupError, ValueError) as e:
-        raise DynamicError(f"{path}: {e}" if not str(e).startswith(str(path)) else str(e)) from None
-    ids = numpy.asarray(ids, dtype=numpy.int64)
-    return ids, f"the last {len(ids) - 1:,} training tokens of {path}"

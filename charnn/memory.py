@@ -73,7 +73,7 @@ class Shape:
     which are known only once the corpus is read: ``classes`` is their count)."""
 
     vocab: int
-    cell: str = "lstm"
+    cell: str = cells.DEFAULT_CELL
     layers: int = 2
     hidden: int = 256
     embed: int = 0

@@ -170,7 +170,7 @@ def stop_after(monkeypatch, step: int):
     fired = []
 
     def done(self, started):
-        if not fired and self.progress["step"] >= step:
+        if not fired and self.counters["step"] >= step:
             fired.append(step)
             self.stop_requested = True
         return original(self, started)

@@ -28,7 +28,7 @@ def main():
         step = train.Trainer._step
 
         def failing(self, x, y, started):
-            if self.progress["step"] + 1 == at:
+            if self.counters["step"] + 1 == at:
                 raise RuntimeError("injected fault")
             return step(self, x, y, started)
 

@@ -119,3 +119,26 @@ def test_a_run_of_the_registered_cell_resumes(tmp_path, leaky):
     check_ok(invoke("train", "--resume", "--out", out, "--max-steps", 20, "--sample-length", 0, "-q"))
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert max(steps) == 20
+
+
+def test_an_activation_of_a_registered_cell_is_accepted_everywhere(tmp_path):
+    """The activations come from the registry too: a cell that accepts one the built-in cells
+    do not is offered it by the command line, the model configuration and resume (each held
+    the list "tanh", "relu" once)."""
+    with pytest.raises(Exception, match="activation must be tanh or relu"):
+        ModelConfig(vocab_size=7, activation="softsign")
+    cells.register(cells.Cell("leaky", 1, False, leaky_forward, leaky_backward, extra={"mix": lambda H: (H,)},
+                              init_bias=_mix_init, activations=("tanh", "softsign")))
+    try:
+        corpus = write_corpus(tmp_path)
+        out = tmp_path / "run"
+        check_ok(train(corpus, out, "--cell", "leaky", "--activation", "softsign", "--max-steps", 10,
+                       "--eval-every", 10))
+        check_ok(invoke("train", "--resume", "--out", out, "--max-steps", 20, "--sample-length", 0, "-q"))
+        assert json.loads(check_ok(invoke("info", out, "--json")).stdout)["activation"] == "softsign"
+        refused = train(corpus, tmp_path / "other", "--cell", "lstm", "--activation", "softsign")
+        assert refused.exit_code == 2 and "--cell leaky only" in refused.output + refused.stderr
+        assert cells.activations() == ("tanh", "relu", "softsign") and cells.get("leaky").takes_activation
+        assert not cells.get("lstm").takes_activation and cells.get("rnn").takes_activation
+    finally:
+        del cells.CELLS["leaky"]

@@ -13,6 +13,7 @@ import numpy
 import pytest
 
 from charnn import dynamic as dyn
+from charnn import dynamic_run as dyn_run
 from charnn.backend import get_backend
 from charnn.io.checkpoint import load_model
 from charnn.score import score_document
@@ -175,8 +176,8 @@ def test_dynamic_evaluation_in_one_call_refuses_the_scored_text_as_tuning_text(l
     lm, vocab = loaded
     text = corpus_text(5, seed=8)
     with pytest.raises(dyn.DynamicError, match="tuning text is the text to be scored"):
-        dyn.dynamic_evaluation(lm, vocab, text, corpus_text(30, seed=9), tune_text=text)
-    s, settings = dyn.dynamic_evaluation(lm, vocab, text, corpus_text(30, seed=9), segment=6,
+        dyn_run.dynamic_evaluation(lm, vocab, text, corpus_text(30, seed=9), tune_text=text)
+    s, settings = dyn_run.dynamic_evaluation(lm, vocab, text, corpus_text(30, seed=9), segment=6,
                                          tune_text=corpus_text(5, seed=10))
     assert settings.segment == 6 and settings.lr in dyn.LR_GRID and settings.decay in dyn.DECAY_GRID
     assert s.tokens == len(text)
@@ -194,12 +195,15 @@ def test_score_dynamic_says_what_it_used_and_leaves_the_model_file_alone(run, tm
     summary = json.loads(r.stdout.splitlines()[-1])
     d = summary["dynamic"]
     default = dyn.DEFAULTS["char"]
-    assert (d["lr"], d["decay"], d["segment"]) == (default.lr, default.decay, default.segment)
-    assert d["source"] == {"lr": "default", "decay": "default", "segment": "default"}
+    # (since 2026-12-05 the rate and decay not given are tuned on the model's validation split)
+    where = d["source"]["lr"].removeprefix("tuned on ")
+    assert d["source"] == {"lr": f"tuned on {where}", "decay": f"tuned on {where}", "segment": "default"}
+    assert str(corpus) in where and d["segment"] == default.segment
     assert str(corpus) in d["stats"] and d["stats_tokens"] > 0
     lines = [line for line in r.stderr.splitlines() if "dynamic evaluation" in line]
-    assert lines == [f"charnn score: dynamic evaluation with lr {default.lr:g} (default), decay {default.decay:g} "
-                     f"(default), segment {default.segment} (default); gradient statistics from {d['stats']}"]
+    assert lines == [f"charnn score: dynamic evaluation with lr {d['lr']:g} (tuned), decay {d['decay']:g} "
+                     f"(tuned), segment {default.segment} (default); tuned on {where} ({len(d['tuning'])} passes); "
+                     f"gradient statistics from {d['stats']}"]
     assert model.read_bytes() == raw and os.stat(model).st_mtime_ns == mtime
     static = json.loads(check_ok(invoke("score", model, text, "--document", "--format", "jsonl",
                                         "--device", "cpu")).stdout.splitlines()[-1])
@@ -221,10 +225,11 @@ def test_score_dynamic_tunes_on_the_file_given_and_reports_it(run, tmp_path):
     d = json.loads(r.stdout.splitlines()[-1])["dynamic"]
     assert d["source"] == {"lr": f"tuned on {held}", "decay": "given", "segment": "given"}
     assert d["decay"] == 0.02 and d["segment"] == 6
-    assert [t["lr"] for t in d["tuning"]] == list(dyn.LR_GRID) and {t["decay"] for t in d["tuning"]} == {0.02}
+    # the grid first, then past its edge where the best sat on it
+    assert [t["lr"] for t in d["tuning"]][:4] == list(dyn.LR_GRID) and {t["decay"] for t in d["tuning"]} == {0.02}
     assert d["lr"] == min(d["tuning"], key=lambda t: t["nats_per_token"])["lr"]
     line = [x for x in r.stderr.splitlines() if "dynamic evaluation" in x]
-    assert len(line) == 1 and f"(tuned on {held})" in line[0] and "decay 0.02 (given)" in line[0]
+    assert len(line) == 1 and "(tuned)" in line[0] and f"; tuned on {held} (" in line[0] and "decay 0.02 (given)" in line[0]
     # the table output says it too, and --dynamic-stats replaces the training corpus
     r = check_ok(invoke("score", model, text, "--document", "--dynamic", "--dynamic-stats", held, "--device", "cpu"))
     assert f"gradient statistics from the last {len(corpus_text(8, seed=12))} tokens of {held}" in r.stderr
@@ -272,7 +277,7 @@ def test_the_default_statistics_leave_out_the_validation_tail(run, loaded):
     from charnn.io.checkpoint import load
 
     meta = load(folder / "run" / "model.npz").meta
-    ids, where = dyn.training_side_ids(meta, vocab, folder / "run" / "model.npz", max_tokens=10 ** 9)
+    ids, where = dyn_run.training_side_ids(meta, vocab, folder / "run" / "model.npz", max_tokens=10 ** 9)
     all_ids = vocab.encode(corpus.read_text())
     n_val = int(round(len(all_ids) * 0.1))
     numpy.testing.assert_array_equal(ids, all_ids[: len(all_ids) - n_val])
@@ -360,7 +365,7 @@ def test_file_ids_equal_the_whole_texts_tail(tmp_path, monkeypatch, name, encodi
     monkeypatch.setattr(corpus, "TAIL_START", 7)  # several reads, each from a byte inside a character
     for k in (1, 5, 37, 200, 10_000):
         expected = dyn.text_ids(vocab, normalised)[-(k + 1):]
-        numpy.testing.assert_array_equal(dyn.file_ids(path, vocab, encoding, max_tokens=k), expected, err_msg=str(k))
+        numpy.testing.assert_array_equal(dyn_run.file_ids(path, vocab, encoding, max_tokens=k), expected, err_msg=str(k))
 
 
 def test_file_ids_reads_only_the_end_of_a_large_file(tmp_path, monkeypatch):
@@ -381,7 +386,7 @@ def test_file_ids_reads_only_the_end_of_a_large_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", counting_open)
     vocab = Vocab.build_char(set(corpus_text(200)))
-    ids = dyn.file_ids(path, vocab, max_tokens=20_000)
+    ids = dyn_run.file_ids(path, vocab, max_tokens=20_000)
     assert len(ids) == 20_001 and sum(read) <= 8 * 20_001, sum(read)
     numpy.testing.assert_array_equal(ids, vocab.encode(path.read_text()[-20_001:]))
     assert corpus.TAIL_START <= sum(read)
@@ -413,7 +418,7 @@ def test_the_training_side_without_a_validation_tail_is_read_from_the_end(tmp_pa
     from charnn.io.checkpoint import load
 
     ckpt = load(tmp_path / "run" / "model.npz")
-    ids, where = dyn.training_side_ids(ckpt.meta, ckpt.vocab, tmp_path / "run", max_tokens=1000)
+    ids, where = dyn_run.training_side_ids(ckpt.meta, ckpt.vocab, tmp_path / "run", max_tokens=1000)
     numpy.testing.assert_array_equal(ids, ckpt.vocab.encode(corpus.read_text())[-1001:])
     assert where == f"the last 1,000 training tokens of {corpus}"
 

@@ -5,7 +5,7 @@ import numpy
 import pytest
 
 from charnn.backend import get_backend
-from charnn.engine import head_kernels, kernels, parallel
+from charnn.engine import head_kernels, kernels, layers, parallel
 from charnn.engine.cpu import CpuOps
 from charnn.engine.settings import Settings
 from charnn.nn.model import LanguageModel, ModelConfig
@@ -135,7 +135,7 @@ def test_fused_adam_matches_plain(monkeypatch):
     numpy.testing.assert_allclose(out["numba"], out["numpy"], atol=2e-6)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", layers.FUSED)  # every cell the engine has twins for: a step each
 @pytest.mark.parametrize("embed", [0, 6])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_stepper_matches_model_step(cell, embed, dtype):

@@ -124,7 +124,7 @@ def test_work_progress_shows_counts_rate_and_eta_on_a_terminal():
         assert buf.getvalue() == ""  # a job shorter than the delay shows nothing
         clock.t = 1.0
         progress(400, 1000)
-        progress.progress.refresh()
+        progress.display.refresh()
         shown = ANSI.sub("", buf.getvalue())
     assert "400/1,000 lines" in shown and "ETA" in shown and "scoring" in shown, shown
     for line in screen_lines(shown):
@@ -135,7 +135,7 @@ def test_work_progress_fits_a_narrow_terminal():
     console, buf = terminal(30)
     with WorkProgress("lstm 3x5 embed 4 word 6 classes", "checks", console=console, delay=0) as progress:
         progress(5, 108)
-        progress.progress.refresh()
+        progress.display.refresh()
     lines = screen_lines(buf.getvalue())
     assert lines and all(len(line) <= 30 for line in lines), lines
     assert any("5/108 checks" in line and "ETA" in line for line in lines), lines

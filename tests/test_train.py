@@ -462,9 +462,9 @@ def blow_up_after(monkeypatch, step, lr=1e6, interrupt_at=None):
     real = train_mod.Trainer._reset_some
 
     def reset_some(self, state):
-        if self.progress["step"] == step:
-            self.progress["lr"] = lr  # the base rate (the schedule scales it)
-        if self.progress["step"] == interrupt_at:
+        if self.counters["step"] == step:
+            self.counters["lr"] = lr  # the base rate (the schedule scales it)
+        if self.counters["step"] == interrupt_at:
             self.stop_requested = True
         return real(self, state)
 

@@ -37,7 +37,7 @@ def describe(model) -> dict:
         "file_bytes": path.stat().st_size,
         "resumable": bool(ckpt.optim),
         "cell": c.cell, "layers": c.layers, "hidden": c.hidden, "embed": c.embed,
-        "activation": c.activation if len(cells.get(c.cell).activations) > 1 else None, "tie": c.tie,
+        "activation": c.activation if cells.get(c.cell).takes_activation else None, "tie": c.tie,
         "dropout": c.dropout,
         "classes": c.n_classes, "parameters": c.n_params(),
         "vocab": {"level": v.level, "size": len(v), "tokenizer": v.tokenizer if v.level == "word" else None,

@@ -16,21 +16,38 @@ from ..nn import cells
 SEQ_LEN, BATCH_SIZE = 50, 32  # train's defaults (info --plan's too)
 
 
-class CellChoice(click.Choice):
-    """A choice among the registered cells (nn/cells.py), read when a command line is parsed,
-    so a cell registered after import is offered too; ``extra`` adds choices such as "all"."""
+class RegistryChoice(click.Choice):
+    """A choice read from the cell registry (nn/cells.py) when a command line is parsed, so a
+    cell registered after import counts too; ``extra`` adds choices such as "all"."""
 
     def __init__(self, extra=()):
         self.extra = tuple(extra)
         super().__init__((), case_sensitive=True)
 
+    def read(self) -> tuple:
+        raise NotImplementedError
+
     @property
     def choices(self):
-        return tuple(cells.CELLS) + self.extra
+        return self.read() + self.extra
 
     @choices.setter
     def choices(self, value):
         pass
+
+
+class CellChoice(RegistryChoice):
+    """A choice among the registered cells."""
+
+    def read(self) -> tuple:
+        return tuple(cells.CELLS)
+
+
+class ActivationChoice(RegistryChoice):
+    """A choice among the activations some registered cell accepts."""
+
+    def read(self) -> tuple:
+        return cells.activations()
 
 
 def rate(v: float) -> str:

@@ -110,14 +110,14 @@ class WorkProgress:
         self.delay, self.clock, self.t0 = delay, clock, clock()
         self.started = False
         self.task = None
-        self.progress = None
+        self.display = None
         if self.enabled:
-            self.progress = FittedProgress(
+            self.display = FittedProgress(
                 (TextColumn("{task.description}"), BarColumn(), CountColumn(unit), RateColumn(unit), EtaColumn()),
                 (BarColumn(), CountColumn(unit), EtaColumn()),
                 (CountColumn(unit), EtaColumn()),
                 console=self.console, transient=True)
-            self.task = self.progress.add_task(description, total=None)
+            self.task = self.display.add_task(description, total=None)
 
     def __call__(self, done: int, total: int | None = None, description: str | None = None):
         if not self.enabled:
@@ -127,14 +127,14 @@ class WorkProgress:
             fields["total"] = total
         if description is not None:
             fields["description"] = description
-        self.progress.update(self.task, **fields)
+        self.display.update(self.task, **fields)
         if not self.started and self.clock() - self.t0 >= self.delay:
-            self.progress.start()
+            self.display.start()
             self.started = True
 
     def close(self):
         if self.started:
-            self.progress.stop()
+            self.display.stop()
             self.started = False
 
     def __enter__(self):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -12,9 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import dynamic as dyn
+from .. import dynamic_run
 from ..backend import DEVICES
 from ..io.checkpoint import looks_like_model
-from ..io.corpus import same_text
 from ..io.data import CorpusError, read_text
 from ..io.fileio import file_kind
 from ..io.vocab import iter_lines
@@ -55,102 +54,21 @@ def heat_text(tokens, surprisal, level: str) -> Text:
     return out
 
 
-@dataclass
-class DynamicOptions:
-    """score's --dynamic-* options as given (None: not given)."""
-
-    lr: float | None = None
-    decay: float | None = None
-    segment: int | None = None
-    stats: str | None = None
-    tune: str | None = None
-
-    def given(self) -> list:
-        """The options given, by their names on the command line."""
-        return [f"--dynamic-{name}" for name in ("lr", "decay", "segment", "stats", "tune")
-                if getattr(self, name) is not None]
-
-
-def _side_text(path: str, what: str, scored: str, encoding: str, errors: str) -> str:
-    """A training-side text (--dynamic-tune), refused when it is the scored text itself."""
-    _not_scored(path, what, scored, encoding, errors)
+def _run_dynamic(lm, vocab, meta, path, text, settings, strict, show_tokens, encoding, errors, progress, err: Console,
+                 max_memory=None):
+    """score --document --dynamic (dynamic_run): says on ``err`` (one line) what it uses before
+    it scores. Returns (Scored, what was used, for the summary)."""
     try:
-        return read_text(path, encoding, errors)
-    except CorpusError as e:
+        plan = dynamic_run.prepare(lm, vocab, text, settings, meta, path, encoding, errors, progress, max_memory)
+        err.print(f"charnn score: {plan.describe()}", highlight=False, markup=False, soft_wrap=True)
+        scored = plan.score(lm, vocab, text, strict, show_tokens, progress, max_memory)
+    except (dyn.DynamicError, CorpusError) as e:
         raise click.ClickException(str(e)) from None
-
-
-def _not_scored(path: str, what: str, scored: str, encoding: str, errors: str):
-    """Refuse a training-side text that is the scored text itself (compared as it is read, up
-    to the first difference)."""
-    try:
-        same = same_text(path, scored, encoding, errors)
-    except CorpusError as e:
-        raise click.ClickException(str(e)) from None
-    if same:
-        raise click.ClickException(f"{path}: is the text being scored; {what} must be held-out training-side text, "
-                                   f"never the scored text")
-
-
-def _stats_ids(path: str, vocab, scored: str, encoding: str, errors: str):
-    """--dynamic-stats FILE's last STATS_TOKENS tokens (read from the end of the file)."""
-    _not_scored(path, "--dynamic-stats", scored, encoding, errors)
-    try:
-        return dyn.file_ids(path, vocab, encoding, errors)
-    except CorpusError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def run_dynamic(lm, vocab, ckpt_meta, path, text, opts: DynamicOptions, strict, show_tokens, encoding, errors, progress,
-                err: Console, max_memory=None):
-    """Dynamic evaluation for score --document --dynamic: gradient statistics, the tuning if
-    asked, then the scoring; says on ``err`` (one line) which hyperparameters it used.
-    Returns (Scored, a dict of what was used, for the summary)."""
-    base = dyn.DEFAULTS[vocab.level]
-    segment = opts.segment or base.segment
-    try:
-        # (before a word is said; the text's length in characters bounds its tokens)
-        dyn.check_memory(lm, segment, len(text), max_memory)
-        if opts.stats is not None:
-            stats_ids = _stats_ids(opts.stats, vocab, text, encoding, errors)
-            stats_from = f"the last {len(stats_ids) - 1:,} tokens of {opts.stats}"
-            if len(stats_ids) < 2:
-                raise dyn.DynamicError(f"{opts.stats}: holds no token to measure gradient statistics on")
-        else:
-            stats_ids, stats_from = dyn.training_side_ids(ckpt_meta, vocab, path)
-        tune_text = None if opts.tune is None else _side_text(opts.tune, "--dynamic-tune", text, encoding, errors)
-        if tune_text is not None and len(dyn.text_ids(vocab, tune_text)) < 2:
-            raise dyn.DynamicError(f"{opts.tune}: holds no token to tune on")
-        stats = dyn.gradient_stats(lm, stats_ids, segment, progress=lambda d, t: progress(d, t, "gradient statistics"),
-                                   max_memory=max_memory)
-        results = None
-        if tune_text is not None and (opts.lr is None or opts.decay is None):
-            settings, results = dyn.tune(lm, dyn.text_ids(vocab, tune_text), stats, segment,
-                                         lrs=None if opts.lr is None else (opts.lr,),
-                                         decays=None if opts.decay is None else (opts.decay,),
-                                         progress=lambda d, t: progress(d, t, "tuning"), max_memory=max_memory)
-        else:
-            settings = dyn.DynamicSettings(base.lr if opts.lr is None else opts.lr,
-                                           base.decay if opts.decay is None else opts.decay, segment)
-        tuned = f"tuned on {opts.tune}"
-        source = {"lr": "given" if opts.lr is not None else tuned if results is not None else "default",
-                  "decay": "given" if opts.decay is not None else tuned if results is not None else "default",
-                  "segment": "given" if opts.segment is not None else "default"}
-        err.print(f"charnn score: dynamic evaluation with lr {settings.lr:g} ({source['lr']}), decay "
-                  f"{settings.decay:g} ({source['decay']}), segment {settings.segment} ({source['segment']}); "
-                  f"gradient statistics from {stats_from}", highlight=False, markup=False, soft_wrap=True)
-        scored = dyn.score_dynamic(lm, vocab, text, settings, stats, strict=strict, with_tokens=show_tokens,
-                                   progress=lambda d, t: progress(d, t, "scoring"), max_memory=max_memory)
-    except dyn.DynamicError as e:
-        raise click.ClickException(str(e)) from None
-    used = {**settings.to_json(), "source": source, "stats": stats_from, "stats_tokens": len(stats_ids) - 1}
-    if results is not None:
-        used["tuning"] = [{"lr": lr, "decay": d, "nats_per_token": n} for lr, d, n in results]
-    return scored, used
+    return scored, plan.to_json()
 
 
 def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=False,
-              dynamic: DynamicOptions | None = None, max_memory=None):
+              dynamic: dyn.DynamicSettings | None = None, max_memory=None):
     model_arg, file_arg = None, "-"
     if len(args) == 2:
         model_arg, file_arg = args
@@ -182,8 +100,8 @@ def run_score(args, document, fmt, show_tokens, strict, batch_size, streams, enc
     try:
         with WorkProgress("scoring", unit, quiet=quiet, console=err) as progress:
             if dynamic is not None:
-                scored, used = run_dynamic(lm, vocab, ckpt.meta, path, text, dynamic, strict, show_tokens, encoding,
-                                           errors, progress, err, max_memory)
+                scored, used = _run_dynamic(lm, vocab, ckpt.meta, path, text, dynamic, strict, show_tokens, encoding,
+                                            errors, progress, err, max_memory)
                 items = [scored]
             elif document:
                 items = [score_document(lm, vocab, text, streams=streams, strict=strict, with_tokens=show_tokens,
@@ -257,10 +175,11 @@ Examples:
               help="--document: dynamic evaluation: adapt a copy of the weights to the text as it is read, "
                    "one gradient step per segment after scoring it (the model file is not changed).")
 @click.option("--dynamic-lr", type=Finite(min=0), default=None,
-              help="--dynamic: the learning rate eta of the RMS-normalised step "
-                   f"[{_per_level('lr')}; 0 = static scoring].")
+              help="--dynamic: the learning rate eta of the RMS-normalised step [tuned with the decay on the "
+                   f"model's validation text, else {_per_level('lr')}; 0 = static scoring].")
 @click.option("--dynamic-decay", type=Finite(0, 1), default=None,
-              help=f"--dynamic: the decay lambda towards the trained weights [{_per_level('decay')}].")
+              help="--dynamic: the decay lambda towards the trained weights [tuned with the rate, else "
+                   f"{_per_level('decay')}].")
 @click.option("--dynamic-segment", type=click.IntRange(min=1), default=None,
               help=f"--dynamic: tokens per segment, one update after each [{_per_level('segment')}].")
 @click.option("--dynamic-stats", type=click.Path(dir_okay=False), default=None,
@@ -270,8 +189,10 @@ Examples:
 @click.option("--dynamic-tune", type=click.Path(dir_okay=False), default=None,
               help="--dynamic: choose the learning rate and decay not given by a grid search on this "
                    "held-out training-side text (never the scored text; keep it small: a pass over it for "
-                   "each grid point, "
-                   f"{len(dyn.LR_GRID) * len(dyn.DECAY_GRID)} in all).")
+                   f"each grid point, {len(dyn.LR_GRID) * len(dyn.DECAY_GRID)} and more past an edge) [the model's "
+                   "validation text (the validation split of its training corpus, or its validation file) if "
+                   f"present and unchanged: its first {dynamic_run.TUNE_TOKENS:,} tokens, or its last where "
+                   "those overlap the scored text; else no tuning].")
 @click.option("--encoding", default="utf-8", show_default=True, callback=text_encoding)
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -284,7 +205,7 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
     MODEL defaults to the bundled Shakespeare model."""
     if len(args) > 2:
         raise click.UsageError("expected at most MODEL and FILE")
-    dyn = DynamicOptions(dynamic_lr, dynamic_decay, dynamic_segment, dynamic_stats, dynamic_tune)
+    settings = dyn.DynamicSettings(dynamic_lr, dynamic_decay, dynamic_segment, dynamic_stats, dynamic_tune)
     if dynamic:
         if not document:
             raise click.UsageError("--dynamic adapts the model along one text: it needs --document")
@@ -292,7 +213,7 @@ def score_command(args, document, fmt, show_tokens, strict, batch_size, streams,
             raise click.UsageError("--dynamic reads the text as one stream: it cannot be used with --streams")
         if dynamic_tune is not None and dynamic_lr is not None and dynamic_decay is not None:
             raise click.UsageError("--dynamic-tune has nothing to choose: --dynamic-lr and --dynamic-decay are both given")
-    elif dyn.given():
-        raise click.UsageError(f"{dyn.given()[0]} applies to --dynamic only")
+    elif settings.given():
+        raise click.UsageError(f"--dynamic-{settings.given()[0]} applies to --dynamic only")
     run_score(args, document, fmt, show_tokens, strict, batch_size, streams, encoding, errors, device, quiet=quiet,
-              dynamic=dyn if dynamic else None, max_memory=max_memory)
+              dynamic=settings if dynamic else None, max_memory=max_memory)

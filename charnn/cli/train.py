@@ -28,7 +28,7 @@ from ..nn import cells, optim
 from ..wording import plural
 from .common import Finite, fail, json_line, regular_file, text_encoding
 from .config import load_config
-from .options import BATCH_SIZE, SEQ_LEN, CellChoice, device_options, finite, max_memory_option, rate
+from .options import BATCH_SIZE, SEQ_LEN, ActivationChoice, CellChoice, device_options, finite, max_memory_option, rate
 
 
 def default_out(corpus: str, opts: dict) -> Path:
@@ -209,7 +209,7 @@ Examples:
   mpiexec -n 2 charnn train corpora/shakespeare.txt --out runs/two    (pip install 'charnn[mpi]')""")
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
 @click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
-@click.option("--cell", type=CellChoice(), default="lstm", show_default=True)
+@click.option("--cell", type=CellChoice(), default=cells.DEFAULT_CELL, show_default=True)
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
@@ -223,7 +223,7 @@ Examples:
               help="LSTM only: the forget gate's initial bias.")
 @click.option("--input-scale", type=Finite(0, None), default=cells.INPUT_SCALE, show_default=True,
               help="One-hot input only (--embed 0): layer 0's input weights start U(-this, this), about the scale an embedding gives; 0 = U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's nn.LSTM.")
-@click.option("--activation", type=click.Choice(["tanh", "relu"]), default="tanh", show_default=True, help="Vanilla RNN only.")
+@click.option("--activation", type=ActivationChoice(), default="tanh", show_default=True, help="Vanilla RNN only.")
 @click.option("--tie/--no-tie", default=False, show_default=True, help="Tie output weights to the embedding (needs --embed = --hidden).")
 @click.option("--classes", type=click.IntRange(min=-1), default=-1, show_default=True,
               help="Classes of a class-factored softmax (faster with large vocabularies); 0 = full softmax; -1 = about sqrt(V) for word vocabularies over 1,000 words.")

@@ -21,7 +21,7 @@ class ConsoleReporter(Reporter):
         self.console = console or Console(stderr=True)
         self.quiet = quiet
         self.live = self.console.is_terminal and not quiet
-        self.progress = None
+        self.display = None
         self.task = None
         self.level = "char"
         self.last_val = None
@@ -46,12 +46,12 @@ class ConsoleReporter(Reporter):
             soft_wrap=not self.live)
         if self.live:
             compile_notice(str(info["device"]).split()[0], console=self.console)
-            self.progress = FittedProgress(*training_layouts(), console=self.console, transient=False)
-            self.progress.start()
+            self.display = FittedProgress(*training_layouts(), console=self.console, transient=False)
+            self.display.start()
             # The time limit counts this process, from about now (Trainer.run starts its clock
             # just before calling start).
             deadline = None if cfg.time_limit is None else time.perf_counter() + cfg.time_limit
-            self.task = self.progress.add_task("train", total=self.total, completed=info["step"], epoch=0.0,
+            self.task = self.display.add_task("train", total=self.total, completed=info["step"], epoch=0.0,
                                                train="-", val="-", train_short="-", val_short="-", speed="-",
                                                deadline=deadline)
 
@@ -67,8 +67,8 @@ class ConsoleReporter(Reporter):
     def log(self, m: dict):
         if self.quiet:
             return
-        if self.progress is not None:
-            self.progress.update(self.task, completed=m["step"], epoch=m["epoch"], train=self._loss_text(m["train_loss"]),
+        if self.display is not None:
+            self.display.update(self.task, completed=m["step"], epoch=m["epoch"], train=self._loss_text(m["train_loss"]),
                                  train_short=self._loss_text(m["train_loss"], short=True),
                                  speed=f"{m['tokens_per_second']:,.0f}")
         else:
@@ -80,8 +80,8 @@ class ConsoleReporter(Reporter):
         if self.quiet:
             return
         text = self._loss_text(m["val_loss"])
-        if self.progress is not None:
-            self.progress.update(self.task, val=text, val_short=self._loss_text(m["val_loss"], short=True))
+        if self.display is not None:
+            self.display.update(self.task, val=text, val_short=self._loss_text(m["val_loss"], short=True))
         self.console.print(f"step {m['step']}  val {text}  best {m['best_val_loss']:.4f}", highlight=False)
         if sample:
             shown = sample.strip("\n")[:400]
@@ -91,9 +91,9 @@ class ConsoleReporter(Reporter):
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # the terminal wraps it
 
     def end(self):
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        if self.display is not None:
+            self.display.stop()
+            self.display = None
 
 
 def training_layouts() -> list[tuple]:

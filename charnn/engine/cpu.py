@@ -26,6 +26,7 @@ from typing import Callable
 import numpy
 
 from ..backend import register_engine
+from ..nn import cells
 from ..nn.functional import class_xent_backward, class_xent_forward
 from ..nn.ops import Ops
 from ..nn.optim import RowGrad
@@ -104,12 +105,15 @@ class CpuOps(Ops):
                 and all(type(a) is numpy.ndarray and a.dtype == numpy.float32 for a in arrays))
 
     def compiled_loop(self, cell: str, a) -> bool:
-        """Whether an LSTM layer's whole time loop runs as one compiled call (loops.py)."""
-        return cell == "lstm" and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
+        """Whether a layer's whole time loop runs as one compiled call (loops.py: the cells of
+        layers.LOOPED, the LSTM)."""
+        return cell in layers.LOOPED and self.settings.rowsplit and self.fused(a) and loops.compiled_loops()
 
     # ----- recurrent layers -----
     def _fusable(self, cell, a, activation):
-        return cell in layers.FUSED and (cell != "rnn" or activation == "tanh") and self.fused(a)
+        # The kernels compute tanh where a cell takes an activation (the RNN's relu is not fused).
+        return (cell in layers.FUSED and (not cells.get(cell).takes_activation or activation == "tanh")
+                and self.fused(a))
 
     def layer_forward(self, cell, XP, Wh, h0, c0, extra, store, activation="tanh"):
         if self.two:  # the row split (parallel.py chose it: a float32 LSTM, loops available)
@@ -294,7 +298,7 @@ class CpuOps(Ops):
     def stepper(self, model, N=1):
         from .stepper import FastStepper
 
-        if model.config.cell in FastStepper.CELLS and model.xp is numpy:
+        if model.config.cell in layers.FUSED and model.xp is numpy:
             return FastStepper(model, N, self)
         return super().stepper(model, N)
 

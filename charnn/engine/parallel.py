@@ -95,15 +95,14 @@ def candidates(kind: str, ops, model, N: int) -> list:
 
 def _rows_possible(ops, model) -> bool:
     cfg = model.config
-    return (cfg.cell == "lstm" and model.xp is numpy and ops.settings.threads >= 2
-            and ops.compiled_loop("lstm", model.params["rnn.0.Wh"]) and loops.usable(cfg.hidden))
+    return (model.xp is numpy and ops.settings.threads >= 2
+            and ops.compiled_loop(cfg.cell, model.params["rnn.0.Wh"]) and loops.usable(cfg.hidden))
 
 
 def _packed_matters(ops, model) -> bool:
     """Whether the packed products would run in this model's time loops (the LSTM's compiled
     loops, on a CPU where packed.py can run)."""
-    return (model.config.cell == "lstm" and ops.compiled_loop("lstm", model.params["rnn.0.Wh"])
-            and packed.available())
+    return ops.compiled_loop(model.config.cell, model.params["rnn.0.Wh"]) and packed.available()
 
 
 def run_split(model, parts, work, blas=True):
@@ -133,8 +132,8 @@ def use_row_split(ops, model, N: int) -> bool:
     measured alike (H = 128, N = 32: 10.6 against 10.3 ms per step; H = 512, N = 64: within
     noise of each other), and the batch split stays."""
     cfg = model.config
-    return (N < 32 and ops.settings.threads >= 2 and cfg.cell == "lstm" and model.xp is numpy
-            and ops.compiled_loop("lstm", model.params["rnn.0.Wh"]) and loops.usable(cfg.hidden))
+    return (N < 32 and ops.settings.threads >= 2 and model.xp is numpy
+            and ops.compiled_loop(cfg.cell, model.params["rnn.0.Wh"]) and loops.usable(cfg.hidden))
 
 
 def shared_tail(model, T: int, N: int):

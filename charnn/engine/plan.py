@@ -70,6 +70,8 @@ from pathlib import Path as FilePath
 
 import numpy
 
+from ..nn import cells
+
 FORMAT = 1
 BUDGET = 0.75  # seconds of measuring for a new piece of work (plus at most one run past it)
 PROBE_T = 4  # time steps of the second run of the estimate (the first: one)
@@ -136,7 +138,8 @@ def work_key(kind: str, config, N: int, T: int, settings, xp=None, dtype="float3
     c = config
     knobs = "+".join(sorted(settings.plan)) or "none"
     arrays = f"{getattr(xp, '__name__', 'numpy')} {numpy.dtype(dtype).name}"
-    return (f"{kind} {c.cell}{'-' + c.activation if c.cell == 'rnn' else ''} {c.layers}x{c.hidden} E{c.embed} "
+    activation = "-" + c.activation if cells.get(c.cell).takes_activation else ""
+    return (f"{kind} {c.cell}{activation} {c.layers}x{c.hidden} E{c.embed} "
             f"V{c.vocab_size} C{c.n_classes}{' tied' if c.tie else ''} N{N} T{bucket(T)} {arrays} | threads "
             f"{settings.threads}, kernels {int(settings.kernels)}, loops {int(settings.rowsplit)}, packed "
             f"{int(settings.packed)}, plans {knobs}")

@@ -14,6 +14,7 @@ import time
 import numpy
 
 from ..backend import to_device
+from ..nn import cells
 from ..nn.cells import lstm_step_forward, sigmoid_
 from . import kernels
 from .threads import SMALL_GEMM_FLOPS, blas_threads
@@ -21,7 +22,8 @@ from .threads import SMALL_GEMM_FLOPS, blas_threads
 
 class FastStepper:
     """Advances N streams one token at a time with preallocated buffers (for sampling): the
-    engine's twin of model.Stepper, for the built-in cells on NumPy.
+    engine's twin of model.Stepper, for the cells the engine has twins for (layers.FUSED: a
+    gate step each in STEPS) on NumPy.
 
     Each layer's input and recurrent weights are concatenated once, W = [Wx Wh] (G*H, In+H),
     so a step is one matrix-vector product per layer on [x; h] (one-hot layer 0: a column of
@@ -29,13 +31,14 @@ class FastStepper:
     returns it in the model's layout and ``set_state`` loads one.
     """
 
-    CELLS = ("rnn", "lstm", "gru")
-
     def __init__(self, model, N: int = 1, ops=None):
         self.model, self.N = model, N
         cfg, p, xp = model.config, model.params, model.xp
         self.xp = xp
         H, dt = cfg.hidden, model.dtype
+        cell = cells.get(cfg.cell)
+        self._gates = self.STEPS[cfg.cell]
+        self.apart = cell.hidden_apart  # the GRU: its hidden product is kept apart (self.hp)
         self.onehot = not cfg.embed
         self.W, self.xh, self.a, self.bias, self.c, self.c_next, self.tc = [], [], [], [], [], [], []
         for layer in range(cfg.layers):
@@ -50,11 +53,11 @@ class FastStepper:
                 self.xh.append(xp.zeros((In + H, N), dtype=dt))
             self.a.append(xp.empty((GH, N), dtype=dt))
             self.bias.append(xp.ascontiguousarray(xp.broadcast_to(p[f"rnn.{layer}.b"][:, None, None], (GH, 1, N))))
-            self.c.append(xp.zeros((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+            self.c.append(xp.zeros((H, N), dtype=dt) if cell.has_c else None)
             # The fused step writes the new cell state to a second buffer (the two then swap):
             # one buffer for both would send its loop down the scalar path (see kernels).
-            self.c_next.append(xp.empty((H, N), dtype=dt) if cfg.cell == "lstm" else None)
-            self.tc.append(xp.empty((H, N), dtype=dt) if cfg.cell == "lstm" else None)
+            self.c_next.append(xp.empty((H, N), dtype=dt) if cell.has_c else None)
+            self.tc.append(xp.empty((H, N), dtype=dt) if cell.has_c else None)
         # Layer 0's one-hot input weights by token (rows), so a step reads one contiguous row
         # instead of gathering a column of Wx (35 us per token at 2048 x 65).
         self.WxT0 = xp.ascontiguousarray(p["rnn.0.Wx"].T) if self.onehot else None
@@ -62,7 +65,7 @@ class FastStepper:
         self.hp = xp.empty((cfg.gates * H, N), dtype=dt)
         self.head_W = model.head_weight()
         self.logits = xp.empty((N, cfg.vocab_size), dtype=dt)
-        self.fused = ops is not None and ops.fused(self.a[0]) and cfg.cell != "rnn"
+        self.fused = ops is not None and ops.fused(self.a[0])  # the LSTM's and GRU's compiled steps
         small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
         self._tuner = ThreadTuner() if xp is numpy and small else None
 
@@ -112,10 +115,8 @@ class FastStepper:
                 xh[:H] = x
             elif not self.onehot:
                 xh[: cfg.embed] = p["embed.W"][to_device(ids, xp)].T
-            a_cat = a
-            if cfg.cell == "gru":
-                a_cat = self.hp  # GRU keeps the hidden product apart (the reset gate acts on it)
-            if cfg.cell == "gru" and not (layer == 0 and self.onehot):
+            a_cat = self.hp if self.apart else a
+            if self.apart and not (layer == 0 and self.onehot):
                 In = xh.shape[0] - H
                 Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
                 xp.matmul(Wh, xh[In:], out=self.hp)
@@ -125,11 +126,11 @@ class FastStepper:
                 xin = None
             if layer == 0 and self.onehot:
                 col = self.WxT0[int(ids[0])][:, None] if self.N == 1 else self.WxT0[to_device(ids, xp)].T  # (G*H, N)
-                if cfg.cell == "gru":
+                if self.apart:
                     xin = col
                 else:
                     a += col
-            x = self._cell(layer, xin)
+            x = self._gates(self, layer, xin)
         if cfg.class_bounds:
             return self.model.logits(x)
         logits = self.logits
@@ -137,40 +138,52 @@ class FastStepper:
         logits += p["head.b"]
         return logits
 
-    def _cell(self, layer, xin):
-        """Gate math for one step; returns the new h (a view of this layer's buffer)."""
-        cfg, p, xp = self.model.config, self.model.params, self.xp
+    def _lstm(self, layer, xin):
+        """An LSTM layer's gate math for one step; returns the new h (a view of the layer's buffer)."""
         a, bias, hs = self.a[layer], self.bias[layer], self.hs[layer]
         h = hs[:, 0]
-        if cfg.cell == "lstm":
-            if self.fused:
-                c_prev, c = self.c[layer], self.c_next[layer]
-                kernels.lstm_step_forward_for(self.N)(0, a, bias, c_prev, c, self.tc[layer], hs)
-                self.c[layer], self.c_next[layer] = c, c_prev
-            else:
-                a += bias[:, 0]
-                lstm_step_forward(a, self.c[layer], self.c[layer], self.tc[layer], h, xp)
-            return h
-        if cfg.cell == "gru":
-            XPt = (xin + bias[:, 0]).reshape(-1, 1, self.N)
-            bhn = p[f"rnn.{layer}.bhn"]
-            if self.fused:
-                h_prev = h.copy()
-                kernels.gru_step_forward_for(self.N)(0, a, self.hp, numpy.ascontiguousarray(XPt), bhn, h_prev, self.tc_gru(layer), hs)
-            else:
-                H = h.shape[0]
-                a[: 2 * H] = XPt[: 2 * H, 0] + self.hp[: 2 * H]
-                sigmoid_(a[: 2 * H], xp)
-                hn = self.hp[2 * H:] + bhn[:, None]
-                n = xp.tanh(XPt[2 * H:, 0] + a[:H] * hn)
-                h[...] = n + a[H: 2 * H] * (h - n)
-            return h
-        a += bias[:, 0]
-        if cfg.activation == "relu":
-            xp.maximum(a, 0, out=h)
+        if self.fused:
+            c_prev, c = self.c[layer], self.c_next[layer]
+            kernels.lstm_step_forward_for(self.N)(0, a, bias, c_prev, c, self.tc[layer], hs)
+            self.c[layer], self.c_next[layer] = c, c_prev
         else:
-            xp.tanh(a, out=h)
+            a += bias[:, 0]
+            lstm_step_forward(a, self.c[layer], self.c[layer], self.tc[layer], h, self.xp)
         return h
+
+    def _gru(self, layer, xin):
+        """A GRU layer's gate math for one step, from the input's product ``xin`` and the hidden
+        product in self.hp."""
+        p, xp = self.model.params, self.xp
+        a, bias, hs = self.a[layer], self.bias[layer], self.hs[layer]
+        h = hs[:, 0]
+        XPt = (xin + bias[:, 0]).reshape(-1, 1, self.N)
+        bhn = p[f"rnn.{layer}.bhn"]
+        if self.fused:
+            h_prev = h.copy()
+            kernels.gru_step_forward_for(self.N)(0, a, self.hp, numpy.ascontiguousarray(XPt), bhn, h_prev, self.tc_gru(layer), hs)
+        else:
+            H = h.shape[0]
+            a[: 2 * H] = XPt[: 2 * H, 0] + self.hp[: 2 * H]
+            sigmoid_(a[: 2 * H], xp)
+            hn = self.hp[2 * H:] + bhn[:, None]
+            n = xp.tanh(XPt[2 * H:, 0] + a[:H] * hn)
+            h[...] = n + a[H: 2 * H] * (h - n)
+        return h
+
+    def _rnn(self, layer, xin):
+        """A vanilla RNN layer's step (tanh or relu, in NumPy)."""
+        a, bias, hs = self.a[layer], self.bias[layer], self.hs[layer]
+        h = hs[:, 0]
+        a += bias[:, 0]
+        if self.model.config.activation == "relu":
+            self.xp.maximum(a, 0, out=h)
+        else:
+            self.xp.tanh(a, out=h)
+        return h
+
+    # Each cell's gate math by registry name: a step for every cell of layers.FUSED.
+    STEPS = {"rnn": _rnn, "lstm": _lstm, "gru": _gru}
 
     def tc_gru(self, layer):
         if self.tc[layer] is None:

@@ -50,6 +50,8 @@ FORGET_BIAS = 0.0
 # for hundreds of steps (benchmarks/README.md, "The one-hot input's scale"). Runs saved before
 # the option existed resume with 0. Here for the same reason as FORGET_BIAS.
 INPUT_SCALE = 1.0
+# The cell of a model, a training run and the command line when none is named.
+DEFAULT_CELL = "lstm"
 
 
 # ----- elementwise helpers (in place, on any xp array) -----
@@ -316,7 +318,11 @@ class Cell:
     init_bias: fills a fresh layer's bias b (G*H,) in place (default: zeros stay), given H
         and the forget-gate bias asked for.
     forget_gate: whether it has a forget gate, whose initial bias ``forget_bias`` sets.
+    hidden_apart: whether a gate acts on the hidden product Wh h_{t-1} alone (the GRU's reset
+        gate, applied after the product), so a step cannot add it to the input's product first.
     activations: the values of the ``activation`` option it accepts (the first is the default).
+        A cell that accepts one computes with it whatever a configuration's ``activation`` says
+        (model files from before the command line checked it hold a GRU "with" relu).
     kept: how many (H, T, N) arrays its forward keeps for backward besides the gate values A
         (T, G*H, N) and the outputs hs (LSTM: c and tanh(c); GRU: the hidden product's n
         rows), for memory.py's estimate of a training step.
@@ -332,9 +338,15 @@ class Cell:
     extra: dict = field(default_factory=dict)
     init_bias: Callable | None = None
     forget_gate: bool = False
+    hidden_apart: bool = False
     activations: tuple = ("tanh",)
     kept: int = 0
     backward_buffers: int = 1
+
+    @property
+    def takes_activation(self) -> bool:
+        """Whether the ``activation`` option chooses anything for it (more than one accepted)."""
+        return len(self.activations) > 1
 
 
 CELLS: dict = {}
@@ -351,6 +363,12 @@ def register(cell: Cell) -> Cell:
     return cell
 
 
+def activations() -> tuple:
+    """Every value of the ``activation`` option some registered cell accepts, in registry order
+    (read now: a cell registered later counts)."""
+    return tuple(dict.fromkeys(a for cell in CELLS.values() for a in cell.activations))
+
+
 def get(name: str) -> Cell:
     """The registered cell called ``name``; an unknown name is an error, never another cell."""
     try:
@@ -361,5 +379,5 @@ def get(name: str) -> Cell:
 
 register(Cell("rnn", 1, False, rnn_forward, rnn_backward, activations=("tanh", "relu")))
 register(Cell("lstm", 4, True, lstm_forward, lstm_backward, init_bias=_lstm_init, forget_gate=True, kept=2))
-register(Cell("gru", 3, False, gru_forward, gru_backward, extra={"bhn": lambda H: (H,)}, kept=1,
+register(Cell("gru", 3, False, gru_forward, gru_backward, extra={"bhn": lambda H: (H,)}, hidden_apart=True, kept=1,
               backward_buffers=2))

@@ -50,12 +50,12 @@ class ModelError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
-    cell: str = "lstm"
+    cell: str = cells.DEFAULT_CELL
     layers: int = 2
     hidden: int = 256
     embed: int = 0
     dropout: float = 0.0
-    activation: str = "tanh"  # RNN only: tanh or relu
+    activation: str = "tanh"  # of the cells that take one (cells.Cell.takes_activation): the RNN
     tie: bool = False
     class_bounds: tuple = ()  # class-factored softmax: word-id boundaries [0, ..., V]; () = full
 
@@ -70,8 +70,8 @@ class ModelConfig:
             raise ModelError("embed must be 0 (one-hot) or a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError("dropout must be in [0, 1)")
-        if self.activation not in ("tanh", "relu"):
-            raise ModelError("activation must be tanh or relu")
+        if self.activation not in cells.activations():
+            raise ModelError(f"activation must be {' or '.join(cells.activations())}")
         if self.tie and self.embed != self.hidden:
             raise ModelError("tied weights need --embed equal to --hidden")
         cb = self.class_bounds

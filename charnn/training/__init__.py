@@ -25,7 +25,7 @@ carried state, RNG state or corpus digest) it refuses (resume_config, check_resu
 Learning-rate schedule: the rate of each step is the base rate times a warm-up factor (linear
 from 1/``warmup`` to 1 over the first ``warmup`` steps) times, with ``lr_schedule`` "cosine", a
 half cosine from 1 down to ``lr_floor`` over the run's horizon, after holding 1 for the first
-``lr_hold`` of it (warm-up, stable, decay): its progress is the largest of
+``lr_hold`` of it (warm-up, stable, decay): the fraction of the run done is the largest of
 step / max_steps, epochs / max_epochs and elapsed seconds / the time horizon (the first
 --time-limit, counted across resumes; once passed, a resumed run starts a new cycle over its own
 --time-limit). A run limited by steps or epochs alone follows the same rates on every machine;

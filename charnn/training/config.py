@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from ..nn.cells import FORGET_BIAS, INPUT_SCALE
+from ..nn.cells import DEFAULT_CELL, FORGET_BIAS, INPUT_SCALE
 from ..nn.model import ModelConfig
 
 # Options that may change when resuming; every other one must match the checkpoint. The corpus
@@ -31,7 +31,7 @@ class Finished(Exception):
 class TrainConfig:
     corpus: str
     level: str = "char"
-    cell: str = "lstm"
+    cell: str = DEFAULT_CELL
     layers: int = 2
     hidden: int = 256
     embed: int = 0
@@ -100,7 +100,8 @@ class TrainConfig:
 
 
 class Reporter:
-    """Receives progress; the CLI shows it, tests ignore it."""
+    """Receives a run's events (its start, log lines, evaluations, messages, end); the CLI shows
+    them, tests ignore them."""
 
     def start(self, info: dict): ...
     def log(self, m: dict): ...

@@ -197,11 +197,11 @@ class RunFolder:
                 pass
 
 
-def checkpoint_meta(cfg, progress: dict, rng_state: dict, corpus_digest: str, val_digest: str | None,
+def checkpoint_meta(cfg, counters: dict, rng_state: dict, corpus_digest: str, val_digest: str | None,
                     init_record: dict | None) -> dict:
-    """The metadata of a run's model files: the options, the progress, the random generator's
-    state, the digests of the corpus and validation file, and where a fine-tuned run started."""
-    meta = {"train": cfg.to_json(), "progress": progress, "rng": rng_state, "corpus_sha256": corpus_digest,
+    """The metadata of a run's model files: the options, the run's counters (as "progress"), the
+    random generator's state, the digests of the corpus and validation file, and where a fine-tuned run started."""
+    meta = {"train": cfg.to_json(), "progress": counters, "rng": rng_state, "corpus_sha256": corpus_digest,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if val_digest:
         meta["val_sha256"] = val_digest

@@ -18,18 +18,18 @@ from ..io import checkpoint as ckpt_mod
 from .config import RESUMABLE, Finished, TrainConfig, TrainError
 from .data import file_digest
 
-# What a resume needs from last.npz's progress, and the type of each. A value that is missing,
-# of another type or out of range would make the resumed run take other steps than the
+# What a resume needs from last.npz's counters (its metadata's "progress"), and the type of
+# each. A value that is missing, of another type or out of range would make the resumed run take other steps than the
 # uninterrupted one (or fail in the middle of the maths), so resume refuses it.
-_PROGRESS = {"step": "count", "epoch": "count", "chunk": "count", "tokens": "count", "opt_t": "count",
+_COUNTERS = {"step": "count", "epoch": "count", "chunk": "count", "tokens": "count", "opt_t": "count",
              "bad_evals": "count", "lr": "positive", "best_val": "loss"}
-_PROGRESS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon_seconds": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss",
+_COUNTERS_OPTIONAL = {"train_seconds": "seconds", "elapsed": "seconds", "horizon_seconds": "seconds", "best_saved": "loss", "last_train_loss": "loss", "last_val": "loss",
                       "best_step": "count", "best_seconds": "seconds"}
 # TrainConfig fields that must be at least 1 (the others that are numbers at least 0).
 _AT_LEAST_ONE = {"layers", "hidden", "seq_len", "batch_size", "min_count", "log_every", "vocab_size", "max_steps",
                  "max_epochs", "eval_every"}
 _BELOW_ONE = {"dropout", "val_fraction", "lr_hold", "weight_drop"}  # in [0, 1)
-_CHOICES = {"level": ("char", "word"), "activation": ("tanh", "relu"),
+_CHOICES = {"level": ("char", "word"),
             "tokenizer": ("regex", "whitespace"), "optimizer": OPTIMIZERS, "lr_schedule": ("constant", "cosine"), "device": DEVICES, "dtype": DTYPES,
             "errors": ("strict", "replace", "ignore")}
 
@@ -42,7 +42,7 @@ def _is_number(v) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
 
-def _progress_problem(kind: str, v) -> bool:
+def _counter_problem(kind: str, v) -> bool:
     if kind == "count":
         return not _is_count(v)
     if kind == "positive":
@@ -65,6 +65,8 @@ def _train_field_ok(name: str, annotation: str, v) -> bool:
         ok = ok and (v > 0 if name in ("lr", "lr_decay") else True)
     elif name == "cell":
         ok = isinstance(v, str) and v in cells.CELLS  # the registry, read now: cells registered later count
+    elif name == "activation":
+        ok = isinstance(v, str) and v in cells.activations()  # likewise
     else:
         ok = isinstance(v, str) and v in _CHOICES.get(name, (v,))
     return ok
@@ -86,13 +88,13 @@ def resume_config(path: Path, saved) -> TrainConfig:
         if f.name in train_meta and not _train_field_ok(f.name, str(f.type), train_meta[f.name]):
             raise TrainError(f"{path}: the saved training option {f.name} is {_shown(train_meta[f.name])}, "
                              f"not a valid value; cannot resume")
-    progress = meta["progress"]
-    for key, kind in (_PROGRESS | _PROGRESS_OPTIONAL).items():
-        if key not in progress:
-            if key in _PROGRESS:
+    counters = meta["progress"]
+    for key, kind in (_COUNTERS | _COUNTERS_OPTIONAL).items():
+        if key not in counters:
+            if key in _COUNTERS:
                 raise TrainError(f"{path}: the saved progress has no {key}; cannot resume exactly")
-        elif _progress_problem(kind, progress[key]):
-            raise TrainError(f"{path}: the saved progress field {key} is {_shown(progress[key])}, "
+        elif _counter_problem(kind, counters[key]):
+            raise TrainError(f"{path}: the saved progress field {key} is {_shown(counters[key])}, "
                              f"not a valid value; cannot resume")
     digest = meta.get("corpus_sha256")
     if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
@@ -107,11 +109,11 @@ def check_resume_state(path: Path, saved, cfg: TrainConfig, chunks: int, opt) ->
     Raises:
         TrainError: naming the file and what is missing or malformed.
     """
-    progress = saved.meta["progress"]
-    if progress["chunk"] > chunks:
-        raise TrainError(f"{path}: the saved data position (chunk {progress['chunk']}) is past the "
+    counters = saved.meta["progress"]
+    if counters["chunk"] > chunks:
+        raise TrainError(f"{path}: the saved data position (chunk {counters['chunk']}) is past the "
                          f"{plural(chunks, 'chunk')} of an epoch; cannot resume exactly")
-    want = {f"{name}.{slot}" for name in opt.params for slot in opt.slots} if progress["opt_t"] else set()
+    want = {f"{name}.{slot}" for name in opt.params for slot in opt.slots} if counters["opt_t"] else set()
     if set(saved.optim) != want:
         missing = sorted(want - set(saved.optim))
         what = f"lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") if missing else \
@@ -136,16 +138,16 @@ def _shown(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_unfinished(cfg: TrainConfig, progress: dict, out) -> None:
+def check_unfinished(cfg: TrainConfig, counters: dict, out) -> None:
     """Raise :class:`Finished` when a resumed run has nothing left to do: its step or epoch
     limit is reached (the time limit counts each process afresh, so it never is)."""
     why = None
-    if cfg.max_steps is not None and progress["step"] >= cfg.max_steps:
+    if cfg.max_steps is not None and counters["step"] >= cfg.max_steps:
         why = f"--max-steps {cfg.max_steps}", "--max-steps"
-    elif cfg.max_epochs is not None and progress["epoch"] >= cfg.max_epochs:
+    elif cfg.max_epochs is not None and counters["epoch"] >= cfg.max_epochs:
         why = f"--max-epochs {cfg.max_epochs}", "--max-epochs"
     if why:
-        step = progress["step"]
+        step = counters["step"]
         raise Finished(f"{out}: the run already finished ({step:,} {'step' if step == 1 else 'steps'}, "
                        f"its limit {why[0]}); nothing was trained or changed. To train further, resume it with "
                        f"a larger {why[1]}")

@@ -4,7 +4,7 @@ bookkeeping of evaluations (best model, rate decay, early stopping, the overfitt
 The rate of each step is the base rate times a warm-up factor (linear from 1/``warmup`` to 1
 over the first ``warmup`` steps) times, with ``lr_schedule`` "cosine", a half cosine from 1
 down to ``lr_floor`` over the run's horizon, after holding 1 for the first ``lr_hold`` of it
-(warm-up, stable, decay): its progress is the largest of step / max_steps, epochs / max_epochs
+(warm-up, stable, decay): the fraction of the run done is the largest of step / max_steps, epochs / max_epochs
 and elapsed seconds / the time horizon (the first --time-limit, counted across resumes; once
 passed, a resumed run starts a new cycle over its own --time-limit). The base rate starts at
 --lr; after each scheduled evaluation whose validation loss is not lower than the best so far
@@ -41,19 +41,19 @@ def rate_factor(cfg: TrainConfig, step: int, epochs: float, elapsed: float | Non
     return factor
 
 
-def limit_reached(cfg: TrainConfig, progress: dict, out_of_time: bool) -> str | None:
+def limit_reached(cfg: TrainConfig, counters: dict, out_of_time: bool) -> str | None:
     """Which limit the run has reached, if any: "max_steps", "max_epochs" or "time_limit"."""
-    if cfg.max_steps is not None and progress["step"] >= cfg.max_steps:
+    if cfg.max_steps is not None and counters["step"] >= cfg.max_steps:
         return "max_steps"
-    if cfg.max_epochs is not None and progress["epoch"] >= cfg.max_epochs:
+    if cfg.max_epochs is not None and counters["epoch"] >= cfg.max_epochs:
         return "max_epochs"
     if cfg.time_limit is not None and out_of_time:
         return "time_limit"
     return None
 
 
-def record_evaluation(progress: dict, val: float, cfg: TrainConfig, scheduled: bool, best_on_disk: bool) -> bool:
-    """Update ``progress`` with an evaluation's loss ``val``; returns whether the model is the
+def record_evaluation(counters: dict, val: float, cfg: TrainConfig, scheduled: bool, best_on_disk: bool) -> bool:
+    """Update the run's ``counters`` with an evaluation's loss ``val``; returns whether the model is the
     best so far (to be saved as model.npz).
 
     Only ``scheduled`` evaluations (every eval_every steps) decay the rate and count towards
@@ -61,7 +61,7 @@ def record_evaluation(progress: dict, val: float, cfg: TrainConfig, scheduled: b
     change the steps of its resumed run. ``best_saved`` is the loss of the model in model.npz,
     over all evaluations; with no model.npz on disk (a resumed run whose first save failed
     before writing it) the model is saved whatever its loss."""
-    p = progress
+    p = counters
     if scheduled:
         if p["best_val"] is None or val < p["best_val"]:
             p["best_val"] = val
@@ -78,14 +78,14 @@ def record_evaluation(progress: dict, val: float, cfg: TrainConfig, scheduled: b
     return improved
 
 
-def stop_early(cfg: TrainConfig, progress: dict) -> bool:
-    return bool(cfg.patience) and progress["bad_evals"] >= cfg.patience
+def stop_early(cfg: TrainConfig, counters: dict) -> bool:
+    return bool(cfg.patience) and counters["bad_evals"] >= cfg.patience
 
 
-def stale_note(cfg: TrainConfig, progress: dict) -> str | None:
+def stale_note(cfg: TrainConfig, counters: dict) -> str | None:
     """The note a run without --patience gets when its best model is STALE_EVALS scheduled
     evaluations old (None otherwise)."""
-    p = progress
+    p = counters
     if cfg.patience or p["bad_evals"] != STALE_EVALS:
         return None
     best_at = "" if p.get("best_step") is None else f" at step {p['best_step']:,}"

@@ -103,7 +103,8 @@ class Trainer:
         self.model = build_model(cfg, mcfg, saved, start_params, self.backend)
         self.opt = build_optimizer(cfg, self.model)
         self.rng = numpy.random.default_rng(cfg.seed)
-        self.progress = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,
+        # How far the run has come and its best so far; the model files keep it as "progress".
+        self.counters = {"step": 0, "epoch": 0, "chunk": 0, "tokens": 0, "train_seconds": 0.0, "lr": self.opt.lr,
                          "best_val": None, "best_saved": None, "bad_evals": 0, "last_train_loss": None, "last_val": None}
         self.state = None
         if saved:
@@ -114,10 +115,10 @@ class Trainer:
             self.sync = StepSync(self.world.reducer(self.backend.xp), self.model.params, n_flags=3)
 
     def _restore(self, saved):
-        """Progress, optimizer state, random generator and this process's streams' carried
+        """The counters, optimizer state, random generator and this process's streams' carried
         state from a checked checkpoint."""
         check_resume_state(self.folder.last, saved, self.cfg, len(self.batches), self.opt)
-        p = self.progress
+        p = self.counters
         p.update(saved.meta["progress"])
         # Files saved before "elapsed" was kept: their compute time is the closest count.
         self.elapsed_before = p.pop("elapsed", p["train_seconds"])
@@ -140,7 +141,7 @@ class Trainer:
         """The model with the run's metadata; ``resumable``: with the optimizer state and the
         carried state of all N streams on the host (``state``; default this process's, which
         holds them all outside data-parallel training), as last.npz holds them."""
-        meta = checkpoint_meta(self.cfg, dict(self.progress, opt_t=self.opt.t, elapsed=self._elapsed()),
+        meta = checkpoint_meta(self.cfg, dict(self.counters, opt_t=self.opt.t, elapsed=self._elapsed()),
                                self.rng.bit_generator.state, self.corpus_digest, self.val_digest, self.init_record)
         if not resumable:
             return ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), meta)
@@ -156,11 +157,11 @@ class Trainer:
     def _save(self, best: bool):
         """Save last.npz, and model.npz when ``best`` (RunFolder.save's order); data-parallel, rank
         0 writes all streams' state once every rank is found to hold the same parameters."""
-        ranks.check_same_params(self.world, self.model.params, self.progress["step"])
+        ranks.check_same_params(self.world, self.model.params, self.counters["step"])
         state = ranks.all_state(self.world, self.state)
         ranks.together(self.world, lambda: self.folder.save(best, lambda: self.save_last(state), self.save_best),
                        root_only=True)
-        self.saved_step = self.progress["step"]
+        self.saved_step = self.counters["step"]
 
     def _check_model(self, loss: float, what: str):
         """Raise guard.Diverged unless the model may be saved (see guard.py)."""
@@ -181,7 +182,7 @@ class Trainer:
             raise self._diverged(why)
 
     def _diverged(self, why: str):
-        return guard.diverged(self.progress["step"], why, self.saved_step, self.out)
+        return guard.diverged(self.counters["step"], why, self.saved_step, self.out)
 
     def _train_sample_loss(self) -> float:
         """The model's loss on the first chunk of the training text (N x T predictions, a cold
@@ -200,7 +201,7 @@ class Trainer:
         """Evaluate, save model.npz if the model is the best so far, and last.npz (a model that
         fails the guard raises Diverged, nothing written); ``sample``: show one; ``scheduled``:
         one of the eval_every schedule (schedule.record_evaluation)."""
-        p, cfg = self.progress, self.cfg
+        p, cfg = self.counters, self.cfg
         if self.val_ids is None:
             self._check_model(self._train_sample_loss(), "training loss")
             self._save(best=True)
@@ -274,7 +275,7 @@ class Trainer:
         """One training step: loss and gradients of this process's streams, then (data-parallel)
         their sum over the ranks with the stop and time-up flags in the same Allreduce, then
         the update. Returns the loss, the mean over the whole batch."""
-        cfg, model, p = self.cfg, self.model, self.progress
+        cfg, model, p = self.cfg, self.model, self.counters
         with weights_dropped(model.params, cfg.layers, cfg.weight_drop, self.rng, self.backend.xp,
                              self.backend.dtype) as masks:
             loss, grads, self.state = model.loss_and_grads(x, y, self.state, rng=self.rng, sparse=True,
@@ -301,12 +302,12 @@ class Trainer:
     def _done(self, started: float) -> str | None:
         out_of_time = self.cfg.time_limit is not None and (
             self.time_up if self.sync else time.perf_counter() - started >= self.cfg.time_limit)
-        reason = schedule.limit_reached(self.cfg, self.progress, out_of_time)
+        reason = schedule.limit_reached(self.cfg, self.counters, out_of_time)
         return reason or ("interrupted" if self.stop_requested else None)
 
     def lr_factor(self, elapsed: float | None = None) -> float:
         """The schedule's factor for the next step; ``elapsed``: the ranks' agreed clock."""
-        p = self.progress
+        p = self.counters
         horizon = p.get("horizon_seconds")
         if horizon and elapsed is None and self.cfg.lr_schedule == "cosine":
             elapsed = self._elapsed()
@@ -314,7 +315,7 @@ class Trainer:
         return schedule.rate_factor(self.cfg, p["step"], epochs, elapsed, horizon)
 
     def _loop(self) -> dict:
-        cfg, p, model, batches = self.cfg, self.progress, self.model, self.batches
+        cfg, p, model, batches = self.cfg, self.counters, self.model, self.batches
         ranks.together(self.world, lambda: self.folder.trim_metrics(p["step"]), root_only=True)
         self.saved_step = p["step"] if self.resume else None
         started = self.started = time.perf_counter()
@@ -378,18 +379,18 @@ class Trainer:
         """Account the steps of ``window``: their mean training loss, checked by the guard."""
         train_loss = to_float(window.loss) / window.n
         ranks.together(self.world, lambda: self._check_loss(train_loss, "training loss"))
-        self.progress["train_seconds"] += window.seconds
-        self.progress["last_train_loss"] = train_loss
+        self.counters["train_seconds"] += window.seconds
+        self.counters["last_train_loss"] = train_loss
         return train_loss
 
     def result(self, reason: str | None) -> dict:
-        return summary(reason, self.progress, self.folder, len(self.batches))
+        return summary(reason, self.counters, self.folder, len(self.batches))
 
 
-def summary(reason: str | None, progress: dict, folder: RunFolder, chunks: int) -> dict:
+def summary(reason: str | None, counters: dict, folder: RunFolder, chunks: int) -> dict:
     """The run's summary (the command's --json): where the models are, why it stopped, the
     steps, tokens and speed, the last and best losses."""
-    p = progress
+    p = counters
     val = p.get("last_val")
     return {
         "model": str(folder.best if folder.best.exists() else folder.last),
