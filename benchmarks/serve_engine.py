@@ -39,7 +39,7 @@ import numpy  # noqa: E402
 from charnn.io.checkpoint import default_model_path, load_model  # noqa: E402
 from charnn.nn.model import LanguageModel, ModelConfig  # noqa: E402
 from charnn.sample import generate, start_ids  # noqa: E402
-from charnn.serve.scheduler import Scheduler, Sequence  # noqa: E402
+from charnn.serve.scheduler import Channel, Scheduler, Sequence  # noqa: E402
 
 PROMPT = "ROMEO:"
 
@@ -65,19 +65,18 @@ def scheduler_rate(scheduler: Scheduler, vocab, N: int, tokens: int) -> tuple:
     scheduler.on_step = lambda n, seconds: stepping.append(seconds)
 
     async def run():
-        loop = asyncio.get_running_loop()
-        sink = asyncio.Queue()
+        channel = Channel(asyncio.get_running_loop())
         seqs = [Sequence(index=i, ids=start_ids(vocab, PROMPT), prompt=PROMPT, max_tokens=tokens, seed=(1, i),
-                         sink=sink, loop=loop) for i in range(N)]
+                         channel=channel) for i in range(N)]
         t0 = time.perf_counter()
         scheduler.submit(seqs)
         ends = made = 0
         while ends < N:
-            ev = await sink.get()
-            if ev[0] == "piece":
-                made += 1
-            else:
-                ends += 1
+            for ev in await channel.take():
+                if ev[0] == "piece":
+                    made += 1
+                else:
+                    ends += 1
         wall = time.perf_counter() - t0
         return made / wall, sum(stepping) / wall
 
@@ -89,18 +88,17 @@ def agreement(model, vocab, count: int, tokens: int, slots: int = 16) -> tuple:
     scheduler.ready.wait()
 
     async def run():
-        loop = asyncio.get_running_loop()
-        sink = asyncio.Queue()
+        channel = Channel(asyncio.get_running_loop())
         texts = [""] * count
         scheduler.submit([Sequence(index=i, ids=start_ids(vocab, PROMPT), prompt=PROMPT, max_tokens=tokens,
-                                   seed=(7, i), sink=sink, loop=loop) for i in range(count)])
+                                   seed=(7, i), channel=channel) for i in range(count)])
         ends = 0
         while ends < count:
-            ev = await sink.get()
-            if ev[0] == "piece":
-                texts[ev[1]] += ev[2]
-            else:
-                ends += 1
+            for ev in await channel.take():
+                if ev[0] == "piece":
+                    texts[ev[1]] += ev[2]
+                else:
+                    ends += 1
         return texts
 
     texts = asyncio.run(run())

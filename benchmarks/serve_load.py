@@ -22,9 +22,12 @@ token and time per token (per request: (last token - first token) / (tokens - 1)
 p99, errors. Then the engine's stepper alone at the same N (its batched step, and the step with
 a token drawn per stream, which is what the server adds to it), and the server's memory (RSS
 from /proc) over a soak of short requests by 16 clients. The clients run in this process
-(httpx, asyncio) on the same cores as the server: they cost it CPU, which this counts as the
-server's overhead; the table shows each side's CPU (100% = one core). Every run is bounded:
-requests by --rounds and --soak, time by --seconds and a per-request limit.
+(asyncio) on the same cores as the server, so they cost it CPU: by default each is a raw
+socket client (RawClient: keep-alive HTTP/1.1, the answer searched as bytes for the event
+markers, no JSON parsed; --client httpx, the client before 2026-12-05, is kept), which used
+2-9% of one core at 1-64 clients on 2026-12-05; the table shows each side's CPU (100% = one
+core). Every run is bounded: requests by --rounds and --soak, time by --seconds
+and a per-request limit.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ for _name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # as bench.py: they slo
 
 import argparse
 import asyncio
+import json
 import concurrent.futures
 import datetime
 import platform
@@ -63,6 +67,7 @@ PROMPT = "ROMEO:"
 EVENT = b"data: {"  # each streamed event starts so; the end is data: [DONE]
 USAGE = re.compile(rb'"completion_tokens": (\d+)')  # in the last event (stream_options.include_usage)
 REQUEST_LIMIT = 300.0  # seconds: a request still open after this counts as an error
+CLIENT = "raw"  # the load's client: "raw" (RawClient) or "httpx" (stream_one); --client
 
 
 @dataclass
@@ -120,6 +125,89 @@ async def stream_one(client, url: str, tokens: int, seed: int) -> Request:
         if out.tokens > 1:
             out.tpot = (last - first) / (out.tokens - 1)
     return out
+
+
+class RawClient:
+    """A streaming client on raw asyncio sockets, cheap per token and per request (the
+    default; --client httpx uses httpx as before): HTTP/1.1 with keep-alive connections (an
+    idle one is reused), the request written as one block of bytes, the chunked answer read
+    as raw bytes and searched for the markers as stream_one does (no JSON parsing, no chunk
+    framing undone: an event never holds CR LF, so the markers are never cut by the
+    framing). The server's answer ends with the zero-length chunk after [DONE]."""
+
+    END = b"\r\n0\r\n\r\n"
+
+    def __init__(self, url: str):
+        hostport = url.split("://", 1)[1].rstrip("/")
+        self.host, port = hostport.rsplit(":", 1)
+        self.port = int(port)
+        self.idle: list = []
+
+    async def close(self):
+        for _, writer in self.idle:
+            writer.close()
+        self.idle = []
+
+    async def stream(self, tokens: int, seed: int) -> Request:
+        body = json.dumps({"model": "x", "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0, "seed": seed,
+                           "stream": True, "stream_options": {"include_usage": True}}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        out = Request()
+        t0 = time.perf_counter()
+        try:
+            if self.idle:
+                reader, writer = self.idle.pop()
+            else:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            writer.write(head + body)
+            status = await reader.readuntil(b"\r\n")
+            headers = await reader.readuntil(b"\r\n\r\n")
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            out.error = type(e).__name__
+            return out
+        if not status.startswith(b"HTTP/1.1 200"):
+            out.error = f"HTTP {status.split()[1].decode() if len(status.split()) > 1 else '?'}"
+            writer.close()
+            return out
+        del headers
+        first = last = None
+        tail, utail, done, made, ended = b"", b"", False, None, False
+        try:
+            while not ended:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                buf = tail + chunk
+                if EVENT in buf:
+                    last = time.perf_counter()
+                    first = first or last
+                if b'"error"' in buf:
+                    out.error = "error event"
+                done = done or b"[DONE]" in buf
+                window = utail + chunk
+                found = USAGE.search(window)
+                if found:
+                    made = int(found.group(1))
+                ended = done and self.END in window
+                utail = window[-64:]
+                tail = buf[-(len(EVENT) - 1):]
+        except OSError as e:
+            out.error = type(e).__name__
+        if ended and out.error is None:
+            self.idle.append((reader, writer))
+        else:
+            writer.close()
+        if not done and out.error is None:
+            out.error = "no [DONE]"
+        if made is None and out.error is None:
+            out.error = "no usage event"
+        out.tokens = made or 0
+        if first is not None:
+            out.ttft = first - t0
+            if out.tokens > 1:
+                out.tpot = (last - first) / (out.tokens - 1)
+        return out
 
 
 def sample_one(model: str, tokens: int, seed: int) -> Request:
@@ -198,9 +286,18 @@ def cpu_seconds(pid: int) -> float:
 def server_phase(url: str, pid: int, clients: int, rounds: int, tokens: int, seconds: float, kind: str) -> dict:
     """One phase against a running server; with the CPU the server and this process (the
     clients) used, as a fraction of one core over the phase's wall time."""
-    import httpx
-
     async def go():
+        if CLIENT == "raw":
+            raw = RawClient(url)
+            try:
+                await raw.stream(8, 0)  # a connection and a request before the clock
+                s0, c0 = cpu_seconds(pid), time.process_time()
+                done, wall = await run_phase(clients, rounds, seconds, lambda seed: raw.stream(tokens, seed))
+                return done, wall, (cpu_seconds(pid) - s0) / wall, (time.process_time() - c0) / wall
+            finally:
+                await raw.close()
+        import httpx
+
         limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
         async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_LIMIT), limits=limits) as client:
             await stream_one(client, url, 8, 0)  # a connection and a request before the clock
@@ -404,7 +501,11 @@ def main():
                     help="another option for charnn serve (repeatable), e.g. --serve-option=--max-queue=256")
     ap.add_argument("--bars", type=int, default=0, metavar="K",
                     help="only the issue's bars at 16 clients, K interleaved repeats per model")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="the load's client: raw asyncio sockets (cheap per token) or httpx [raw]")
     args = ap.parse_args()
+    global CLIENT
+    CLIENT = args.client
     clients = [int(c) for c in args.clients.split(",")]
     sample_clients = [] if args.no_sample else [int(c) for c in args.sample_clients.split(",")]
     most = max(clients)
@@ -412,7 +513,7 @@ def main():
     print(f"# charnn serve under load, {datetime.date.today()}, commit {commit()}, {cpu_name()}, "
           f"{os.cpu_count()} CPUs, CHARNN_PACKED={os.environ.get('CHARNN_PACKED', 'default')}")
     print(f"# {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}: {args.tokens} tokens a request, "
-          f"{args.rounds} requests a client, prompt {PROMPT!r}, temperature 1")
+          f"{args.rounds} requests a client, prompt {PROMPT!r}, temperature 1, {CLIENT} client")
     with tempfile.TemporaryDirectory(prefix="charnn-serve-load-") as tmp:
         models = {}
         for name in args.models.split(","):

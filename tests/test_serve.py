@@ -17,7 +17,7 @@ pytestmark = needs_serve
 from charnn.io.checkpoint import default_model_path, load_model  # noqa: E402
 from charnn.sample import StopRule, generate, start_ids  # noqa: E402
 from charnn.serve.limits import Limits  # noqa: E402
-from charnn.serve.scheduler import QueueFull, Scheduler, Sequence, widths  # noqa: E402
+from charnn.serve.scheduler import Channel, QueueFull, Scheduler, Sequence, widths  # noqa: E402
 
 PROMPT = "ROMEO:"
 
@@ -164,9 +164,9 @@ def test_stream_gives_the_same_text_piece_by_piece(served, lm_vocab):
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 25, "seed": 5, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     evs = events(r.text)
-    # An event a token while the client keeps up; tokens that wait go out together (this
-    # in-process client reads only once the stream has ended, so some always wait).
-    assert 2 <= len(evs) <= 26
+    # The first piece at once, then what was made since the last event, at most an event per
+    # 10 ms, the end at once: one event when the whole text was made before the first went out.
+    assert 1 <= len(evs) <= 26
     assert all(e["object"] == "text_completion" and e["choices"][0]["index"] == 0 for e in evs)
     assert [e["choices"][0]["finish_reason"] for e in evs] == [None] * (len(evs) - 1) + ["length"]
     assert "".join(e["choices"][0]["text"] for e in evs) == alone(lm_vocab, length=25, seed=5)
@@ -441,21 +441,20 @@ def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan, monkeypatch)
     prompts = ["ROMEO:", "First Citizen:\nBefore we proceed", "a", "KING HENRY"] * 2
 
     async def run():
-        loop = asyncio.get_running_loop()
-        sink = asyncio.Queue()
+        channel = Channel(asyncio.get_running_loop())
         texts = {i: "" for i in range(len(prompts))}
         for i, p in enumerate(prompts):
             scheduler.submit([Sequence(index=i, ids=start_ids(vocab, p), prompt=p, max_tokens=30 + 7 * i,
-                                       seed=(9, i), sink=sink, loop=loop)])
+                                       seed=(9, i), channel=channel)])
             await asyncio.sleep(0.003 * i)
         ends = 0
         while ends < len(prompts):
-            ev = await sink.get()
-            if ev[0] == "piece":
-                texts[ev[1]] += ev[2]
-            else:
-                ends += 1
-                assert ev[2] == "length"
+            for ev in await channel.take():
+                if ev[0] == "piece":
+                    texts[ev[1]] += ev[2]
+                else:
+                    ends += 1
+                    assert ev[2] == "length"
         return texts
 
     try:
@@ -485,3 +484,127 @@ def test_cancelled_sequence_leaves(lm_vocab):
     finally:
         scheduler.stop()
         scheduler.join(5)
+
+
+def test_draw_scaled_rows_gives_each_row_the_index_of_draw_scaled(lm_vocab):
+    """The scheduler's draw for a whole step (one call over the (n, V) logits) picks, for
+    every row and generator, the index the command line's draw (ops.draw_scaled) picks, and
+    takes one number from each generator as it does."""
+    lm, _ = lm_vocab
+    ops = lm.ops
+    rng = numpy.random.default_rng(3)
+    for n, V, spread in ((1, 65, 1.0), (16, 65, 3.0), (7, 1000, 0.5), (33, 65, 40.0)):
+        logits = (rng.standard_normal((n, V)) * spread).astype(numpy.float32)
+        temps = [float(t) for t in rng.choice([0.3, 0.8, 1.0, 1.7], n)]
+        mine = [numpy.random.default_rng([5, r]) for r in range(n)]
+        got = ops.draw_scaled_rows(logits, temps, mine)
+        if got is None:
+            pytest.skip("this engine has no batched draw (compiled kernels off)")
+        want = []
+        for r in range(n):
+            ref = numpy.random.default_rng([5, r])
+            want.append(ops.draw_scaled(logits[r], temps[r], ref))
+            assert mine[r].random() == ref.random()  # both took exactly one number
+        assert got.tolist() == want
+
+
+def test_mixed_settings_in_one_batch_each_give_their_own_text(lm_vocab):
+    """Sequences at a plain temperature (drawn together), greedy, top-k and top-p ones (drawn
+    row by row) in the same steps: each makes the text it makes alone."""
+    import asyncio
+
+    lm, vocab = lm_vocab
+    settings = [{"temperature": 1.0}, {"temperature": 0.0}, {"temperature": 0.7, "top_k": 5},
+                {"temperature": 0.5}, {"temperature": 1.2, "top_p": 0.9}, {"temperature": 1.0}, {"temperature": 0.9},
+                {"temperature": 1.5}]  # five at a plain temperature: at least ROWS_AT_ONCE, drawn in one call
+    scheduler = Scheduler(lm, vocab, slots=8).start()
+    scheduler.ready.wait(60)
+
+    async def run():
+        channel = Channel(asyncio.get_running_loop())
+        scheduler.submit([Sequence(index=i, ids=start_ids(vocab, PROMPT), prompt=PROMPT, max_tokens=60, seed=(4, i),
+                                   channel=channel, **kw) for i, kw in enumerate(settings)])
+        texts, ends = [""] * len(settings), 0
+        while ends < len(settings):
+            for ev in await channel.take():
+                if ev[0] == "piece":
+                    texts[ev[1]] += ev[2]
+                else:
+                    ends += 1
+        return texts
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        scheduler.stop()
+        scheduler.join(5)
+    for i, kw in enumerate(settings):
+        assert texts[i] == alone(lm_vocab, length=60, seed=4, k=i, **kw), (i, kw)
+
+
+def test_channel_gathers_pieces_until_its_time_but_takes_an_end_at_once():
+    """Channel.take(until): pieces wait for the time given; an end is taken at once."""
+    import asyncio
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        ch = Channel(loop)
+        ch.put(("piece", 0, "a", None))
+        Channel.post([ch])
+        t0 = loop.time()
+        first = await ch.take(t0 + 0.2)  # a piece alone waits for the time
+        waited = loop.time() - t0
+        ch.put(("piece", 0, "b", None))
+        Channel.post([ch])
+        t1 = loop.time()
+        task = asyncio.ensure_future(ch.take(t1 + 5.0))
+        await asyncio.sleep(0.05)
+        ch.put(("end", 0, "length"), end=True)
+        Channel.post([ch])
+        second = await asyncio.wait_for(task, 2.0)
+        return first, waited, second, loop.time() - t1
+
+    first, waited, second, took = asyncio.run(run())
+    assert first == [("piece", 0, "a", None)] and waited >= 0.19
+    assert second == [("piece", 0, "b", None), ("end", 0, "length")] and took < 2.0
+
+
+def test_a_cached_prompt_gives_the_same_text(lm_vocab, monkeypatch):
+    """A prompt primed once is taken from the cache the next time (no second prime), and the
+    text is the same; past the cache's size the least recently used prompt goes."""
+    import asyncio
+
+    from charnn.serve import scheduler as scheduler_module
+
+    lm, vocab = lm_vocab
+    primes = []
+    real = scheduler_module.prime_state
+    monkeypatch.setattr(scheduler_module, "prime_state", lambda m, ids: primes.append(len(ids)) or real(m, ids))
+    scheduler = Scheduler(lm, vocab, slots=4).start()
+    scheduler.ready.wait(60)
+    monkeypatch.setattr(scheduler_module, "PROMPT_CACHE_BYTES", 2 * scheduler._state_bytes)
+    primes.clear()  # (the warm-up's)
+
+    async def one(prompt, seed):
+        channel = Channel(asyncio.get_running_loop())
+        scheduler.submit([Sequence(index=0, ids=start_ids(vocab, prompt), prompt=prompt, max_tokens=40, seed=(seed, 0),
+                                   channel=channel)])
+        text = ""
+        while True:
+            for ev in await channel.take():
+                if ev[0] == "end":
+                    return text
+                text += ev[2]
+
+    async def run():
+        return [await one(p, s) for p, s in (("ROMEO:", 1), ("ROMEO:", 2), ("JULIET:", 1), ("KING:", 1), ("ROMEO:", 3))]
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        scheduler.stop()
+        scheduler.join(5)
+    assert texts[:2] == [alone(lm_vocab, "ROMEO:", 40, seed=1), alone(lm_vocab, "ROMEO:", 40, seed=2)]
+    assert texts[2:] == [alone(lm_vocab, "JULIET:", 40, seed=1), alone(lm_vocab, "KING:", 40, seed=1),
+                         alone(lm_vocab, "ROMEO:", 40, seed=3)]
+    assert primes == [6, 7, 5, 6]  # ROMEO: once, JULIET:, KING:, then ROMEO: again (pushed out by the two)

@@ -65,7 +65,7 @@ class CpuOps(Ops):
     accelerated = frozenset({
         "layer_forward", "layer_backward", "input_projection", "input_grads", "scatter_add_rows",
         "softmax_xent_forward", "softmax_xent_backward", "class_xent_forward", "class_xent_backward",
-        "class_xent_forward_backward", "sum_squares", "adam_update", "draw_scaled", "stepper",
+        "class_xent_forward_backward", "sum_squares", "adam_update", "draw_scaled", "draw_scaled_rows", "stepper",
         "loss_and_grads", "nll", "small_chunk_loop", "dynamic_step"})
 
     def derive(self, **changes) -> "CpuOps":
@@ -290,6 +290,22 @@ class CpuOps(Ops):
         kernels.scaled_logits(numpy.ascontiguousarray(logits), float(temperature), z)
         numpy.exp(z, out=z)
         return int(kernels.draw_unnormalised(z, rng.random()))
+
+    def draw_scaled_rows(self, logits, temperatures, rngs):
+        # The server's draw for every stream of a step: draw_scaled's kernels run over the
+        # rows in one call each, around one NumPy exp of the whole block (a dozen Python calls
+        # a step instead of three a row); each row's arithmetic is draw_scaled's, so its index
+        # is too (tests/test_serve.py compares them).
+        if not (self.settings.kernels and kernels.available):
+            return None
+        logits = numpy.ascontiguousarray(logits)
+        n = logits.shape[0]
+        z = numpy.empty(logits.shape)
+        kernels.scaled_logits_rows(logits, numpy.array(temperatures, dtype=numpy.float64), z)
+        numpy.exp(z, out=z)
+        out = numpy.empty(n, dtype=numpy.int64)
+        kernels.draw_unnormalised_rows(z, numpy.array([rng.random() for rng in rngs]), out)
+        return out
 
     def stepper(self, model, N=1):
         from .stepper import FastStepper

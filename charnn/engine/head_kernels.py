@@ -3,7 +3,8 @@ companion (it re-exports these names; heads.py and the stepper call them through
 
 The full-vocabulary softmax cross-entropy has compiled passes (softmax_xent_rows,
 softmax_xent_grad_rows) with an exp of its own that LLVM vectorises (libm's it does not); the
-class-factored head's are class_words_*; sampling's are scaled_logits and draw_unnormalised.
+class-factored head's are class_words_*; sampling's are scaled_logits and draw_unnormalised
+(and their _rows, the server's draw for a whole step).
 Whether they run is the engine's choice (cpu.CpuOps.fused); without numba none is defined.
 """
 
@@ -65,6 +66,18 @@ if available:
             if acc > threshold:
                 return i
         return e.shape[0] - 1
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def scaled_logits_rows(logits, temperatures, z):
+        """scaled_logits for each row of logits (n, V), row r at temperatures[r], into z (n, V)."""
+        for r in range(logits.shape[0]):
+            scaled_logits(logits[r], temperatures[r], z[r])
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    def draw_unnormalised_rows(e, us, out):
+        """draw_unnormalised for each row of e (n, V) with us[r]: the indices into out (n,)."""
+        for r in range(e.shape[0]):
+            out[r] = draw_unnormalised(e[r], us[r])
 
     from llvmlite import ir as _ir
     from numba.core import types as _types

@@ -363,8 +363,9 @@ if available:
                 p[i] = p[i] - g[i] * scale[i]
 
     from .head_kernels import (class_words_backward, class_words_forward,  # noqa: E402,F401  (re-exported)
-                               class_words_forward_backward, draw_unnormalised, scaled_logits,
-                               scatter_rows, softmax_xent_grad_rows, softmax_xent_rows)
+                               class_words_forward_backward, draw_unnormalised, draw_unnormalised_rows,
+                               scaled_logits, scaled_logits_rows, scatter_rows, softmax_xent_grad_rows,
+                               softmax_xent_rows)
 
 
 def transposed(W):

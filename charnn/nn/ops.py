@@ -113,6 +113,13 @@ class Ops:
         caller then draws the plain way, sample.draw)."""
         return None
 
+    def draw_scaled_rows(self, logits, temperatures, rngs):
+        """draw_scaled for each row of host logits (n, V) at once: row r's index drawn from
+        softmax(logits[r] / temperatures[r]) with ``rngs[r]`` (one ``random()`` of it), the
+        index draw_scaled would give; an int array (n,), or None, having drawn nothing (the
+        caller then draws row by row)."""
+        return None
+
     def stepper(self, model, N: int = 1):
         """An object that advances N streams a token at a time (see model.Stepper)."""
         return Stepper(model, N)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import re
 import secrets
 import sys
@@ -34,7 +35,7 @@ from ..score import ScoreError, score_lines, score_row, summarize
 from . import request as checks
 from .limits import Limits
 from .request import ApiError
-from .scheduler import Closed, QueueFull, Scheduler, Sequence
+from .scheduler import Channel, Closed, QueueFull, Scheduler, Sequence
 
 STATIC = Path(__file__).parent / "static"
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -46,6 +47,13 @@ OPEN_PATHS = ("/health", "/", "/favicon.ico")
 SCORE_BATCH = 64  # charnn score's --batch-size default: the same batches, the same numbers
 SHUTDOWN_GRACE = 3.0  # seconds a stream may take to send its last events after SIGTERM
 RETRY_AFTER = "1"
+# A stream's events: the first at once, then at most one per EVENT_INTERVAL seconds, each with
+# the text made since the last, and the interval grown so that all the streams together send
+# at most about EVENT_RATE events a second (an end goes out at once). Each event costs the
+# server and its client far more than a token costs the model, so a fixed event per token made
+# the events, not the model, the server's limit (see benchmarks/README.md, serve_load).
+EVENT_INTERVAL = 0.01
+EVENT_RATE = 2000.0
 
 
 def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
@@ -143,6 +151,7 @@ class Service:
         self.key = None if not api_key else api_key.encode("utf-8")
         self.vocab = scheduler.vocab
         self.draining = False
+        self.streams = 0  # streamed requests open (their event interval grows with them)
         self.metrics = Metrics(scheduler)
         scheduler.on_step = self.metrics.on_step
 
@@ -236,8 +245,7 @@ class Service:
         obj = await self.body(request)
         req = checks.completion(obj, self.vocab, self.limits)
         self.ready()
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue = asyncio.Queue()
+        channel = Channel(asyncio.get_running_loop())
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         deadline = time.monotonic() + self.limits.time_limit
         seqs = []
@@ -247,7 +255,7 @@ class Service:
                 seqs.append(Sequence(index=index, ids=ids, prompt=text, max_tokens=req.max_tokens,
                                      temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                      seed=(seed, index), stops=req.stops, logprobs=req.logprobs,
-                                     deadline=deadline, sink=sink, loop=loop))
+                                     deadline=deadline, channel=channel))
         try:
             self.scheduler.submit(seqs)
         except QueueFull as e:
@@ -260,75 +268,86 @@ class Service:
         prompt_tokens = sum(len(ids) for _, ids in req.prompts)
         if req.stream:
             # send_timeout: a client that stops reading is dropped after the time limit.
-            return EventSourceResponse(self._stream(seqs, sink, head, req, prompt_tokens), ping=15, sep="\n",
+            return EventSourceResponse(self._stream(seqs, channel, head, req, prompt_tokens), ping=15, sep="\n",
                                        shutdown_grace_period=SHUTDOWN_GRACE, send_timeout=self.limits.time_limit)
-        return await self._collect(request, seqs, sink, head, req, prompt_tokens)
+        return await self._collect(request, seqs, channel, head, req, prompt_tokens)
 
-    async def _stream(self, seqs, sink, head, req, prompt_tokens: int):
-        """The events of a streamed request. A client that keeps up gets an event a token; when
-        tokens wait in the queue (the client, the network or this event loop is slower than the
-        decoding), each choice's waiting pieces go out as one event, so a busy server sends
-        fewer, longer events instead of falling behind (with logprobs, still one a token)."""
+    async def _stream(self, seqs, channel, head, req, prompt_tokens: int):
+        """The events of a streamed request, written as bytes (several events may go in one
+        write): the first piece at once, then each choice's text made since its last event,
+        at most one event per interval (EVENT_INTERVAL, longer with many streams open), an end
+        at once. With logprobs, one event a token (in the same writes)."""
         held = [Held(req.stops) for _ in seqs]
         prefix = _prefix(head)
-        made, timed_out = 0, False
+        loop = channel.loop
+        made, timed_out, until = 0, False, None
+        self.streams += 1
         try:
             remaining = len(seqs)
             while remaining and not timed_out:
-                events = [await sink.get()]
-                while not sink.empty():
-                    events.append(sink.get_nowait())
-                pending: dict = {}  # choice -> text of its waiting pieces, sent as one event
+                events = await channel.take(until)
+                out: list = []  # this write's events
+                pending: dict = {}  # choice -> its pieces since its last event
                 for ev in events:
-                    i, h = ev[1], held[ev[1]]
+                    i = ev[1]
                     if ev[0] == "piece":
                         made += 1
-                        out = h.add(ev[2], ev[3])
-                        if ev[3] is not None:
-                            yield _chunk(prefix, i, out, None, h.logprobs(h.tokens[-1:]))
+                        if ev[3] is None:
+                            pending.setdefault(i, []).append(ev[2])
                         else:
-                            pending[i] = pending.get(i, "") + out
+                            h = held[i]
+                            out.append(_chunk(prefix, i, h.add(ev[2], ev[3]), None, h.logprobs(h.tokens[-1:])))
                         continue
                     remaining -= 1
-                    if i in pending:
-                        yield _chunk(prefix, i, pending.pop(i), None, None)
+                    h = held[i]
+                    text = h.add("".join(pending.pop(i)), None) if i in pending else ""
                     if ev[2] == "timeout":
-                        yield json.dumps({"error": {"message": f"the request took longer than {self.limits.time_limit:g} "
-                                                              f"s (charnn serve --time-limit)",
-                                                    "type": "timeout", "param": None}})
+                        if text:
+                            out.append(_chunk(prefix, i, text, None, None))
+                        out.append(json.dumps({"error": {"message": f"the request took longer than "
+                                                                    f"{self.limits.time_limit:g} s (charnn serve "
+                                                                    f"--time-limit)",
+                                                         "type": "timeout", "param": None}}))
                         timed_out = True
                         break
-                    out = h.end(ev[2])
-                    yield _chunk(prefix, i, out, h.finish, None)
-                for i, out in ({} if timed_out else pending).items():
-                    if out or len(events) == 1:  # (alone, a held-back piece still sends its "" event)
-                        yield _chunk(prefix, i, out, None, None)
-            if req.include_usage and not timed_out:
-                yield json.dumps({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
-                                                                   "total_tokens": prompt_tokens + made}})
-            yield "[DONE]"
+                    out.append(_chunk(prefix, i, text + h.end(ev[2]), h.finish, None))
+                for i, pieces in ({} if timed_out else pending).items():
+                    text = held[i].add("".join(pieces), None)
+                    if text or until is None:  # (the first: a held-back piece still sends its "" event)
+                        out.append(_chunk(prefix, i, text, None, None))
+                if remaining == 0 and not timed_out:
+                    if req.include_usage:
+                        out.append(json.dumps({**head, "choices": [], "usage": {
+                            "prompt_tokens": prompt_tokens, "completion_tokens": made,
+                            "total_tokens": prompt_tokens + made}}))
+                if timed_out or remaining == 0:
+                    out.append("[DONE]")
+                if out:
+                    yield "".join(f"data: {e}\n\n" for e in out).encode("utf-8")
+                until = loop.time() + max(EVENT_INTERVAL, self.streams / EVENT_RATE)
         finally:
+            self.streams -= 1
             for seq in seqs:
                 seq.cancelled = True
 
-    async def _collect(self, request, seqs, sink, head, req, prompt_tokens):
+    async def _collect(self, request, seqs, channel, head, req, prompt_tokens):
         held = [Held(req.stops) for _ in seqs]
 
         async def gather():
             remaining = len(seqs)
             made = 0
             while remaining:
-                ev = await sink.get()
-                h = held[ev[1]]
-                if ev[0] == "piece":
-                    h.add(ev[2], ev[3])
-                    made += 1
-                    continue
-                remaining -= 1
-                if ev[2] == "timeout":
-                    raise ApiError(408, f"the request took longer than {self.limits.time_limit:g} s "
-                                        f"(charnn serve --time-limit)", type="timeout")
-                h.end(ev[2])
+                for ev in await channel.take(math.inf):  # (woken for the ends only)
+                    h = held[ev[1]]
+                    if ev[0] == "piece":
+                        h.add(ev[2], ev[3])
+                        made += 1
+                        continue
+                    remaining -= 1
+                    if ev[2] == "timeout":
+                        raise ApiError(408, f"the request took longer than {self.limits.time_limit:g} s "
+                                            f"(charnn serve --time-limit)", type="timeout")
+                    h.end(ev[2])
             return made
 
         work = asyncio.ensure_future(gather())

@@ -18,9 +18,16 @@ swapped in and out. The timings keep being updated as it runs (a moving average 
 it ran; every PROBE steps the other plan runs once, so a timing taken in a burst of load
 elsewhere is not kept for ever). The state moves between Steppers only when the active set or the plan changes.
 
+Each step draws the tokens of every sequence at its plain temperature (no top-k, top-p or
+greedy) in one call over the whole (n, V) block of logits (ops.draw_scaled_rows, the same
+index the command line's draw gives each row), the others row by row.
+
 Other work on the model (scoring) goes through ``run`` and runs on the worker between steps.
-Events go back to the asyncio loop that made each request, batched: one
-``call_soon_threadsafe`` per loop and step.
+Events go back to the asyncio loop that made each request through the request's Channel: the
+worker appends them (a thread-safe deque) and wakes a loop at most once a step, and not at all
+for a channel whose reader is waiting out its interval between events (it takes what gathered
+when it wakes), unless a sequence ended. So the worker never waits for the loop, and a busy
+loop takes many tokens at once instead of being woken for each.
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ from ..sample import PieceText, StopRule, choose, prime_state
 # not chosen is run once to refresh its timing.
 EMA = 0.05
 PROBE = 256
+# Sequences at a plain temperature drawn in one call from this many up (below it, row by row:
+# the whole-block call's dozen NumPy calls cost about what three rows' compiled draws do).
+ROWS_AT_ONCE = 4
+# The primed states of recent prompts kept (bytes of state; the least recently used go first).
+PROMPT_CACHE_BYTES = 32 << 20
 
 
 class QueueFull(Exception):
@@ -52,13 +64,83 @@ class Closed(Exception):
     """The scheduler is stopping (or stopped): no new work."""
 
 
+class Channel:
+    """The events of one request's sequences, from the worker to the asyncio loop that reads
+    them (``take``, on that loop). The worker ``put``s events and, once a step, ``Channel.post``s
+    the channels it put into; see the module docstring."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.items: collections.deque = collections.deque()
+        self.posted = False  # a wake-up is on its way to the loop (the worker's flag; the loop clears it)
+        self.lazy = False  # the reader waits out its interval: wake it only for an end
+        self.urgent = False  # an end is waiting
+        self._waiter = None
+
+    def put(self, ev, end: bool = False):
+        self.items.append(ev)
+        if end:
+            self.urgent = True
+
+    @staticmethod
+    def post(channels):
+        """Wake the readers of ``channels`` (the worker calls it once a step): one
+        ``call_soon_threadsafe`` per loop, for the channels not already woken or waiting
+        out their interval."""
+        by_loop: dict = {}
+        for ch in channels:
+            if not ch.posted and (ch.urgent or not ch.lazy):
+                ch.posted = True
+                by_loop.setdefault(ch.loop, []).append(ch)
+        for loop, chans in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_wake_all, chans)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                pass
+
+    def _wake(self):
+        self.posted = False
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self, until: float | None = None) -> list:
+        """Every waiting event, once there is one (on the channel's loop). With ``until`` (a
+        ``loop.time()``; math.inf: for ever), pieces are left to gather until then; an end is
+        taken at once."""
+        loop = self.loop
+        while True:
+            due = until is None or loop.time() >= until
+            if self.items and (self.urgent or due):
+                self.urgent = False
+                items = self.items
+                return [items.popleft() for _ in range(len(items))]
+            waiter = self._waiter = loop.create_future()
+            self.lazy = not due
+            timer = None if due or until == math.inf else loop.call_at(until, self._wake)
+            try:
+                if self.items and (self.urgent or due):  # (put while this was being set up)
+                    continue
+                await waiter
+            finally:
+                self._waiter = None
+                self.lazy = False
+                if timer is not None:
+                    timer.cancel()
+
+
+def _wake_all(channels):
+    for ch in channels:
+        ch._wake()
+
+
 @dataclass(eq=False)
 class Sequence:
     """One choice of a completion: its prompt tokens and settings, and where its events go.
 
     Events, in order: ("piece", index, text, logprobs or None) per token, then ("end", index,
     reason) with reason "stop", "length", "timeout", "shutdown" or "error: ...".
-    Each event is put into ``sink`` (an asyncio.Queue) on ``loop``, batched per step;
+    Each event is put into ``channel`` (a Channel, read on its loop);
     ``cancelled`` (set from any thread) makes it leave before the next step."""
 
     index: int
@@ -72,8 +154,7 @@ class Sequence:
     stops: tuple = ()
     logprobs: int | None = None
     deadline: float = math.inf  # time.monotonic()
-    sink: object = None  # the caller's handle (an asyncio queue), returned with each event
-    loop: object = None  # the caller's asyncio loop
+    channel: Channel | None = None  # where its events go (None: nowhere)
     cancelled: bool = False
     # the worker's
     rng: numpy.random.Generator | None = field(default=None, repr=False)
@@ -121,6 +202,11 @@ class Scheduler:
         self._steppers: dict = {}
         self.cost: dict = {}  # width -> seconds per batched step; 0 -> seconds per swapped single step
         self._plan = None  # width of the batched Stepper in use, or 0 for single steps
+        self._plain_text = vocab.level != "word"  # a token's text is the token (PieceText's char level)
+        self._prompts: dict = {}  # prompt tokens (bytes) -> their primed state, least recently used first
+        self._prompt_bytes = 0
+        cfg = model.config
+        self._state_bytes = cfg.layers * cfg.hidden * numpy.dtype(model.dtype).itemsize * (2 if cfg.cell == "lstm" else 1)
         self._steps = 0
         self._dirty = True
         self._thread = threading.Thread(target=self._run, name="charnn-scheduler", daemon=True)
@@ -201,34 +287,60 @@ class Scheduler:
                     except BaseException as e:
                         fut.set_exception(e)
             if closing:
-                self._post([(s, ("end", s.index, "shutdown")) for s in self.active + joining])
+                touched = set()
+                for s in self.active + joining:
+                    _emit(s, ("end", s.index, "shutdown"), touched)
+                Channel.post(touched)
                 self.active = []
                 self._busy = 0
                 return
-            events = []
+            touched: set = set()  # the channels put into this step
             for seq in joining:
-                self._prime(seq, events)
-            self._leave(events)
+                self._prime(seq, touched)
+            self._leave(touched)
             if self.active:
-                self._step(events)
-            self._post(events)
+                self._step(touched)
+            Channel.post(touched)
 
-    def _prime(self, seq: Sequence, events: list):
+    def _prime(self, seq: Sequence, touched: set):
         if seq.cancelled:
             return
         if time.monotonic() > seq.deadline:
-            events.append((seq, ("end", seq.index, "timeout")))
+            _emit(seq, ("end", seq.index, "timeout"), touched)
             return
         seq.rng = numpy.random.default_rng(list(seq.seed))
         seq.stop_rule = StopRule(seq.stops)
         seq.piece_text = PieceText(self.vocab, seq.prompt)
-        seq.state = prime_state(self.model, seq.ids)
+        seq.state = self._primed(seq.ids)
         seq.next_id = int(seq.ids[-1])
         seq.col = -1
         self.active.append(seq)
         self._dirty = True
 
-    def _leave(self, events: list):
+    def _primed(self, ids) -> list | None:
+        """prime_state(model, ids), from the cache of recent prompts where it is there (the
+        same arrays: a prompt's state does not depend on anything else). A prime is a
+        forward pass over a chunk, some milliseconds even for a short prompt, while a step
+        for every sequence costs a fraction of one; servers see the same prompt again and
+        again (a page's default, a client's fixed preamble)."""
+        if len(ids) <= 1:
+            return None
+        key = bytes(numpy.asarray(ids, dtype=numpy.int64))
+        state = self._prompts.pop(key, None)
+        if state is None:
+            xp = self.model.xp
+            state = [(xp.array(h), None if c is None else xp.array(c)) for h, c in prime_state(self.model, ids)]
+            self._prompt_bytes += self._state_bytes
+            while self._prompts and self._prompt_bytes > PROMPT_CACHE_BYTES:
+                self._prompts.pop(next(iter(self._prompts)))
+                self._prompt_bytes -= self._state_bytes
+            if self._prompt_bytes > PROMPT_CACHE_BYTES:  # one state larger than the whole cache
+                self._prompt_bytes -= self._state_bytes
+                return state
+        self._prompts[key] = state  # (the most recently used last)
+        return state
+
+    def _leave(self, touched: set):
         """Drop cancelled and timed-out sequences before the step."""
         now = time.monotonic()
         keep = []
@@ -236,7 +348,7 @@ class Scheduler:
             if seq.cancelled:
                 self._dirty = True
             elif now > seq.deadline:
-                events.append((seq, ("end", seq.index, "timeout")))
+                _emit(seq, ("end", seq.index, "timeout"), touched)
                 self._dirty = True
             else:
                 keep.append(seq)
@@ -293,18 +405,45 @@ class Scheduler:
         self._plan = plan
         self._dirty = False
 
-    def _step(self, events: list):
+    def _rejoin(self):
+        """The same batched plan, the active set changed: the sequences that left free their
+        columns (which run on as padding), and each new one takes a free column with its
+        state written there; the others stay where they are (a full relayout copied every
+        state at every join and leave)."""
+        new = [seq for seq in self.active if seq.col < 0]
+        if new:
+            stepper = self._stepper(self._plan)
+            used = {seq.col for seq in self.active}
+            free = (j for j in range(self._plan) if j not in used)
+            state = stepper.state()
+            for seq in new:
+                j = next(free)
+                for layer, (h, c) in enumerate(state):
+                    sh, sc = (0.0, 0.0) if seq.state is None else seq.state[layer]
+                    h[:, j:j + 1] = sh
+                    if c is not None:
+                        c[:, j:j + 1] = sc
+                seq.col, seq.state = j, None
+            stepper.set_state(state)
+        self._dirty = False
+
+    def _step(self, touched: set):
         plan = self._choose_plan(len(self.active))
         self._steps += 1
-        if self._dirty or plan != self._plan:
+        if plan != self._plan or (self._dirty and not plan):
             self._relayout(plan)
+        elif self._dirty:
+            self._rejoin()
         active, plan = self.active, self._plan
         t0 = time.perf_counter()
         if plan:
             feed = self._feed
-            for j, seq in enumerate(active):
+            cols = [seq.col for seq in active]
+            for j, seq in zip(cols, active):
                 feed[j] = seq.next_id
             rows = to_host(self._stepper(plan).step(feed))
+            if cols != list(range(len(active))):
+                rows = rows[cols]  # (n, V): each sequence's row, in the order of active
         else:
             stepper = self._stepper(1)
             rows = []
@@ -315,27 +454,57 @@ class Scheduler:
         seconds = time.perf_counter() - t0
         per = seconds if plan else seconds / len(active)  # plan 0's cost is per single step
         self.cost[plan] += EMA * (per - self.cost[plan])
-        ops = self.model.ops
+        toks = self._draw(active, rows)
+        tokens = self.vocab.tokens
+        plain = self._plain_text
         keep = []
         for j, seq in enumerate(active):
-            row = rows[j]
-            tok = choose(row, seq.temperature, seq.rng, seq.top_k, seq.top_p, ops)
-            text = seq.piece_text(tok)
-            lp = self._logprobs(row, tok, text, seq.logprobs) if seq.logprobs is not None else None
+            tok = toks[j]
+            text = tokens[tok] if plain else seq.piece_text(tok)
+            lp = None if seq.logprobs is None else self._logprobs(rows[j], tok, text, seq.logprobs)
             seq.made += 1
-            events.append((seq, ("piece", seq.index, text, lp)))
-            if seq.stop_rule.feed(text):
-                events.append((seq, ("end", seq.index, "stop")))
-            elif seq.made >= seq.max_tokens:
-                events.append((seq, ("end", seq.index, "length")))
-            else:
+            ch = seq.channel
+            live = ch is not None and not seq.cancelled
+            if live:
+                ch.items.append(("piece", seq.index, text, lp))
+                touched.add(ch)
+            end = "stop" if seq.stop_rule.feed(text) else "length" if seq.made >= seq.max_tokens else None
+            if end is None:
                 seq.next_id = tok
                 keep.append(seq)
+            elif live:
+                ch.put(("end", seq.index, end), end=True)
         if len(keep) != len(active):
             self.active = keep
             self._dirty = True
         if self.on_step is not None:
             self.on_step(len(active), seconds)
+
+    def _draw(self, active: list, rows) -> list:
+        """Each sequence's next token from its row of ``rows``: the sequences at a plain
+        temperature in one call where there are ROWS_AT_ONCE of them (ops.draw_scaled_rows,
+        one ``random()`` of each one's generator, as the command line's draw takes), the
+        others (greedy, top-k, top-p, or an ops without the call) by sample.choose row by row."""
+        ops = self.model.ops
+        n = len(active)
+        plain = [j for j, seq in enumerate(active) if seq.temperature > 0 and seq.top_k is None and seq.top_p is None]
+        toks = None
+        if len(plain) >= ROWS_AT_ONCE:
+            block = rows[:n] if len(plain) == n else numpy.asarray(rows)[plain]
+            drawn = ops.draw_scaled_rows(block, [active[j].temperature for j in plain], [active[j].rng for j in plain])
+            if drawn is not None:
+                drawn = drawn.tolist()
+                if len(plain) == n:
+                    return drawn
+                toks = [None] * n
+                for j, tok in zip(plain, drawn):
+                    toks[j] = tok
+        if toks is None:
+            toks = [None] * n
+        for j, seq in enumerate(active):
+            if toks[j] is None:
+                toks[j] = choose(rows[j], seq.temperature, seq.rng, seq.top_k, seq.top_p, ops)
+        return toks
 
     def _logprobs(self, row, tok: int, text: str, top: int) -> dict:
         """OpenAI's logprobs of one token: its log-probability under the model (temperature 1,
@@ -350,20 +519,9 @@ class Scheduler:
             shown["\n" if t == EOS else t] = float(lp[i])
         return {"token": text, "logprob": float(lp[tok]), "top": shown}
 
-    def _post(self, events: list):
-        by_loop: dict = {}
-        for seq, ev in events:
-            if not seq.cancelled and seq.loop is not None:
-                by_loop.setdefault(seq.loop, []).append((seq.sink, ev))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop has closed: nobody is listening
-                pass
-
     def _warm(self):
         """Compile and time a step at every width (and the swapped single step), and prime
-        once, before the server says it is ready. Each width first runs past the thread
+        and draw once, before the server says it is ready. Each width first runs past the thread
         tuner's trials (engine/stepper.py); then the widths are timed in turns, three rounds,
         so a burst of load elsewhere touches them all alike."""
         rng = numpy.random.default_rng(0)
@@ -372,7 +530,8 @@ class Scheduler:
         for w in self.widths:
             stepper = self._stepper(w)
             for _ in range(14):
-                stepper.step(rng.integers(0, V, w))
+                rows = to_host(stepper.step(rng.integers(0, V, w)))
+        self.model.ops.draw_scaled_rows(rows, [1.0] * len(rows), [rng] * len(rows))  # (compiled here)
         times: dict = {w: [] for w in [0] + self.widths}
         single = self._stepper(1)
         state = single.state()
@@ -392,6 +551,8 @@ class Scheduler:
         self.cost = {w: float(numpy.median(t)) for w, t in times.items()}
 
 
-def _put_all(items):
-    for sink, ev in items:
-        sink.put_nowait(ev)
+def _emit(seq: Sequence, ev: tuple, touched: set):
+    """Put an end ``ev`` of ``seq`` into its channel (not for a cancelled one)."""
+    if seq.channel is not None and not seq.cancelled:
+        seq.channel.put(ev, end=True)
+        touched.add(seq.channel)

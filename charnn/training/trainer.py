@@ -109,8 +109,7 @@ class Trainer:
         self.state = None
         if saved:
             self._restore(saved)
-        if self.state is None:
-            self.state = self.model.initial_state(self._local_n())
+        self.state = self.model.initial_state(self._local_n()) if self.state is None else self.state
         if self.world.size > 1:
             self.sync = StepSync(self.world.reducer(self.backend.xp), self.model.params, n_flags=3)
 
