@@ -115,6 +115,12 @@ async def stream_one(client, url: str, tokens: int, seed: int) -> Request:
     except httpx.HTTPError as e:
         out.error = type(e).__name__
         return out
+    return _finish(out, done, made, t0, first, last)
+
+
+def _finish(out, done, made, t0, first, last):
+    """A stream's result from what its client saw: an error where [DONE] or the usage event
+    never came, the tokens the usage counted, time to the first event and per token after it."""
     if not done and out.error is None:
         out.error = "no [DONE]"
     if made is None and out.error is None:
@@ -198,16 +204,7 @@ class RawClient:
             self.idle.append((reader, writer))
         else:
             writer.close()
-        if not done and out.error is None:
-            out.error = "no [DONE]"
-        if made is None and out.error is None:
-            out.error = "no usage event"
-        out.tokens = made or 0
-        if first is not None:
-            out.ttft = first - t0
-            if out.tokens > 1:
-                out.tpot = (last - first) / (out.tokens - 1)
-        return out
+        return _finish(out, done, made, t0, first, last)
 
 
 def sample_one(model: str, tokens: int, seed: int) -> Request:
