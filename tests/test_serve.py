@@ -51,6 +51,19 @@ def lm_vocab():
     return lm, vocab
 
 
+async def gather(channel, texts, count):
+    """Take ``channel``'s events until ``count`` choices have ended: each piece's text added to
+    texts[index]; the end events returned."""
+    ends = []
+    while len(ends) < count:
+        for ev in await channel.take():
+            if ev[0] == "piece":
+                texts[ev[1]] += ev[2]
+            else:
+                ends.append(ev)
+    return ends
+
+
 def alone(lm_vocab, prompt=PROMPT, length=16, seed=0, k=0, stop=None, **kw):
     """What charnn sample --prime PROMPT --seed SEED makes for its k-th sample (stop kept)."""
     lm, vocab = lm_vocab
@@ -447,14 +460,8 @@ def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan, monkeypatch)
             scheduler.submit([Sequence(index=i, ids=start_ids(vocab, p), prompt=p, max_tokens=30 + 7 * i,
                                        seed=(9, i), channel=channel)])
             await asyncio.sleep(0.003 * i)
-        ends = 0
-        while ends < len(prompts):
-            for ev in await channel.take():
-                if ev[0] == "piece":
-                    texts[ev[1]] += ev[2]
-                else:
-                    ends += 1
-                    assert ev[2] == "length"
+        for ev in await gather(channel, texts, len(prompts)):
+            assert ev[2] == "length"
         return texts
 
     try:
@@ -524,13 +531,8 @@ def test_mixed_settings_in_one_batch_each_give_their_own_text(lm_vocab):
         channel = Channel(asyncio.get_running_loop())
         scheduler.submit([Sequence(index=i, ids=start_ids(vocab, PROMPT), prompt=PROMPT, max_tokens=60, seed=(4, i),
                                    channel=channel, **kw) for i, kw in enumerate(settings)])
-        texts, ends = [""] * len(settings), 0
-        while ends < len(settings):
-            for ev in await channel.take():
-                if ev[0] == "piece":
-                    texts[ev[1]] += ev[2]
-                else:
-                    ends += 1
+        texts = [""] * len(settings)
+        await gather(channel, texts, len(settings))
         return texts
 
     try:
@@ -589,12 +591,9 @@ def test_a_cached_prompt_gives_the_same_text(lm_vocab, monkeypatch):
         channel = Channel(asyncio.get_running_loop())
         scheduler.submit([Sequence(index=0, ids=start_ids(vocab, prompt), prompt=prompt, max_tokens=40, seed=(seed, 0),
                                    channel=channel)])
-        text = ""
-        while True:
-            for ev in await channel.take():
-                if ev[0] == "end":
-                    return text
-                text += ev[2]
+        texts = [""]
+        await gather(channel, texts, 1)
+        return texts[0]
 
     async def run():
         return [await one(p, s) for p, s in (("ROMEO:", 1), ("ROMEO:", 2), ("JULIET:", 1), ("KING:", 1), ("ROMEO:", 3))]
