@@ -94,7 +94,7 @@ def get_backend(device: str = "auto", dtype: str = "float32", announce: bool = F
     elif device == "auto":
         chosen = "gpu" if gpu_count() > 0 else "cpu"
         if announce:
-            print(f"charnn: using {'the GPU (CuPy)' if chosen == 'gpu' else 'the CPU (NumPy)'}", file=sys.stderr)
+            announce_device(device, chosen)
     else:
         chosen = "cpu"
     if chosen not in ENGINES and chosen in ENGINE_MODULES:
@@ -102,6 +102,12 @@ def get_backend(device: str = "auto", dtype: str = "float32", announce: bool = F
     engine = ENGINES.get(chosen)
     return Backend(xp=cupy if chosen == "gpu" else numpy, dtype=getattr(numpy, dtype), device=chosen,
                    ops=None if engine is None else engine(settings))
+
+
+def announce_device(requested: str, chosen: str):
+    """Say on stderr which device --device auto chose (nothing for a device asked by name)."""
+    if requested == "auto":
+        print(f"charnn: using {'the GPU (CuPy)' if chosen == 'gpu' else 'the CPU (NumPy)'}", file=sys.stderr)
 
 
 # device -> a function of the settings (or None: the process's) that builds the operations for

@@ -22,6 +22,7 @@ from ..nn.model import ModelError
 from ..nn.optim import weight_decay_problem
 from ..finetune import FineTuneError, InitFrom, merge_options
 from ..train import Finished, TrainConfig, Trainer, TrainError
+from ..training import policy
 from ..training.folder import STDIN_NAME
 from ..io.vocab import VocabError
 from ..nn import cells, optim
@@ -31,9 +32,19 @@ from .config import load_config
 from .options import BATCH_SIZE, SEQ_LEN, ActivationChoice, CellChoice, device_options, finite, max_memory_option, rate
 
 
-def default_out(corpus: str, opts: dict) -> Path:
+def default_out(corpus: str, opts: dict, sized: bool = True) -> Path:
+    """models/<corpus>-<cell>-<layers>x<hidden>, or models/<corpus>-<cell> where the size is
+    left to the policy (``sized`` False): the same folder whatever it chooses, so --resume finds it."""
     stem = "stdin" if corpus == "-" else Path(corpus).stem or "corpus"
-    return Path("models") / f"{stem}-{opts['cell']}-{opts['layers']}x{opts['hidden']}"
+    return Path("models") / (f"{stem}-{opts['cell']}" + (f"-{opts['layers']}x{opts['hidden']}" if sized else ""))
+
+
+def _resumable_default(corpus: str, opts: dict) -> Path:
+    """The default run folder of a --resume with no size options: the policy's, or the one
+    named by the default size where only that holds a run (one started before the policy, or
+    with CHARNN_POLICY=0)."""
+    auto, sized = default_out(corpus, opts, sized=False), default_out(corpus, opts)
+    return sized if not (auto / "last.npz").exists() and (sized / "last.npz").exists() else auto
 
 
 def _cells_with(has) -> str:
@@ -57,7 +68,8 @@ def run_train(corpus, val_path, out, resume, as_json, quiet, explicit, opts, ini
 
 
 def _options(world, corpus, val_path, out, resume, explicit, opts, init_from, extend_vocab, given):
-    """Check the options; returns (cfg, out_dir, overrides, init, stdin). Every rank checks them
+    """Check the options; returns (cfg, out_dir, overrides, init, stdin, policy: a
+    policy.Policy where it chooses the model, else None). Every rank checks them
     and they agree: an error is said once, by rank 0."""
     error = None
     try:
@@ -109,9 +121,17 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
                                  f"only", param_hint="--activation")
     if opts["embed"] and opts["input_scale"] != INPUT_SCALE:
         raise click.BadParameter("applies to one-hot input (--embed 0) only", param_hint="--input-scale")
-    if opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None:
+    budget = not (opts["max_epochs"] is None and opts["max_steps"] is None and opts["time_limit"] is None)
+    if not budget:
         opts["max_epochs"] = 10
-    out_dir = Path(out) if out else default_out(corpus, opts)
+    try:
+        auto = policy.enabled() and init is None and not set(policy.USER_FLAGS) & (explicit | (given or set()))
+    except policy.PolicyError as e:
+        raise click.ClickException(str(e)) from None
+    if out:
+        out_dir = Path(out)
+    else:
+        out_dir = _resumable_default(corpus, opts) if auto and resume else default_out(corpus, opts, sized=not auto)
     corpus_path = str(out_dir / STDIN_NAME) if stdin else str(corpus) if corpus else ""
     cfg = TrainConfig(corpus=corpus_path, val=val_path, out=str(out_dir), **opts)
     overrides = {}
@@ -122,12 +142,13 @@ def _check_options(corpus, val_path, out, resume, explicit, opts, init_from, ext
         if corpus:
             overrides["corpus"] = str(corpus)
         overrides["out"] = str(out_dir)
-    return cfg, out_dir, overrides, init, stdin
+    chooser = policy.Policy() if auto and budget and not resume else None
+    return cfg, out_dir, overrides, init, stdin, chooser
 
 
 def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, init_from, extend_vocab, given,
          max_memory=None):
-    cfg, out_dir, overrides, init, stdin = _options(world, corpus, val_path, out, resume, explicit, opts, init_from,
+    cfg, out_dir, overrides, init, stdin, chooser = _options(world, corpus, val_path, out, resume, explicit, opts, init_from,
                                                     extend_vocab, given)
     quiet = quiet or not world.root  # the other ranks print nothing but errors
     reporter = None
@@ -137,7 +158,7 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         reporter = ConsoleReporter()
     trainer = Trainer(cfg, out_dir, resume=resume, reporter=reporter, overrides=overrides, init=init,
                       corpus_stream=sys.stdin.buffer if stdin and world.root else None, announce=not quiet,
-                      world=world, max_memory=max_memory)
+                      world=world, max_memory=max_memory, policy=chooser)
     try:
         try:
             result = trainer.run()
@@ -210,10 +231,10 @@ Examples:
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
 @click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
 @click.option("--cell", type=CellChoice(), default=cells.DEFAULT_CELL, show_default=True)
-@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=2, help="[2, or chosen: see below]")
+@click.option("--hidden", type=click.IntRange(min=1), default=256, help="[256, or chosen: see below]")
 @click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
-@click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, help="Dropout on each layer's output [0, or chosen: see below].")
 @click.option("--weight-drop", type=Finite(0, 1, max_open=True), default=0.0, show_default=True,
               help="DropConnect on the recurrent weights (AWD-LSTM's weight drop): at each step each "
                    "hidden-to-hidden weight is zeroed with this chance, the same ones at every time step.")
@@ -248,7 +269,7 @@ Examples:
                    "its decay starts (warm-up, stable, decay).")
 @click.option("--weight-decay", type=Finite(min=0), default=0.0, show_default=True,
               help="Adam only: decoupled weight decay (AdamW); each step multiplies the weight "
-                   "matrices by 1 - lr x this (not the biases, nor an untied --embed table).")
+                   "matrices by 1 - lr x this (not the biases, nor an untied --embed table) [0, or chosen: see below].")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
               help="Steps over which the rate rises linearly to --lr.")
 @click.option("--clip", type=Finite(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")
@@ -267,7 +288,8 @@ Examples:
 @click.option("--errors", type=click.Choice(["strict", "replace", "ignore"]), default="strict", show_default=True,
               help="What to do with bytes the encoding cannot decode.")
 @click.option("--sample-length", type=click.IntRange(min=0), default=200, show_default=True, help="Tokens sampled at each evaluation.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder [models/<corpus>-<cell>-<layers>x<hidden>].")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder [models/<corpus>-<cell>-<layers>x<hidden>; models/<corpus>-<cell> where the size is chosen].")
 @click.option("--config", type=click.Path(dir_okay=False), callback=load_config, is_eager=True, expose_value=False,
               help="A TOML file of option values (its [train] table, or top level), e.g. hidden = 512; "
                    "options on the command line override it.")
@@ -288,6 +310,17 @@ def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, m
 
     Saves the best model by validation loss to OUT/model.npz and a full checkpoint (for
     --resume) to OUT/last.npz at every evaluation. Ctrl-C saves a checkpoint and exits 130.
+
+    The model's size and regularisation: given a budget (--time-limit, --max-steps or
+    --max-epochs) and none of --hidden, --layers, --dropout, --weight-decay, --weight-drop,
+    --embed, --tie (on the command line or in --config), a new character-level run chooses
+    the hidden size of a two-layer model, its dropout and its weight decay from the training
+    tokens, the vocabulary, the budget and this machine's speed for each size (measured in
+    about a second): the largest model that sees 2 tokens a parameter within the budget,
+    dropout growing with the epochs it will run. Its first line says what it chose and why,
+    and the model file keeps it (charnn info). Any of those options, --resume or --init-from
+    leave the choice to you (the defaults fill the rest), as does CHARNN_POLICY=0. Without a
+    budget: 2x256, no dropout, 10 epochs. The default folder is then models/<corpus>-<cell>.
 
     On several processes or machines: mpiexec -n K charnn train CORPUS ... trains one model,
     data-parallel, each process on --batch-size/K of the streams (needs the mpi extra:

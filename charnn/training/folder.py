@@ -198,15 +198,18 @@ class RunFolder:
 
 
 def checkpoint_meta(cfg, counters: dict, rng_state: dict, corpus_digest: str, val_digest: str | None,
-                    init_record: dict | None) -> dict:
+                    init_record: dict | None, policy_record: dict | None = None) -> dict:
     """The metadata of a run's model files: the options, the run's counters (as "progress"), the
-    random generator's state, the digests of the corpus and validation file, and where a fine-tuned run started."""
+    random generator's state, the digests of the corpus and validation file, where a fine-tuned
+    run started, and what the policy chose its model from (training/policy.py)."""
     meta = {"train": cfg.to_json(), "progress": counters, "rng": rng_state, "corpus_sha256": corpus_digest,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if val_digest:
         meta["val_sha256"] = val_digest
     if init_record:
         meta["init_from"] = init_record
+    if policy_record:
+        meta["policy"] = policy_record
     return meta
 
 

@@ -10,6 +10,7 @@ divergence guard (guard.py) and the ranks (ranks.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import numpy
 
-from ..backend import get_backend, to_float
+from ..backend import announce_device, get_backend, to_float
 from ..dist import StepSync, World
 from ..io import checkpoint as ckpt_mod
 from ..io.data import Batches, CorpusError
+from ..memory import MemoryLimitError
 from ..nn.functional import perplexity
 from ..nn.optim import clip_scale, global_norm
 from . import guard, ranks, schedule
@@ -40,7 +42,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, reporter: Reporter | None = None,
                  overrides: dict | None = None, init=None, corpus_stream=None, announce: bool = True,
-                 world: World | None = None, max_memory: int | None = None):
+                 world: World | None = None, max_memory: int | None = None, policy=None):
         """Args:
             init: a finetune.InitFrom: start from that model's weights and vocabulary.
             corpus_stream: a binary stream (stdin): the corpus, read once into ``cfg.corpus``
@@ -49,6 +51,8 @@ class Trainer:
             world: the data-parallel ranks (dist.py); default one process. Rank 0 locks the
                 folder, builds the token cache, writes and reports; all train their streams.
             max_memory: the bytes this process may use (--max-memory; default: what is available).
+            policy: a policy.Policy: choose the model's size and regularisation from the corpus
+                and the budget (a new character-level run on one process; policy.py).
         """
         self.cfg, self.out, self.reporter = cfg, Path(out), reporter or Reporter()
         self.folder = RunFolder(self.out)
@@ -66,6 +70,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.init, self.corpus_stream, self.announce, self.max_memory = init, corpus_stream, announce, max_memory
         self.init_record = None
+        self.policy, self.policy_record = policy, None
 
     # ----- setup -----
     def _setup(self):
@@ -73,6 +78,7 @@ class Trainer:
         if self.resume:
             saved, self.cfg = load_resumed(self.folder, self.overrides, check_files=self.world.root)
             self.init_record = saved.meta.get("init_from")
+            self.policy_record = saved.meta.get("policy")
         else:
             self.folder.check_fresh()
         cfg = self.cfg
@@ -88,13 +94,18 @@ class Trainer:
             vocab, start_config, start_params = self.init.prepare(cfg)
             self.init_record = self.init.record()
         vocab, train_ids, val_ids = prepare_data(cfg, vocab, self.out, digest)
-        # Announced once the inputs are known to be good (a missing corpus is said first).
-        self.backend = get_backend(cfg.device, cfg.dtype, announce=self.announce)
+        choosing = self.policy is not None and not saved and self.init is None and self.world.size == 1 \
+            and cfg.level == "char"
+        # Announced once the inputs are known to be good (a missing corpus is said first), and
+        # after the policy's choice, which is the run's first line.
+        self.backend = get_backend(cfg.device, cfg.dtype, announce=self.announce and not choosing)
         self.vocab = vocab
         try:
             self.batches = Batches(train_ids, cfg.batch_size, cfg.seq_len, part=self.world.part(cfg.batch_size))
         except CorpusError as e:
             raise CorpusError(f"{cfg.corpus}: {e}") from None
+        if choosing:
+            cfg = self.cfg = self._choose(cfg, len(vocab), len(train_ids), streams)
         self.val_ids = val_ids
         self.corpus_digest = saved.meta.get("corpus_sha256") if saved else digest or file_digest(cfg.corpus)
         self.val_digest = hint["val_digest"] if "val_digest" in hint else file_digest(cfg.val) if cfg.val else None
@@ -112,6 +123,32 @@ class Trainer:
         self.state = self.model.initial_state(self._local_n()) if self.state is None else self.state
         if self.world.size > 1:
             self.sync = StepSync(self.world.reducer(self.backend.xp), self.model.params, n_flags=3)
+
+    def _choose(self, cfg: TrainConfig, vocab_size: int, train_tokens: int, streams: int) -> TrainConfig:
+        """The options with the policy's model (policy.py), said on the reporter and recorded."""
+        from . import policy
+
+        def fits(hidden: int) -> bool:
+            trial = dataclasses.replace(cfg, layers=policy.LAYERS, hidden=hidden)
+            try:
+                check_memory(trial, trial.model_config(vocab_size), streams, self.max_memory,
+                             host_only=self.backend.device != "cpu")
+            except MemoryLimitError:
+                return False
+            return True
+
+        x, y = self.batches.chunk(0)
+        timer = self.policy.timer(cfg, vocab_size, self.backend, x, y)
+        budget = policy.Budget(cfg.time_limit, cfg.max_steps, cfg.max_epochs)
+        choice = policy.choose(train_tokens, cfg.batch_size * cfg.seq_len, vocab_size, budget,
+                               lambda h: dataclasses.replace(cfg, layers=policy.LAYERS, hidden=h)
+                               .model_config(vocab_size).n_params(),
+                               timer, fits, cell=cfg.cell, adam=cfg.optimizer == "adam")
+        self.policy_record = choice.record()
+        self.reporter.message(choice.line())
+        if self.announce:
+            announce_device(cfg.device, self.backend.device)
+        return choice.apply(cfg)
 
     def _restore(self, saved):
         """The counters, optimizer state, random generator and this process's streams' carried
@@ -141,7 +178,8 @@ class Trainer:
         carried state of all N streams on the host (``state``; default this process's, which
         holds them all outside data-parallel training), as last.npz holds them."""
         meta = checkpoint_meta(self.cfg, dict(self.counters, opt_t=self.opt.t, elapsed=self._elapsed()),
-                               self.rng.bit_generator.state, self.corpus_digest, self.val_digest, self.init_record)
+                               self.rng.bit_generator.state, self.corpus_digest, self.val_digest, self.init_record,
+                               self.policy_record)
         if not resumable:
             return ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), meta)
         return ckpt_mod.Checkpoint(self.model.config, self.vocab, self.model.host_params(), meta,

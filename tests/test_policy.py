@@ -1,0 +1,261 @@
+"""The model chosen from the corpus and the budget (training/policy.py): the choice for given
+tokens, budgets and speeds (a fake timer: never a real timing), the run's first line, the model
+file's record, and the options, config files and resumes that keep the user in charge."""
+
+from __future__ import annotations
+
+import pytest
+
+from charnn.io import checkpoint
+from charnn.nn.model import ModelConfig
+from charnn.training import policy
+from charnn.training.policy import Budget, choose, dropout_for
+
+from cli_support import check_error, check_ok, corpus_text, invoke, stop_after, write_corpus
+
+V = 65
+# Fake seconds a step (batch 32 x seq 50 = 1,600 tokens): larger is slower, as on a machine.
+SECONDS = {128: 0.02, 192: 0.04, 256: 0.08, 384: 0.15, 512: 0.2, 768: 0.45}
+
+
+def params(hidden: int) -> int:
+    return ModelConfig(vocab_size=V, cell="lstm", layers=2, hidden=hidden).n_params()
+
+
+class Timer:
+    """A fake step timer: SECONDS, and the sizes asked."""
+
+    def __init__(self, table=SECONDS):
+        self.table, self.asked = table, []
+
+    def __call__(self, hidden):
+        self.asked.append(hidden)
+        return self.table[hidden]
+
+
+def test_params_of_the_ladder():  # the figures the rule's comments quote
+    assert params(256) == 871_745 and params(512) == 3_316_289 and params(768) == 7_333_697
+
+
+@pytest.mark.parametrize("tokens, budget, hidden, dropout, decay, binding, asked", [
+    # tiny Shakespeare's 1.0 M, 15 minutes: 2x512 gets 4,275 steps, 2.06 tokens a parameter;
+    # 2x768 has more than 4 parameters a token, so it is never measured.
+    (1_003_854, Budget(time_limit=900), 512, 0.35, 0.1, "time_limit", [256, 512]),
+    # 4.4 M tokens (the quick start's corpus), 15 minutes: 2x768 sees 0.41 tokens a parameter.
+    (4_365_000, Budget(time_limit=900), 512, 0.0, 0.0, "time_limit", [256, 512, 768]),
+    # 310 k tokens, 5 minutes: 2x384 is too large for the corpus; 2x256 runs 18 epochs.
+    (310_000, Budget(time_limit=300), 256, 0.5, 0.1, "time_limit", [256]),
+    # a step budget needs no timing: 3.2 M tokens are enough for 2x256, not 2x384.
+    (1_003_854, Budget(max_steps=2000), 256, 0.15, 0.0, "max_steps", []),
+    # an epoch budget: 10 M tokens; 2x512 is the largest the corpus allows.
+    (1_003_854, Budget(max_epochs=10), 512, 0.45, 0.1, "max_epochs", []),
+    # both: the steps bind before the time.
+    (1_003_854, Budget(time_limit=3600, max_steps=3000), 384, 0.25, 0.1, "max_steps", [256, 384]),
+    # a corpus smaller than any candidate allows: the smallest, at its epochs.
+    (10_000, Budget(time_limit=300), 128, 0.5, 0.1, "time_limit", [128]),
+])
+def test_the_choice(tokens, budget, hidden, dropout, decay, binding, asked):
+    timer = Timer()
+    c = choose(tokens, 1600, V, budget, params, timer)
+    assert (c.layers, c.hidden, c.dropout, c.weight_decay, c.binding) == (2, hidden, dropout, decay, binding)
+    assert sorted(timer.asked) == asked
+    assert c.kept is None and c.epochs > 0
+
+
+def test_a_slower_machine_chooses_a_smaller_model():
+    fast = choose(1_003_854, 1600, V, Budget(time_limit=900), params, Timer())
+    slow = choose(1_003_854, 1600, V, Budget(time_limit=900), params, Timer({h: 2 * s for h, s in SECONDS.items()}))
+    assert (fast.hidden, slow.hidden) == (512, 384)
+    assert "2x512: 1.0 tokens a parameter in the budget (3.4 epochs), under 2" in slow.line()
+
+
+def test_no_weight_decay_without_adam():
+    assert choose(310_000, 1600, V, Budget(time_limit=300), params, Timer(), adam=False).weight_decay == 0.0
+
+
+def test_memory_rules_out_a_candidate():
+    c = choose(1_003_854, 1600, V, Budget(time_limit=900), params, Timer(), fits=lambda h: h < 512)
+    assert c.hidden == 384 and "memory" in c.line()
+
+
+def test_short_time_limits_and_unmeasured_candidates_keep_the_defaults():
+    timer = Timer()
+    c = choose(1_003_854, 1600, V, Budget(time_limit=30), params, timer)
+    assert (c.hidden, c.layers, c.dropout, c.weight_decay) == (256, 2, 0.0, 0.0) and timer.asked == []
+    assert "too short" in c.line() and c.record()["kept"]
+    c = choose(1_003_854, 1600, V, Budget(time_limit=900), params, lambda h: None)
+    assert c.hidden == 256 and c.kept == "no candidate could be measured"
+
+
+def test_dropout_grows_with_epochs():
+    assert [dropout_for(e) for e in (0.5, 2, 3, 4, 6, 8, 16, 100)] == [0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
+
+
+def test_the_line_and_the_record():
+    c = choose(1_003_854, 1600, V, Budget(time_limit=900), params, Timer())
+    assert c.line().startswith("charnn: lstm 2x512, dropout 0.35, weight decay 0.1, chosen for 1.0 M training "
+                               "tokens and 15 minutes: about 6.8 epochs (2x768: 7.3 M parameters, more than 4 "
+                               "a training token)")
+    r = c.record()
+    assert r["chose"] == {"cell": "lstm", "layers": 2, "hidden": 512, "dropout": 0.35, "weight_decay": 0.1}
+    assert r["from"]["train_tokens"] == 1_003_854 and r["from"]["time_limit"] == 900 and r["from"]["vocab_size"] == V
+    assert r["from"]["seconds_per_step"] == {"256": 0.08, "512": 0.2} and r["line"] == c.line(hint=False)
+
+
+def test_the_step_timer_stops_at_its_budget():
+    """StepTimer on a real tiny chunk with a fake clock (each reading 0.4 s later): two timed
+    steps spend its 0.75 s, the third size is not measured."""
+    import numpy
+
+    from charnn.backend import get_backend
+    from charnn.train import TrainConfig
+
+    ticks = iter(numpy.arange(0, 100, 0.4))
+    rng = numpy.random.default_rng(0)
+    x, y = rng.integers(0, 7, (4, 2)), rng.integers(0, 7, (4, 2))
+    timer = policy.StepTimer(TrainConfig(corpus="c", device="cpu"), 7, get_backend("cpu"), x, y, budget=0.75,
+                             clock=lambda: float(next(ticks)))
+    assert [timer(8), timer(8), timer(8)] == [pytest.approx(0.4), pytest.approx(0.4), None]
+
+
+# ----- the command line -----
+
+@pytest.fixture
+def on(monkeypatch):
+    monkeypatch.setenv("CHARNN_POLICY", "1")  # (the suite turns it off: conftest.py)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """About 156 k characters: 140 k training tokens, enough for 2x192 (506 k parameters) under
+    4 a token, not for 2x256."""
+    path = tmp_path_factory.mktemp("policy") / "big.txt"
+    path.write_text(corpus_text(6500, seed=3), encoding="utf-8")
+    return path
+
+
+SMALL_STEPS = ["--seq-len", "8", "--batch-size", "4", "--device", "cpu", "--sample-length", "0"]
+
+
+def first_line(result) -> str:
+    return result.stderr.splitlines()[0]
+
+
+def test_a_run_says_and_records_its_choice(tmp_path, on, big, monkeypatch):
+    stop_after(monkeypatch, 2)
+    r = invoke("train", big, "--out", tmp_path / "run", "--max-epochs", 10, *SMALL_STEPS)
+    assert r.exit_code == 130, r.output
+    assert first_line(r).startswith("charnn: lstm 2x192, dropout 0.45, weight decay 0.1, chosen for 0.1 M training "
+                                    "tokens and 10 epochs: about 10.0 epochs (2x256: 0.8 M parameters, more than 4"), r.stderr
+    assert "choose yourself" in first_line(r)
+    assert r.stderr.splitlines()[1].startswith("charnn train: lstm 2x192")
+    last = checkpoint.load(tmp_path / "run" / "last.npz")
+    assert (last.config.layers, last.config.hidden, last.config.dropout) == (2, 192, 0.45)
+    assert last.meta["train"]["weight_decay"] == 0.1
+    record = last.meta["policy"]
+    assert record["chose"]["hidden"] == 192 and record["from"]["max_epochs"] == 10 and record["from"]["steps"] > 0
+    info = check_ok(invoke("info", tmp_path / "run" / "last.npz")).output
+    assert "policy        lstm 2x192, dropout 0.45, weight decay 0.1, chosen for" in info
+    # a resume keeps the recorded model and its record, and chooses nothing
+    r = check_ok(invoke("train", "--resume", "--out", tmp_path / "run", "--max-steps", 4, "-q"))
+    last = checkpoint.load(tmp_path / "run" / "last.npz")
+    assert (last.config.hidden, last.config.dropout, last.meta["progress"]["step"]) == (192, 0.45, 4)
+    assert last.meta["policy"] == record and "chosen" not in r.stderr
+
+
+def test_a_time_limit_measures_each_size(tmp_path, on, big, monkeypatch):
+    asked = []
+
+    class FakeTimer:
+        def __init__(self, cfg, vocab_size, backend, x, y):
+            assert x.shape == (16, 16) and vocab_size == 19
+
+        def __call__(self, hidden):
+            asked.append(hidden)
+            return SECONDS[hidden]
+
+    monkeypatch.setattr(policy, "StepTimer", FakeTimer)
+    stop_after(monkeypatch, 1)
+    r = invoke("train", big, "--out", tmp_path / "run", "--time-limit", 600, "--seq-len", 16, "--batch-size", 16,
+               "--device", "cpu", "--sample-length", 0)
+    assert r.exit_code == 130, r.output
+    # 2x192: 14,250 steps of 256 tokens, 26.5 epochs of 137,792 tokens
+    assert first_line(r).startswith("charnn: lstm 2x192, dropout 0.5, weight decay 0.1, chosen for 0.1 M training "
+                                    "tokens and 10 minutes: about 26.5 epochs"), r.stderr
+    assert sorted(asked) == [128, 192]  # 2x256 is too large for the corpus: not measured
+    seconds = checkpoint.load(tmp_path / "run" / "last.npz").meta["policy"]["from"]["seconds_per_step"]
+    assert seconds == {"128": 0.02, "192": 0.04}
+
+
+def test_quiet_says_nothing_and_still_records(tmp_path, on, big, monkeypatch):
+    stop_after(monkeypatch, 1)
+    r = invoke("train", big, "--out", tmp_path / "run", "--max-epochs", 10, *SMALL_STEPS, "-q")
+    assert r.exit_code == 130 and "chosen" not in r.stderr
+    assert checkpoint.load(tmp_path / "run" / "last.npz").meta["policy"]["chose"]["hidden"] == 192
+
+
+@pytest.mark.parametrize("given", [["--hidden", "24"], ["--layers", "1"], ["--dropout", "0.1"],
+                                   ["--weight-decay", "0.01"], ["--embed", "8"], ["--weight-drop", "0.1"]])
+def test_any_size_option_keeps_the_user_in_charge(tmp_path, on, big, monkeypatch, given):
+    stop_after(monkeypatch, 1)
+    r = invoke("train", big, "--out", tmp_path / "run", "--max-epochs", 10, *SMALL_STEPS, *given)
+    assert r.exit_code == 130 and "chosen" not in r.stderr
+    last = checkpoint.load(tmp_path / "run" / "last.npz")
+    assert "policy" not in last.meta
+    assert last.config.hidden == (24 if given[0] == "--hidden" else 256)
+    assert last.config.layers == (1 if given[0] == "--layers" else 2)
+
+
+def test_a_config_file_value_counts_as_given(tmp_path, on, big, monkeypatch):
+    (tmp_path / "c.toml").write_text("[train]\nhidden = 24\n", encoding="utf-8")
+    stop_after(monkeypatch, 1)
+    r = invoke("train", big, "--config", tmp_path / "c.toml", "--out", tmp_path / "run", "--max-epochs", 10,
+               *SMALL_STEPS)
+    assert r.exit_code == 130 and "chosen" not in r.stderr
+    last = checkpoint.load(tmp_path / "run" / "last.npz")
+    assert last.config.hidden == 24 and "policy" not in last.meta
+
+
+def test_without_a_budget_the_defaults(tmp_path, on, monkeypatch):
+    corpus = write_corpus(tmp_path)
+    stop_after(monkeypatch, 1)
+    r = invoke("train", corpus, "--out", tmp_path / "run", *SMALL_STEPS)
+    assert r.exit_code == 130 and "chosen" not in r.stderr
+    last = checkpoint.load(tmp_path / "run" / "last.npz")
+    assert (last.config.layers, last.config.hidden, last.config.dropout) == (2, 256, 0.0)
+    assert "policy" not in last.meta and last.meta["train"]["max_epochs"] == 10
+
+
+def test_the_default_folder_is_found_again_by_resume(tmp_path, on, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path, "c.txt")
+    check_ok(invoke("train", "c.txt", "--max-steps", 2, *SMALL_STEPS, "-q"))
+    folder = tmp_path / "models" / "c-lstm"
+    assert checkpoint.load(folder / "last.npz").meta["policy"]["chose"]["hidden"] == 128  # the corpus is tiny
+    check_ok(invoke("train", "c.txt", "--resume", "--max-steps", 3, "-q"))
+    assert checkpoint.load(folder / "last.npz").meta["progress"]["step"] == 3
+    # a run named by its size (given, or from before the policy) is found too
+    check_ok(invoke("train", corpus, "--hidden", 256, "--max-steps", 1, *SMALL_STEPS, "-q"))
+    sized = tmp_path / "models" / "c-lstm-2x256"
+    import shutil
+
+    shutil.rmtree(folder)
+    check_ok(invoke("train", "c.txt", "--resume", "--max-steps", 2, "-q"))
+    assert checkpoint.load(sized / "last.npz").meta["progress"]["step"] == 2
+
+
+def test_a_bad_setting_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARNN_POLICY", "yes")
+    corpus = write_corpus(tmp_path)
+    r = invoke("train", corpus, "--out", tmp_path / "run", "--max-steps", 1, *SMALL_STEPS)
+    check_error(r, 1, "CHARNN_POLICY must be 0", "'yes'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_off_keeps_the_defaults_and_the_old_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARNN_POLICY", "0")
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path, "c.txt")
+    check_ok(invoke("train", "c.txt", "--max-steps", 1, *SMALL_STEPS, "-q"))
+    last = checkpoint.load(tmp_path / "models" / "c-lstm-2x256" / "last.npz")
+    assert last.config.hidden == 256 and "policy" not in last.meta
