@@ -83,6 +83,7 @@ def test_short_time_limits_and_unmeasured_candidates_keep_the_defaults():
     c = choose(1_003_854, 1600, V, Budget(time_limit=30), params, timer)
     assert (c.hidden, c.layers, c.dropout, c.weight_decay) == (256, 2, 0.0, 0.0) and timer.asked == []
     assert "too short" in c.line() and c.record()["kept"]
+    assert choose(1_003_854, 1600, V, Budget(), params, timer).kept.startswith("no --time-limit")
     c = choose(1_003_854, 1600, V, Budget(time_limit=900), params, lambda h: None)
     assert c.hidden == 256 and c.kept == "no candidate could be measured"
 
@@ -103,8 +104,8 @@ def test_the_line_and_the_record():
 
 
 def test_the_step_timer_stops_at_its_budget():
-    """StepTimer on a real tiny chunk with a fake clock (each reading 0.4 s later): two timed
-    steps spend its 0.75 s, the third size is not measured."""
+    """StepTimer on a real tiny chunk with a fake clock (each reading 0.4 s later): the first
+    size's two timed steps spend its 0.75 s, the next size is not measured."""
     import numpy
 
     from charnn.backend import get_backend
@@ -115,7 +116,7 @@ def test_the_step_timer_stops_at_its_budget():
     x, y = rng.integers(0, 7, (4, 2)), rng.integers(0, 7, (4, 2))
     timer = policy.StepTimer(TrainConfig(corpus="c", device="cpu"), 7, get_backend("cpu"), x, y, budget=0.75,
                              clock=lambda: float(next(ticks)))
-    assert [timer(8), timer(8), timer(8)] == [pytest.approx(0.4), pytest.approx(0.4), None]
+    assert [timer(8), timer(12)] == [pytest.approx(0.4), None] and timer.spent == pytest.approx(0.8)
 
 
 # ----- the command line -----

@@ -47,7 +47,7 @@ def describe(model) -> dict:
         "train_seconds": known(progress, "train_seconds"),
         "val_loss": known(progress, "last_val"), "best_val_loss": known(progress, "best_saved"),
         "created": known(meta, "created", str),
-        "chosen": known(meta.get("policy") if isinstance(meta.get("policy"), dict) else {}, "line", str),
+        "policy": known(meta.get("policy") if isinstance(meta.get("policy"), dict) else {}, "line", str),
     }
 
 
@@ -92,8 +92,8 @@ def text(d: dict) -> str:
         ("validation", val),
         ("saved", d["created"] or "unknown"),
     ]
-    if d["chosen"]:
-        rows.insert(1, ("policy", d["chosen"]))
+    if d["policy"]:
+        rows.insert(1, ("policy", d["policy"]))
     return f"{d['path']} ({kind}, {d['file_bytes']:,} bytes)\n" + "".join(f"  {k:<13} {v}\n" for k, v in rows)
 
 

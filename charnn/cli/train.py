@@ -231,10 +231,10 @@ Examples:
 @click.argument("corpus", required=False, type=click.Path(dir_okay=True, allow_dash=False))
 @click.option("--level", type=click.Choice(["char", "word"]), default="char", show_default=True)
 @click.option("--cell", type=CellChoice(), default=cells.DEFAULT_CELL, show_default=True)
-@click.option("--layers", type=click.IntRange(min=1), default=2, help="[2, or chosen: see below]")
-@click.option("--hidden", type=click.IntRange(min=1), default=256, help="[256, or chosen: see below]")
+@click.option("--layers", type=click.IntRange(min=1), default=2, help="[2, or chosen: see above]")
+@click.option("--hidden", type=click.IntRange(min=1), default=256, help="[256, or chosen: see above]")
 @click.option("--embed", type=click.IntRange(min=0), default=0, show_default=True, help="Embedding size; 0 = one-hot input.")
-@click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, help="Dropout on each layer's output [0, or chosen: see below].")
+@click.option("--dropout", type=Finite(0, 1, max_open=True), default=0.0, help="Dropout on each layer's output [0, or chosen: see above].")
 @click.option("--weight-drop", type=Finite(0, 1, max_open=True), default=0.0, show_default=True,
               help="DropConnect on the recurrent weights (AWD-LSTM's weight drop): at each step each "
                    "hidden-to-hidden weight is zeroed with this chance, the same ones at every time step.")
@@ -269,7 +269,7 @@ Examples:
                    "its decay starts (warm-up, stable, decay).")
 @click.option("--weight-decay", type=Finite(min=0), default=0.0, show_default=True,
               help="Adam only: decoupled weight decay (AdamW); each step multiplies the weight "
-                   "matrices by 1 - lr x this (not the biases, nor an untied --embed table) [0, or chosen: see below].")
+                   "matrices by 1 - lr x this (not the biases, nor an untied --embed table) [0, or chosen: see above].")
 @click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
               help="Steps over which the rate rises linearly to --lr.")
 @click.option("--clip", type=Finite(min=0), default=5.0, show_default=True, help="Global gradient-norm clip; 0 = off.")
@@ -319,8 +319,9 @@ def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, m
     about a second): the largest model that sees 2 tokens a parameter within the budget,
     dropout growing with the epochs it will run. Its first line says what it chose and why,
     and the model file keeps it (charnn info). Any of those options, --resume or --init-from
-    leave the choice to you (the defaults fill the rest), as does CHARNN_POLICY=0. Without a
-    budget: 2x256, no dropout, 10 epochs. The default folder is then models/<corpus>-<cell>.
+    leave the choice to you (the defaults fill the rest), as do --level word, mpiexec and
+    CHARNN_POLICY=0. Without a budget: 2x256, no dropout, 10 epochs. Where the size is left to
+    the policy, the default run folder is models/<corpus>-<cell>.
 
     On several processes or machines: mpiexec -n K charnn train CORPUS ... trains one model,
     data-parallel, each process on --batch-size/K of the streams (needs the mpi extra:

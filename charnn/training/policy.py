@@ -18,8 +18,8 @@ it sees tokens(H) = B * steps(H), epochs(H) = tokens(H) / D passes over the data
    its size), P(H) <= PARAMS_PER_TOKEN * D (not far larger than the corpus), and a memory
    estimate that passes; the smallest of LADDER where none qualifies. Larger is slower and
    has more parameters, so the test is monotone and a binary search over LADDER measures
-   about three candidates (each a warm-up on one time step and one timed step, within
-   PROBE_SECONDS of timed steps; a candidate left unmeasured is not chosen).
+   about three candidates (each a warm-up on one time step, then the faster of TIMED_STEPS
+   timed steps, within PROBE_SECONDS of timed steps; a candidate left unmeasured is not chosen).
 2. Dropout: grows with epochs(H), piecewise linear in log2(epochs) through DROPOUT.
 3. Weight decay: WEIGHT_DECAY from DECAY_EPOCHS epochs on, with Adam (AdamW) only.
 
@@ -65,6 +65,7 @@ WEIGHT_DECAY, DECAY_EPOCHS = 0.1, 4.0
 TRAIN_SHARE = 0.95  # of a --time-limit spent on steps (evaluations, samples and saves take the rest)
 MIN_SECONDS = 60.0  # shorter time limits keep the defaults
 PROBE_SECONDS = 1.5  # timed steps of measuring at most (the warm-ups besides)
+TIMED_STEPS = 2  # a size's time: the faster of two steps
 DEFAULTS = {"layers": 2, "hidden": 256, "dropout": 0.0, "weight_decay": 0.0}  # TrainConfig's
 
 
@@ -192,6 +193,8 @@ def choose(train_tokens: int, step_tokens: int, vocab_size: int, budget: Budget,
     ``seconds(H)``: its seconds a step (None: not measured), asked only where the time limit
     decides; ``fits(H)``: whether its memory estimate passes; ``adam``: weight decay allowed."""
     base = dict(cell=cell, train_tokens=train_tokens, step_tokens=step_tokens, vocab_size=vocab_size, budget=budget)
+    if not budget.given():
+        return Choice(**base, **DEFAULTS, kept="no --time-limit, --max-steps or --max-epochs sizes it")
     if budget.time_limit is not None and budget.time_limit < MIN_SECONDS:
         return Choice(**base, **DEFAULTS, kept=f"a --time-limit under {MIN_SECONDS:g} s is too short to "
                                                f"size the model by")
@@ -260,9 +263,9 @@ class StepTimer:
     """Seconds a training step of a 2xH model takes on this machine: for each H asked, the
     model (random weights) on ``backend`` with the engine's rules (the planner would spend up
     to 0.75 s on each new shape), one step on the first time step of the chunk ``x``/``y`` to
-    load or compile what the shape needs, then one timed step on the whole chunk (its loss,
-    gradients and the optimizer's update, as the trainer runs it; no dropout). Timed steps stop
-    once ``budget`` seconds of them are spent: a later H gets None."""
+    load or compile what the shape needs, then the faster of TIMED_STEPS timed steps on the
+    whole chunk (its loss, gradients and the optimizer's update, as the trainer runs it; no
+    dropout). Timed steps stop once ``budget`` seconds of them are spent: a later H gets None."""
 
     def __init__(self, cfg, vocab_size: int, backend, x, y, budget: float = PROBE_SECONDS, clock=time.perf_counter):
         self.cfg, self.vocab_size, self.x, self.y = cfg, vocab_size, x, y
@@ -290,11 +293,13 @@ class StepTimer:
             opt.step(grads)
 
         step(self.x[:1], self.y[:1])
-        t0 = self.clock()
-        step(self.x, self.y)
-        took = self.clock() - t0
-        self.spent += took
-        return took
+        times = []
+        for _ in range(TIMED_STEPS):
+            t0 = self.clock()
+            step(self.x, self.y)
+            times.append(self.clock() - t0)
+        self.spent += sum(times)
+        return min(times)  # other work on the machine only ever adds time
 
 
 class Policy:
