@@ -4,6 +4,8 @@ file's record, and the options, config files and resumes that keep the user in c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from charnn.io import checkpoint
@@ -157,6 +159,8 @@ def test_a_run_says_and_records_its_choice(tmp_path, on, big, monkeypatch):
     assert record["chose"]["hidden"] == 192 and record["from"]["max_epochs"] == 10 and record["from"]["steps"] > 0
     info = check_ok(invoke("info", tmp_path / "run" / "last.npz")).output
     assert "policy        lstm 2x192, dropout 0.45, weight decay 0.1, chosen for" in info
+    as_json = json.loads(check_ok(invoke("info", tmp_path / "run" / "last.npz", "--json")).output)
+    assert as_json["policy"] == record["line"] and not record["line"].startswith("charnn:")
     # a resume keeps the recorded model and its record, and chooses nothing
     r = check_ok(invoke("train", "--resume", "--out", tmp_path / "run", "--max-steps", 4, "-q"))
     last = checkpoint.load(tmp_path / "run" / "last.npz")
