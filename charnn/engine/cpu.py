@@ -45,6 +45,8 @@ from .threads import blas_threads, in_row_blocks, in_worker, loop_threads, run_i
 # parameters had taken two threads from a half of 65,536).
 ADAM_HALF = 1 << 19
 
+PLANNED_KEPT = 64  # pieces of work whose planned operations an instance keeps at most
+
 
 def _rows_in_two(fn, rows: int, two: bool):
     """fn(slice) over rows [0, rows): two halves in two threads with ``two``, else at once."""
@@ -62,6 +64,11 @@ class CpuOps(Ops):
     head_threads: int = 1
     path: Path | None = None  # the path of the work at hand (None: the rules decide)
     planner: object = field(default=None, compare=False)  # plan.Planner, where the settings plan
+    # planned()'s memory, so that work already planned costs a step one dict lookup instead of
+    # its key's string and a derived CpuOps: (kind, id(config), N, T, xp, dtype) -> (config, the
+    # work's key, its path, the operations for it). Each instance has its own (not copied by
+    # derive: its settings are its own).
+    _planned: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     name = "cpu"
     accelerated = frozenset({
@@ -71,6 +78,8 @@ class CpuOps(Ops):
         "loss_and_grads", "nll", "small_chunk_loop", "dynamic_step"})
 
     def derive(self, **changes) -> "CpuOps":
+        if all(getattr(self, name) is value for name, value in changes.items()):
+            return self  # (the batch split's halves without a shared tail ask this every step)
         return replace(self, **changes)
 
     def with_path(self, path: Path) -> "CpuOps":
@@ -82,10 +91,17 @@ class CpuOps(Ops):
         """The operations for a piece of work of ``kind`` ("train", "score") on T x N tokens:
         with the planner's path where there is a choice to make (plan.py), measured on first
         meeting by calling run(ops, t), which does the work's first t time steps with ``ops``;
-        else these (the rules decide)."""
+        else these (the rules decide). Work met before costs one lookup: the operations for
+        its path are kept per shape while the planner's decision for its key stands."""
         if self.path is not None or self.planner is None or not self.settings.plan:
             return self
-        key = plan.work_key(kind, model.config, N, T, self.settings, model.xp, model.dtype)
+        config = model.config
+        memo = (kind, id(config), N, T, model.xp, model.dtype)
+        known = self._planned.get(memo)
+        # Still the planner's decision (plan_report's --measure forgets a key and decides again)?
+        if known is not None and known[0] is config and self.planner.decided.get(known[1], False) is known[2]:
+            return known[3]
+        key = plan.work_key(kind, config, N, T, self.settings, model.xp, model.dtype)
         path = self.planner.decided.get(key, False)  # what this process ran before, or False
         if path is False:
             path = None
@@ -93,7 +109,11 @@ class CpuOps(Ops):
                 candidates = parallel.candidates(kind, self, model, N)
                 path = self.planner.choose(key, candidates, lambda p, t: run(self.with_path(p), t), T)
             self.planner.decided[key] = path
-        return self if path is None else self.with_path(path)
+        ops = self if path is None else self.with_path(path)
+        if len(self._planned) >= PLANNED_KEPT:  # (sequence lengths that vary: the last chunk of each text)
+            self._planned.clear()
+        self._planned[memo] = (config, key, path, ops)  # (keeping config keeps its id unique)
+        return ops
 
     def unplanned(self, kind: str, model, T: int, N: int) -> str | None:
         """Why the rules choose the path of this work instead of the planner, or None."""
