@@ -310,6 +310,28 @@ def test_the_candidates_follow_the_settings():
     assert parallel.rule_path("train", m.ops, m, 4) == Path("one", None, True)
 
 
+@needs_loops
+def test_one_streams_segments_run_forward_on_the_blas_and_backward_packed():
+    """Dynamic evaluation's segments (one stream) where the packed products are the engine's
+    to choose: the forward's operations without them, the backward's with; anywhere else (the
+    knob set, more streams, no packed products to choose) the same operations both ways."""
+    m = lstm(Settings(threads=2, plan=frozenset({"packed"})))
+    forward, backward = m.ops.segment_ops(m, 1)
+    if packed.available():
+        assert not forward.settings.packed and backward is m.ops and backward.settings.packed
+    else:
+        assert forward is backward is m.ops
+    assert m.ops.segment_ops(m, 2) == (m.ops, m.ops)
+    for fixed in (Settings(threads=2), Settings(threads=2, plan=frozenset({"split"})),
+                  Settings(threads=2, packed=False, plan=frozenset({"split"}))):
+        f = lstm(fixed)
+        assert f.ops.segment_ops(f, 1) == (f.ops, f.ops)
+    gru = lstm(Settings(threads=2, plan=frozenset({"packed"})), cell="gru")
+    assert gru.ops.segment_ops(gru, 1) == (gru.ops, gru.ops)
+    ref = Ops()
+    assert ref.segment_ops(m, 1) == (ref, ref)
+
+
 class PickLast(Planner):
     """Runs every candidate once and picks the last: what the engine does with a choice."""
 

@@ -75,7 +75,7 @@ class CpuOps(Ops):
         "layer_forward", "layer_backward", "input_projection", "input_grads", "scatter_add_rows",
         "softmax_xent_forward", "softmax_xent_backward", "class_xent_forward", "class_xent_backward",
         "class_xent_forward_backward", "sum_squares", "adam_update", "draw_scaled", "draw_scaled_rows", "stepper",
-        "loss_and_grads", "nll", "small_chunk_loop", "dynamic_step"})
+        "loss_and_grads", "nll", "small_chunk_loop", "dynamic_step", "segment_ops"})
 
     def derive(self, **changes) -> "CpuOps":
         if all(getattr(self, name) is value for name, value in changes.items()):
@@ -301,6 +301,17 @@ class CpuOps(Ops):
                                  decay)  # (without a decay, scale stands in for the arrays it never reads)
             return
         super().dynamic_step(p, g, keep, pull, scale)
+
+    def segment_ops(self, model, N):
+        # One stream's short segments, where the settings leave the packed products to the
+        # engine: the LSTM's forward loop on the BLAS (matrix-vector products, nothing to pack)
+        # and its backward packed (no transposed copy for the BLAS): at H 256 and 20 steps,
+        # 273 against 457 us a layer forward, 341 against 488 backward (benchmarks/README.md,
+        # "Start-up and dynamic evaluation's speed"). Not measured per machine (the planner
+        # times whole training steps and scoring passes only).
+        if N == 1 and "packed" in self.settings.plan and self.settings.packed and parallel.packed_matters(self, model):
+            return self.derive(settings=replace(self.settings, packed=False)), self
+        return self, self
 
     # ----- sampling -----
     def draw_scaled(self, logits, temperature, rng):
