@@ -39,7 +39,8 @@ import numpy  # noqa: E402
 from charnn.io.checkpoint import default_model_path, load_model  # noqa: E402
 from charnn.nn.model import LanguageModel, ModelConfig  # noqa: E402
 from charnn.sample import generate, start_ids  # noqa: E402
-from charnn.serve.scheduler import Channel, Scheduler, Sequence  # noqa: E402
+from charnn.serve.channel import Channel  # noqa: E402
+from charnn.serve.scheduler import Scheduler, Sequence  # noqa: E402
 
 PROMPT = "ROMEO:"
 

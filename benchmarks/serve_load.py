@@ -6,6 +6,7 @@ side by side with the same clients against one request at a time and against a l
     flock /tmp/charnn-cpu.lock python benchmarks/serve_load.py --soak 10000 # the issue's soak
     flock /tmp/charnn-cpu.lock python benchmarks/serve_load.py --bars 5     # the issue's bars, interleaved
     python benchmarks/serve_load.py --clients 1,4 --models default --soak 0 --no-sample   # a quick look
+    flock /tmp/charnn-cpu.lock python benchmarks/serve_load.py --models default --ab NAME=VALUE  # A/B, see ab()
 
 For each model (the bundled 2x256 and a 2x512 LSTM with random weights, built here and saved to
 a temporary folder) it starts `charnn serve` on 127.0.0.1 (a free port; nothing else is
@@ -482,6 +483,45 @@ def bars(path: str, repeats: int, tokens: int, rounds: int, seconds: float, opti
               f"{f['p99']:.2f}x | {f['errors']:g} |")
 
 
+def ab(path: str, repeats: int, tokens: int, rounds: int, seconds: float, options: list, env_b: dict):
+    """Two servers side by side, A (as this process's environment has it) and B (with ``env_b``
+    added: a setting, or a switch a change under trial reads), both up at
+    once and taking turns a phase at a time (1 client, then 16), ``repeats`` rounds, A first in
+    odd rounds and B first in even ones: on a shared machine each ratio B/A comes from
+    neighbouring phases. Prints every round and the medians."""
+    found = {"A": [], "B": []}
+    with serve_process(path, "--slots", "16", *options) as a, serve_process(path, "--slots", "16", *options,
+                                                                           env=env_b) as b:
+        for k in range(repeats):
+            order = [("A", a), ("B", b)] if k % 2 == 0 else [("B", b), ("A", a)]
+            row = {}
+            for clients in (1, 16):
+                for name, served in order:
+                    row[name, clients] = server_phase(served.url, served.proc.pid, clients, rounds, tokens, seconds,
+                                                      name)
+            for name in "AB":
+                one, many = row[name, 1], row[name, 16]
+                found[name].append({"one": one["rate"], "many": many["rate"], "speedup": many["rate"] / one["rate"],
+                                    "p99": many["tpot99"] / one["tpot99"], "us": many["server_us"],
+                                    "errors": one["errors"] + many["errors"]})
+            print(f"  round {k + 1}: A 16 clients {row['A', 16]['rate']:,.0f}, B {row['B', 16]['rate']:,.0f} "
+                  f"tokens/s", file=sys.stderr)
+    print(f"A: this environment; B: with {' '.join(f'{k}={v}' for k, v in env_b.items())}\n")
+    print("| round | A 1 client | B 1 client | A 16 clients | B 16 clients | B/A 16 clients | A 16/1 | B 16/1 "
+          "| A server us/token | B server us/token | A p99 16/1 | B p99 16/1 | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = list(zip(found["A"], found["B"]))
+    med = {n: {key: float(numpy.median([g[key] for g in found[n]])) for key in found[n][0]} for n in "AB"}
+    for k, (fa, fb) in enumerate(rows + [(med["A"], med["B"])], 1):
+        label = k if k <= len(rows) else "median"
+        print(f"| {label} | {fa['one']:,.0f} | {fb['one']:,.0f} | {fa['many']:,.0f} | {fb['many']:,.0f} | "
+              f"{fb['many'] / fa['many']:.3f} | {fa['speedup']:.2f}x | {fb['speedup']:.2f}x | {fa['us']:.0f} | "
+              f"{fb['us']:.0f} | {fa['p99']:.2f}x | {fb['p99']:.2f}x | {fa['errors'] + fb['errors']:g} |")
+    ratios = [fb["many"] / fa["many"] for fa, fb in rows]
+    print(f"\nB/A at 16 clients, round by round: median {numpy.median(ratios):.3f} "
+          f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", default="1,4,16,64", help="concurrent clients per phase [1,4,16,64]")
@@ -498,6 +538,9 @@ def main():
                     help="another option for charnn serve (repeatable), e.g. --serve-option=--max-queue=256")
     ap.add_argument("--bars", type=int, default=0, metavar="K",
                     help="only the issue's bars at 16 clients, K interleaved repeats per model")
+    ap.add_argument("--ab", action="append", default=[], metavar="NAME=VALUE",
+                    help="A/B: a second server with this variable added (repeatable), the two taking turns "
+                         "at 1 and 16 clients, --bars K rounds (5 if not given) [off]")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="the load's client: raw asyncio sockets (cheap per token) or httpx [raw]")
     args = ap.parse_args()
@@ -522,6 +565,10 @@ def main():
                 ap.error(f"--models: unknown model {name!r} (default or 2x512)")
         for label, path in models.items():
             print(f"\n## {label}: {path}\n")
+            if args.ab:
+                env_b = dict(item.split("=", 1) for item in args.ab)
+                ab(path, args.bars or 5, args.tokens, args.rounds, args.seconds, args.serve_option, env_b)
+                continue
             if args.bars:
                 bars(path, args.bars, args.tokens, args.rounds, args.seconds, args.serve_option)
                 continue

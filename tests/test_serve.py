@@ -17,7 +17,8 @@ pytestmark = needs_serve
 from charnn.io.checkpoint import default_model_path, load_model  # noqa: E402
 from charnn.sample import StopRule, generate, start_ids  # noqa: E402
 from charnn.serve.limits import Limits  # noqa: E402
-from charnn.serve.scheduler import Channel, QueueFull, Scheduler, Sequence, widths  # noqa: E402
+from charnn.serve.channel import Channel  # noqa: E402
+from charnn.serve.scheduler import QueueFull, Scheduler, Sequence, widths  # noqa: E402
 
 PROMPT = "ROMEO:"
 

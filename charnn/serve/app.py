@@ -35,7 +35,8 @@ from ..score import ScoreError, score_lines, score_row, summarize
 from . import request as checks
 from .limits import Limits
 from .request import ApiError
-from .scheduler import Channel, Closed, QueueFull, Scheduler, Sequence
+from .channel import Channel
+from .scheduler import Closed, QueueFull, Scheduler, Sequence
 
 STATIC = Path(__file__).parent / "static"
 STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
