@@ -33,82 +33,22 @@ size, two threads allowed and thin half batches.
 
 from __future__ import annotations
 
-import ctypes
-import threading
-
 import numpy
 
 from . import kernels, packed
+from .cblas import find_blas
 from .threads import in_worker, run_in_two
-
-_blas = None  # (sgemm ctypes function, sched_yield ctypes function), or False
-_blas_lock = threading.Lock()
-
-
-def _find_blas():
-    """NumPy's CBLAS sgemm (a ctypes function) and libc's sched_yield, or False. Decided once,
-    under a lock: the two halves of a batch ask at once on their first step, and an answer
-    seen half-made (False) once sent one half down layers.py's Python loop, whose products
-    round differently, so the first step after a start or a resume could differ from run to
-    run in its last bits."""
-    global _blas
-    if _blas is None:
-        with _blas_lock:
-            if _blas is None:
-                _blas = _locate_blas()
-    return _blas
-
-
-def _locate_blas():
-    if not kernels.available:
-        return False
-    try:
-        from threadpoolctl import threadpool_info
-
-        lib = None
-        for info in threadpool_info():
-            if info.get("user_api") == "blas" and info.get("internal_api") == "openblas":
-                lib = ctypes.CDLL(info["filepath"])
-                break
-        if lib is None:
-            return False
-        fn = None
-        for name, wide in (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("scipy_cblas_sgemm", False), ("cblas_sgemm", False)):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                break
-        if fn is None:
-            return False
-        I, S = ctypes.c_int, ctypes.c_size_t
-        L = ctypes.c_int64 if wide else ctypes.c_int
-        fn.restype = None
-        fn.argtypes = [I, I, I, L, L, L, ctypes.c_float, S, L, S, L, ctypes.c_float, S, L]
-        yld = ctypes.CDLL(None).sched_yield
-        yld.restype, yld.argtypes = ctypes.c_int, []
-        # A product checked against NumPy's before the loops trust the symbol and its
-        # integer width (a wrong guess gives a wrong result here, not later).
-        rng = numpy.random.default_rng(0)
-        A = rng.normal(size=(7, 5)).astype(numpy.float32)
-        B = rng.normal(size=(5, 9)).astype(numpy.float32)
-        C = numpy.zeros((7, 3), dtype=numpy.float32)
-        fn(101, 111, 111, 7, 3, 5, 1.0, A.ctypes.data, 5, B.ctypes.data, 9, 0.0, C.ctypes.data, 3)
-        if numpy.allclose(C, A @ B[:, :3], rtol=1e-5, atol=1e-5):
-            return (fn, yld)
-    except (OSError, AttributeError, ImportError):
-        pass
-    return False
-
 
 def compiled_loops() -> bool:
     """Whether the compiled one-core LSTM loops (lstm_forward_one and friends) can run here."""
-    return bool(_find_blas())
+    return bool(find_blas())
 
 
 def usable(H: int) -> bool:
     """Whether an LSTM layer of H units can run row split here (not from the worker thread,
     whose two halves would run one after the other and wait forever); the caller checks that
     two threads and the compiled kernels are allowed."""
-    return H % 2 == 0 and H >= 16 and bool(_find_blas()) and not in_worker()
+    return H % 2 == 0 and H >= 16 and bool(find_blas()) and not in_worker()
 
 
 if kernels.available:
@@ -297,7 +237,7 @@ if kernels.available:
 def gru_forward_one(XP, Wh, h0, bhn, store=True):
     """layers.layer_forward for a GRU of N >= 2 streams, its time loop one compiled call (as
     :func:`rnn_forward_one`: the same results bit for bit)."""
-    sgemm, _ = _find_blas()
+    sgemm, _ = find_blas()
     GH, T, N = XP.shape
     H = GH // 3
     dtype = XP.dtype
@@ -315,7 +255,7 @@ def gru_forward_one(XP, Wh, h0, bhn, store=True):
 
 def gru_backward_loop_one(dhs, cache, Wh):
     """layers.layer_backward's loop for a GRU's cache: (dXP, dh0, dHP)."""
-    sgemm, _ = _find_blas()
+    sgemm, _ = find_blas()
     A, hs, HN = cache["A"], cache["hs"], cache["HN"]
     H, T, N = hs.shape
     GH = A.shape[1]
@@ -332,7 +272,7 @@ def rnn_forward_one(XP, Wh, h0, bhn=None, store=True):
     """layers.layer_forward for a tanh RNN of N >= 2 streams, its time loop one compiled call
     (the same products and kernels as layers.py's Python loop: the same results bit for bit;
     for one stream NumPy's matmul calls sgemv instead, whose sums round otherwise)."""
-    sgemm, _ = _find_blas()
+    sgemm, _ = find_blas()
     H, T, N = XP.shape
     XP = numpy.ascontiguousarray(XP)
     hs = numpy.empty((H, T, N), dtype=XP.dtype)
@@ -344,7 +284,7 @@ def rnn_forward_one(XP, Wh, h0, bhn=None, store=True):
 
 def rnn_backward_loop_one(dhs, cache, Wh):
     """layers.layer_backward's loop for a cache of :func:`rnn_forward_one`: (dXP, dh0, None)."""
-    sgemm, _ = _find_blas()
+    sgemm, _ = find_blas()
     hs = cache["hs"]
     H, T, N = hs.shape
     dXP = numpy.empty((H, T, N), dtype=hs.dtype)
@@ -394,7 +334,7 @@ def _in_two(work, flags):
 def lstm_forward(XP, Wh, h0, c0, store=True, use_packed=True):
     """layers.layer_forward for an LSTM, row split (same arguments, results and cache
     contents, plus what backward needs of the split)."""
-    sgemm, yld = _find_blas()
+    sgemm, yld = find_blas()
     GH, T, N = XP.shape
     H = GH // 4
     H2 = H // 2
@@ -430,7 +370,7 @@ def lstm_forward(XP, Wh, h0, c0, store=True, use_packed=True):
 
 def lstm_backward(dhs, cache, Wh, use_packed=True):
     """layers.layer_backward for a cache of :func:`lstm_forward` (same results)."""
-    sgemm, yld = _find_blas()
+    sgemm, yld = find_blas()
     hs, h0 = cache["hs"], cache["h0"]
     H, T, N = hs.shape
     H2 = H // 2
@@ -477,7 +417,7 @@ def lstm_backward(dhs, cache, Wh, use_packed=True):
 def lstm_forward_one(XP, Wh, h0, c0, store=True, use_packed=True):
     """layers.layer_forward for an LSTM on one core, its time loop one compiled call (the
     product at each step from within it: no Python, no GIL per step)."""
-    sgemm, yld = _find_blas()
+    sgemm, yld = find_blas()
     GH, T, N = XP.shape
     H = GH // 4
     dtype = XP.dtype
@@ -500,7 +440,7 @@ def lstm_forward_one(XP, Wh, h0, c0, store=True, use_packed=True):
 
 def lstm_backward_loop_one(dhs, cache, Wh, use_packed=True):
     """layers._layer_backward_loop for an LSTM on one core, one compiled call: (dXP, dh0, dc0)."""
-    sgemm, yld = _find_blas()
+    sgemm, yld = find_blas()
     A, hs, cs, tcs = cache["A"], cache["hs"], cache["cs"], cache["tcs"]
     H, T, N = hs.shape
     dtype = hs.dtype

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import statistics
 import threading
