@@ -171,11 +171,12 @@ def gradient_stats(model: LanguageModel, ids, segment: int, max_tokens: int = ST
     state, n, done = None, 0, 0
     if progress:
         progress(0, len(ids) - 1)
+    forward_ops, backward_ops = model.ops.segment_ops(model, 1)
     with model.ops.small_chunk_loop(_largest_product(model, segment)):
         for x, y in _segments(ids, segment):
-            _, cache, state = model.forward(x, y, state, store=True)
+            _, cache, state = model.forward(x, y, state, store=True, ops=forward_ops)
             state = _copy_state(state)
-            grads, _ = model.backward(cache)
+            grads, _ = model.backward(cache, ops=backward_ops)
             for k, g in grads.items():
                 total[k] += g * g
             n += 1
@@ -276,9 +277,10 @@ def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, prog
     state, done = None, 0
     if progress:
         progress(0, P)
+    forward_ops, backward_ops = adapted.ops.segment_ops(adapted, 1)
     with model.ops.small_chunk_loop(_largest_product(model, settings.segment)):
         for x, y in _segments(seq, settings.segment):
-            _, cache, state = adapted.forward(x, y, state, store=True)
+            _, cache, state = adapted.forward(x, y, state, store=True, ops=forward_ops)
             state = _copy_state(state)
             T = len(y)
             out[done:done + T] = to_host(cache["nll"]).astype(numpy.float64).reshape(T)  # scored first
@@ -286,7 +288,7 @@ def _run(model: LanguageModel, seq, settings: DynamicSettings, stats: dict, prog
                 raise _NonFinite(done + int(numpy.argmin(numpy.isfinite(out[done:done + T]))), P)
             done += T
             if adapt and done < P:  # no step after the last segment: nothing is left to score
-                grads, _ = adapted.backward(cache)
+                grads, _ = adapted.backward(cache, ops=backward_ops)
                 rule.step(adapted.params, grads, adapted.ops)
             if progress:
                 progress(done, P)

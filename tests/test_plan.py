@@ -310,6 +310,28 @@ def test_the_candidates_follow_the_settings():
     assert parallel.rule_path("train", m.ops, m, 4) == Path("one", None, True)
 
 
+@needs_loops
+def test_one_streams_segments_run_forward_on_the_blas_and_backward_packed():
+    """Dynamic evaluation's segments (one stream) where the packed products are the engine's
+    to choose: the forward's operations without them, the backward's with; anywhere else (the
+    knob set, more streams, no packed products to choose) the same operations both ways."""
+    m = lstm(Settings(threads=2, plan=frozenset({"packed"})))
+    forward, backward = m.ops.segment_ops(m, 1)
+    if packed.available():
+        assert not forward.settings.packed and backward is m.ops and backward.settings.packed
+    else:
+        assert forward is backward is m.ops
+    assert m.ops.segment_ops(m, 2) == (m.ops, m.ops)
+    for fixed in (Settings(threads=2), Settings(threads=2, plan=frozenset({"split"})),
+                  Settings(threads=2, packed=False, plan=frozenset({"split"}))):
+        f = lstm(fixed)
+        assert f.ops.segment_ops(f, 1) == (f.ops, f.ops)
+    gru = lstm(Settings(threads=2, plan=frozenset({"packed"})), cell="gru")
+    assert gru.ops.segment_ops(gru, 1) == (gru.ops, gru.ops)
+    ref = Ops()
+    assert ref.segment_ops(m, 1) == (ref, ref)
+
+
 class PickLast(Planner):
     """Runs every candidate once and picks the last: what the engine does with a choice."""
 
@@ -350,6 +372,47 @@ def test_the_engine_runs_the_work_on_the_planners_choice(tmp_path, kind):
     work(m)
     assert pl.measured == 1  # kept
     assert plan_report(m, 12, 9)["kinds"][kind]["path"] == cands[-1].label
+
+
+class PickIndex(PickLast):
+    """PickLast's planner, picking candidates[self.pick] (a test changes it)."""
+
+    pick = -1
+
+    def measure(self, candidates, run, T):
+        m = super().measure(candidates, run, T)
+        m.best = candidates[self.pick]
+        return m
+
+
+@needs_loops
+def test_planned_work_is_looked_up_once_and_follows_a_new_plan(tmp_path):
+    """A piece of work met again gets the same operations (nothing derived again); one of
+    another shape or model its own; after the planner forgets a plan (info --plan
+    --measure), the next step runs on the plan measured anew."""
+    pl = PickIndex(tmp_path, clock=FakeClock(), machine=MACHINE, min_flops=0)
+    ops = CpuOps(PLANNING, planner=pl)
+    cfg = ModelConfig(vocab_size=30, cell="lstm", layers=1, hidden=16)
+    m = with_ops(cfg, ops)
+    cands = parallel.candidates("train", ops, m, 12)
+    calls = []
+
+    def run(o, t):
+        calls.append(o.path)
+
+    first = ops.planned("train", m, 9, 12, run)
+    assert first.path == cands[-1] and pl.measured == 1 and calls == cands
+    assert ops.planned("train", m, 9, 12, run) is first
+    assert ops.planned("train", m, 11, 12, run).path == first.path and pl.measured == 1  # T 9 and 11: one plan
+    other = with_ops(ModelConfig(vocab_size=30, cell="lstm", layers=1, hidden=18), ops)
+    assert ops.planned("train", other, 9, 12, run).path == cands[-1] and pl.measured == 2
+    assert ops.planned("score", m, 9, 12, run).path is not None and pl.measured == 3
+    pl.pick = 0
+    pl.forget(plan.work_key("train", cfg, 12, 9, ops.settings, numpy, m.dtype))
+    again = ops.planned("train", m, 9, 12, run)
+    assert again.path == cands[0] and pl.measured == 4
+    assert ops.planned("train", m, 9, 12, run) is again
+    assert CpuOps(PLANNING, planner=pl).planned("train", m, 9, 12, never).path == cands[0]  # kept by the planner
 
 
 def test_small_work_and_float64_are_not_measured(tmp_path):

@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 from charnn.backend import get_backend
-from charnn.engine import kernels, layers, parallel, threads as threads_mod
+from charnn.engine import cblas, kernels, layers, parallel, threads as threads_mod
 from charnn.engine import loops as rowsplit
 from charnn.engine.settings import Settings
 from charnn.nn.model import LanguageModel, ModelConfig
@@ -92,7 +92,7 @@ def test_row_split_is_used_only_where_it_pays(monkeypatch):
         m = LanguageModel.create(ModelConfig(vocab_size=10, cell="lstm", hidden=32),
                                  backend=get_backend("cpu", "float32", settings=off))
         assert not row_split(m, 20), off
-    monkeypatch.setattr(rowsplit, "_blas", False)  # no sgemm found: the batch split, as before
+    monkeypatch.setattr(cblas, "_blas", False)  # no sgemm found: the batch split, as before
     assert not row_split(lstm, 20)
 
 
@@ -140,7 +140,7 @@ def test_model_with_threads_1_does_not_split(monkeypatch):
 def test_a_failure_on_one_core_stops_the_other():
     """The worker raises while this thread waits for it at a meeting point: the wait ends
     and the worker's own error is raised, not a hang."""
-    _, yld = rowsplit._find_blas()
+    _, yld = cblas.find_blas()
     flags = numpy.zeros(3, dtype=numpy.int64)
     waited = threading.Event()
 
@@ -172,15 +172,15 @@ def test_the_blas_is_found_once_for_two_threads_asking_at_once(monkeypatch):
     """The two halves of a batch ask on their first step at once; both must get the same
     answer (an answer seen half-made once sent one half down another code path, and the
     first step after a start or resume then differed from run to run in its last bits)."""
-    found = rowsplit._find_blas()
+    found = cblas.find_blas()
     for _ in range(5):
-        monkeypatch.setattr(rowsplit, "_blas", None)
+        monkeypatch.setattr(cblas, "_blas", None)
         start = threading.Barrier(2)
         answers = [None, None]
 
         def ask(k):
             start.wait()
-            answers[k] = rowsplit._find_blas()
+            answers[k] = cblas.find_blas()
 
         threads = [threading.Thread(target=ask, args=(k,)) for k in (0, 1)]
         for t in threads:

@@ -45,6 +45,8 @@ from .threads import blas_threads, in_row_blocks, in_worker, loop_threads, run_i
 # parameters had taken two threads from a half of 65,536).
 ADAM_HALF = 1 << 19
 
+PLANNED_KEPT = 64  # pieces of work whose planned operations an instance keeps at most
+
 
 def _rows_in_two(fn, rows: int, two: bool):
     """fn(slice) over rows [0, rows): two halves in two threads with ``two``, else at once."""
@@ -62,15 +64,22 @@ class CpuOps(Ops):
     head_threads: int = 1
     path: Path | None = None  # the path of the work at hand (None: the rules decide)
     planner: object = field(default=None, compare=False)  # plan.Planner, where the settings plan
+    # planned()'s memory, so that work already planned costs a step one dict lookup instead of
+    # its key's string and a derived CpuOps: (kind, id(config), N, T, xp, dtype) -> (config, the
+    # work's key, its path, the operations for it). Each instance has its own (not copied by
+    # derive: its settings are its own).
+    _planned: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     name = "cpu"
     accelerated = frozenset({
         "layer_forward", "layer_backward", "input_projection", "input_grads", "scatter_add_rows",
         "softmax_xent_forward", "softmax_xent_backward", "class_xent_forward", "class_xent_backward",
         "class_xent_forward_backward", "sum_squares", "adam_update", "draw_scaled", "draw_scaled_rows", "stepper",
-        "loss_and_grads", "nll", "small_chunk_loop", "dynamic_step"})
+        "loss_and_grads", "nll", "small_chunk_loop", "dynamic_step", "segment_ops"})
 
     def derive(self, **changes) -> "CpuOps":
+        if all(getattr(self, name) is value for name, value in changes.items()):
+            return self  # (the batch split's halves without a shared tail ask this every step)
         return replace(self, **changes)
 
     def with_path(self, path: Path) -> "CpuOps":
@@ -82,10 +91,17 @@ class CpuOps(Ops):
         """The operations for a piece of work of ``kind`` ("train", "score") on T x N tokens:
         with the planner's path where there is a choice to make (plan.py), measured on first
         meeting by calling run(ops, t), which does the work's first t time steps with ``ops``;
-        else these (the rules decide)."""
+        else these (the rules decide). Work met before costs one lookup: the operations for
+        its path are kept per shape while the planner's decision for its key stands."""
         if self.path is not None or self.planner is None or not self.settings.plan:
             return self
-        key = plan.work_key(kind, model.config, N, T, self.settings, model.xp, model.dtype)
+        config = model.config
+        memo = (kind, id(config), N, T, model.xp, model.dtype)
+        known = self._planned.get(memo)
+        # Still the planner's decision (plan_report's --measure forgets a key and decides again)?
+        if known is not None and known[0] is config and self.planner.decided.get(known[1], False) is known[2]:
+            return known[3]
+        key = plan.work_key(kind, config, N, T, self.settings, model.xp, model.dtype)
         path = self.planner.decided.get(key, False)  # what this process ran before, or False
         if path is False:
             path = None
@@ -93,7 +109,11 @@ class CpuOps(Ops):
                 candidates = parallel.candidates(kind, self, model, N)
                 path = self.planner.choose(key, candidates, lambda p, t: run(self.with_path(p), t), T)
             self.planner.decided[key] = path
-        return self if path is None else self.with_path(path)
+        ops = self if path is None else self.with_path(path)
+        if len(self._planned) >= PLANNED_KEPT:  # (sequence lengths that vary: the last chunk of each text)
+            self._planned.clear()
+        self._planned[memo] = (config, key, path, ops)  # (keeping config keeps its id unique)
+        return ops
 
     def unplanned(self, kind: str, model, T: int, N: int) -> str | None:
         """Why the rules choose the path of this work instead of the planner, or None."""
@@ -281,6 +301,17 @@ class CpuOps(Ops):
                                  decay)  # (without a decay, scale stands in for the arrays it never reads)
             return
         super().dynamic_step(p, g, keep, pull, scale)
+
+    def segment_ops(self, model, N):
+        # One stream's short segments, where the settings leave the packed products to the
+        # engine: the LSTM's forward loop on the BLAS (matrix-vector products, nothing to pack)
+        # and its backward packed (no transposed copy for the BLAS): at H 256 and 20 steps,
+        # 273 against 457 us a layer forward, 341 against 488 backward (benchmarks/README.md,
+        # "Start-up and dynamic evaluation's speed"). Not measured per machine (the planner
+        # times whole training steps and scoring passes only).
+        if N == 1 and "packed" in self.settings.plan and self.settings.packed and parallel.packed_matters(self, model):
+            return self.derive(settings=replace(self.settings, packed=False)), self
+        return self, self
 
     # ----- sampling -----
     def draw_scaled(self, logits, temperature, rng):

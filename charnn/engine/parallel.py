@@ -82,7 +82,7 @@ def candidates(kind: str, ops, model, N: int) -> list:
         if _rows_possible(ops, model):
             splits.append(("rows", 1))
     packs = [rule.packed]
-    if "packed" in free and _packed_matters(ops, model):
+    if "packed" in free and packed_matters(ops, model):
         packs = [rule.packed, not rule.packed]
     out = []
     for p in packs:
@@ -99,7 +99,7 @@ def _rows_possible(ops, model) -> bool:
             and ops.compiled_loop(cfg.cell, model.params["rnn.0.Wh"]) and loops.usable(cfg.hidden))
 
 
-def _packed_matters(ops, model) -> bool:
+def packed_matters(ops, model) -> bool:
     """Whether the packed products would run in this model's time loops (the LSTM's compiled
     loops, on a CPU where packed.py can run)."""
     return ops.compiled_loop(model.config.cell, model.params["rnn.0.Wh"]) and packed.available()

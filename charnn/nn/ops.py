@@ -107,6 +107,12 @@ class Ops:
         g *= scale
         p -= g
 
+    def segment_ops(self, model, N: int) -> tuple:
+        """The operations for the forward passes and for the backward passes of a sequential
+        loop of short chunks of N streams (dynamic evaluation's segments): the reference, these
+        for both."""
+        return self, self
+
     # ----- sampling -----
     def draw_scaled(self, logits, temperature: float, rng):
         """An index drawn from softmax(logits / temperature) by a faster route, or None (the
