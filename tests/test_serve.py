@@ -52,6 +52,17 @@ def lm_vocab():
     return lm, vocab
 
 
+def run_then_stop(scheduler, run):
+    """asyncio.run(run()), then the scheduler stopped whatever happened."""
+    import asyncio
+
+    try:
+        return asyncio.run(run())
+    finally:
+        scheduler.stop()
+        scheduler.join(5)
+
+
 async def gather(channel, texts, count):
     """Take ``channel``'s events until ``count`` choices have ended: each piece's text added to
     texts[index]; the end events returned."""
@@ -465,11 +476,7 @@ def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan, monkeypatch)
             assert ev[2] == "length"
         return texts
 
-    try:
-        texts = asyncio.run(run())
-    finally:
-        scheduler.stop()
-        scheduler.join(5)
+    texts = run_then_stop(scheduler, run)
     for i, p in enumerate(prompts):
         assert texts[i] == alone(lm_vocab, p, 30 + 7 * i, seed=9, k=i), i
 
@@ -536,11 +543,7 @@ def test_mixed_settings_in_one_batch_each_give_their_own_text(lm_vocab):
         await gather(channel, texts, len(settings))
         return texts
 
-    try:
-        texts = asyncio.run(run())
-    finally:
-        scheduler.stop()
-        scheduler.join(5)
+    texts = run_then_stop(scheduler, run)
     for i, kw in enumerate(settings):
         assert texts[i] == alone(lm_vocab, length=60, seed=4, k=i, **kw), (i, kw)
 
@@ -599,11 +602,7 @@ def test_a_cached_prompt_gives_the_same_text(lm_vocab, monkeypatch):
     async def run():
         return [await one(p, s) for p, s in (("ROMEO:", 1), ("ROMEO:", 2), ("JULIET:", 1), ("KING:", 1), ("ROMEO:", 3))]
 
-    try:
-        texts = asyncio.run(run())
-    finally:
-        scheduler.stop()
-        scheduler.join(5)
+    texts = run_then_stop(scheduler, run)
     assert texts[:2] == [alone(lm_vocab, "ROMEO:", 40, seed=1), alone(lm_vocab, "ROMEO:", 40, seed=2)]
     assert texts[2:] == [alone(lm_vocab, "JULIET:", 40, seed=1), alone(lm_vocab, "KING:", 40, seed=1),
                          alone(lm_vocab, "ROMEO:", 40, seed=3)]
