@@ -118,6 +118,8 @@ def run_plan(model, N: int, T: int, measure: bool, as_json: bool):
 
 
 def plan_text(r: dict, config) -> str:
+    from ..engine.plan import TRIES
+
     c = config
     arch = f"{c.cell}, {c.layers} layer{'s' * (c.layers > 1)} x {c.hidden} hidden"
     lines = [f"{r['path']}: {arch}; {r['batch']} streams x {r['seq_len']} steps"]
@@ -142,6 +144,9 @@ def plan_text(r: dict, config) -> str:
         e = d["plan"]
         lines.append(f"  {kind:<13} {d['path']} (measured {e['measured']} in {e['measuring_seconds']:.2f} s; the rules': "
                      f"{d['rule']})")
+        if e.get("loaded"):
+            lines.append(f"    other work took {100 * e['others']:.0f}% of the CPUs while it measured: provisional, "
+                         f"measured again by the next processes ({e.get('tries', 1)} of {TRIES} tries so far)")
         for label in d["candidates"]:
             if label in e["seconds"]:
                 n = e.get("runs", {}).get(label)

@@ -45,6 +45,17 @@ estimate); the first step's and the estimates' runs may overrun it by one each. 
 then runs the whole work with the winner, so results depend on the plan, never on which run
 measured it.
 
+Other processes on the machine while it measures: the fastest run and the median guard against
+a burst of load, not against load that lasts the whole measuring (another training run on the
+same cores), which slows a path on two threads more than one on one, for all of its runs (ab.py's
+old-against-new of 2026-12-05 ran config (a)'s training at 0.63 of the rules' speed on plans
+measured while the machine's other sessions ran). So the planner also reads the CPU time that
+went to other work on this process's CPUs while it measured (:func:`cpu_reading`: /proc/stat's
+busy time on those CPUs, steal included, less this process's own); a plan measured while other
+work took more than LOADED of them is kept but provisional, like one cut short by compiling:
+the next TRIES - 1 processes that meet the work measure it again, and the first quiet
+measurement settles it.
+
 A plan is kept in memory and on disk (:class:`PlanFile`: JSON, written atomically; a file that
 cannot be read is ignored and replaced), in one file per machine key: the CPU model and flags,
 NumPy, its BLAS (threadpoolctl's view: library, version, kernel), numba, and a digest of the
@@ -81,6 +92,7 @@ FAR_SLOWER = 3.0  # the same on the estimates
 TRIES = 3  # processes that measure a piece of work whose candidates did not all run within the budget
 MARGIN = 0.05  # another path replaces the rules' only when faster by this fraction
 MIN_FLOPS = 2e7  # a piece of work of fewer GEMM FLOPs runs the rules' path unmeasured
+LOADED = 0.1  # other work's share of this process's CPUs while measuring, above which a plan is provisional
 SPLITS = ("one", "batch", "rows")
 
 
@@ -179,6 +191,38 @@ def machine_key() -> dict:
             "blas": blas, "numba": numba_version, "engine": source_digest()}
 
 
+def cpu_reading() -> tuple[float, float, int] | None:
+    """(seconds of CPU time spent on this process's CPUs by anyone, by this process, the number
+    of those CPUs) since boot, from /proc/stat and os.times (busy: user, nice, system, irq,
+    softirq and steal: a virtual machine's host taking the core counts as other work); None
+    where /proc/stat cannot be read (not Linux): the load is then unknown and taken as none."""
+    import os
+
+    try:
+        cpus = os.sched_getaffinity(0)
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+                    busy += user + nice + system + irq + softirq + steal
+    except (AttributeError, OSError, ValueError):
+        return None
+    own = os.times()
+    return busy / hz, own.user + own.system, len(cpus)
+
+
+def others_share(before, after, seconds: float) -> float | None:
+    """The share of this process's CPUs that other work took between two :func:`cpu_reading`
+    s ``seconds`` apart (0 to 1; None where either reading is missing)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return min(1.0, max(0.0, others / (seconds * after[2])))
+
+
 class PlanFile:
     """One machine key's plans on disk: ``{"format", "machine", "plans": {work key: entry}}``.
     A missing, unreadable or foreign file reads as no plans."""
@@ -227,12 +271,13 @@ class Planner:
         budget: seconds of measuring per new piece of work.
         machine: the machine key (default: :func:`machine_key`, looked up on first use).
         min_flops: smaller work runs the rules' path unmeasured (the caller asks).
+        load: a :func:`cpu_reading` (tests pass a fake one; seconds on ``clock``'s scale).
     """
 
     def __init__(self, folder=None, clock=time.perf_counter, budget: float = BUDGET, machine: dict | None = None,
-                 min_flops: float = MIN_FLOPS):
+                 min_flops: float = MIN_FLOPS, load=cpu_reading):
         self.folder = None if folder is None else FilePath(folder)
-        self.clock, self.budget, self.min_flops = clock, budget, min_flops
+        self.clock, self.budget, self.min_flops, self.load = clock, budget, min_flops, load
         self._machine = machine
         self._plans = None
         self._file = None
@@ -275,10 +320,10 @@ class Planner:
     def choose(self, key: str, candidates: list, run, T: int) -> Path:
         """The path for the work ``key``: the kept one if it is still a candidate, else the
         fastest of ``candidates`` (the rules' first), measured by calling run(path, t) on the
-        first t time steps of the work (1 <= t <= T), and kept. A plan whose measuring ran out
-        of budget before every candidate had run once (compiling, on a fresh install) is
-        measured again by the next TRIES - 1 processes that meet the work, then kept as it is
-        (work that large keeps the rules' path)."""
+        first t time steps of the work (1 <= t <= T), and kept. A provisional plan (its
+        measuring ran out of budget before every candidate had run once, compiling on a fresh
+        install; or other work took more than LOADED of the CPUs meanwhile) is measured again by
+        the next TRIES - 1 processes that meet the work, then kept as it is."""
         if len(candidates) == 1:
             return candidates[0]
         with self._lock:
@@ -286,16 +331,21 @@ class Planner:
             tries = 0
             if kept is not None:
                 path = Path.from_json(kept["path"])
-                tries = 0 if kept.get("warmed", True) else int(kept.get("tries", 1))
+                settled = kept.get("warmed", True) and not kept.get("loaded", False)
+                tries = 0 if settled else int(kept.get("tries", 1))
                 if path in candidates and (tries == 0 or tries >= TRIES or key in self._measured_here):
                     return path
+            before, t0 = self.load(), self.clock()
             m = self.measure(candidates, run, T)
+            share = others_share(before, self.load(), self.clock() - t0)
+            loaded = share is not None and share > LOADED
             entry = {"path": m.best.to_json(), "rule": candidates[0].label, "steps": m.steps, "of": T,
                      "seconds": {p.label: t for p, t in m.timings.items()},
                      "runs": {p.label: n for p, n in (m.runs or {}).items()},
                      "estimates": {p.label: t for p, t in m.estimates.items()}, "estimate_steps": m.estimate_steps,
                      "untimed": [p.label for p in candidates if p not in m.estimates], "warmed": m.warmed,
-                     "tries": 0 if m.warmed else tries + 1,
+                     "others": None if share is None else round(share, 3), "loaded": loaded,
+                     "tries": 0 if m.warmed and not loaded else tries + 1,
                      "measuring_seconds": m.spent, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self._plans[key] = entry
             self._measured_here.add(key)
