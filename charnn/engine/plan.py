@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import statistics
 import threading
@@ -196,8 +197,6 @@ def cpu_reading() -> tuple[float, float, int] | None:
     of those CPUs) since boot, from /proc/stat and os.times (busy: user, nice, system, irq,
     softirq and steal: a virtual machine's host taking the core counts as other work); None
     where /proc/stat cannot be read (not Linux): the load is then unknown and taken as none."""
-    import os
-
     try:
         cpus = os.sched_getaffinity(0)
         hz = os.sysconf("SC_CLK_TCK")
