@@ -56,8 +56,8 @@ def test_params_of_the_ladder():  # the figures the rule's comments quote
     (1_003_854, Budget(max_epochs=10), 768, 0.45, 0.1, "max_epochs", []),
     # both: the steps bind before the time (4.8 epochs for any size).
     (1_003_854, Budget(time_limit=3600, max_steps=3000), 768, 0.15, 0.1, "max_steps", [256, 512, 768]),
-    # a corpus smaller than any candidate allows: the smallest, at its epochs.
-    (10_000, Budget(time_limit=300), 128, 0.5, 0.1, "time_limit", [128]),
+    # a corpus smaller than any candidate allows: the smallest, at EPOCH_CAP epochs (not 2,280).
+    (10_000, Budget(time_limit=300), 128, dropout_for(policy.EPOCH_CAP), 0.1, "time_limit", [128]),
 ])
 def test_the_choice(tokens, budget, hidden, dropout, decay, binding, asked):
     timer = Timer()
@@ -72,6 +72,31 @@ def test_a_slower_machine_chooses_a_smaller_model():
     slow = choose(1_003_854, 1600, V, Budget(time_limit=900), params, Timer({h: 2 * s for h, s in SECONDS.items()}))
     assert (fast.hidden, slow.hidden) == (512, 384)
     assert "2x512: 3.4 epochs and 1.0 tokens a parameter in the budget, under 4 and 5" in slow.line()
+
+
+def test_a_time_limit_that_buys_too_many_epochs_is_cut_to_the_cap():
+    """310 k tokens for 15 minutes: 2x512 would run 4,275 steps, 22.1 epochs; it gets
+    EPOCH_CAP, dropout for them, and the run's --max-epochs; its line says so."""
+    cap = policy.EPOCH_CAP
+    c = choose(310_000, 1600, V, Budget(time_limit=900), params, Timer())
+    assert (c.hidden, c.max_epochs, c.epochs, c.dropout) == (512, cap, pytest.approx(cap), dropout_for(cap))
+    assert c.allowed == pytest.approx(4275 * 1600 / 310_000)
+    assert f"15 minutes: {cap} epochs and then it stops: 15 minutes would allow 22.1, and more passes" in c.line()
+    assert c.line().endswith("--dropout, --weight-decay or --max-epochs choose yourself")
+    assert c.record()["from"]["epoch_cap"] == cap and c.record()["from"]["allowed_epochs"] == c.allowed
+
+    from charnn.train import TrainConfig
+
+    cfg = c.apply(TrainConfig(corpus="c", time_limit=900))
+    assert (cfg.hidden, cfg.max_epochs, cfg.time_limit) == (512, cap, 900)
+    # a budget of epochs or steps is the user's demand: kept, however many epochs
+    for budget in (Budget(max_epochs=30), Budget(max_steps=6000), Budget(time_limit=900, max_epochs=30)):
+        c = choose(310_000, 1600, V, budget, params, Timer())
+        assert c.max_epochs is None and c.allowed is None and c.epochs > cap and "stops" not in c.line()
+        assert c.apply(TrainConfig(corpus="c", max_epochs=budget.max_epochs)).max_epochs == budget.max_epochs
+    # under the cap, nothing changes
+    c = choose(310_000, 1600, V, Budget(time_limit=300), params, Timer())
+    assert c.max_epochs is None and c.epochs < cap and c.line().endswith("--dropout or --weight-decay choose yourself")
 
 
 def test_no_weight_decay_without_adam():
@@ -193,6 +218,21 @@ def test_a_time_limit_measures_each_size(tmp_path, on, big, monkeypatch):
     assert sorted(asked) == [256, 384]  # 2x512 is too large for the corpus: not measured
     seconds = checkpoint.load(tmp_path / "run" / "last.npz").meta["policy"]["from"]["seconds_per_step"]
     assert seconds == {"256": 0.08, "384": 0.15}
+
+
+def test_a_long_time_limit_on_a_small_corpus_ends_at_the_cap(tmp_path, on, big, monkeypatch):
+    """30 minutes of 2x384 would be 21.2 epochs of this corpus: the run gets --max-epochs
+    EPOCH_CAP in its saved options (so a resume keeps it) and its line says so."""
+    monkeypatch.setattr(policy, "StepTimer", lambda *a: SECONDS.get)
+    stop_after(monkeypatch, 1)
+    r = invoke("train", big, "--out", tmp_path / "run", "--time-limit", 1800, "--seq-len", 16, "--batch-size", 16,
+               "--device", "cpu", "--sample-length", 0)
+    assert r.exit_code == 130, r.output
+    assert f"30 minutes: {policy.EPOCH_CAP} epochs and then it stops: 30 minutes would allow 21.2" in first_line(r)
+    last = checkpoint.load(tmp_path / "run" / "last.npz")
+    assert (last.config.hidden, last.meta["train"]["max_epochs"], last.meta["train"]["time_limit"]) == \
+        (384, policy.EPOCH_CAP, 1800)
+    assert last.meta["policy"]["from"]["epoch_cap"] == policy.EPOCH_CAP
 
 
 def test_quiet_says_nothing_and_still_records(tmp_path, on, big, monkeypatch):

@@ -318,7 +318,9 @@ def train_command(ctx, corpus, val_path, out, resume, init_from, extend_vocab, m
     tokens, the vocabulary, the budget and this machine's speed for each size (measured in
     about a second): the largest model that runs 4 epochs or sees 5 tokens a parameter
     within the budget and has at most 20 parameters a training token, dropout growing with
-    the epochs it will run. Its first line says what it chose and why,
+    the epochs it will run. A --time-limit alone that would buy more than 8 epochs gets
+    --max-epochs 8: past them more passes over a small corpus overfit, so the run stops
+    early. Its first line says what it chose and why,
     and the model file keeps it (charnn info). Any of those options, --resume or --init-from
     leave the choice to you (the defaults fill the rest), as do --level word, mpiexec and
     CHARNN_POLICY=0. Without a budget: 2x256, no dropout, 10 epochs. Where the size is left to
