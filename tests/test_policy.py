@@ -235,6 +235,18 @@ def test_a_long_time_limit_on_a_small_corpus_ends_at_the_cap(tmp_path, on, big, 
     assert last.meta["policy"]["from"]["epoch_cap"] == policy.EPOCH_CAP
 
 
+def test_a_run_ended_by_the_cap_says_so_at_the_end(tmp_path, on, monkeypatch):
+    """A tiny corpus and a minute: the fake timer allows thousands of epochs, the run stops at
+    EPOCH_CAP and its closing line says why, before the minute is up."""
+    monkeypatch.setattr(policy, "StepTimer", lambda *a: SECONDS.get)
+    corpus = write_corpus(tmp_path, lines=30)
+    r = check_ok(invoke("train", corpus, "--out", tmp_path / "run", "--time-limit", 60, *SMALL_STEPS))
+    last = checkpoint.load(tmp_path / "run" / "last.npz")
+    assert last.meta["progress"]["epoch"] == policy.EPOCH_CAP
+    assert f"it stopped at the {policy.EPOCH_CAP} epochs chosen for this corpus" in r.stderr.splitlines()[-1]
+    assert "s of training, of the 60 s allowed (more passes would overfit)" in r.stderr.splitlines()[-1]
+
+
 def test_quiet_says_nothing_and_still_records(tmp_path, on, big, monkeypatch):
     stop_after(monkeypatch, 1)
     r = invoke("train", big, "--out", tmp_path / "run", "--max-epochs", 10, *SMALL_STEPS, "-q")

@@ -37,7 +37,7 @@ its 10 epochs, and a larger model would only make it longer. A --time-limit unde
 MIN_SECONDS keeps them too (measuring would take a noticeable part of it).
 
 The constants come from the runs of benchmarks/README.md ("The model chosen from the corpus
-and the budget"): policy 1 from the runs recorded before any grid, policies 2 and 3 (this one)
+and the budget"): policy 1 from the runs recorded before any grid, policies 2 and 3
 from the 5-minute grid on two fitting corpora ("A first grid", "Policies 2 and 3"), one seed
 each; policy 4 (this one) adds EPOCH_CAP, fitted on poems.txt after the devil's 15 minutes had
 shown the waste. The held-out corpora check them.
