@@ -245,6 +245,22 @@ def test_a_run_ended_by_the_cap_says_so_at_the_end(tmp_path, on, monkeypatch):
     assert last.meta["progress"]["epoch"] == policy.EPOCH_CAP
     assert f"it stopped at the {policy.EPOCH_CAP} epochs chosen for this corpus" in r.stderr.splitlines()[-1]
     assert "s of training, of the 60 s allowed (more passes would overfit)" in r.stderr.splitlines()[-1]
+    # resumed with a --max-epochs of the user's, the end is theirs, not the policy's
+    r = check_ok(invoke("train", "--resume", "--out", tmp_path / "run", "--max-epochs", policy.EPOCH_CAP + 1))
+    assert checkpoint.load(tmp_path / "run" / "last.npz").meta["progress"]["epoch"] == policy.EPOCH_CAP + 1
+    assert "chosen for this corpus" not in r.stderr
+
+
+def test_the_help_states_the_cap():
+    """train --help and the README give EPOCH_CAP's value (policy.py holds it)."""
+    import pathlib
+    import re
+
+    cap = policy.EPOCH_CAP
+    helped = "".join(invoke("train", "--help").output.split())  # (click may wrap after a hyphen)
+    assert f"morethan{cap}epochsgets--max-epochs{cap}" in helped
+    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert re.search(rf"more than {cap} epochs gets `--max-epochs {cap}`", readme)
 
 
 def test_quiet_says_nothing_and_still_records(tmp_path, on, big, monkeypatch):

@@ -200,16 +200,17 @@ def _run(world, corpus, val_path, out, resume, as_json, quiet, explicit, opts, i
         else:
             said = f", validation loss {val:.4f} nats/token" if val is not None else ""
         click.echo(f"saved {result['model']} after {plural(result['steps'], 'step')} ({result['tokens_per_second']:,.0f} tokens/s)"
-                   + said + past_best(result, trainer.cfg.patience) + capped(result, trainer.policy_record), err=True)
+                   + said + past_best(result, trainer.cfg.patience) + capped(result, trainer.policy_record, trainer.cfg.max_epochs), err=True)
     if result["stopped"] == "interrupted":
         click.echo(f"interrupted: checkpoint saved to {result['checkpoint']}; continue with --resume --out {out_dir}", err=True)
         sys.exit(130)
 
 
-def capped(result: dict, record: dict | None) -> str:
-    """The closing line's note on a run the policy ended at its epochs before the time limit."""
+def capped(result: dict, record: dict | None, max_epochs: int | None) -> str:
+    """The closing line's note on a run the policy ended at its epochs before the time limit
+    (not one resumed with a --max-epochs of the user's)."""
     cap = ((record or {}).get("from") or {}).get("epoch_cap")
-    if not cap or result["stopped"] != "max_epochs":
+    if not cap or result["stopped"] != "max_epochs" or max_epochs != cap:
         return ""
     return (f"; it stopped at the {cap} epochs chosen for this corpus after {result['train_seconds']:,.0f} s of "
             f"training, of the {record['from']['time_limit']:,.0f} s allowed (more passes would overfit)")
