@@ -108,8 +108,10 @@ class DynamicSettings:
         return {"lr": self.lr, "decay": self.decay, "segment": self.segment}
 
 
-# Chosen on training-side text (benchmarks/README.md, "Dynamic evaluation").
-DEFAULTS = {"char": DynamicSettings(lr=3e-4, decay=0.0, segment=20),
+# Chosen on training-side text (benchmarks/README.md, "Dynamic evaluation"); the characters'
+# decay since 2026-12-06 from the tuning grids of the policy's two fitting corpora (poems,
+# austen: 3e-3 the lowest mean there; "Dynamic evaluation's defaults refitted").
+DEFAULTS = {"char": DynamicSettings(lr=3e-4, decay=3e-3, segment=20),
             "word": DynamicSettings(lr=3e-4, decay=0.0, segment=10)}
 # tune()'s grid when the caller gives none: 12 passes over the tuning text.
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
