@@ -240,3 +240,16 @@ def test_the_api_runs_the_commands_pipeline(run, tmp_path):
     assert scored.logprob == pytest.approx(static.logprob, rel=1e-5)
     with pytest.raises(dyn.DynamicError, match="is the text being scored"):
         api.score_dynamic(m, text.read_text(), dyn.DynamicSettings(tune=str(text)))
+
+
+def test_readme_states_the_defaults():
+    """The README's manual gives dynamic.DEFAULTS as they are (dynamic.py holds them)."""
+    import pathlib
+
+    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
+    import re
+
+    said = re.search(r"\(characters: rate (\S+), decay (\S+), segments of (\d+); words: (\S+), (\S+), (\d+);", readme)
+    assert said, "the README no longer states the defaults where it did"
+    c, w = dyn.DEFAULTS["char"], dyn.DEFAULTS["word"]
+    assert [float(x) for x in said.groups()] == [c.lr, c.decay, c.segment, w.lr, w.decay, w.segment]
