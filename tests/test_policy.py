@@ -263,6 +263,25 @@ def test_the_help_states_the_cap():
     assert re.search(rf"more than {cap} epochs gets `--max-epochs {cap}`", readme)
 
 
+def test_the_help_and_readme_state_the_rule():
+    """train --help and the README give the size rule's constants and the dropout curve as
+    policy.py holds them (they are written out in both texts)."""
+    import pathlib
+
+    n = lambda x: f"{x:g}"  # noqa: E731
+    helped = " ".join(invoke("train", "--help").output.split())
+    assert (f"runs {n(policy.EPOCHS)} epochs or sees {n(policy.TOKENS_PER_PARAM)} tokens a parameter within the "
+            f"budget and has at most {n(policy.PARAMS_PER_TOKEN)} parameters a training token") in helped
+    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
+    (e0, d0), (e1, d1), (e2, d2) = policy.DROPOUT
+    assert d0 == 0
+    assert (f"runs at least {n(policy.EPOCHS)} epochs or sees at least {n(policy.TOKENS_PER_PARAM)} training "
+            f"tokens a parameter") in readme
+    assert f"at most {n(policy.PARAMS_PER_TOKEN)} parameters a training token" in readme
+    assert (f"(none up to {n(e0)}, {n(d1)} at {n(e1)}, {n(d2)} from {n(e2)}) and AdamW's {n(policy.WEIGHT_DECAY)} "
+            f"from {n(policy.DECAY_EPOCHS)} epochs") in readme
+
+
 def test_quiet_says_nothing_and_still_records(tmp_path, on, big, monkeypatch):
     stop_after(monkeypatch, 1)
     r = invoke("train", big, "--out", tmp_path / "run", "--max-epochs", 10, *SMALL_STEPS, "-q")
