@@ -105,6 +105,20 @@ def test_the_header_stays_one_line_off_a_terminal():
     assert len(buf.getvalue().splitlines()) == 1 and "run folder models/shakespeare-lstm-2x256" in buf.getvalue()
 
 
+def test_log_lines_stay_whole_off_a_terminal():
+    """Piped to a file, a log line longer than 80 columns is one line (rich wrapped it, its clock
+    alone on the next line), and a sample's long line is not broken either."""
+    buf = io.StringIO()
+    reporter = ConsoleReporter(console=Console(file=buf, width=80))
+    reporter.log({"step": 1840, "epoch": 0.67, "train_loss": 1.566, "tokens_per_second": 100030.4, "lr": 0.00299})
+    reporter.evaluation({"val_loss": 1.6, "best_val_loss": 1.6, "step": 2000}, "x" * 120 + "\nshort")
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("step 1840  epoch 0.67  train 1.566") and len(lines[0]) > 80
+    assert re.search(r"lr 0.00299  \d\d:\d\d:\d\d$", lines[0])  # the clock on the same line
+    assert lines[2] == "  sample: " + "x" * 120 and lines[3] == " " * 10 + "short"
+
+
 # ----- WorkProgress: the bar of score and gradcheck -----
 
 class Clock:

@@ -72,9 +72,10 @@ class ConsoleReporter(Reporter):
                                  train_short=self._loss_text(m["train_loss"], short=True),
                                  speed=f"{m['tokens_per_second']:,.0f}")
         else:
+            # A line a log: one line however long (rich would wrap it at 80 columns off a terminal).
             self.console.print(f"step {m['step']}  epoch {m['epoch']:.2f}  train {self._loss_text(m['train_loss'])}  "
                                f"{m['tokens_per_second']:,.0f} tok/s  lr {m['lr']:.3g}  {time.strftime('%H:%M:%S')}",
-                               highlight=False)
+                               highlight=False, markup=False, soft_wrap=True)
 
     def evaluation(self, m: dict, sample: str | None):
         if self.quiet:
@@ -82,10 +83,12 @@ class ConsoleReporter(Reporter):
         text = self._loss_text(m["val_loss"])
         if self.display is not None:
             self.display.update(self.task, val=text, val_short=self._loss_text(m["val_loss"], short=True))
-        self.console.print(f"step {m['step']}  val {text}  best {m['best_val_loss']:.4f}", highlight=False)
+        self.console.print(f"step {m['step']}  val {text}  best {m['best_val_loss']:.4f}", highlight=False,
+                           soft_wrap=not self.live)
         if sample:
             shown = sample.strip("\n")[:400]
-            self.console.print("  sample: " + shown.replace("\n", "\n          "), highlight=False, markup=False)
+            self.console.print("  sample: " + shown.replace("\n", "\n          "), highlight=False, markup=False,
+                               soft_wrap=not self.live)
 
     def message(self, text: str):
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)  # the terminal wraps it
