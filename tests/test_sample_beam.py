@@ -33,7 +33,8 @@ def test_bundled_model_beam_is_text_not_a_loop(bundled):
     # Without the guard the most likely continuation of "ROMEO:" repeats itself (the reported
     # bug, with an earlier bundled model: 80 spaces; with the one of 1 December 2026: "and
     # therefore shall" twice in one line; with the one of 2 December, a scene heading, a
-    # servant's entrance, "How now, my lord." and an exit, again and again within 160).
+    # servant's entrance, "How now, my lord." and an exit, again and again within 160; with the
+    # one of 6 December, spaces only).
     loop, _ = beam_search(model, vocab, 160, 5, "ROMEO:", no_repeat=0)
     assert repeated_ngrams(list(vocab.encode("ROMEO:" + loop)), NO_REPEAT["char"]) > 0
     text, logprob = beam_search(model, vocab, 160, 5, "ROMEO:")
