@@ -110,7 +110,7 @@ class DynamicSettings:
 
 # Chosen on training-side text (benchmarks/README.md, "Dynamic evaluation"); the characters'
 # decay since 2026-12-06 from the tuning grids of the policy's two fitting corpora (poems,
-# austen: 3e-3 the lowest mean there; "Dynamic evaluation's defaults refitted").
+# austen: 3e-3 the lowest mean there; "Dynamic evaluation's character defaults refitted").
 DEFAULTS = {"char": DynamicSettings(lr=3e-4, decay=3e-3, segment=20),
             "word": DynamicSettings(lr=3e-4, decay=0.0, segment=10)}
 # tune()'s grid when the caller gives none: 12 passes over the tuning text.
