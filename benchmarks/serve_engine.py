@@ -5,8 +5,8 @@ and how often batched arithmetic changes a seeded sequence's text.
     flock /tmp/charnn-cpu.lock python benchmarks/serve_engine.py            # both models
     flock /tmp/charnn-cpu.lock python benchmarks/serve_engine.py --agree 256 # + the agreement count
 
-For each model (the bundled 2x256 LSTM, and a 2x512 LSTM with random weights over the same
-65 characters) and N in 1, 4, 16, 64:
+For each model (the bundled LSTM, 2x384 since 2026-12-06 and 2x256 before, and a 2x512 LSTM
+with random weights over the same vocabulary) and N in 1, 4, 16, 64:
   engine     aggregate tokens/s of model.stepper(N).step alone (N streams, one step each);
   scheduler  aggregate tokens/s of N sequences decoded together by a Scheduler with N slots
              (sampling, stop rules, events into an asyncio queue consumed on a loop, as the
