@@ -9,9 +9,10 @@ side by side with the same clients against one request at a time and against a l
     flock /tmp/charnn-cpu.lock python benchmarks/serve_load.py --models default --ab NAME=VALUE  # A/B, see ab()
 
 For each model (the bundled model, 2x384 since 2026-12-06 and 2x256 before, and a 2x512 LSTM
-with random weights, built here and saved to a temporary folder) it starts `charnn serve` on 127.0.0.1 (a free port; nothing else is
-contacted) and runs, for 1, 4, 16 and 64 clients, each client streaming ``--rounds`` requests
-of ``--tokens`` tokens one after another (new requests stop after ``--seconds``):
+with random weights, built here and saved to a temporary folder) it starts `charnn serve` on
+127.0.0.1 (a free port; nothing else is contacted) and runs, for 1, 4, 16 and 64 clients, each
+client streaming ``--rounds`` requests of ``--tokens`` tokens one after another (new requests
+stop after ``--seconds``):
 
 - batched: the server with ``--slots`` equal to the most clients, so every stream decodes in
   one batch;
@@ -558,8 +559,9 @@ def main():
         models = {}
         for name in args.models.split(","):
             if name == "default":
-                bundled = checkpoint.load(checkpoint.default_model_path()).config
-                models[f"bundled {bundled.layers}x{bundled.hidden}"] = str(checkpoint.default_model_path())
+                path = checkpoint.default_model_path()
+                size = checkpoint.load(path).config
+                models[f"bundled {size.layers}x{size.hidden}"] = str(path)
             elif name == "2x512":
                 models["2x512 (random weights)"] = str(build_2x512(Path(tmp)))
             else:

@@ -41,6 +41,12 @@ def invoke(*args, input=None):
     return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=True)
 
 
+def readme_words() -> str:
+    """The project's README with every run of whitespace one space (a phrase reads the same
+    however the text wraps it)."""
+    return " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+
+
 def check_ok(result):
     assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy
 import pytest
@@ -16,7 +17,7 @@ from charnn import dynamic as dyn
 from charnn import dynamic_run as dyn_run
 from charnn.io.checkpoint import load
 
-from cli_support import check_ok, corpus_text, invoke, train, write_corpus
+from cli_support import check_ok, corpus_text, invoke, readme_words, train, write_corpus
 
 
 # ----- the grid that extends past an edge, on made-up losses -----
@@ -244,12 +245,8 @@ def test_the_api_runs_the_commands_pipeline(run, tmp_path):
 
 def test_readme_states_the_defaults():
     """The README's manual gives dynamic.DEFAULTS as they are (dynamic.py holds them)."""
-    import pathlib
-
-    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
-    import re
-
-    said = re.search(r"\(characters: rate (\S+), decay (\S+), segments of (\d+); words: (\S+), (\S+), (\d+);", readme)
+    said = re.search(r"\(characters: rate (\S+), decay (\S+), segments of (\d+); words: (\S+), (\S+), (\d+);",
+                     readme_words())
     assert said, "the README no longer states the defaults where it did"
     c, w = dyn.DEFAULTS["char"], dyn.DEFAULTS["word"]
     assert [float(x) for x in said.groups()] == [c.lr, c.decay, c.segment, w.lr, w.decay, w.segment]

@@ -13,7 +13,7 @@ from charnn.nn.model import ModelConfig
 from charnn.training import policy
 from charnn.training.policy import Budget, choose, dropout_for
 
-from cli_support import check_error, check_ok, corpus_text, invoke, stop_after, write_corpus
+from cli_support import check_error, check_ok, corpus_text, invoke, readme_words, stop_after, write_corpus
 
 V = 65
 # Fake seconds a step (batch 32 x seq 50 = 1,600 tokens): larger is slower, as on a machine.
@@ -253,26 +253,20 @@ def test_a_run_ended_by_the_cap_says_so_at_the_end(tmp_path, on, monkeypatch):
 
 def test_the_help_states_the_cap():
     """train --help and the README give EPOCH_CAP's value (policy.py holds it)."""
-    import pathlib
-    import re
-
     cap = policy.EPOCH_CAP
     helped = "".join(invoke("train", "--help").output.split())  # (click may wrap after a hyphen)
     assert f"morethan{cap}epochsgets--max-epochs{cap}" in helped
-    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
-    assert re.search(rf"more than {cap} epochs gets `--max-epochs {cap}`", readme)
+    assert f"more than {cap} epochs gets `--max-epochs {cap}`" in readme_words()
 
 
 def test_the_help_and_readme_state_the_rule():
     """train --help and the README give the size rule's constants and the dropout curve as
     policy.py holds them (they are written out in both texts)."""
-    import pathlib
-
     n = lambda x: f"{x:g}"  # noqa: E731
     helped = " ".join(invoke("train", "--help").output.split())
     assert (f"runs {n(policy.EPOCHS)} epochs or sees {n(policy.TOKENS_PER_PARAM)} tokens a parameter within the "
             f"budget and has at most {n(policy.PARAMS_PER_TOKEN)} parameters a training token") in helped
-    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
+    readme = readme_words()
     (e0, d0), (e1, d1), (e2, d2) = policy.DROPOUT
     assert d0 == 0
     assert (f"runs at least {n(policy.EPOCHS)} epochs or sees at least {n(policy.TOKENS_PER_PARAM)} training "

@@ -220,8 +220,10 @@ def test_stream_usage_comes_last_when_asked(served, lm_vocab):
 def test_stream_holds_back_a_possible_stop_string(served, lm_vocab):
     client, _ = served
     # a seed whose text meets the stop within 400 characters (which one depends on the model)
-    seed, kept = next((k, text) for k in range(40) if (text := alone(lm_vocab, length=400, seed=k, stop=".\n"))
-                      .endswith(".\n"))
+    found = next(((k, text) for k in range(40) if (text := alone(lm_vocab, length=400, seed=k, stop=".\n"))
+                  .endswith(".\n")), None)
+    assert found, "no seed of 40 meets the stop within 400 characters"
+    seed, kept = found
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 400, "seed": seed, "stream": True,
                                              "stop": ".\n"})
     evs = events(r.text)
