@@ -6,7 +6,12 @@ compared with the fourth-order central difference
 e = 4e-3, which balances its truncation error (O(e^4)) against rounding error (O(1e-16 / e));
 measured on small models, the worst entry's error was 4x lower than at e = 1e-3. The error of one element
 is |analytic - numeric| / max(|analytic|, |numeric|, floor); a parameter's error is the maximum
-over the elements checked. Parameters with more than ``max_elements`` entries are checked on a
+over the elements checked. An element whose error reaches the tolerance is differenced again
+with e / 2 and keeps the smaller of its two errors: where the loss curves sharply around a
+weight, the stencil's truncation error at e alone can pass the tolerance (an LSTM 2x5 with
+embeddings and a class-factored head, seed 0: 1.7e-11 absolute, 1.68e-6 relative on one entry
+of rnn.0.Wx at e = 4e-3, 4.6e-8 at e / 2), and halving e divides that error by 16, while a wrong
+analytic gradient stays as far from both differences. Parameters with more than ``max_elements`` entries are checked on a
 fixed random sample of them (always including the largest-gradient entry).
 """
 
@@ -119,24 +124,37 @@ def check_model(model: LanguageModel, ids, targets, state=None, tolerance: float
         else:
             idx = numpy.unique(numpy.concatenate([rng.choice(size, max_elements - 1, replace=False),
                                                   [int(numpy.argmax(numpy.abs(g)))]]))
-        num = numpy.empty(len(idx))
-        for k, i in enumerate(idx):
-            old = float(to_host(flat[i]))
-            f = []
-            for step in (2, 1, -1, -2):
-                flat[i] = old + step * eps
-                f.append(_loss(model, ids, targets, state, seed + 1))
-            flat[i] = old
-            num[k] = (-f[0] + 8 * f[1] - 8 * f[2] + f[3]) / (12 * eps)
         ana = g[idx]
-        abs_err = numpy.abs(ana - num)
-        rel = abs_err / numpy.maximum(numpy.maximum(numpy.abs(ana), numpy.abs(num)), FLOOR)
+
+        def errors(at, e):
+            num = numpy.array([_difference(model, flat, i, e, ids, targets, state, seed + 1) for i in idx[at]])
+            abs_err = numpy.abs(ana[at] - num)
+            return abs_err, abs_err / numpy.maximum(numpy.maximum(numpy.abs(ana[at]), numpy.abs(num)), FLOOR)
+
+        abs_err, rel = errors(slice(None), eps)
+        again = numpy.flatnonzero(rel >= tolerance)  # (see the module docstring)
+        if len(again):
+            abs_half, rel_half = errors(again, eps / 2)
+            better = rel_half < rel[again]
+            abs_err[again[better]], rel[again[better]] = abs_half[better], rel_half[better]
         max_rel = float(rel.max()) if len(rel) else 0.0
         results.append(CheckResult(name, tuple(arr.shape), len(idx), max_rel,
                                    float(abs_err.max()) if len(abs_err) else 0.0, max_rel < tolerance))
         if progress:
             progress(len(results), len(arrays))
     return results
+
+
+def _difference(model, flat, i, eps, ids, targets, state, dropout_seed) -> float:
+    """The fourth-order central difference of the loss in element i of ``flat`` (a view of
+    a model array) with step ``eps``; the element is restored."""
+    old = float(to_host(flat[i]))
+    f = []
+    for step in (2, 1, -1, -2):
+        flat[i] = old + step * eps
+        f.append(_loss(model, ids, targets, state, dropout_seed))
+    flat[i] = old
+    return (-f[0] + 8 * f[1] - 8 * f[2] + f[3]) / (12 * eps)
 
 
 def random_chunk(vocab_size: int, T: int, N: int, seed: int = 0):
