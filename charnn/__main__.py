@@ -4,14 +4,31 @@ does later: one line on stderr and status 130, never a traceback."""
 
 import sys
 
+from . import interrupt
+
 
 def main():
+    interrupt.install()  # (a Ctrl-C swallowed during the imports is not lost: interrupt.py)
     try:
         from .cli import cli
+
+        interrupt.check()
+        cli(prog_name="charnn")
+    except Exception:
+        # A Ctrl-C can also turn into another error on its way out: Python 3.11 reports a
+        # KeyboardInterrupt raised while a class is made (numba's imports make many) as
+        # "RuntimeError: Error calling __set_name__". After a Ctrl-C, any error is the
+        # interruption's.
+        if not interrupt.seen():
+            raise
+        interrupted()
     except KeyboardInterrupt:
-        sys.stderr.write("Error: interrupted\n")
-        sys.exit(130)
-    cli(prog_name="charnn")
+        interrupted()
+
+
+def interrupted():
+    sys.stderr.write("Error: interrupted\n")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

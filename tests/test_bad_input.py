@@ -924,6 +924,71 @@ def test_ctrl_c_before_click_starts_is_130(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["Error: interrupted"]
 
 
+SWALLOW = """
+import os, signal, sys, weakref
+{install}
+class Thing:
+    pass
+
+def callback(ref):  # a Ctrl-C lands while a weakref callback runs, as in importlib's module locks
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(1000))  # (Python runs the handler here, inside the callback)
+
+thing = Thing()
+ref = weakref.ref(thing, callback)
+try:
+    del thing
+    sum(range(10 ** 6))
+    print("carried on")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_ctrl_c_a_weakref_callback_swallows_is_raised_again(installed):
+    """Python reports a KeyboardInterrupt raised inside a weakref callback as "Exception ignored"
+    and carries on (the control: without charnn.interrupt the script carries on); the command
+    line's hook raises it again in the code that runs next, without that report."""
+    code = SWALLOW.format(install="import charnn.interrupt; charnn.interrupt.install()" if installed else "")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if installed:
+        assert r.stdout.strip() == "interrupted" and r.stderr == "", (r.stdout, r.stderr)
+    else:
+        assert r.stdout.strip() == "carried on" and "Exception ignored" in r.stderr, (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("seen", [True, False])
+def test_an_error_a_ctrl_c_turned_into_is_the_interruption(seen):
+    """Python 3.11 turns a KeyboardInterrupt raised while a class is made into "RuntimeError:
+    Error calling __set_name__" (numba's imports make many classes): after a Ctrl-C reached the
+    command line's handler, such an error is one line and 130; without one, it is not hidden."""
+    code = ("import charnn.__main__ as main, charnn.cli, charnn.interrupt as interrupt\n"
+            "def command(**kw):\n"
+            f"    interrupt._seen = {seen}\n"
+            "    raise RuntimeError('Error calling __set_name__')\n"
+            "charnn.cli.cli = command\n"
+            "main.main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if seen:
+        assert (r.returncode, r.stderr) == (130, "Error: interrupted\n"), (r.returncode, r.stderr)
+    else:
+        assert r.returncode == 1 and "RuntimeError: Error calling __set_name__" in r.stderr
+
+
+def test_a_ctrl_c_swallowed_before_training_stops_it_before_its_first_step(tmp_path, monkeypatch):
+    """A Ctrl-C seen by the command line's handler but swallowed before training put in its own
+    (charnn.interrupt.check where ctrl_c_stops starts): one line, status 130, no step taken."""
+    import charnn.interrupt
+
+    monkeypatch.setattr(charnn.interrupt, "_seen", True)
+    corpus = write_corpus(tmp_path)
+    r = invoke("train", corpus, "--out", tmp_path / "out", *TINY, "--max-steps", 5)
+    assert r.exit_code == 130, (r.exit_code, r.output)
+    assert r.stderr.strip().splitlines()[-1] == "Error: interrupted"
+    assert "Traceback" not in r.output and not (tmp_path / "out" / "model.npz").exists()
+
+
 @pytest.mark.parametrize("command", [["sample", "--length", "3"], ["score", "-"], ["gradcheck", "--cell", "rnn",
                                      "--layers", "1", "--embed", "0", "--level", "char"], ["train", "C"]])
 @pytest.mark.parametrize("value", ["two", "0"])

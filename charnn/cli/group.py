@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from .. import interrupt
+
 
 class Group(click.Group):
     """Turns a broken pipe on stdout into a quiet exit, as Unix tools do, Ctrl-C into one
@@ -29,6 +31,7 @@ class Group(click.Group):
         command = super().get_command(ctx, name)
         if command is None and name in self.lazy:
             module = importlib.import_module(f"{__package__}.{self.lazy[name]}")
+            interrupt.check()  # (a Ctrl-C its imports swallowed ends the command here)
             command = getattr(module, f"{name.replace('-', '_')}_command")
             self.add_command(command, name)
         return command

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy
 
+from .. import interrupt
 from ..backend import announce_device, get_backend, to_float
 from ..dist import StepSync, World
 from ..io import checkpoint as ckpt_mod
@@ -451,6 +452,7 @@ def ctrl_c_stops(trainer: "Trainer"):
     checkpoint); a second one stops at once (KeyboardInterrupt). Data-parallel, the request
     reaches every rank with the next step's Allreduce. Yields an object whose ``message`` is
     what a first Ctrl-C says."""
+    interrupt.check()  # a Ctrl-C the setup's imports swallowed: no step is taken
     previous = signal.getsignal(signal.SIGINT)
     said = types.SimpleNamespace(message="stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
