@@ -17,6 +17,9 @@ So the command line (``charnn/__main__.py``, before its imports) calls :func:`in
   function, at the first call or return of other code once the code that swallowed it has
   returned, without the "Exception ignored" report (other unraisable exceptions go to the
   previous hook);
+- a ``sys.excepthook`` prints nothing for a KeyboardInterrupt: code that catches one and
+  prints it with ``PyErr_Print`` before carrying on (one such, during the imports, printed a
+  two-frame traceback above the command's own "Error: interrupted") shows no traceback;
 - :func:`check` raises KeyboardInterrupt where one was seen but swallowed some other way; it
   runs where the interrupt would otherwise go unnoticed: after the command line's imports,
   after a command's module is imported, and where training puts in its own handler.
@@ -31,6 +34,7 @@ import sys
 
 _seen = False
 _previous_hook = None
+_previous_excepthook = None
 
 
 def _on_sigint(signum, frame):
@@ -58,12 +62,21 @@ def _unraisable(unraisable):
     (_previous_hook or sys.__unraisablehook__)(unraisable)
 
 
+def _excepthook(exc_type, value, tb):
+    if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        return  # (the command line says "Error: interrupted" itself)
+    (_previous_excepthook or sys.__excepthook__)(exc_type, value, tb)
+
+
 def install():
-    """Put in the command line's SIGINT handler and unraisable hook (see the module docstring)."""
-    global _previous_hook
+    """Put in the command line's SIGINT handler and hooks (see the module docstring)."""
+    global _previous_hook, _previous_excepthook
     if sys.unraisablehook is not _unraisable:
         _previous_hook = sys.unraisablehook
         sys.unraisablehook = _unraisable
+    if sys.excepthook is not _excepthook:
+        _previous_excepthook = sys.excepthook
+        sys.excepthook = _excepthook
     signal.signal(signal.SIGINT, _on_sigint)
 
 

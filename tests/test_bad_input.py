@@ -958,6 +958,19 @@ def test_a_ctrl_c_a_weakref_callback_swallows_is_raised_again(installed):
         assert r.stdout.strip() == "carried on" and "Exception ignored" in r.stderr, (r.stdout, r.stderr)
 
 
+def test_a_ctrl_c_printed_by_code_that_carries_on_shows_no_traceback():
+    """C code that catches an exception and prints it (PyErr_Print, through sys.excepthook)
+    before carrying on printed a KeyboardInterrupt's traceback above "Error: interrupted" once
+    in 200 interrupted starts; the command line's hook prints nothing for one, and the rest as
+    Python does."""
+    code = ("import sys, charnn.interrupt as interrupt\n"
+            "interrupt.install()\n"
+            "sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)\n"
+            "sys.excepthook(ValueError, ValueError('shown'), None)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "KeyboardInterrupt" not in r.stderr and "ValueError: shown" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("seen", [True, False])
 def test_an_error_a_ctrl_c_turned_into_is_the_interruption(seen):
     """Python 3.11 turns a KeyboardInterrupt raised while a class is made into "RuntimeError:
