@@ -451,7 +451,7 @@ def test_widths():
     assert widths(12) == [1, 2, 4, 8, 12]
 
 
-@pytest.mark.parametrize("plan", ["batched", "single", "alternating"])
+@pytest.mark.parametrize("plan", ["batched", "single", "alternating", "packed"])
 def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan, monkeypatch):
     """Eight seeded sequences joining at different times, under either plan (or the two in
     turns, the state moving between them at every step), each make the text it makes alone
@@ -466,6 +466,12 @@ def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan, monkeypatch)
     monkeypatch.setattr(scheduler_module, "PROBE", 2 if plan == "alternating" else 10**9)
     for w in scheduler.cost:
         scheduler.cost[w] = 1e-9 if (w == 0) == (plan == "single") else 1.0
+    if plan == "packed":  # the batched plan on the engine's packed products at every width from 2
+        for w in scheduler.widths[1:]:
+            scheduler._steppers[w] = lm.stepper(w, packed=True)
+        if not scheduler._steppers[2].packed:
+            scheduler.stop()
+            pytest.skip("the packed products do not run on this CPU (AVX-512 only)")
     prompts = ["ROMEO:", "First Citizen:\nBefore we proceed", "a", "KING HENRY"] * 2
 
     async def run():
@@ -482,6 +488,31 @@ def test_each_plan_gives_each_sequence_its_own_text(lm_vocab, plan, monkeypatch)
     texts = run_then_stop(scheduler, run)
     for i, p in enumerate(prompts):
         assert texts[i] == alone(lm_vocab, p, 30 + 7 * i, seed=9, k=i), i
+
+
+@pytest.mark.parametrize("slow", ["blas", "packed"])
+def test_the_warm_up_keeps_the_faster_stepper_of_each_width(lm_vocab, slow, monkeypatch):
+    """At each width from 2 the warm-up times the BLAS's stepper and one on the engine's packed
+    products (where the CPU runs them) and keeps the faster for good: here whichever is made
+    2 ms a step slower loses."""
+    lm, vocab = lm_vocab
+    if not lm.stepper(2, packed=True).packed:
+        pytest.skip("the packed products do not run on this CPU (AVX-512 only)")
+    real = type(lm).stepper
+
+    def stepper(model, N=1, packed=False):
+        made = real(model, N, packed)
+        if N >= 2 and bool(made.packed) == (slow == "packed"):
+            step = made.step
+            made.step = lambda ids: time.sleep(0.002) or step(ids)
+        return made
+
+    monkeypatch.setattr(type(lm), "stepper", stepper)
+    scheduler = Scheduler(lm, vocab, slots=8)
+    scheduler._warm()
+    for w in (2, 4, 8):
+        assert bool(scheduler._steppers[w].packed) == (slow == "blas"), w
+        assert scheduler.cost[w] < 0.002, (w, scheduler.cost[w])
 
 
 def test_cancelled_sequence_leaves(lm_vocab):

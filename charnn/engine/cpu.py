@@ -340,12 +340,12 @@ class CpuOps(Ops):
         kernels.draw_unnormalised_rows(z, numpy.array([rng.random() for rng in rngs]), out)
         return out
 
-    def stepper(self, model, N=1):
+    def stepper(self, model, N=1, packed=False):
         from .stepper import FastStepper
 
         if model.config.cell in layers.FUSED and model.xp is numpy:
-            return FastStepper(model, N, self)
-        return super().stepper(model, N)
+            return FastStepper(model, N, self, packed)
+        return super().stepper(model, N, packed)
 
     def small_chunk_loop(self, flops):
         # One BLAS thread where even the chunk-wide products are small: a segment of 20

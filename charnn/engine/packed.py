@@ -58,8 +58,14 @@ def streams_in_lanes(N: int) -> bool:
 
 
 def vectors_per_panel(N: int) -> int:
-    """RV, for lanes over rows: panels of 16 * RV rows, and RV * (columns at a time) <= 28."""
-    return 2 if N >= 14 else max(1, min(8, ACCUMULATORS // N))
+    """RV, for lanes over rows: panels of 16 * RV rows, as many as keep the RV * N accumulators,
+    the panel's RV vectors of a column and B's broadcast entry within the 32 registers: at N 3,
+    4 and 7 the rule RV * N <= 28 spilled (2026-12-06, one core, us a product of (1536x384)
+    with N columns: N 3 107.6 with RV 8 against 37.9 with 7, N 4 111.7 with 7 against 48.6 with
+    6, N 7 201.2 with 4 against 85.7 with 3; (2048x512): 184.5 / 63.2, 250.4 / 81.7, 352.3 /
+    137.0; the other N unchanged). A panel's height changes no sum's order, so no bit of a
+    product."""
+    return 2 if N >= 14 else max(1, min(8, (2 * LANES - 1) // (N + 1)))
 
 
 V = "<16 x float>"  # an AVX-512 register of floats, in LLVM IR

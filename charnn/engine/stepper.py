@@ -17,6 +17,7 @@ from ..backend import to_device
 from ..nn import cells
 from ..nn.cells import lstm_step_forward, sigmoid_
 from . import kernels
+from . import packed as packed_products
 from .threads import SMALL_GEMM_FLOPS, blas_threads
 
 
@@ -31,7 +32,7 @@ class FastStepper:
     returns it in the model's layout and ``set_state`` loads one.
     """
 
-    def __init__(self, model, N: int = 1, ops=None):
+    def __init__(self, model, N: int = 1, ops=None, packed: bool = False):
         self.model, self.N = model, N
         cfg, p, xp = model.config, model.params, model.xp
         self.xp = xp
@@ -66,6 +67,17 @@ class FastStepper:
         self.head_W = model.head_weight()
         self.logits = xp.empty((N, cfg.vocab_size), dtype=dt)
         self.fused = ops is not None and ops.fused(self.a[0])  # the LSTM's and GRU's compiled steps
+        # With ``packed`` (asked by the server's scheduler, which times both kinds of stepper
+        # per width and keeps the faster), each layer's product by the engine's packed products
+        # (packed.py: W packed once here) where they run: from 2 streams, on a CPU with AVX-512,
+        # for the cells whose step is one product a layer. OpenBLAS packs all of W again in every
+        # thin product (the bundled 2x384's step: 138 us at N=1, 476-556 at N=2-8). Fixed for
+        # the stepper's life: the products' last bits differ from the BLAS's.
+        self.packed = []
+        if (packed and self.fused and not self.apart and N >= 2 and ops.settings.packed
+                and packed_products.usable(N)):
+            self.packed = [(packed_products.product(W.shape[0], W.shape[1], N), packed_products.packed(W, N))
+                           for W in self.W]
         small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
         self._tuner = ThreadTuner() if xp is numpy and small else None
 
@@ -121,6 +133,10 @@ class FastStepper:
                 Wx, Wh = p[f"rnn.{layer}.Wx"], p[f"rnn.{layer}.Wh"]
                 xp.matmul(Wh, xh[In:], out=self.hp)
                 xin = Wx @ xh[:In]
+            elif self.packed:
+                mm, Wp = self.packed[layer]
+                mm(Wp.ctypes.data, xh.ctypes.data, self.N, a_cat.ctypes.data, self.N)
+                xin = None
             else:
                 xp.matmul(self.W[layer], xh, out=a_cat)
                 xin = None

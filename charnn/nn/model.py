@@ -472,10 +472,11 @@ class LanguageModel:
         _, cache, state = self.forward(ids, None, state, store=False)
         return self.logits(cache["top"]), state
 
-    def stepper(self, N: int = 1):
+    def stepper(self, N: int = 1, packed: bool = False):
         """An object that advances N streams a token at a time (Stepper's interface), the
-        operations' fastest."""
-        return self.ops.stepper(self, N)
+        operations' fastest; ``packed``: with the engine's packed products where it has them
+        (engine/stepper.py; the server's scheduler times both)."""
+        return self.ops.stepper(self, N, packed)
 
     def logits(self, X):
         """Next-token logits (M, V) from top hidden states X (H, M). With the class-factored

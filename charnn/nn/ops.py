@@ -126,8 +126,9 @@ class Ops:
         caller then draws row by row)."""
         return None
 
-    def stepper(self, model, N: int = 1):
-        """An object that advances N streams a token at a time (see model.Stepper)."""
+    def stepper(self, model, N: int = 1, packed: bool = False):
+        """An object that advances N streams a token at a time (see model.Stepper). ``packed``:
+        the engine may run its products packed (the reference has none to run)."""
         return Stepper(model, N)
 
     # ----- loops of small chunks -----

@@ -14,7 +14,8 @@ steps (a 2x512 LSTM on a 2-core Zen 4: 8.0k tokens/s at N=1, 6.3k at N=4), so th
 times a step at every width it uses (the powers of two up to S, and S) while it warms up, and
 for n active sequences runs whichever is faster: one step at the smallest width w >= n (the
 unused columns padding), or n single steps of a width-1 Stepper with each sequence's state
-swapped in and out. The timings keep being updated as it runs (a moving average of the plan
+swapped in and out. At each width from 2 it also times a Stepper with the engine's packed
+products (where the CPU runs them) and keeps the faster for good. The timings keep being updated as it runs (a moving average of the plan
 it ran; every PROBE steps the other plan runs once, so a timing taken in a burst of load
 elsewhere is not kept for ever). The state moves between Steppers only when the active set or the plan changes.
 
@@ -454,32 +455,46 @@ class Scheduler:
         """Compile and time a step at every width (and the swapped single step), and prime
         and draw once, before the server says it is ready. Each width first runs past the thread
         tuner's trials (engine/stepper.py); then the widths are timed in turns, three rounds,
-        so a burst of load elsewhere touches them all alike."""
+        so a burst of load elsewhere touches them all alike. Where the engine can run a width's
+        products packed, a packed stepper of that width is timed in the same turns, and the
+        faster of the two is the width's from then on (never switched: their last bits differ)."""
         rng = numpy.random.default_rng(0)
         V = len(self.vocab)
         prime_state(self.model, rng.integers(0, V, 8))
+        # Each width's stepper, and where the engine can run its products packed at that
+        # width, a packed one: both are timed and the faster kept (engine/stepper.py).
+        candidates = {}
         for w in self.widths:
-            stepper = self._stepper(w)
-            for _ in range(14):
-                rows = to_host(stepper.step(rng.integers(0, V, w)))
+            candidates[w] = [self._stepper(w)]
+            packed = self.model.stepper(w, packed=True)
+            if getattr(packed, "packed", None):
+                candidates[w].append(packed)
+            for stepper in candidates[w]:
+                for _ in range(14):
+                    rows = to_host(stepper.step(rng.integers(0, V, w)))
         self.model.ops.draw_scaled_rows(rows, [1.0] * len(rows), [rng] * len(rows))  # (compiled here)
-        times: dict = {w: [] for w in [0] + self.widths}
+        times: dict = {(w, k): [] for w in self.widths for k in range(len(candidates[w]))}
+        times[0] = []
         single = self._stepper(1)
         state = single.state()
         for _ in range(3):
             for w in self.widths:
-                stepper = self._stepper(w)
-                for _ in range(4):
-                    t0 = time.perf_counter()
-                    stepper.step(rng.integers(0, V, w))
-                    times[w].append(time.perf_counter() - t0)
+                for k, stepper in enumerate(candidates[w]):
+                    for _ in range(4):
+                        t0 = time.perf_counter()
+                        stepper.step(rng.integers(0, V, w))
+                        times[w, k].append(time.perf_counter() - t0)
             for _ in range(4):
                 t0 = time.perf_counter()
                 single.set_state(state)
                 single.step(rng.integers(0, V, 1))
                 state = single.state()
                 times[0].append(time.perf_counter() - t0)
-        self.cost = {w: float(numpy.median(t)) for w, t in times.items()}
+        self.cost = {0: float(numpy.median(times[0]))}
+        for w in self.widths:
+            k = min(range(len(candidates[w])), key=lambda k: numpy.median(times[w, k]))
+            self._steppers[w] = candidates[w][k]
+            self.cost[w] = float(numpy.median(times[w, k]))
 
 
 def _emit(seq: Sequence, ev: tuple, touched: set):
