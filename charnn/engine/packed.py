@@ -19,7 +19,9 @@ code is kept on disk (objcache.py, beside numba's cache), so a later process loa
 millisecond instead of compiling for 0.1 s a shape (:class:`CodeGen`). They are
 used only where the CPU has AVX-512, the only kind they were measured on (elsewhere LLVM
 would split each vector into narrower ones), and after a product checked against NumPy's. The
-compiled LSTM loops (loops.py) call them through a ctypes pointer, as they call sgemm.
+compiled LSTM loops (loops.py) call them through a ctypes pointer, as they call sgemm; the
+sampler's stepper (stepper.py) calls them from Python where the server's scheduler finds its
+packed stepper the faster at a width.
 Whether the loops use them is the engine's choice (settings.py; CHARNN_PACKED=0 turns them off).
 """
 
