@@ -882,6 +882,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, delay):
         # On a loaded machine 0.1 s can fall inside the interpreter's own startup (importing
         # site), before any of charnn's code runs; CPython then reports a fatal error itself.
         pytest.skip("SIGINT arrived while Python itself was starting (the machine is loaded)")
+    if code == -signal.SIGINT and "_get_module_details" in err:
+        # Or inside runpy's import of the package for `python -m charnn`, before charnn/__main__.py
+        # runs (1 of 200 starts interrupted at 0.1 s on 2026-12-06): Python's own traceback.
+        pytest.skip("SIGINT arrived while runpy was importing charnn, before its code ran")
     assert code in (130, -signal.SIGINT), (code, err)
     assert "Traceback" not in err and "Aborted" not in err, err
     assert len(err.strip().splitlines()) <= 1, err
