@@ -2,8 +2,6 @@
 guard, so Ctrl-C during the imports (about half a second of NumPy, numba and rich) ends as it
 does later: one line on stderr and status 130, never a traceback."""
 
-import sys
-
 from . import interrupt
 
 
@@ -21,14 +19,9 @@ def main():
         # interruption's.
         if not interrupt.seen():
             raise
-        interrupted()
+        interrupt.exit_interrupted()
     except KeyboardInterrupt:
-        interrupted()
-
-
-def interrupted():
-    sys.stderr.write("Error: interrupted\n")
-    sys.exit(130)
+        interrupt.exit_interrupted()
 
 
 if __name__ == "__main__":

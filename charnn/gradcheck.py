@@ -11,8 +11,9 @@ with e / 2 and keeps the smaller of its two errors: where the loss curves sharpl
 weight, the stencil's truncation error at e alone can pass the tolerance (an LSTM 2x5 with
 embeddings and a class-factored head, seed 0: 1.7e-11 absolute, 1.68e-6 relative on one entry
 of rnn.0.Wx at e = 4e-3, 4.6e-8 at e / 2), and halving e divides that error by 16, while a wrong
-analytic gradient stays as far from both differences. Parameters with more than ``max_elements`` entries are checked on a
-fixed random sample of them (always including the largest-gradient entry).
+analytic gradient stays as far from both differences. Parameters with more than
+``max_elements`` entries are checked on a fixed random sample of them (always including the
+largest-gradient entry).
 """
 
 from __future__ import annotations

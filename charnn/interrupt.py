@@ -90,3 +90,14 @@ def check():
     is still here)."""
     if _seen:
         raise KeyboardInterrupt
+
+
+def exit_interrupted():
+    """Ctrl-C outside training's loop: one line on stderr and status 130 (128 + SIGINT), as
+    shells report it (a stderr that cannot be written to is left unsaid)."""
+    try:
+        sys.stderr.write("Error: interrupted\n")
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - the status still says it
+        pass
+    sys.exit(130)

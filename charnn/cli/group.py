@@ -98,12 +98,8 @@ def _quiet_float_warnings():
 
 
 def interrupted():
-    """Ctrl-C outside training's loop: one line, status 130 (128 + SIGINT) as shells use."""
-    try:
-        click.echo("Error: interrupted", err=True)
-    except Exception:
-        pass
-    sys.exit(130)
+    """Ctrl-C outside training's loop: one line, status 130 (interrupt.exit_interrupted)."""
+    interrupt.exit_interrupted()
 
 
 def _quiet_broken_pipe():

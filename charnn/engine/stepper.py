@@ -76,8 +76,13 @@ class FastStepper:
         self.packed = []
         if (packed and self.fused and not self.apart and N >= 2 and ops.settings.packed
                 and packed_products.usable(N)):
-            self.packed = [(packed_products.product(W.shape[0], W.shape[1], N), packed_products.packed(W, N))
-                           for W in self.W]
+            # Per layer: the product, W packed (kept alive here) and the call's addresses (the
+            # buffers never move), so a step makes one foreign call a layer and nothing else.
+            self.packed = []
+            for W, xh, a in zip(self.W, self.xh, self.a):
+                Wp = packed_products.packed(W, N)
+                self.packed.append((packed_products.product(W.shape[0], W.shape[1], N), Wp,
+                                    (Wp.ctypes.data, xh.ctypes.data, N, a.ctypes.data, N)))
         small = 2.0 * max(w.size for w in self.W) * N < SMALL_GEMM_FLOPS
         self._tuner = ThreadTuner() if xp is numpy and small else None
 
@@ -134,8 +139,8 @@ class FastStepper:
                 xp.matmul(Wh, xh[In:], out=self.hp)
                 xin = Wx @ xh[:In]
             elif self.packed:
-                mm, Wp = self.packed[layer]
-                mm(Wp.ctypes.data, xh.ctypes.data, self.N, a_cat.ctypes.data, self.N)
+                mm, _, args = self.packed[layer]
+                mm(*args)  # (a_cat is self.a[layer]: the cell is not hidden_apart)
                 xin = None
             else:
                 xp.matmul(self.W[layer], xh, out=a_cat)

@@ -15,9 +15,10 @@ times a step at every width it uses (the powers of two up to S, and S) while it 
 for n active sequences runs whichever is faster: one step at the smallest width w >= n (the
 unused columns padding), or n single steps of a width-1 Stepper with each sequence's state
 swapped in and out. At each width from 2 it also times a Stepper with the engine's packed
-products (where the CPU runs them) and keeps the faster for good. The timings keep being updated as it runs (a moving average of the plan
-it ran; every PROBE steps the other plan runs once, so a timing taken in a burst of load
-elsewhere is not kept for ever). The state moves between Steppers only when the active set or the plan changes.
+products (where the CPU runs them) and keeps the faster for good. The timings keep being
+updated as it runs (a moving average of the plan it ran; every PROBE steps the other plan runs
+once, so a timing taken in a burst of load elsewhere is not kept for ever). The state moves
+between Steppers only when the active set or the plan changes.
 
 Each step draws the tokens of every sequence at its plain temperature (no top-k, top-p or
 greedy) in one call over the whole (n, V) block of logits (ops.draw_scaled_rows, the same
